@@ -1,0 +1,91 @@
+"""Which checkpoint tensors are the input embeddings and the output head, for any architecture.
+
+The model class is built from config.json on the meta device (no weights, no memory) and asked
+for `get_input_embeddings()` / `get_output_embeddings()`; their parameter names are then matched
+to the checkpoint's tensor names. Tied embeddings resolve both roles to the same tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+INPUT_EMBEDDINGS = "input_embeddings"
+OUTPUT_EMBEDDINGS = "output_embeddings"
+ROLES = (OUTPUT_EMBEDDINGS, INPUT_EMBEDDINGS)  # the reference lists lm_head first
+
+# Used only when no model config can be consulted (e.g. a reference JSON on its own).
+CONVENTIONAL_NAMES = {
+    INPUT_EMBEDDINGS: ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings"),
+    OUTPUT_EMBEDDINGS: ("lm_head", "embed_out", "output"),
+}
+
+
+@dataclass(frozen=True)
+class RoleMap:
+    tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> tensor names
+    source: str = "unavailable"
+
+    def names(self, role: str) -> tuple[str, ...]:
+        return self.tensors.get(role, ())
+
+
+def roles_from_model_config(model_dir: Path, tensor_names: list[str]) -> RoleMap:
+    """Resolve roles through the model's own class; an unknown architecture gives an empty map."""
+    if not (model_dir / "config.json").is_file():
+        return RoleMap(source="unavailable: no config.json in the model folder")
+    try:
+        model = _meta_model(model_dir)
+    except Exception as exc:  # any architecture transformers cannot build offline
+        return RoleMap(source=f"unavailable: transformers could not build the model from config.json ({type(exc).__name__}: {exc})")
+    names = set(tensor_names)
+    resolved: dict[str, tuple[str, ...]] = {}
+    for role, module in ((INPUT_EMBEDDINGS, model.get_input_embeddings()), (OUTPUT_EMBEDDINGS, _output_embeddings(model))):
+        weight = getattr(module, "weight", None) if module is not None else None
+        if weight is None:
+            continue
+        candidates = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+        matches = sorted({m for c in candidates for m in _checkpoint_matches(c, names)})
+        if matches:
+            resolved[role] = tuple(matches)
+    return RoleMap(tensors=resolved, source="model-config")
+
+
+def roles_from_conventional_names(tensor_names: list[str]) -> RoleMap:
+    resolved: dict[str, tuple[str, ...]] = {}
+    for role, keys in CONVENTIONAL_NAMES.items():
+        for key in keys:
+            matches = tuple(n for n in tensor_names if key in n.split(".") and n.split(".")[-1] in ("weight", key))
+            if matches:
+                resolved[role] = matches
+                break
+    return RoleMap(tensors=resolved, source="conventional-names")
+
+
+def _meta_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        try:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        except ValueError:
+            return AutoModel.from_config(config, trust_remote_code=False)
+
+
+def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    module = model.get_output_embeddings()
+    if module is None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return model.get_input_embeddings()
+    return module
+
+
+def _checkpoint_matches(parameter_name: str, tensor_names: set[str]) -> list[str]:
+    """The checkpoint may add or drop a base-model prefix (`model.`, `bert.`): match on suffixes."""
+    if parameter_name in tensor_names:
+        return [parameter_name]
+    return [t for t in tensor_names if t.endswith("." + parameter_name) or parameter_name.endswith("." + t)]

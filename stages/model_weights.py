@@ -1,0 +1,139 @@
+"""A model folder's safetensors weights: discovery, validation, and one-tensor-at-a-time reads.
+
+Each read opens the shard, copies one tensor out and closes the shard again, so the memory map
+never accumulates the pages of tensors read earlier: peak memory stays near one tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CorruptWeightsError, InputError
+from .naming import natural_key
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def parameter_count(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    root: Path
+    shards: tuple[str, ...]
+    tensors: tuple[TensorInfo, ...]
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> "ModelWeights":
+        """Validate the folder and read every shard's header (no tensor data is read)."""
+        root = Path(model_dir)
+        if not root.exists():
+            raise InputError(f"model folder {root} does not exist; pass a Hugging Face model folder with safetensors weights")
+        if not root.is_dir():
+            raise InputError(f"{root} is not a folder; pass the model folder that holds the *.safetensors files")
+        shards, expected = _shard_list(root)
+        tensors: list[TensorInfo] = []
+        seen: dict[str, str] = {}
+        for shard in shards:
+            for info in _read_header(root, shard):
+                if info.name in seen:
+                    raise CorruptWeightsError(
+                        f"tensor {info.name!r} appears in both {seen[info.name]} and {shard} in {root}; the checkpoint is inconsistent"
+                    )
+                if expected is not None and expected.get(info.name, shard) != shard:
+                    raise CorruptWeightsError(
+                        f"{INDEX_FILE} in {root} places {info.name!r} in {expected[info.name]} but it is stored in {shard}"
+                    )
+                seen[info.name] = shard
+                tensors.append(info)
+        if expected is not None:
+            missing = sorted(set(expected) - set(seen), key=natural_key)
+            if missing:
+                raise CorruptWeightsError(
+                    f"{INDEX_FILE} in {root} lists {len(missing)} tensor(s) no shard contains, e.g. {missing[0]!r}; re-download the model"
+                )
+        tensors.sort(key=lambda t: natural_key(t.name))
+        return cls(root=root, shards=tuple(shards), tensors=tuple(tensors))
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.parameter_count for t in self.tensors)
+
+    def fingerprint(self) -> str:
+        """Identity of the checkpoint files (names, sizes, modification times) for resuming."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            stat = (self.root / shard).stat()
+            digest.update(f"{shard}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """Read one tensor into memory, in its stored dtype."""
+        path = self.root / info.shard
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(info.name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CorruptWeightsError(f"cannot read tensor {info.name!r} from {path}: {exc}; re-download the shard") from exc
+
+
+def _shard_list(root: Path) -> tuple[list[str], dict[str, str] | None]:
+    index_path = root / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CorruptWeightsError(f"{index_path} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptWeightsError(f"{index_path} has an empty or malformed 'weight_map'")
+        shards = sorted(set(weight_map.values()), key=natural_key)
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise CorruptWeightsError(
+                f"{index_path} names shard(s) that are not in {root}: {', '.join(missing)}; the download is incomplete"
+            )
+        return shards, dict(weight_map)
+    shards = sorted((p.name for p in root.glob("*.safetensors")), key=natural_key)
+    if not shards:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = (
+            f" It has pickle weights ({', '.join(pickles)}), which are not read because loading them can run arbitrary code;"
+            " convert them to safetensors first."
+            if pickles
+            else ""
+        )
+        raise InputError(f"no *.safetensors weights in {root}.{hint}")
+    return shards, None
+
+
+def _read_header(root: Path, shard: str) -> list[TensorInfo]:
+    path = root / shard
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            infos = []
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                infos.append(TensorInfo(name=name, shard=shard, dtype=view.get_dtype(), shape=tuple(view.get_shape())))
+            return infos
+    except (SafetensorError, OSError) as exc:
+        raise CorruptWeightsError(f"shard {path} is truncated or corrupt ({exc}); re-download it") from exc

@@ -1,0 +1,314 @@
+"""snr_scan stage: stream every weight matrix of a model, compute its SNR, write a Parquet table.
+
+Tensors are read one at a time; each finished row is appended to `<output>.partial.jsonl`
+(fsync'd), so a killed scan resumes where it stopped. The table is published atomically at the
+end and the partial file removed: a Parquet file at the output path is always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .errors import CorruptWeightsError, InputError
+from .estimators import ESTIMATORS, estimate
+from .local_files import ensure_writable, write_atomic
+from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
+from .model_weights import FLOAT_DTYPES, ModelWeights, TensorInfo
+from .naming import layer_index, module_name, module_type
+from .snr_table import reference_json, rows_to_table, write_parquet
+from .spectra import SVD_METHODS, resolve_device, singular_values
+
+STAGE = "snr_scan"
+
+
+@dataclass
+class ScanConfig:
+    model_dir: str
+    output: str
+    model_id: str | None = None
+    estimator: str = "reference"
+    svd_method: str = "gram"
+    device: str = "cpu"
+    include: list[str] = field(default_factory=list)  # regexes searched in module types
+    exclude: list[str] = field(default_factory=list)
+    reference_json: str | None = None
+    overwrite: bool = False
+    progress: bool | None = None  # None: show when stderr is a terminal
+
+    def resume_settings(self) -> dict:
+        """The settings a partial scan must share to be resumed."""
+        keys = ("estimator", "svd_method", "include", "exclude", "model_id")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class ScanResult:
+    output: Path
+    rows: list[dict]
+    resumed: int
+    seconds: float
+
+    @property
+    def scanned(self) -> int:
+        return sum(1 for r in self.rows if r["scanned"])
+
+
+def run(config: ScanConfig) -> ScanResult:
+    started = time.perf_counter()
+    _validate(config)
+    output = Path(config.output)
+    ensure_writable(output, config.overwrite)
+    if config.reference_json:
+        ensure_writable(Path(config.reference_json), config.overwrite)
+    device = resolve_device(config.device)
+    weights = ModelWeights.open(config.model_dir)
+    model_id = config.model_id or weights.root.resolve().name
+    config.model_id = model_id
+    plan = _plan(weights, config)
+    roles = roles_from_model_config(weights.root, [t.name for t in weights.tensors])
+
+    partial = PartialScan(output.with_name(output.name + ".partial.jsonl"), weights.fingerprint(), config.resume_settings())
+    done = partial.load()
+    to_scan = [info for info, reason in plan if reason is None and info.name not in done]
+    rows: dict[str, dict] = dict(done)
+    with tqdm(
+        total=sum(1 for _, reason in plan if reason is None),
+        initial=len(done),
+        unit="matrix",
+        desc=f"SNR scan {model_id}",
+        disable=(not config.progress) if config.progress is not None else None,
+    ) as bar:
+        for info in to_scan:
+            bar.set_postfix_str(info.name, refresh=False)
+            row = _scan_matrix(weights, info, config, device)
+            partial.append(row)
+            rows[info.name] = row
+            bar.update(1)
+    for info, reason in plan:
+        if reason is not None:
+            rows[info.name] = _skipped_row(info, reason, config)
+    ordered = [rows[info.name] for info, _ in plan]
+    for row in ordered:
+        row["model_id"] = model_id
+        row["is_input_embedding"] = row["tensor_name"] in roles.names(INPUT_EMBEDDINGS)
+        row["is_output_embedding"] = row["tensor_name"] in roles.names(OUTPUT_EMBEDDINGS)
+
+    metadata = {
+        "stage": STAGE,
+        "model_id": model_id,
+        "model_dir": str(weights.root.resolve()),
+        "model_fingerprint": weights.fingerprint(),
+        "model_parameter_count": weights.parameter_count,
+        "estimator": config.estimator,
+        "svd_method": config.svd_method,
+        "include": json.dumps(config.include),
+        "exclude": json.dumps(config.exclude),
+        "roles_source": roles.source,
+        "code_version": __version__,
+    }
+    write_parquet(rows_to_table(ordered, metadata), output, overwrite=config.overwrite)
+    if config.reference_json:
+        write_atomic(Path(config.reference_json), reference_json(ordered).encode(), overwrite=config.overwrite)
+    partial.remove()
+    return ScanResult(output=output, rows=ordered, resumed=len(done), seconds=time.perf_counter() - started)
+
+
+def _validate(config: ScanConfig) -> None:
+    if config.estimator not in ESTIMATORS:
+        raise InputError(f"unknown estimator {config.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if config.svd_method not in SVD_METHODS:
+        raise InputError(f"unknown --svd-method {config.svd_method!r}; choose one of {', '.join(SVD_METHODS)}")
+    for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+def _plan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInfo, str | None]]:
+    """Every tensor with the reason it is not scanned (None: scan it)."""
+    matrix_types = sorted({module_type(module_name(t.name)) for t in weights.tensors if len(t.shape) == 2})
+    for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
+        for pattern in patterns:
+            if not any(re.search(pattern, t) for t in matrix_types):
+                raise InputError(
+                    f"{option} {pattern!r} matches no matrix type of this model; its types are: {', '.join(matrix_types)}"
+                )
+    plan = []
+    for info in weights.tensors:
+        kind = module_type(module_name(info.name))
+        reason = None
+        if len(info.shape) != 2:
+            reason = f"{len(info.shape)}-D tensor (shape {list(info.shape)}): not a matrix"
+        elif info.dtype not in FLOAT_DTYPES:
+            reason = f"dtype {info.dtype} is not a floating-point weight"
+        elif 0 in info.shape:
+            reason = "empty matrix"
+        elif config.include and not any(re.search(p, kind) for p in config.include):
+            reason = f"type {kind!r} not selected by --include"
+        elif excluded := next((p for p in config.exclude if re.search(p, kind)), None):
+            reason = f"type {kind!r} excluded by --exclude {excluded!r}"
+        plan.append((info, reason))
+    if all(reason is not None for _, reason in plan):
+        raise InputError(f"nothing to scan in {weights.root}: no floating-point 2-D weight matrix is left after --include/--exclude")
+    return plan
+
+
+def _base_row(info: TensorInfo, config: ScanConfig) -> dict:
+    name = module_name(info.name)
+    return {
+        "model_id": config.model_id,
+        "tensor_name": info.name,
+        "module_name": name,
+        "module_type": module_type(name),
+        "layer_index": layer_index(name),
+        "shard": info.shard,
+        "dtype": info.dtype,
+        "shape": list(info.shape),
+        "rows": info.shape[0] if len(info.shape) == 2 else None,
+        "cols": info.shape[1] if len(info.shape) == 2 else None,
+        "parameter_count": info.parameter_count,
+        "code_version": __version__,
+    }
+
+
+def _skipped_row(info: TensorInfo, reason: str, config: ScanConfig) -> dict:
+    return {**_base_row(info, config), "scanned": False, "skip_reason": reason}
+
+
+def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, device: torch.device) -> dict:
+    started = time.perf_counter()
+    tensor = weights.read(info)
+    _require_finite(tensor, info, weights)
+    digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+    values = singular_values(tensor, config.svd_method, device)
+    del tensor
+    rows, cols = info.shape
+    stats = estimate(config.estimator, values, rows, cols)
+    return {
+        **_base_row(info, config),
+        "tensor_sha256": digest,
+        "scanned": True,
+        "skip_reason": None,
+        "estimator": config.estimator,
+        "svd_method": config.svd_method,
+        "device": device.type,
+        **asdict(stats),
+        "singular_value_count": int(values.size),
+        "scan_seconds": time.perf_counter() - started,
+    }
+
+
+def _require_finite(tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights) -> None:
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()
+    nan_count = int(torch.isnan(tensor).sum())
+    inf_count = int(bad.shape[0]) - nan_count
+    first = [int(i) for i in bad[0]]
+    raise CorruptWeightsError(
+        f"tensor {info.name!r} in {weights.root / info.shard} has {nan_count} NaN and {inf_count} Inf value(s) "
+        f"(first at index {first}); the checkpoint is damaged or was saved from a diverged run"
+    )
+
+
+class PartialScan:
+    """Rows finished so far, one JSON line each after a header line naming what was scanned."""
+
+    def __init__(self, path: Path, fingerprint: str, settings: dict):
+        self.path = path
+        self.header = {"fingerprint": fingerprint, "settings": settings}
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if header != self.header:
+            self.path.unlink()  # made from other weights or settings: start over
+            return {}
+        rows: dict[str, dict] = {}
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last line of a killed scan may be cut short
+            rows[row["tensor_name"]] = row
+        return rows
+
+    def append(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        with self.path.open("a") as handle:
+            if fresh:
+                handle.write(json.dumps(self.header) + "\n")
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="Hugging Face model folder with *.safetensors weights (single file or sharded)")
+    parser.add_argument("--out", "-o", required=True, help="output Parquet SNR table")
+    parser.add_argument("--model-id", help="model id recorded in the table (default: the folder name)")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="reference", help="SNR estimator (default: reference)")
+    parser.add_argument(
+        "--svd-method", choices=SVD_METHODS, default="gram", help="gram: float64 Gram eigenvalues (fast, default); svd: exact float64 SVD"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (GPU when present); default cpu")
+    parser.add_argument("--include", action="append", default=[], metavar="REGEX", help="scan only module types matching REGEX (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="skip module types matching REGEX (repeatable)")
+    parser.add_argument("--reference-json", metavar="PATH", help="also write the reference tool's snr_results JSON (flat layout)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when on a terminal)")
+
+
+def config_from_args(args: argparse.Namespace) -> ScanConfig:
+    return ScanConfig(
+        model_dir=args.model_dir,
+        output=args.out,
+        model_id=args.model_id,
+        estimator=args.estimator,
+        svd_method=args.svd_method,
+        device=args.device,
+        include=args.include,
+        exclude=args.exclude,
+        reference_json=args.reference_json,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+
+
+def report(result: ScanResult) -> str:
+    skipped = len(result.rows) - result.scanned
+    resumed = f", {result.resumed} resumed from a partial scan" if result.resumed else ""
+    return f"scanned {result.scanned} matrices ({skipped} tensors not scanned{resumed}) in {result.seconds:.1f}s -> {result.output}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_support import run_stage_main
+
+    return run_stage_main("python -m stages.snr_scan", __doc__, add_arguments, lambda a: report(run(config_from_args(a))), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
