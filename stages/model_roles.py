@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .naming import module_name
+
 INPUT_EMBEDDINGS = "input_embeddings"
 OUTPUT_EMBEDDINGS = "output_embeddings"
 ROLES = (OUTPUT_EMBEDDINGS, INPUT_EMBEDDINGS)  # the reference lists lm_head first
@@ -58,7 +60,7 @@ def roles_from_conventional_names(tensor_names: list[str]) -> RoleMap:
     resolved: dict[str, tuple[str, ...]] = {}
     for role, keys in CONVENTIONAL_NAMES.items():
         for key in keys:
-            matches = tuple(n for n in tensor_names if key in n.split(".") and n.split(".")[-1] in ("weight", key))
+            matches = tuple(n for n in tensor_names if module_name(n).split(".")[-1] == key)
             if matches:
                 resolved[role] = matches
                 break

@@ -1,0 +1,430 @@
+"""layer_select stage: choose the tensors to train from an SNR table or a reference SNR JSON.
+
+Policies: `per-type` (the reference: in each module type, the top `int(count * pct / 100)` by
+snr, descending), `global` (top pct across all types) and `budget` (highest snr first while the
+trainable parameters stay within a share of the model). "Always train" entries are roles
+(`input_embeddings`, `output_embeddings`, resolved against the model's real tensor names) or
+regular expressions; each must match something. Outputs: a Parquet table of every tensor with
+its rank and the reason it was or was not selected, an Axolotl `unfrozen_parameters` YAML
+(byte-identical to the reference tool's for the reference policy), and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import InputError
+from .local_files import ensure_writable, write_atomic
+from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
+from .snr_table import load_reference_json, read_snr_table, read_table_metadata
+
+STAGE = "layer_select"
+POLICIES = ("per-type", "global", "budget")
+TABLE_FILE = "selection.parquet"
+YAML_FILE = "unfrozen_parameters.yaml"
+JSON_FILE = "selection.json"
+
+
+@dataclass
+class Entry:
+    """One tensor as the selection sees it."""
+
+    tensor_name: str
+    yaml_name: str  # how the reference tool names it: the module, for a module's weight
+    module_type: str
+    snr: float | None
+    parameter_count: int | None
+    candidate: bool  # scanned, so it has an snr to rank by
+    skip_reason: str | None = None
+    picked: bool = False  # chosen by the policy
+    always_train: bool = False
+    rank: int | None = None
+    group_size: int | None = None
+    reason: str = ""
+
+    @property
+    def selected(self) -> bool:
+        return self.picked or self.always_train
+
+
+@dataclass
+class SnrSource:
+    entries: list[Entry]
+    roles: RoleMap
+    model_id: str | None
+    sort_key: Callable[[Entry], float]  # reference JSON keeps Python's own ordering, NaN included
+
+
+@dataclass
+class SelectConfig:
+    snr_input: str
+    out_dir: str
+    policy: str = "per-type"
+    top_percent: float | None = 50.0
+    budget_percent: float | None = None
+    include_types: list[str] = field(default_factory=list)
+    exclude_types: list[str] = field(default_factory=list)
+    always_train: list[str] = field(default_factory=lambda: list(ROLES))
+    overwrite: bool = False
+
+
+@dataclass
+class SelectResult:
+    out_dir: Path
+    entries: list[Entry]
+    summary: dict
+    yaml_text: str
+
+
+def run(config: SelectConfig) -> SelectResult:
+    _validate(config)
+    out_dir = Path(config.out_dir)
+    for name in (TABLE_FILE, YAML_FILE, JSON_FILE):
+        ensure_writable(out_dir / name, config.overwrite)
+    source = load_source(Path(config.snr_input))
+    entries = source.entries
+    always_lines = _apply_always_train(entries, source.roles, config.always_train)
+    groups = _eligible_groups(entries, config)
+    _apply_policy(groups, config, source.sort_key, entries)
+    selected = [e for e in entries if e.selected]
+    if not selected:
+        raise InputError(
+            f"the selection would train nothing: {config.policy} at {_percent_text(config)} keeps no tensor and no always-train "
+            "entry is set; raise the percentage or add --always-train"
+        )
+    yaml_text = unfrozen_parameters_yaml(always_lines, groups)
+    summary = _summary(config, source, entries, groups, always_lines)
+    table = _selection_table(entries, config)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    # The JSON summary is written last: it is the file that says the selection is complete.
+    write_atomic(out_dir / TABLE_FILE, buffer.getvalue(), overwrite=config.overwrite)
+    write_atomic(out_dir / YAML_FILE, yaml_text.encode(), overwrite=config.overwrite)
+    write_atomic(out_dir / JSON_FILE, (json.dumps(summary, indent=2) + "\n").encode(), overwrite=config.overwrite)
+    return SelectResult(out_dir=out_dir, entries=entries, summary=summary, yaml_text=yaml_text)
+
+
+def _validate(config: SelectConfig) -> None:
+    if config.policy not in POLICIES:
+        raise InputError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
+    if config.policy == "budget":
+        if config.budget_percent is None:
+            raise InputError("the budget policy needs --budget-percent (the share of the model's parameters to train)")
+        _check_percent("--budget-percent", config.budget_percent)
+    else:
+        if config.top_percent is None:
+            raise InputError(f"the {config.policy} policy needs --top-percent")
+        _check_percent("--top-percent", config.top_percent)
+    for option, patterns in (("--include-type", config.include_types), ("--exclude-type", config.exclude_types), ("--always-train", config.always_train)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+def _check_percent(option: str, value: float) -> None:
+    if not (0 < value <= 100) or math.isnan(value):
+        raise InputError(f"{option} must be in (0, 100], got {value:g}")
+
+
+def load_source(path: Path) -> SnrSource:
+    if not path.exists():
+        raise InputError(f"SNR input {path} does not exist; pass a Parquet table from `spectrum scan` or a reference snr_results JSON")
+    if path.suffix == ".json":
+        return _source_from_reference_json(path)
+    return _source_from_table(path)
+
+
+def _source_from_reference_json(path: Path) -> SnrSource:
+    entries = [
+        Entry(tensor_name=f"{e.name}.weight", yaml_name=e.name, module_type=e.module_type, snr=e.snr, parameter_count=None, candidate=True)
+        for e in load_reference_json(path)
+    ]
+    roles = roles_from_conventional_names([e.tensor_name for e in entries])
+    return SnrSource(entries, roles, model_id=None, sort_key=lambda e: e.snr)
+
+
+def _source_from_table(path: Path) -> SnrSource:
+    table = read_snr_table(path)
+    metadata = read_table_metadata(table)
+    entries = []
+    for row in table.to_pylist():
+        name = row.get("module_name") or row["tensor_name"]
+        yaml_name = name if row["tensor_name"] != name else row["tensor_name"]
+        entries.append(
+            Entry(
+                tensor_name=row["tensor_name"],
+                yaml_name=yaml_name,
+                module_type=row["module_type"],
+                snr=row["snr"],
+                parameter_count=row.get("parameter_count"),
+                candidate=bool(row["scanned"]),
+                skip_reason=row.get("skip_reason"),
+            )
+        )
+    roles = _roles_from_table(table, metadata)
+    model_ids = set(table.column("model_id").to_pylist()) if "model_id" in table.column_names else set()
+    return SnrSource(entries, roles, model_id=next(iter(model_ids)) if len(model_ids) == 1 else None, sort_key=_nan_last)
+
+
+def _roles_from_table(table: pa.Table, metadata: dict[str, str]) -> RoleMap:
+    names = table.column("tensor_name").to_pylist()
+    if metadata.get("roles_source") == "model-config":
+        resolved = {}
+        for role, column in ((INPUT_EMBEDDINGS, "is_input_embedding"), (OUTPUT_EMBEDDINGS, "is_output_embedding")):
+            flags = table.column(column).to_pylist()
+            matches = tuple(n for n, flag in zip(names, flags) if flag)
+            if matches:
+                resolved[role] = matches
+        return RoleMap(tensors=resolved, source="model-config")
+    return roles_from_conventional_names(names)
+
+
+def _nan_last(entry: Entry) -> float:
+    return -math.inf if entry.snr is None or math.isnan(entry.snr) else entry.snr
+
+
+def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[str]) -> list[str]:
+    """Mark always-train tensors; return their YAML lines (`^name$` for roles, the regex as given)."""
+    by_name = {e.tensor_name: e for e in entries}
+    lines: list[str] = []
+    for item in requested:
+        if item in ROLES:
+            names = [n for n in roles.names(item) if n in by_name]
+            if not names:
+                raise InputError(
+                    f"always-train entry {item!r} matches no tensor of this model (roles resolved from {roles.source}); "
+                    "pass --always-train with a regular expression for the real parameter name, or --no-always-train"
+                )
+            patterns = [f"^{n}$" for n in names]
+            label = item
+        else:
+            names = [n for n in by_name if re.match(item, n)]
+            if not names:
+                raise InputError(f"always-train pattern {item!r} matches no tensor name; check it against the SNR table's tensor_name column")
+            patterns = [item]
+            label = f"pattern {item!r}"
+        for name in names:
+            entry = by_name[name]
+            entry.always_train = True
+            entry.reason = f"always trained ({label})"
+        lines.extend(p for p in patterns if p not in lines)
+    return lines
+
+
+def _eligible_groups(entries: list[Entry], config: SelectConfig) -> dict[str, list[Entry]]:
+    """Candidates grouped by module type, in order of first appearance, after type filters."""
+    types = list(dict.fromkeys(e.module_type for e in entries if e.candidate))
+    for option, patterns in (("--include-type", config.include_types), ("--exclude-type", config.exclude_types)):
+        for pattern in patterns:
+            if not any(re.search(pattern, t) for t in types):
+                raise InputError(f"{option} {pattern!r} matches no module type; the types are: {', '.join(types)}")
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        if not entry.candidate:
+            entry.reason = entry.reason or f"not scanned: {entry.skip_reason}"
+            continue
+        kind = entry.module_type
+        if config.include_types and not any(re.search(p, kind) for p in config.include_types):
+            entry.reason = entry.reason or f"type {kind!r} not in --include-type"
+            continue
+        excluded = next((p for p in config.exclude_types if re.search(p, kind)), None)
+        if excluded:
+            entry.reason = entry.reason or f"type {kind!r} excluded by --exclude-type {excluded!r}"
+            continue
+        groups.setdefault(kind, []).append(entry)
+    if not groups:
+        raise InputError("no module type is left to select from after --include-type/--exclude-type")
+    return groups
+
+
+def _apply_policy(groups: dict[str, list[Entry]], config: SelectConfig, key: Callable[[Entry], float], entries: list[Entry]) -> None:
+    if config.policy == "per-type":
+        for kind, members in groups.items():
+            _take_top(sorted(members, key=key, reverse=True), config.top_percent, f"in {kind}")
+    elif config.policy == "global":
+        pooled = [e for members in groups.values() for e in members]
+        _take_top(sorted(pooled, key=key, reverse=True), config.top_percent, "across all selected types")
+    else:
+        _take_budget(groups, config.budget_percent, key, entries)
+
+
+def _take_top(ranked: list[Entry], percent: float, scope: str) -> None:
+    keep = int(len(ranked) * percent / 100)
+    for rank, entry in enumerate(ranked, start=1):
+        entry.rank, entry.group_size = rank, len(ranked)
+        where = f"rank {rank} of {len(ranked)} {scope} by snr; the top {percent:g}% keeps {keep}"
+        if rank <= keep:
+            entry.picked = True
+            entry.reason = f"{entry.reason}; also {where}" if entry.always_train else f"selected: {where}"
+        elif not entry.always_train:
+            entry.reason = f"frozen: {where}"
+
+
+def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[Entry], float], entries: list[Entry]) -> None:
+    if any(e.parameter_count is None for e in entries):
+        raise InputError("the budget policy needs parameter counts, which a reference JSON lacks; use an SNR table from `spectrum scan`")
+    total = sum(e.parameter_count for e in entries)
+    budget = total * percent / 100
+    used = sum(e.parameter_count for e in entries if e.always_train)
+    if used > budget:
+        raise InputError(
+            f"the always-train tensors alone hold {used:,} parameters, more than the {percent:g}% budget ({int(budget):,} of {total:,}); "
+            "raise --budget-percent or change --always-train"
+        )
+    ranked = sorted((e for members in groups.values() for e in members), key=key, reverse=True)
+    for rank, entry in enumerate(ranked, start=1):
+        entry.rank, entry.group_size = rank, len(ranked)
+        if entry.always_train:
+            continue
+        if used + entry.parameter_count <= budget:
+            used += entry.parameter_count
+            entry.picked = True
+            entry.reason = f"selected: rank {rank} of {len(ranked)} by snr, fits the {percent:g}% parameter budget"
+        else:
+            entry.reason = f"frozen: rank {rank} of {len(ranked)} by snr, would exceed the {percent:g}% parameter budget"
+
+
+def unfrozen_parameters_yaml(always_lines: list[str], groups: dict[str, list[Entry]]) -> str:
+    """The reference tool's layout: always-train patterns, then `# <type> layers` and names by snr rank."""
+    lines = ["unfrozen_parameters:"] + [f"- {p}" for p in always_lines]
+    for kind, members in groups.items():
+        lines.append(f"# {kind} layers")
+        lines.extend(f"- {e.yaml_name}" for e in sorted((e for e in members if e.picked), key=lambda e: e.rank))
+    return "\n".join(lines) + "\n"
+
+
+def _percent_text(config: SelectConfig) -> str:
+    return f"{config.budget_percent:g}% budget" if config.policy == "budget" else f"top {config.top_percent:g}%"
+
+
+def _summary(config: SelectConfig, source: SnrSource, entries: list[Entry], groups: dict[str, list[Entry]], always_lines: list[str]) -> dict:
+    selected = [e for e in entries if e.selected]
+    counts_known = all(e.parameter_count is not None for e in entries)
+    total = sum(e.parameter_count for e in entries) if counts_known else None
+    trainable = sum(e.parameter_count for e in selected) if counts_known else None
+    return {
+        "stage": STAGE,
+        "code_version": __version__,
+        "source": str(config.snr_input),
+        "model_id": source.model_id,
+        "policy": config.policy,
+        "top_percent": config.top_percent if config.policy != "budget" else None,
+        "budget_percent": config.budget_percent if config.policy == "budget" else None,
+        "include_types": config.include_types,
+        "exclude_types": config.exclude_types,
+        "always_train": config.always_train,
+        "roles_source": source.roles.source,
+        "trainable_tensors": [e.tensor_name for e in selected],
+        "unfrozen_parameters": always_lines + [e.yaml_name for members in groups.values() for e in members if e.picked],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_fraction": (trainable / total) if counts_known and total else None,
+        "by_type": {kind: {"selected": sum(e.selected for e in members), "candidates": len(members)} for kind, members in groups.items()},
+    }
+
+
+def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
+    schema = pa.schema(
+        [
+            ("tensor_name", pa.string()),
+            ("yaml_name", pa.string()),
+            ("module_type", pa.string()),
+            ("snr", pa.float64()),
+            ("parameter_count", pa.int64()),
+            ("selected", pa.bool_()),
+            ("picked_by_policy", pa.bool_()),
+            ("always_train", pa.bool_()),
+            ("rank", pa.int64()),
+            ("group_size", pa.int64()),
+            ("reason", pa.string()),
+            ("policy", pa.string()),
+            ("top_percent", pa.float64()),
+            ("budget_percent", pa.float64()),
+        ]
+    )
+    rows = [
+        {
+            "tensor_name": e.tensor_name,
+            "yaml_name": e.yaml_name,
+            "module_type": e.module_type,
+            "snr": e.snr,
+            "parameter_count": e.parameter_count,
+            "selected": e.selected,
+            "picked_by_policy": e.picked,
+            "always_train": e.always_train,
+            "rank": e.rank,
+            "group_size": e.group_size,
+            "reason": e.reason,
+            "policy": config.policy,
+            "top_percent": config.top_percent if config.policy != "budget" else None,
+            "budget_percent": config.budget_percent if config.policy == "budget" else None,
+        }
+        for e in entries
+    ]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("snr_input", help="SNR table (.parquet from `spectrum scan`) or a reference snr_results JSON (flat or sorted layout)")
+    parser.add_argument("--out-dir", "-o", required=True, help=f"folder for {TABLE_FILE}, {YAML_FILE} and {JSON_FILE}")
+    parser.add_argument("--policy", choices=POLICIES, default="per-type", help="per-type (reference, default), global, or budget")
+    parser.add_argument("--top-percent", type=float, default=50.0, help="share of matrices to train, in (0, 100] (default 50)")
+    parser.add_argument("--budget-percent", type=float, help="budget policy: train at most this share of the model's parameters")
+    parser.add_argument("--include-type", action="append", default=[], metavar="REGEX", help="only select from module types matching REGEX")
+    parser.add_argument("--exclude-type", action="append", default=[], metavar="REGEX", help="never select module types matching REGEX")
+    parser.add_argument(
+        "--always-train",
+        action="append",
+        metavar="ROLE|REGEX",
+        help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles)",
+    )
+    parser.add_argument("--no-always-train", action="store_true", help="train only what the policy selects")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def config_from_args(args: argparse.Namespace) -> SelectConfig:
+    if args.no_always_train and args.always_train:
+        raise InputError("--always-train and --no-always-train contradict each other; pass one")
+    always = [] if args.no_always_train else (args.always_train or list(ROLES))
+    return SelectConfig(
+        snr_input=args.snr_input,
+        out_dir=args.out_dir,
+        policy=args.policy,
+        top_percent=args.top_percent,
+        budget_percent=args.budget_percent,
+        include_types=args.include_type,
+        exclude_types=args.exclude_type,
+        always_train=always,
+        overwrite=args.overwrite,
+    )
+
+
+def report(result: SelectResult) -> str:
+    s = result.summary
+    params = ""
+    if s["trainable_parameters"] is not None:
+        params = f", {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters ({100 * s['trainable_fraction']:.1f}%)"
+    return f"selected {len(s['trainable_tensors'])} tensors{params} -> {result.out_dir}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_support import run_stage_main
+
+    return run_stage_main("python -m stages.layer_select", __doc__, add_arguments, lambda a: report(run(config_from_args(a))), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
