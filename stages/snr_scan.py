@@ -13,6 +13,9 @@ import json
 import os
 import re
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ class ScanConfig:
     reference_json: str | None = None
     overwrite: bool = False
     progress: bool | None = None  # None: show when stderr is a terminal
+    workers: int | None = None  # matrices decomposed at once; None: one per CPU core (one on a GPU)
 
     def resume_settings(self) -> dict:
         """The settings a partial scan must share to be resumed."""
@@ -76,7 +80,6 @@ def run(config: ScanConfig) -> ScanResult:
     model_id = config.model_id or weights.root.resolve().name
     config.model_id = model_id
     plan = _plan(weights, config)
-    roles = roles_from_model_config(weights.root, [t.name for t in weights.tensors])
 
     partial = PartialScan(output.with_name(output.name + ".partial.jsonl"), weights.fingerprint(), config.resume_settings())
     done = partial.load()
@@ -89,16 +92,18 @@ def run(config: ScanConfig) -> ScanResult:
         desc=f"SNR scan {model_id}",
         disable=(not config.progress) if config.progress is not None else None,
     ) as bar:
-        for info in to_scan:
-            bar.set_postfix_str(info.name, refresh=False)
-            row = _scan_matrix(weights, info, config, device)
+        for row in _scan_concurrently(weights, to_scan, config, device):
             partial.append(row)
-            rows[info.name] = row
+            rows[row["tensor_name"]] = row
+            bar.set_postfix_str(row["tensor_name"], refresh=False)
             bar.update(1)
     for info, reason in plan:
         if reason is not None:
             rows[info.name] = _skipped_row(info, reason, config)
     ordered = [rows[info.name] for info, _ in plan]
+    # After the scan: building the model class imports transformers, and its memory should not
+    # stack on top of the matrices in flight.
+    roles = roles_from_model_config(weights.root, [t.name for t in weights.tensors])
     for row in ordered:
         row["model_id"] = model_id
         row["is_input_embedding"] = row["tensor_name"] in roles.names(INPUT_EMBEDDINGS)
@@ -129,6 +134,8 @@ def _validate(config: ScanConfig) -> None:
         raise InputError(f"unknown estimator {config.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if config.svd_method not in SVD_METHODS:
         raise InputError(f"unknown --svd-method {config.svd_method!r}; choose one of {', '.join(SVD_METHODS)}")
+    if config.workers is not None and config.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {config.workers}")
     for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
         for pattern in patterns:
             try:
@@ -164,6 +171,28 @@ def _plan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInfo, s
     if all(reason is not None for _, reason in plan):
         raise InputError(f"nothing to scan in {weights.root}: no floating-point 2-D weight matrix is left after --include/--exclude")
     return plan
+
+
+def _scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], config: ScanConfig, device: torch.device) -> Iterator[dict]:
+    """Rows in input order, with at most `workers` matrices in memory at once.
+
+    LAPACK's eigen-solvers scale poorly across threads on the small matrices of one layer, so
+    several single-threaded decompositions side by side use the cores better than one wide one.
+    """
+    workers = config.workers or (1 if device.type == "cuda" else max(1, os.cpu_count() or 1))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, previous_threads // workers))
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snr-scan") as pool:
+            pending = deque()
+            for info in infos:
+                pending.append(pool.submit(_scan_matrix, weights, info, config, device))
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def _base_row(info: TensorInfo, config: ScanConfig) -> dict:
@@ -278,6 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", action="append", default=[], metavar="REGEX", help="scan only module types matching REGEX (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="skip module types matching REGEX (repeatable)")
     parser.add_argument("--reference-json", metavar="PATH", help="also write the reference tool's snr_results JSON (flat layout)")
+    parser.add_argument("--workers", type=int, help="matrices decomposed in parallel (default: one per CPU core; 1 on a GPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when on a terminal)")
 
@@ -295,6 +325,7 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         reference_json=args.reference_json,
         overwrite=args.overwrite,
         progress=args.progress,
+        workers=args.workers,
     )
 
 

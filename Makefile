@@ -1,0 +1,32 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine with Python 3.11.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast benchmark clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/spectrum demo --workdir demo-run --overwrite
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not integration"
+
+benchmark: setup
+	$(BIN)/python benchmarks/scan_vs_reference.py
+
+clean:
+	rm -rf demo-run benchmark-run

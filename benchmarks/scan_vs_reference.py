@@ -1,0 +1,158 @@
+"""Benchmark: our streaming SNR scan against the public Spectrum scanner's approach, same run.
+
+(a) reference: load the whole model in float32 with transformers, `torch.linalg.svdvals` on each
+    2-D weight as the scanner calls it, the reference formula in float32;
+(b) ours: `python -m stages.snr_scan` (streamed, float64 Gram eigenvalues).
+Each runs in its own child process; the parent records wall time, the child reports its peak RSS
+(VmHWM, which exec resets, so the parent's footprint is not counted), and the parent compares
+the per-type top-25% and top-50% selections of both.
+
+    python benchmarks/scan_vs_reference.py [--workdir benchmark-run] [--layers 20] [--hidden 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def reference_child(model_dir: str, out_json: str) -> None:
+    """The reference computation, as the public scanner does it (module weights, float32)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.naming import module_type
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, low_cpu_mem_usage=True)
+    results = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            continue
+        weights = weight.detach()
+        S = torch.linalg.svdvals(weights)
+        sigma = (torch.quantile(S, 0.75) - torch.quantile(S, 0.25)) / 1.349
+        n, m = weights.shape[-2:]
+        beta = n / m if n < m else m / n
+        threshold = sigma * np.sqrt((1 + np.sqrt(beta)) ** 2)
+        signal_mask = S > threshold
+        signal = S[signal_mask].sum() if signal_mask.any() else torch.tensor(0.0)
+        noise = S[~signal_mask].sum() if (~signal_mask).any() else torch.tensor(1.0)
+        snr = signal / noise if noise != 0 else float("inf")
+        results[name] = {"snr": float(snr / S[0]), "type": module_type(name)}
+    Path(out_json).write_text(json.dumps(results, indent=4))
+
+
+def measured_child(peak_file: str, module: str, argv: list[str]) -> None:
+    """Run a module as `python -m` would, then record this process's peak RSS."""
+    import runpy
+
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        status = Path("/proc/self/status").read_text()
+        peak_kib = int(status.split("VmHWM:")[1].split()[0])
+        Path(peak_file).write_text(str(peak_kib))
+
+
+def run_child(module: str, argv: list[str], work: Path, label: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    peak_file, log = work / f"{label}.peak", work / f"{label}.log"
+    command = [sys.executable, __file__, "--measured-child", str(peak_file), module, *argv]
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{label} failed (exit {code}); see {log}")
+    return seconds, int(peak_file.read_text()) / 1024
+
+
+def picked(selection_json: Path) -> list[str]:
+    summary = json.loads(selection_json.read_text())
+    return sorted(n for n in summary["unfrozen_parameters"] if not n.startswith("^"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(ROOT / "benchmark-run"))
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra arguments for our scan")
+    parser.add_argument("--reference-child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--measured-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measured_child:
+        measured_child(args.measured_child[0], args.measured_child[1], args.measured_child[2:])
+        return
+    if args.reference_child:
+        reference_child(*args.reference_child)
+        return
+
+    from stages import layer_select
+    from stages.model_weights import ModelWeights
+    from stages.snr_table import load_reference_json
+    from stages.synthetic_model import SyntheticSpec, write_synthetic_model
+
+    work = Path(args.workdir)
+    spec = SyntheticSpec(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        vocab_size=args.vocab,
+        max_shard_bytes=200 * 2**20,
+    )
+    model_dir = work / f"model-h{args.hidden}-l{args.layers}-v{args.vocab}"
+    if not (model_dir / "config.json").exists():
+        print(f"generating {model_dir} ...", flush=True)
+        write_synthetic_model(model_dir, spec)
+    weights = ModelWeights.open(model_dir)
+    print(f"model: {weights.parameter_count / 1e6:.0f}M parameters, bf16, {len(weights.shards)} shards")
+
+    reference_json = work / "reference-snr.json"
+    ours_table = work / "ours-snr.parquet"
+    ours_table.unlink(missing_ok=True)
+    ref_s, ref_mib = run_child("benchmarks.scan_vs_reference", ["--reference-child", str(model_dir), str(reference_json)], work, "reference")
+    our_s, our_mib = run_child(
+        "stages.snr_scan", [str(model_dir), "--out", str(ours_table), "--no-progress", *args.extra], work, "ours"
+    )
+
+    ref = {e.name: e.snr for e in load_reference_json(reference_json)}
+    import pyarrow.parquet as pq
+
+    ours = {r["module_name"]: r["snr"] for r in pq.read_table(ours_table).to_pylist() if r["scanned"]}
+    worst = max(abs(ours[k] - v) / abs(v) for k, v in ref.items() if math.isfinite(v) and v != 0)
+    print(f"reference: {ref_s:8.1f} s  peak RSS {ref_mib:8.0f} MiB")
+    print(f"ours:      {our_s:8.1f} s  peak RSS {our_mib:8.0f} MiB")
+    print(f"speed-up: {ref_s / our_s:.2f}x   memory: {our_mib / ref_mib:.2f} of the reference")
+    print(f"matrices: {len(ref)} (reference) / {len(ours)} (ours); worst snr difference {worst:.1e} relative")
+    for pct in (25, 50):
+        outs = {}
+        for label, source in (("reference", reference_json), ("ours", ours_table)):
+            out = work / f"selection-{label}-{pct}"
+            layer_select.run(layer_select.SelectConfig(snr_input=str(source), out_dir=str(out), top_percent=pct, overwrite=True))
+            outs[label] = picked(out / layer_select.JSON_FILE)
+        same = outs["reference"] == outs["ours"]
+        print(f"per-type top-{pct}% selections identical: {same} ({len(outs['ours'])} matrices)")
+
+
+if __name__ == "__main__":
+    main()

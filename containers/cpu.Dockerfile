@@ -1,0 +1,14 @@
+# CPU image for the download, snr_scan and layer_select stages.
+# Build from the repository root:  docker build -f containers/cpu.Dockerfile -t spectrum-cpu .
+# Run a stage exactly as the "separate process" mode does, e.g.:
+#   docker run --rm -v /models:/models spectrum-cpu stages.snr_scan /models/llama --out /models/snr.parquet
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 HF_HUB_DISABLE_TELEMETRY=1
+WORKDIR /app
+COPY pyproject.toml constraints.txt ./
+COPY stages ./stages
+COPY flows ./flows
+RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0 \
+ && pip install --no-cache-dir -c constraints.txt .
+ENTRYPOINT ["python", "-m"]
+CMD ["stages.snr_scan", "--help"]

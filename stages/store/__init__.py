@@ -1,0 +1,81 @@
+"""The artifact store: one interface over `file://` folders and `s3://` buckets, plus manifests and tables.
+
+    store = open_store("s3://bucket/prefix", endpoint_url="http://127.0.0.1:8333")
+    manifest = start_manifest("snr_scan", CODE_VERSION, run_id, parameters, inputs)
+    info = write_table(store, "snr", table, stage="snr_scan", run_id=run_id)
+    commit_manifest(store, manifest.finish([info]))     # last: the commit marker
+"""
+
+from __future__ import annotations
+
+from .base import ArtifactStore, ObjectInfo
+from .errors import (
+    ArtifactNotFoundError,
+    CredentialsRejectedError,
+    IntegrityError,
+    SecretLeakError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .file_backend import FileStore
+from .manifest import (
+    FAILED,
+    SUCCEEDED,
+    Manifest,
+    cache_key,
+    commit_manifest,
+    find_manifest,
+    list_runs,
+    load_manifest,
+    manifest_key,
+    new_run_id,
+    output_key,
+    start_manifest,
+)
+from .s3_backend import S3Store
+from .tables import TableFiles, read_table, table_files, table_key, write_table
+from .uri import FileLocation, parse_store_uri
+
+
+def open_store(uri: str, *, endpoint_url: str | None = None) -> ArtifactStore:
+    """Open `file:///abs/path` (or a plain local path) or `s3://bucket/prefix`.
+
+    `endpoint_url` (else $SPECTRUM_S3_ENDPOINT_URL) points S3 at a compatible server.
+    """
+    location = parse_store_uri(uri)
+    if isinstance(location, FileLocation):
+        return FileStore(location.root)
+    return S3Store(location, endpoint_url=endpoint_url)
+
+
+__all__ = [
+    "FAILED",
+    "SUCCEEDED",
+    "ArtifactNotFoundError",
+    "ArtifactStore",
+    "CredentialsRejectedError",
+    "FileStore",
+    "IntegrityError",
+    "Manifest",
+    "ObjectInfo",
+    "S3Store",
+    "SecretLeakError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TableFiles",
+    "cache_key",
+    "commit_manifest",
+    "find_manifest",
+    "list_runs",
+    "load_manifest",
+    "manifest_key",
+    "new_run_id",
+    "open_store",
+    "output_key",
+    "parse_store_uri",
+    "read_table",
+    "start_manifest",
+    "table_files",
+    "table_key",
+    "write_table",
+]

@@ -1,0 +1,205 @@
+"""Run manifests: what a stage read, with which parameters and code, and what it wrote.
+
+Layout in the store:
+    runs/<run_id>/<stage>/manifest.json          the commit marker, written after every output
+    runs/<run_id>/<stage>/<name>                 the stage's outputs (see output_key)
+    cache/<stage>/<cache_key>/<run_id>.json      index: committed runs with this cache key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import InputError
+from .base import ArtifactStore, ObjectInfo
+from .errors import ArtifactNotFoundError
+from .keys import validate_name
+from .scrub import check_parameters, check_values
+
+MANIFEST_NAME = "manifest.json"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+RUNNING = "running"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    stage: str
+    code_version: str
+    run_id: str
+    parameters: dict[str, Any]
+    inputs: list[dict[str, Any]]  # {uri, sha256, size?, version_id?}
+    cache_key: str
+    started_at: str
+    host: str
+    status: str = RUNNING
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # ObjectInfo.to_dict()
+    finished_at: str | None = None
+    seconds: float | None = None
+
+    def finish(self, outputs: Sequence[ObjectInfo], status: str = SUCCEEDED) -> Manifest:
+        """The manifest of the finished stage, ready for commit_manifest."""
+        if status not in (SUCCEEDED, FAILED):
+            raise InputError(f"a finished manifest's status must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
+        finished = datetime.now(timezone.utc)
+        seconds = (finished - datetime.fromisoformat(self.started_at)).total_seconds()
+        return replace(
+            self,
+            outputs=[info.to_dict() for info in outputs],
+            status=status,
+            finished_at=finished.isoformat(timespec="milliseconds"),
+            seconds=round(seconds, 3),
+        )
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{where} is not a valid manifest: {exc}") from exc
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: 20260101T120000Z-1a2b3c4d."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def cache_key(
+    stage: str, code_version: str, parameters: Mapping[str, Any], input_digests: Sequence[str] | Mapping[str, str]
+) -> str:
+    """sha256 of the canonical JSON of everything that determines a stage's outputs.
+
+    A list of digests keeps its order (inputs have roles); a mapping is keyed by role.
+    """
+    digests = dict(input_digests) if isinstance(input_digests, Mapping) else list(input_digests)
+    payload = {"stage": stage, "code_version": code_version, "parameters": parameters, "inputs": digests}
+    return hashlib.sha256(_canonical_json(payload)).hexdigest()
+
+
+def start_manifest(
+    stage: str,
+    code_version: str,
+    run_id: str,
+    parameters: Mapping[str, Any],
+    inputs: Sequence[ObjectInfo | Mapping[str, Any]],
+) -> Manifest:
+    """A running stage's manifest: checks parameters for secrets now, before any work is done."""
+    validate_name(stage, "stage name")
+    validate_name(run_id, "run id")
+    check_parameters(parameters)
+    refs = [_input_ref(item) for item in inputs]
+    return Manifest(
+        stage=stage,
+        code_version=code_version,
+        run_id=run_id,
+        parameters=dict(parameters),
+        inputs=refs,
+        cache_key=cache_key(stage, code_version, parameters, [ref["sha256"] for ref in refs]),
+        started_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        host=socket.gethostname(),
+    )
+
+
+def manifest_key(run_id: str, stage: str) -> str:
+    return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{MANIFEST_NAME}"
+
+
+def output_key(run_id: str, stage: str, name: str) -> str:
+    """Where a stage's output `name` (may contain '/') lives; the manifest's own name is refused."""
+    if name == MANIFEST_NAME:
+        raise InputError(f"{MANIFEST_NAME!r} is reserved for the stage's manifest; name the output differently")
+    return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{name}"
+
+
+def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
+    """Write the manifest (the commit marker) and then its cache-index entry.
+
+    Call it after every output is stored. Re-committing identical bytes is a no-op; a
+    different manifest for the same run and stage is refused (OutputExistsError).
+    """
+    if manifest.status not in (SUCCEEDED, FAILED):
+        raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} is {manifest.status!r}: call finish() first")
+    expected_key = cache_key(
+        manifest.stage, manifest.code_version, manifest.parameters, [ref["sha256"] for ref in manifest.inputs]
+    )
+    if manifest.cache_key != expected_key:
+        raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} has a cache key that does not match its contents")
+    check_parameters(manifest.parameters)
+    check_values(asdict(manifest), "manifest")
+    info = store.put_bytes(manifest_key(manifest.run_id, manifest.stage), manifest.to_json())
+    if manifest.status == SUCCEEDED:
+        entry = {"run_id": manifest.run_id, "manifest": info.uri}
+        store.put_bytes(_index_key(manifest.stage, manifest.cache_key, manifest.run_id), _canonical_json(entry))
+    return info
+
+
+def load_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
+    key = manifest_key(run_id, stage)
+    try:
+        data = store.get_bytes(key)
+    except ArtifactNotFoundError as exc:
+        raise ArtifactNotFoundError(
+            f"run {run_id!r} has no committed manifest for stage {stage!r} in {store.root_uri} "
+            "(the stage never finished there, or the run id is wrong; `spectrum runs` lists runs)"
+        ) from exc
+    return Manifest.from_json(data, store.uri(key))
+
+
+def find_manifest(store: ArtifactStore, stage: str, key: str) -> Manifest | None:
+    """The latest succeeded, committed manifest of `stage` with cache key `key`, if any."""
+    validate_name(stage, "stage name")
+    if not _SHA256.fullmatch(key):
+        raise InputError(f"invalid cache key {key!r}: expected 64 lowercase hex digits (see cache_key())")
+    found = []
+    for entry in store.list(f"cache/{stage}/{key}/"):
+        run_id = entry.rsplit("/", 1)[1].removesuffix(".json")
+        try:
+            manifest = load_manifest(store, run_id, stage)
+        except ArtifactNotFoundError:
+            continue
+        if manifest.status == SUCCEEDED and manifest.cache_key == key:
+            found.append(manifest)
+    return max(found, key=lambda m: m.finished_at or "", default=None)
+
+
+def list_runs(store: ArtifactStore) -> dict[str, list[str]]:
+    """Run id -> stages with a committed manifest, both sorted."""
+    runs: dict[str, list[str]] = {}
+    for key in store.list("runs/"):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == MANIFEST_NAME:
+            runs.setdefault(parts[1], []).append(parts[2])
+    return runs
+
+
+def _index_key(stage: str, key: str, run_id: str) -> str:
+    return f"cache/{stage}/{key}/{run_id}.json"
+
+
+def _input_ref(item: ObjectInfo | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(item, ObjectInfo):
+        ref = {"uri": item.uri, "sha256": item.sha256, "size": item.size, "version_id": item.version_id}
+    else:
+        ref = dict(item)
+    if not isinstance(ref.get("uri"), str) or not _SHA256.fullmatch(str(ref.get("sha256"))):
+        raise InputError(f"manifest input {ref!r} needs a 'uri' and a 'sha256' of 64 lowercase hex digits")
+    return ref
+
+
+def _canonical_json(value: Any) -> bytes:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"parameters must be plain JSON values (no NaN, infinity or objects): {exc}") from exc

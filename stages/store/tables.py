@@ -1,0 +1,115 @@
+"""Parquet tables in the store: one file per run and stage, under Hive-style partitions.
+
+    tables/<table>/stage=<stage>/run_id=<run_id>/part-0.parquet
+
+Runs append without locks (each writes its own file). Readers see only partitions whose
+run committed a succeeded manifest for that stage: no manifest, no output.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from .base import ArtifactStore, ObjectInfo
+from .errors import ArtifactNotFoundError, StoreError
+from .keys import NAME, validate_name
+from .manifest import SUCCEEDED, load_manifest
+
+PARTITION_COLUMNS = ("stage", "run_id")
+PARTITIONING = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
+PART_NAME = "part-0.parquet"
+
+
+def table_key(table_name: str, stage: str, run_id: str) -> str:
+    return (
+        f"tables/{validate_name(table_name, 'table name')}/stage={validate_name(stage, 'stage name')}"
+        f"/run_id={validate_name(run_id, 'run id')}/{PART_NAME}"
+    )
+
+
+def write_table(store: ArtifactStore, table_name: str, table: pa.Table, *, stage: str, run_id: str) -> ObjectInfo:
+    """Store `table` as this run's and stage's partition; list the returned info in the manifest's outputs."""
+    clashing = [name for name in PARTITION_COLUMNS if name in table.column_names]
+    if clashing:
+        raise InputError(
+            f"table {table_name!r} has column(s) {', '.join(clashing)}, which are its partition columns; rename them"
+        )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return store.put_bytes(table_key(table_name, stage, run_id), buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    """The committed Parquet files of a table, as paths on a pyarrow filesystem.
+
+    pyarrow: `files.dataset()`; pandas: `pd.read_parquet(files.paths, filesystem=files.filesystem)`;
+    DuckDB: `duckdb.read_parquet(files.paths, hive_partitioning=True)` for a file store, or
+    `duckdb.from_arrow(files.dataset())` for any store.
+    """
+
+    filesystem: pafs.FileSystem
+    base_path: str
+    paths: list[str]
+    uris: list[str]
+
+    def dataset(self) -> ds.Dataset:
+        """All files as one dataset; the schema is unified over every file (later runs may add columns)."""
+        factory = ds.FileSystemDatasetFactory(
+            self.filesystem,
+            self.paths,
+            ds.ParquetFileFormat(),
+            ds.FileSystemFactoryOptions(partitioning=PARTITIONING, partition_base_dir=self.base_path),
+        )
+        return factory.finish(factory.inspect())
+
+
+def table_files(store: ArtifactStore, table_name: str, *, run_id: str | None = None) -> TableFiles:
+    prefix = f"tables/{validate_name(table_name, 'table name')}/"
+    keys = []
+    committed: dict[tuple[str, str], bool] = {}
+    for key in store.list(prefix):
+        parts = key[len(prefix) :].split("/")
+        if len(parts) != 3 or not parts[0].startswith("stage=") or not parts[1].startswith("run_id="):
+            continue
+        partition = (parts[1].removeprefix("run_id="), parts[0].removeprefix("stage="))
+        if run_id is not None and partition[0] != run_id:
+            continue
+        if partition not in committed:
+            committed[partition] = _succeeded(store, *partition)
+        if committed[partition]:
+            keys.append(key)
+    if not keys:
+        which = f" for run {run_id!r}" if run_id is not None else ""
+        raise ArtifactNotFoundError(f"table {table_name!r} has no committed data{which} in {store.root_uri}")
+    return TableFiles(
+        filesystem=store.arrow_filesystem(),
+        base_path=store.arrow_path(prefix.rstrip("/")),
+        paths=[store.arrow_path(key) for key in keys],
+        uris=[store.uri(key) for key in keys],
+    )
+
+
+def read_table(store: ArtifactStore, table_name: str, *, run_id: str | None = None) -> pa.Table:
+    """Every committed partition of the table (or one run's), with `stage` and `run_id` columns."""
+    files = table_files(store, table_name, run_id=run_id)
+    try:
+        return files.dataset().to_table()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"reading table {table_name!r} from {store.root_uri} failed: {exc}") from exc
+
+
+def _succeeded(store: ArtifactStore, run_id: str, stage: str) -> bool:
+    if not (NAME.fullmatch(run_id) and NAME.fullmatch(stage)):
+        return False  # written outside the pipeline: no manifest can exist for it
+    try:
+        return load_manifest(store, run_id, stage).status == SUCCEEDED
+    except ArtifactNotFoundError:
+        return False
