@@ -32,11 +32,12 @@ def singular_values(matrix: torch.Tensor, method: str = "gram", device: torch.de
     if matrix.ndim != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(matrix.shape)}")
     device = device or torch.device("cpu")
+    matrix = matrix.to(device)  # move in the stored dtype; widen to float64 on the device
     if method == "gram":
         values = _gram_singular_values(matrix, device)
     elif method == "svd":
         tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
-        values = torch.linalg.svdvals(tall.to(device=device, dtype=torch.float64))
+        values = torch.linalg.svdvals(tall.to(dtype=torch.float64))
     else:
         raise InputError(f"unknown singular-value method {method!r}; choose one of {', '.join(SVD_METHODS)}")
     values = values.cpu().numpy()
@@ -51,7 +52,7 @@ def _gram_singular_values(matrix: torch.Tensor, device: torch.device) -> torch.T
     block = max(1, BLOCK_ELEMENTS // max(short_side, 1))
     gram = torch.zeros((short_side, short_side), dtype=torch.float64, device=device)
     for start in range(0, long_side, block):
-        piece = tall[start : start + block].to(device=device, dtype=torch.float64)
+        piece = tall[start : start + block].to(dtype=torch.float64)
         gram.addmm_(piece.T, piece)
     eigenvalues = torch.linalg.eigvalsh(gram)
     return eigenvalues.clamp_(min=0.0).sqrt_()
