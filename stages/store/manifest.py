@@ -137,7 +137,7 @@ def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
     if manifest.cache_key != expected_key:
         raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} has a cache key that does not match its contents")
     check_parameters(manifest.parameters)
-    check_values(asdict(manifest), "manifest")
+    check_values(_without_version_ids(asdict(manifest)), "manifest")
     info = store.put_bytes(manifest_key(manifest.run_id, manifest.stage), manifest.to_json())
     if manifest.status == SUCCEEDED:
         entry = {"run_id": manifest.run_id, "manifest": info.uri}
@@ -157,19 +157,19 @@ def load_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
     return Manifest.from_json(data, store.uri(key))
 
 
-def find_manifest(store: ArtifactStore, stage: str, key: str) -> Manifest | None:
-    """The latest succeeded, committed manifest of `stage` with cache key `key`, if any."""
+def find_manifest(store: ArtifactStore, stage: str, cache_key: str) -> Manifest | None:
+    """The latest succeeded, committed manifest of `stage` with `cache_key`, if any."""
     validate_name(stage, "stage name")
-    if not _SHA256.fullmatch(key):
-        raise InputError(f"invalid cache key {key!r}: expected 64 lowercase hex digits (see cache_key())")
+    if not _SHA256.fullmatch(cache_key):
+        raise InputError(f"invalid cache key {cache_key!r}: expected 64 lowercase hex digits (see cache_key())")
     found = []
-    for entry in store.list(f"cache/{stage}/{key}/"):
+    for entry in store.list(f"cache/{stage}/{cache_key}/"):
         run_id = entry.rsplit("/", 1)[1].removesuffix(".json")
         try:
             manifest = load_manifest(store, run_id, stage)
         except ArtifactNotFoundError:
             continue
-        if manifest.status == SUCCEEDED and manifest.cache_key == key:
+        if manifest.status == SUCCEEDED and manifest.cache_key == cache_key:
             found.append(manifest)
     return max(found, key=lambda m: m.finished_at or "", default=None)
 
@@ -182,6 +182,14 @@ def list_runs(store: ArtifactStore) -> dict[str, list[str]]:
         if len(parts) == 4 and parts[3] == MANIFEST_NAME:
             runs.setdefault(parts[1], []).append(parts[2])
     return runs
+
+
+def _without_version_ids(document: dict[str, Any]) -> dict[str, Any]:
+    """S3 version ids are opaque random strings the server made: they may look like keys but are not secrets."""
+    return {
+        **document,
+        **{side: [{k: v for k, v in ref.items() if k != "version_id"} for ref in document[side]] for side in ("inputs", "outputs")},
+    }
 
 
 def _index_key(stage: str, key: str, run_id: str) -> str:

@@ -364,7 +364,7 @@ class S3Store(ArtifactStore):
             raise StoreUnavailableError(
                 f"cannot reach the S3 endpoint {self._endpoint} while {action} {uri} "
                 f"(gave up after {MAX_ATTEMPTS} attempts: {exc}); check that the server is running "
-                f"and that the endpoint URL (--endpoint-url or ${ENDPOINT_ENV}) is right"
+                f"and that the endpoint URL (endpoint_url, ${ENDPOINT_ENV} or AWS_ENDPOINT_URL) is right"
             ) from exc
 
 

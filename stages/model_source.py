@@ -1,0 +1,292 @@
+"""Content-addressed models and data drops in the artifact store, and bringing them back to local folders.
+
+Layout in the store (`<kind>` is `models` or `data`):
+    <kind>/<tree>/<relative path>      every file, as in the source folder (a normal Hugging Face layout)
+    <kind>/<tree>.listing.json         paths, sha256 and sizes of every file; written last
+
+`<tree>` is "sha256-" + the sha256 of the canonical listing (sorted "path\\0sha256\\0size\\n"
+lines), so identical content always lands at the same prefix and storing it again is a no-op.
+A tree without its listing is incomplete (or not a downloaded artifact) and is never used.
+
+    tree = publish_tree(store, "models", Listing.of_folder("models", folder, files))
+    local = materialize(tree.uri, store)        # a verified local copy, cached by tree
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from tqdm import tqdm
+
+from .errors import InputError
+from .store import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
+from .store.base import sha256_file
+
+KINDS = ("models", "data")
+LISTING_FORMAT = "spectrum-listing-1"
+LISTING_SUFFIX = ".listing.json"
+CACHE_ENV = "SPECTRUM_CACHE"
+STORE_SCHEME = "store:"
+_TREE = re.compile(r"sha256-[0-9a-f]{64}")
+_TREE_TAIL = re.compile(r"^(?:(?P<root>.*?)/)?(?P<kind>models|data)/(?P<tree>sha256-[0-9a-f]{64})/?$")
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    path: str  # relative, '/'-separated
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every file of a tree; its digest is the tree's name."""
+
+    kind: str
+    files: tuple[ListedFile, ...]  # sorted by path
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"unknown artifact kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        object.__setattr__(self, "files", tuple(sorted(self.files, key=lambda f: f.path)))
+
+    @classmethod
+    def of_folder(cls, kind: str, folder: Path, paths: Sequence[str]) -> Listing:
+        """Hash the given files of `folder` (relative '/'-separated paths)."""
+        files = []
+        for path in paths:
+            sha256, size = sha256_file(folder / path)
+            files.append(ListedFile(path, sha256, size))
+        return cls(kind, tuple(files))
+
+    @property
+    def tree(self) -> str:
+        canonical = "".join(f"{f.path}\0{f.sha256}\0{f.size}\n" for f in self.files)
+        return "sha256-" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        document = {
+            "format": LISTING_FORMAT,
+            "kind": self.kind,
+            "tree": self.tree,
+            "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files],
+        }
+        return (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Listing:
+        try:
+            document = json.loads(data)
+            if document["format"] != LISTING_FORMAT:
+                raise ValueError(f"format is {document['format']!r}, expected {LISTING_FORMAT!r}")
+            files = tuple(ListedFile(str(f["path"]), str(f["sha256"]), int(f["size"])) for f in document["files"])
+            listing = cls(str(document["kind"]), files)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{where} is not a valid listing: {exc}") from exc
+        if listing.tree != document["tree"]:
+            raise IntegrityError(f"{where} names tree {document['tree']} but its files hash to {listing.tree}; the listing was altered")
+        return listing
+
+
+@dataclass(frozen=True)
+class StoredTree:
+    """A published tree: where it is, and every object written for it (the listing last)."""
+
+    listing: Listing
+    uri: str
+    objects: tuple[ObjectInfo, ...]  # the files, then the listing
+
+    @property
+    def tree(self) -> str:
+        return self.listing.tree
+
+
+def tree_prefix(kind: str, tree: str) -> str:
+    return f"{kind}/{tree}"
+
+
+def listing_key(kind: str, tree: str) -> str:
+    return f"{kind}/{tree}{LISTING_SUFFIX}"
+
+
+def publish_tree(store: ArtifactStore, listing: Listing, folder: Path, *, progress: bool | None = None) -> StoredTree:
+    """Copy the listed files of `folder` into the store, verifying each sha256, then write the listing.
+
+    Objects already stored with the same bytes are not uploaded again.
+    """
+    prefix = tree_prefix(listing.kind, listing.tree)
+    infos = []
+    with tqdm(total=listing.size, unit="B", unit_scale=True, desc=f"storing {prefix[:24]}…", disable=_quiet(progress)) as bar:
+        for entry in listing.files:
+            infos.append(_put_once(store, f"{prefix}/{entry.path}", folder / entry.path, entry))
+            bar.update(entry.size)
+    infos.append(store.put_bytes(listing_key(listing.kind, listing.tree), listing.to_json()))
+    return StoredTree(listing, store.uri(prefix), tuple(infos))
+
+
+def _put_once(store: ArtifactStore, key: str, path: Path, entry: ListedFile) -> ObjectInfo:
+    if store.exists(key):
+        existing = store.info(key)
+        if existing.sha256 == entry.sha256 and existing.size == entry.size:
+            return existing
+    return store.put_file(key, path, sha256=entry.sha256)  # refuses different bytes at an existing key
+
+
+@dataclass(frozen=True)
+class TreeRef:
+    """A content-addressed tree in some store."""
+
+    store: ArtifactStore
+    kind: str
+    tree: str
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(tree_prefix(self.kind, self.tree))
+
+
+def locate(uri: str, store: ArtifactStore | None) -> TreeRef | Path:
+    """What `uri` names: a stored tree, or a local folder (returned as a Path, unchecked).
+
+    Stored trees: `store:<kind>/<tree>` (relative to `store`), `file:///…/<kind>/<tree>` and
+    `s3://bucket/[prefix/]<kind>/<tree>`. A `file://` URI that is not a tree is a local folder.
+    """
+    if uri.startswith(STORE_SCHEME):
+        if store is None:
+            raise InputError(f"{uri!r} is relative to a store, but no store was given (pass --store)")
+        return _tree_in(store, uri[len(STORE_SCHEME) :].strip("/"), uri)
+    if store is not None:
+        root = store.root_uri.rstrip("/") + "/"
+        if uri.startswith(root):
+            return _tree_in(store, uri[len(root) :].strip("/"), uri)
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        match = _TREE_TAIL.match(parts.path.strip("/"))
+        if match is None:
+            raise InputError(f"{uri!r} is not a stored model or data drop: expected s3://bucket/[prefix/](models|data)/sha256-<64 hex>")
+        root = f"s3://{parts.netloc}/{match['root'] or ''}".rstrip("/")
+        return TreeRef(open_store(root), match["kind"], match["tree"])
+    if parts.scheme == "file":
+        path = Path(unquote(parts.path))
+        match = _TREE_TAIL.match(path.as_posix())
+        if match is not None and (path.parent / f"{path.name}{LISTING_SUFFIX}").exists():
+            return TreeRef(open_store(path.parent.parent.as_uri()), match["kind"], match["tree"])
+        return path
+    if "://" in uri:
+        raise InputError(f"unsupported URI scheme in {uri!r}: use a local folder, file://, s3:// or store:<kind>/<tree>")
+    return Path(uri).expanduser()
+
+
+def _tree_in(store: ArtifactStore, key: str, uri: str) -> TreeRef:
+    match = _TREE_TAIL.match(key)
+    if match is None or match["root"]:
+        raise InputError(
+            f"{uri!r} is not a stored model or data drop: expected <kind>/sha256-<64 hex> in {store.root_uri} "
+            f"with <kind> one of {', '.join(KINDS)}"
+        )
+    return TreeRef(store, match["kind"], match["tree"])
+
+
+def read_listing(ref: TreeRef) -> Listing:
+    """The tree's listing, checked against the tree's name; a missing listing means an incomplete tree."""
+    key = listing_key(ref.kind, ref.tree)
+    try:
+        data = ref.store.get_bytes(key)
+    except ArtifactNotFoundError as exc:
+        raise InputError(
+            f"{ref.uri} has no listing ({ref.store.uri(key)}): the download that wrote it did not finish, or it is "
+            "not an artifact written by `spectrum download`; run the download again"
+        ) from exc
+    listing = Listing.from_json(data, ref.store.uri(key))
+    if listing.tree != ref.tree or listing.kind != ref.kind:
+        raise IntegrityError(f"{ref.store.uri(key)} describes {listing.kind}/{listing.tree}, not {ref.kind}/{ref.tree}")
+    return listing
+
+
+def cache_root() -> Path:
+    """$SPECTRUM_CACHE, else ~/.cache/spectrum."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "spectrum").expanduser()
+
+
+def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
+    """A local folder holding the model or data drop `uri` names.
+
+    A local folder is returned as given. A stored tree is copied into `<cache_dir>/<tree>`
+    (default cache_dir: cache_root()), every file checked against the listing's sha256; the copy
+    is assembled in a temporary sibling and renamed into place when complete, so an existing
+    cache folder is always whole: it is reused after its file sizes are checked.
+    """
+    located = locate(uri, store)
+    if isinstance(located, Path):
+        if not located.is_dir():
+            raise InputError(f"{located} is not a folder (or does not exist); pass a model or data folder, or a stored tree URI")
+        return located
+    listing = read_listing(located)
+    target = Path(cache_dir or cache_root()) / located.tree
+    if _complete(target, listing):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{located.tree}-", dir=target.parent))
+    try:
+        _fetch(located, listing, staging, progress)
+        _install(staging, target, listing)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fetch(ref: TreeRef, listing: Listing, folder: Path, progress: bool | None) -> None:
+    prefix = tree_prefix(ref.kind, ref.tree)
+    with tqdm(total=listing.size, unit="B", unit_scale=True, desc=f"fetching {ref.tree[:20]}…", disable=_quiet(progress)) as bar:
+        for entry in listing.files:
+            info = ref.store.download_file(f"{prefix}/{entry.path}", folder / entry.path, sha256=entry.sha256)
+            if info.size != entry.size:
+                raise IntegrityError(f"{info.uri} is {info.size} bytes but its listing says {entry.size}")
+            bar.update(entry.size)
+
+
+def _install(staging: Path, target: Path, listing: Listing) -> None:
+    """Rename the finished copy into place; replace a damaged cache folder, keep one a concurrent run finished."""
+    if target.exists():
+        if _complete(target, listing):
+            return
+        damaged = target.with_name(f".damaged-{target.name}-{os.getpid()}")
+        target.rename(damaged)
+        shutil.rmtree(damaged, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not _complete(target, listing):  # another process installed it first: theirs must be whole
+            raise
+
+
+def _complete(folder: Path, listing: Listing) -> bool:
+    if not folder.is_dir():
+        return False
+    for entry in listing.files:
+        path = folder / entry.path
+        if not path.is_file() or path.stat().st_size != entry.size:
+            return False
+    return True
+
+
+def is_tree_name(name: str) -> bool:
+    return _TREE.fullmatch(name) is not None
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: None shows the bar only on a terminal."""
+    return None if progress is None else not progress

@@ -1,0 +1,190 @@
+"""The `spectrum` command line and the stage entrypoints: help, exit codes, one-line errors, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+
+from .conftest import LLAMA_JSON, LLAMA_YAML_50, REPO_ROOT, venv_bin
+
+
+def run_command(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- help ---------------------------------------------------------------------------------------
+
+
+def test_spectrum_help_lists_the_subcommands():
+    done = run_command(venv_bin("spectrum"), "--help")
+    assert done.returncode == 0, done.stderr
+    for command in ("scan", "select", "demo"):
+        assert command in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("scan", ["--out", "--estimator", "--svd-method", "--device", "--include", "--exclude", "--reference-json", "--workers", "--overwrite"]),
+        ("select", ["--out-dir", "--policy", "--top-percent", "--budget-percent", "--include-type", "--always-train", "--no-always-train"]),
+        ("demo", ["--workdir", "--top-percent", "--layers", "--overwrite"]),
+    ],
+)
+def test_subcommand_help(capsys, command, options):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: spectrum {command}")
+    for option in options:
+        assert option in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("spectrum ")
+
+
+@pytest.mark.parametrize(("module", "option"), [("stages.snr_scan", "--svd-method"), ("stages.layer_select", "--policy")])
+def test_stage_module_help(module, option):
+    done = run_command(sys.executable, "-m", module, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m {module}")
+    assert option in done.stdout
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+# --- errors are one line and a non-zero exit -------------------------------------------------------
+
+
+def test_scan_of_a_missing_folder_fails_with_one_line(tmp_path):
+    missing = tmp_path / "no-model"
+    out = tmp_path / "snr.parquet"
+    done = run_command(venv_bin("spectrum"), "scan", str(missing), "--out", str(out))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and str(missing) in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_scan_of_a_corrupt_shard_exits_3(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = cli(capsys, "scan", str(folder), "--out", str(tmp_path / "snr.parquet"))
+    assert code == 3
+    assert err.startswith("error: ") and "model.safetensors" in err and err.count("\n") == 1
+    assert not (tmp_path / "snr.parquet").exists()
+
+
+def test_scan_refuses_an_existing_output_with_exit_4(tiny_model, tmp_path, capsys):
+    out = tmp_path / "snr.parquet"
+    out.write_bytes(b"keep me")
+    code, _, err = cli(capsys, "scan", str(tiny_model), "--out", str(out))
+    assert code == 4 and "--overwrite" in err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_scan_with_zero_workers_exits_2(tiny_model, tmp_path, capsys):
+    code, _, err = cli(capsys, "scan", str(tiny_model), "--out", str(tmp_path / "snr.parquet"), "--workers", "0")
+    assert code == 2 and err.startswith("error: ") and "--workers" in err
+    assert not (tmp_path / "snr.parquet").exists()
+
+
+def test_select_with_contradicting_always_train_options(tiny_snr_table, tmp_path, capsys):
+    code, _, err = cli(capsys, "select", str(tiny_snr_table), "-o", str(tmp_path / "sel"), "--always-train", "lm_head", "--no-always-train")
+    assert code == 2 and err.startswith("error: ") and "contradict" in err
+    assert not (tmp_path / "sel").exists()
+
+
+def test_select_with_a_bad_percentage(tiny_snr_table, tmp_path, capsys):
+    code, _, err = cli(capsys, "select", str(tiny_snr_table), "-o", str(tmp_path / "sel"), "--top-percent", "0")
+    assert code == 2 and "--top-percent must be in (0, 100]" in err
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+def test_scan_then_select_in_process(tiny_model, tmp_path, capsys):
+    table = tmp_path / "snr.parquet"
+    ref = tmp_path / "snr_results.json"
+    code, out, err = cli(
+        capsys, "scan", str(tiny_model), "--out", str(table), "--model-id", "tiny", "--estimator", "gavish-donoho",
+        "--exclude", "lm_head", "--reference-json", str(ref), "--no-progress",
+    )
+    assert code == 0, err
+    assert out.startswith("scanned 15 matrices (6 tensors not scanned)")
+    rows = pq.read_table(table).to_pylist()
+    assert {r["estimator"] for r in rows if r["scanned"]} == {"gavish-donoho"}
+    assert len(json.loads(ref.read_text())) == 15
+
+    code, out, err = cli(capsys, "select", str(table), "-o", str(tmp_path / "sel"), "--policy", "global", "--top-percent", "40")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert summary["policy"] == "global" and summary["model_id"] == "tiny"
+    assert out.startswith(f"selected {len(summary['trainable_tensors'])} tensors")
+
+
+def test_select_end_to_end_reproduces_the_reference_yaml(tmp_path):
+    out_dir = tmp_path / "sel"
+    done = run_command(venv_bin("spectrum"), "select", str(LLAMA_JSON), "--out-dir", str(out_dir), "--top-percent", "50")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"selected 146 tensors -> {out_dir}"
+    assert (out_dir / "unfrozen_parameters.yaml").read_bytes() == LLAMA_YAML_50.read_bytes()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["selection.json", "selection.parquet", "unfrozen_parameters.yaml"]
+    assert pq.read_table(out_dir / "selection.parquet").num_rows == 291
+
+
+def test_demo_produces_its_files(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
+    assert code == 0, err
+    expected = {
+        "model/config.json",
+        "snr-reference.parquet",
+        "snr-gavish-donoho.parquet",
+        "snr_results_demo-llama-reference.json",
+        "snr_results_demo-llama-gavish-donoho.json",
+    }
+    for estimator in ("reference", "gavish-donoho"):
+        expected |= {f"selection-{estimator}/{name}" for name in ("selection.parquet", "unfrozen_parameters.yaml", "selection.json")}
+    files = {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
+    assert expected <= files
+    assert any(name.startswith("model/") and name.endswith(".safetensors") for name in files)
+    assert not any(name.endswith((".partial.jsonl", ".tmp")) for name in files)
+    for estimator in ("reference", "gavish-donoho"):
+        rows = pq.read_table(workdir / f"snr-{estimator}.parquet").to_pylist()
+        assert {r["model_id"] for r in rows} == {"demo-llama"}
+        assert sum(r["scanned"] for r in rows) == 2 * 7 + 2
+        assert f"[{estimator}] scanned 16 matrices" in out
+        summary = json.loads((workdir / f"selection-{estimator}" / "selection.json").read_text())
+        assert summary["top_percent"] == 50 and summary["trainable_parameters"] > 0
+
+    # a second run refuses to replace the outputs; --overwrite replaces them
+    code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
+    assert code == 4 and err.startswith("error: ")
+    code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2", "--overwrite")
+    assert code == 0, err
