@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/spectrum demo --workdir demo-run --overwrite
+	$(BIN)/spectrum demo --workdir demo-run
 
 test: setup
 	$(BIN)/pytest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stages import __version__, layer_select, snr_scan
+from stages import __version__, audit, layer_select, snr_scan
 from stages.cli_support import execute
 
 from . import demo
@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(action=module.cli)
+    sub = commands.add_parser("runs", help="list the runs in an artifact store with their stages and status", description=audit.__doc__)
+    audit.add_runs_arguments(sub)
+    sub.set_defaults(action=audit.runs_cli)
+    sub = commands.add_parser("audit", help="a run's inputs, outputs, selection and training changes", description=audit.__doc__)
+    audit.add_audit_arguments(sub)
+    sub.set_defaults(action=audit.audit_cli)
     sub = commands.add_parser("demo", help="generate a small model, scan it and select layers (the embedded default)", description=demo.__doc__)
     demo.add_arguments(sub)
     sub.set_defaults(action=demo.run)

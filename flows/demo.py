@@ -1,4 +1,8 @@
-"""The embedded-default demo: generate a small model, scan it with both estimators, select layers."""
+"""The embedded-default demo: generate a small model, scan it with both estimators, select layers.
+
+Everything is published to a local artifact store (`<workdir>/store`) as runs with manifests,
+exactly as production runs land in S3; `spectrum runs` and `spectrum audit` read it back.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,17 @@ import argparse
 from pathlib import Path
 
 from stages import layer_select, snr_scan
+from stages.audit import audit_run
+from stages.stage_run import describe
+from stages.store import open_store
 from stages.synthetic_model import SyntheticSpec, write_synthetic_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="demo-run", help="folder for the generated model and all outputs (default: demo-run)")
+    parser.add_argument("--workdir", default="demo-run", help="folder for the generated model and the store (default: demo-run)")
     parser.add_argument("--top-percent", type=float, default=50.0, help="per-type share of matrices to train (default 50)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the generated Llama model (default 4)")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier demo run in the same folder")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate the model; new runs are recorded beside earlier ones")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -21,25 +28,30 @@ def run(args: argparse.Namespace) -> str:
     model_dir = workdir / "model"
     if not (model_dir / "config.json").exists() or args.overwrite:
         write_synthetic_model(model_dir, SyntheticSpec(num_hidden_layers=args.layers, max_shard_bytes=4_000_000))
-    lines = [f"model: {model_dir} (synthetic Llama, {args.layers} layers, sharded safetensors)"]
+    store = open_store(str(workdir / "store"))
+    lines = [f"model: {model_dir} (synthetic Llama, {args.layers} layers, bf16 safetensors)", f"store: {store.root_uri}"]
     for estimator in ("reference", "gavish-donoho"):
-        table = workdir / f"snr-{estimator}.parquet"
-        scan = snr_scan.run(
-            snr_scan.ScanConfig(
-                model_dir=str(model_dir),
-                output=str(table),
-                model_id="demo-llama",
-                estimator=estimator,
-                reference_json=str(workdir / f"snr_results_demo-llama-{estimator}.json"),
-                overwrite=args.overwrite,
-            )
+        scan_config = snr_scan.ScanConfig(
+            model_dir=str(model_dir), output=None, model_id="demo-llama", estimator=estimator
         )
+        scanned, result = snr_scan.run_in_store(scan_config, store, force=args.overwrite, work_dir=str(workdir / "work"))
+        if result is not None:
+            lines.append(f"[{estimator}] {snr_scan.report(result, destination=None)}")
+        lines.append(f"[{estimator}] {describe(scanned, store)}")
         selection = layer_select.run(
             layer_select.SelectConfig(
-                snr_input=str(table), out_dir=str(workdir / f"selection-{estimator}"), top_percent=args.top_percent, overwrite=args.overwrite
-            )
+                snr_input=None,
+                out_dir=str(workdir / f"selection-{estimator}"),
+                snr_run=scanned.manifest.run_id,
+                top_percent=args.top_percent,
+                overwrite=True,
+            ),
+            store,
+            force=args.overwrite,
         )
-        lines.append(f"[{estimator}] {snr_scan.report(scan)}")
         lines.append(f"[{estimator}] {layer_select.report(selection)}")
-    lines.append(f"read the tables with pandas: pandas.read_parquet('{workdir}/snr-reference.parquet')")
+        audit = audit_run(store, selection.outcome.manifest.run_id)
+        trained = ", ".join(r["tensor_name"] for r in audit["selection"]["trainable"][:4])
+        lines.append(f"[{estimator}] audit: trainable {trained}, ...")
+    lines.append(f"next: spectrum runs --store {workdir / 'store'}; spectrum audit RUN_ID --store {workdir / 'store'}")
     return "\n".join(lines)

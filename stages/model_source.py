@@ -8,8 +8,8 @@ Layout in the store (`<kind>` is `models` or `data`):
 lines), so identical content always lands at the same prefix and storing it again is a no-op.
 A tree without its listing is incomplete (or not a downloaded artifact) and is never used.
 
-    tree = publish_tree(store, "models", Listing.of_folder("models", folder, files))
-    local = materialize(tree.uri, store)        # a verified local copy, cached by tree
+    stored = publish_tree(store, Listing.of_folder("models", folder, paths), folder)
+    local = materialize(stored.uri, store)      # a verified local copy, cached by tree
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ LISTING_FORMAT = "spectrum-listing-1"
 LISTING_SUFFIX = ".listing.json"
 CACHE_ENV = "SPECTRUM_CACHE"
 STORE_SCHEME = "store:"
-_TREE = re.compile(r"sha256-[0-9a-f]{64}")
 _TREE_TAIL = re.compile(r"^(?:(?P<root>.*?)/)?(?P<kind>models|data)/(?P<tree>sha256-[0-9a-f]{64})/?$")
 
 
@@ -146,6 +145,18 @@ def _put_once(store: ArtifactStore, key: str, path: Path, entry: ListedFile) -> 
 
 
 @dataclass(frozen=True)
+class StoreLocation:
+    """A key (or key prefix) in some store."""
+
+    store: ArtifactStore
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(self.key) if self.key else self.store.root_uri
+
+
+@dataclass(frozen=True)
 class TreeRef:
     """A content-addressed tree in some store."""
 
@@ -158,46 +169,45 @@ class TreeRef:
         return self.store.uri(tree_prefix(self.kind, self.tree))
 
 
-def locate(uri: str, store: ArtifactStore | None) -> TreeRef | Path:
-    """What `uri` names: a stored tree, or a local folder (returned as a Path, unchecked).
+def resolve_uri(uri: str, store: ArtifactStore | None) -> StoreLocation | Path:
+    """What `uri` names: a location in a store, or a local folder (returned as a Path, unchecked).
 
-    Stored trees: `store:<kind>/<tree>` (relative to `store`), `file:///…/<kind>/<tree>` and
-    `s3://bucket/[prefix/]<kind>/<tree>`. A `file://` URI that is not a tree is a local folder.
+    `store:<key>` is relative to `store`, as is any URI under `store`'s root. Another
+    `s3://bucket/…` URI opens its bucket (with the endpoint from the environment); a `file://`
+    URI is a local folder unless it ends in `<kind>/sha256-<64 hex>`, when the folder above
+    `<kind>` is the store.
     """
     if uri.startswith(STORE_SCHEME):
         if store is None:
             raise InputError(f"{uri!r} is relative to a store, but no store was given (pass --store)")
-        return _tree_in(store, uri[len(STORE_SCHEME) :].strip("/"), uri)
+        return StoreLocation(store, uri[len(STORE_SCHEME) :].strip("/"))
     if store is not None:
         root = store.root_uri.rstrip("/") + "/"
         if uri.startswith(root):
-            return _tree_in(store, uri[len(root) :].strip("/"), uri)
+            return StoreLocation(store, uri[len(root) :].strip("/"))
     parts = urlsplit(uri)
     if parts.scheme == "s3":
-        match = _TREE_TAIL.match(parts.path.strip("/"))
+        path = parts.path.strip("/")
+        match = _TREE_TAIL.match(path)
         if match is None:
-            raise InputError(f"{uri!r} is not a stored model or data drop: expected s3://bucket/[prefix/](models|data)/sha256-<64 hex>")
-        root = f"s3://{parts.netloc}/{match['root'] or ''}".rstrip("/")
-        return TreeRef(open_store(root), match["kind"], match["tree"])
+            return StoreLocation(open_store(f"s3://{parts.netloc}"), path)
+        return StoreLocation(open_store(f"s3://{parts.netloc}/{match['root'] or ''}"), f"{match['kind']}/{match['tree']}")
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
-        match = _TREE_TAIL.match(path.as_posix())
-        if match is not None and (path.parent / f"{path.name}{LISTING_SUFFIX}").exists():
-            return TreeRef(open_store(path.parent.parent.as_uri()), match["kind"], match["tree"])
+        if _TREE_TAIL.match(path.as_posix()):
+            return StoreLocation(open_store(path.parent.parent.as_uri()), f"{path.parent.name}/{path.name}")
         return path
     if "://" in uri:
-        raise InputError(f"unsupported URI scheme in {uri!r}: use a local folder, file://, s3:// or store:<kind>/<tree>")
+        raise InputError(f"unsupported URI scheme in {uri!r}: use a local folder, file://, s3:// or store:<key>")
     return Path(uri).expanduser()
 
 
-def _tree_in(store: ArtifactStore, key: str, uri: str) -> TreeRef:
-    match = _TREE_TAIL.match(key)
+def as_tree(location: StoreLocation) -> TreeRef | None:
+    """The tree a location names, if its key is exactly `<kind>/sha256-<64 hex>`."""
+    match = _TREE_TAIL.match(location.key)
     if match is None or match["root"]:
-        raise InputError(
-            f"{uri!r} is not a stored model or data drop: expected <kind>/sha256-<64 hex> in {store.root_uri} "
-            f"with <kind> one of {', '.join(KINDS)}"
-        )
-    return TreeRef(store, match["kind"], match["tree"])
+        return None
+    return TreeRef(location.store, match["kind"], match["tree"])
 
 
 def read_listing(ref: TreeRef) -> Listing:
@@ -229,19 +239,30 @@ def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = 
     is assembled in a temporary sibling and renamed into place when complete, so an existing
     cache folder is always whole: it is reused after its file sizes are checked.
     """
-    located = locate(uri, store)
+    located = resolve_uri(uri, store)
     if isinstance(located, Path):
         if not located.is_dir():
             raise InputError(f"{located} is not a folder (or does not exist); pass a model or data folder, or a stored tree URI")
         return located
-    listing = read_listing(located)
-    target = Path(cache_dir or cache_root()) / located.tree
+    ref = as_tree(located)
+    if ref is None:
+        raise InputError(
+            f"{located.uri} is not a stored model or data drop: expected <store>/<kind>/sha256-<64 hex> "
+            f"with <kind> one of {', '.join(KINDS)} (as printed by `spectrum download`)"
+        )
+    return materialize_tree(ref, cache_dir, progress=progress)
+
+
+def materialize_tree(ref: TreeRef, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
+    """The verified local copy of a stored tree (see materialize)."""
+    listing = read_listing(ref)
+    target = Path(cache_dir or cache_root()) / ref.tree
     if _complete(target, listing):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".partial-{located.tree}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{ref.tree}-", dir=target.parent))
     try:
-        _fetch(located, listing, staging, progress)
+        _fetch(ref, listing, staging, progress)
         _install(staging, target, listing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -281,10 +302,6 @@ def _complete(folder: Path, listing: Listing) -> bool:
         if not path.is_file() or path.stat().st_size != entry.size:
             return False
     return True
-
-
-def is_tree_name(name: str) -> bool:
-    return _TREE.fullmatch(name) is not None
 
 
 def _quiet(progress: bool | None) -> bool | None:

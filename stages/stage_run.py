@@ -95,13 +95,18 @@ def execute_stage(
     return StageOutcome(committed, cached=False)
 
 
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+def add_store_location_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=os.environ.get(STORE_ENV),
         help=f"artifact store: a folder, file:///path or s3://bucket/prefix (default: ${STORE_ENV})",
     )
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS settings)")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a stage that publishes to the store."""
+    add_store_location_arguments(parser)
     parser.add_argument("--run-id", help="run to record this stage under (default: a new run id)")
     parser.add_argument("--force", action="store_true", help="run even when a committed run has the same inputs and parameters")
 

@@ -158,33 +158,37 @@ def test_select_end_to_end_reproduces_the_reference_yaml(tmp_path):
     assert pq.read_table(out_dir / "selection.parquet").num_rows == 291
 
 
-def test_demo_produces_its_files(tmp_path, capsys):
+def test_demo_publishes_runs_to_its_store(tmp_path, capsys):
+    from stages.audit import audit_run, list_run_summaries
+    from stages.store import open_store, read_table
+
     workdir = tmp_path / "demo"
     code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
     assert code == 0, err
-    expected = {
-        "model/config.json",
-        "snr-reference.parquet",
-        "snr-gavish-donoho.parquet",
-        "snr_results_demo-llama-reference.json",
-        "snr_results_demo-llama-gavish-donoho.json",
-    }
-    for estimator in ("reference", "gavish-donoho"):
-        expected |= {f"selection-{estimator}/{name}" for name in ("selection.parquet", "unfrozen_parameters.yaml", "selection.json")}
     files = {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
-    assert expected <= files
-    assert any(name.startswith("model/") and name.endswith(".safetensors") for name in files)
-    assert not any(name.endswith((".partial.jsonl", ".tmp")) for name in files)
     for estimator in ("reference", "gavish-donoho"):
-        rows = pq.read_table(workdir / f"snr-{estimator}.parquet").to_pylist()
-        assert {r["model_id"] for r in rows} == {"demo-llama"}
-        assert sum(r["scanned"] for r in rows) == 2 * 7 + 2
+        assert {f"selection-{estimator}/{name}" for name in ("selection.parquet", "unfrozen_parameters.yaml", "selection.json")} <= files
         assert f"[{estimator}] scanned 16 matrices" in out
         summary = json.loads((workdir / f"selection-{estimator}" / "selection.json").read_text())
         assert summary["top_percent"] == 50 and summary["trainable_parameters"] > 0
+    assert any(name.startswith("model/") and name.endswith(".safetensors") for name in files)
+    assert not any(name.endswith((".partial.jsonl", ".tmp")) for name in files)
+    assert not (workdir / "work").exists() or not any((workdir / "work").iterdir())
 
-    # a second run refuses to replace the outputs; --overwrite replaces them
-    code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
-    assert code == 4 and err.startswith("error: ")
+    store = open_store(str(workdir / "store"))
+    runs = list_run_summaries(store)
+    assert [sorted(r["stages"]) for r in runs].count(["snr_scan"]) == 2
+    assert [sorted(r["stages"]) for r in runs].count(["layer_select"]) == 2
+    snr = read_table(store, "snr").to_pylist()
+    assert {r["model_id"] for r in snr} == {"demo-llama"}
+    assert {r["estimator"] for r in snr if r["scanned"]} == {"reference", "gavish-donoho"}
+    select_run = next(r["run_id"] for r in runs if "layer_select" in r["stages"])
+    assert audit_run(store, select_run)["selection"]["trainable"]
+
+    # a second demo reuses the committed runs; --overwrite recomputes them as new runs
+    code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
+    assert code == 0, err
+    assert out.count("reusing run") == 4 and len(list_run_summaries(store)) == 4
     code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2", "--overwrite")
     assert code == 0, err
+    assert len(list_run_summaries(store)) == 8
