@@ -34,29 +34,16 @@ def scan(model_dir: Path, out: Path, **options) -> tuple[float, dict[str, float]
 
 
 def reference_on_gpu(model_dir: Path) -> tuple[float, dict[str, float], float]:
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
+
+    from benchmarks.reference_scanner import reference_snr
 
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map="cuda")
-    results = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            continue
-        S = torch.linalg.svdvals(weight.detach())
-        sigma = (torch.quantile(S, 0.75) - torch.quantile(S, 0.25)) / 1.349
-        n, m = weight.shape
-        beta = n / m if n < m else m / n
-        threshold = sigma * np.sqrt((1 + np.sqrt(beta)) ** 2)
-        mask = S > threshold
-        signal = S[mask].sum() if mask.any() else torch.tensor(0.0, device=S.device)
-        noise = S[~mask].sum() if (~mask).any() else torch.tensor(1.0, device=S.device)
-        snr = signal / noise if noise != 0 else float("inf")
-        results[name] = float(snr / S[0])
+    results = reference_snr(model)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**20

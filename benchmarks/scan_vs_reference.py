@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -26,30 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def reference_child(model_dir: str, out_json: str) -> None:
-    """The reference computation, as the public scanner does it (module weights, float32)."""
-    import numpy as np
+    """The baseline: the whole model in float32 through transformers, then the reference loop."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.reference_scanner import reference_snr
     from stages.naming import module_type
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, low_cpu_mem_usage=True)
-    results = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            continue
-        weights = weight.detach()
-        S = torch.linalg.svdvals(weights)
-        sigma = (torch.quantile(S, 0.75) - torch.quantile(S, 0.25)) / 1.349
-        n, m = weights.shape[-2:]
-        beta = n / m if n < m else m / n
-        threshold = sigma * np.sqrt((1 + np.sqrt(beta)) ** 2)
-        signal_mask = S > threshold
-        signal = S[signal_mask].sum() if signal_mask.any() else torch.tensor(0.0)
-        noise = S[~signal_mask].sum() if (~signal_mask).any() else torch.tensor(1.0)
-        snr = signal / noise if noise != 0 else float("inf")
-        results[name] = {"snr": float(snr / S[0]), "type": module_type(name)}
+    results = {name: {"snr": snr, "type": module_type(name)} for name, snr in reference_snr(model).items()}
     Path(out_json).write_text(json.dumps(results, indent=4))
 
 
