@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stages import __version__, audit, layer_select, snr_scan
+from stages import __version__, audit, download, layer_select, snr_scan
 from stages.cli_support import execute
 
 from . import demo
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spectrum {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages = (
+        ("download", download, "copy a model and/or a data drop into the artifact store, content-addressed"),
         ("scan", snr_scan, "compute the SNR of every weight matrix of a safetensors model"),
         ("select", layer_select, "choose the tensors to train from an SNR table or reference JSON"),
     )

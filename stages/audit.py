@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
-from urllib.parse import unquote
 
 import pyarrow.parquet as pq
 
@@ -48,7 +47,8 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
     stages = list_runs(store).get(run_id)
     if not stages:
         raise InputError(f"run {run_id!r} has no committed stage in {store.root_uri}; `spectrum runs --store {store.root_uri}` lists the runs")
-    report: dict[str, Any] = {"run_id": run_id, "store": store.root_uri, "stages": []}
+    producers = _ProducerIndex(store)
+    report: dict[str, Any] = {"run_id": run_id, "store": store.root_uri, "stages": [], "lineage": []}
     for stage in sorted(stages, key=_stage_sort_key):
         manifest = load_manifest(store, run_id, stage)
         report["stages"].append(
@@ -65,11 +65,38 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
                 "outputs": manifest.outputs,
             }
         )
+        report["lineage"].extend(producers.lineage(manifest.inputs, exclude_run=run_id))
         if stage == "layer_select" and manifest.status == "succeeded":
             report["selection"] = _selection(store, run_id)
-            report["snr_lineage"] = [_producer(store, ref["uri"]) for ref in manifest.inputs]
     report["training"] = _training(store, run_id)
     return report
+
+
+class _ProducerIndex:
+    """Which committed stage wrote each stored object: the audit follows inputs back to their runs."""
+
+    def __init__(self, store: ArtifactStore):
+        self._by_uri: dict[str, Any] = {}
+        for run_id, stages in list_runs(store).items():
+            for stage in stages:
+                manifest = load_manifest(store, run_id, stage)
+                if manifest.status == "succeeded":
+                    for output in manifest.outputs:
+                        self._by_uri[output["uri"]] = manifest
+
+    def lineage(self, inputs: list[dict[str, Any]], exclude_run: str) -> list[dict[str, Any]]:
+        """Earlier stages that produced these inputs, transitively, each listed once."""
+        found: list[dict[str, Any]] = []
+        seen: set[tuple[str, str]] = set()
+        pending = list(inputs)
+        while pending:
+            manifest = self._by_uri.get(pending.pop(0)["uri"])
+            if manifest is None or (manifest.run_id, manifest.stage) in seen or manifest.run_id == exclude_run:
+                continue
+            seen.add((manifest.run_id, manifest.stage))
+            found.append({"run_id": manifest.run_id, "stage": manifest.stage, "parameters": manifest.parameters, "inputs": manifest.inputs})
+            pending.extend(manifest.inputs)
+        return found
 
 
 def _selection(store: ArtifactStore, run_id: str) -> dict[str, Any]:
@@ -84,18 +111,6 @@ def _selection(store: ArtifactStore, run_id: str) -> dict[str, Any]:
         "trainable_parameters": sum(r["parameter_count"] or 0 for r in trainable),
         "total_parameters": sum(r["parameter_count"] or 0 for r in rows),
     }
-
-
-def _producer(store: ArtifactStore, uri: str) -> dict[str, Any]:
-    """The run and stage that wrote an input, when it is a table in this store."""
-    prefix = store.uri("tables") + "/"
-    if not uri.startswith(prefix):
-        return {"uri": uri, "produced_by": None}
-    parts = dict(p.split("=", 1) for p in unquote(uri[len(prefix) :]).split("/") if "=" in p)
-    if "run_id" not in parts or "stage" not in parts:
-        return {"uri": uri, "produced_by": None}
-    manifest = load_manifest(store, parts["run_id"], parts["stage"])
-    return {"uri": uri, "produced_by": {"run_id": manifest.run_id, "stage": manifest.stage, "inputs": manifest.inputs}}
 
 
 def _training(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
@@ -131,11 +146,9 @@ def format_audit(report: dict[str, Any]) -> str:
         lines.append(f"  parameters: {json.dumps(stage['parameters'], sort_keys=True)}")
         lines.extend(f"  input  {ref['sha256'][:16]}  {ref['uri']}" for ref in stage["inputs"])
         lines.extend(f"  output {ref['sha256'][:16]}  {ref['uri']}" + (f"  (version {ref['version_id']})" if ref.get("version_id") else "") for ref in stage["outputs"])
-    for lineage in report.get("snr_lineage", []):
-        producer = lineage["produced_by"]
-        if producer:
-            lines.append(f"\nSNR table from run {producer['run_id']} ({producer['stage']}), which read:")
-            lines.extend(f"  {ref['sha256'][:16]}  {ref['uri']}" for ref in producer["inputs"])
+    for producer in report["lineage"]:
+        lines.append(f"\ninput produced by run {producer['run_id']} ({producer['stage']}, {json.dumps(producer['parameters'], sort_keys=True)}), which read:")
+        lines.extend(f"  {ref['sha256'][:16]}  {ref['uri']}" for ref in producer["inputs"])
     selection = report.get("selection")
     if selection:
         lines.append(

@@ -30,11 +30,12 @@ from .estimators import ESTIMATORS, estimate
 from .local_files import ensure_writable, write_atomic
 from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
 from .model_weights import FLOAT_DTYPES, ModelWeights, TensorInfo
+from .model_source import as_tree, materialize, materialize_tree, read_listing, resolve_uri
 from .naming import layer_index, module_name, module_type
 from .snr_table import reference_json, rows_to_table, write_parquet
 from .spectra import SVD_METHODS, resolve_device, singular_values
 from .stage_run import StageOutcome, StageRun, add_store_arguments, describe, execute_stage, store_from_args
-from .store import ArtifactStore, ObjectInfo
+from .store import ArtifactStore, ObjectInfo, output_key, table_key
 from .store.base import sha256_file
 
 STAGE = "snr_scan"
@@ -151,9 +152,13 @@ def run_in_store(
     killed scan resumes there, and the folder is removed once the table is in the store.
     """
     _validate(config)
-    weights = ModelWeights.open(config.model_dir)
-    config.model_id = config.model_id or weights.root.resolve().name
-    inputs = [_file_ref(weights.root / name) for name in weights.files()]
+    local_dir, stored = _locate_model(config.model_dir, store)
+    weights = ModelWeights.open(local_dir)
+    config = replace(config, model_dir=str(local_dir), model_id=config.model_id or _default_model_id(config.model_dir, weights))
+    inputs = [stored.get(name) or _file_ref(weights.root / name) for name in weights.files()]
+    for path in (config.output, config.reference_json):
+        if path:
+            ensure_writable(Path(path), config.overwrite)
     results: list[ScanResult] = []
 
     def produce(run_dir: StageRun) -> list[ObjectInfo]:
@@ -170,7 +175,33 @@ def run_in_store(
         return outputs
 
     outcome = execute_stage(store, STAGE, config.resume_settings(), inputs, produce, run_id=run_id, force=force)
+    if outcome.cached:  # the local copies asked for come from the committed run
+        earlier = outcome.manifest.run_id
+        if config.output:
+            write_atomic(Path(config.output), store.get_bytes(table_key("snr", STAGE, earlier)), overwrite=config.overwrite)
+        if config.reference_json:
+            data = store.get_bytes(output_key(earlier, STAGE, REFERENCE_JSON_NAME))
+            write_atomic(Path(config.reference_json), data, overwrite=config.overwrite)
     return outcome, (results[0] if results else None)
+
+
+def _locate_model(model: str, store: ArtifactStore | None) -> tuple[Path, dict[str, dict]]:
+    """A local folder for `model`, and for a stored model (from `spectrum download`) the store
+    reference of each of its files, so the manifest's inputs point at the store, not the cache."""
+    located = resolve_uri(model, store)
+    if isinstance(located, Path):
+        return located, {}
+    ref = as_tree(located)
+    if ref is None:
+        return materialize(model, store), {}  # raises the clear error for a location that is no model
+    listing = read_listing(ref)
+    stored = {f.path: {"uri": f"{ref.uri}/{f.path}", "sha256": f.sha256, "size": f.size} for f in listing.files}
+    return materialize_tree(ref), stored
+
+
+def _default_model_id(model: str, weights: ModelWeights) -> str:
+    name = weights.root.resolve().name
+    return name if model.rstrip("/").endswith(name) else model.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _file_ref(path: Path) -> dict:
@@ -392,7 +423,7 @@ def cli(args: argparse.Namespace) -> str:
     config = config_from_args(args)
     store = store_from_args(args)
     if store is None:
-        return report(run(config))
+        return report(run(replace(config, model_dir=str(materialize(config.model_dir, None)))))
     outcome, result = run_in_store(config, store, run_id=args.run_id, force=args.force, work_dir=args.work_dir)
     lines = [report(result, destination=None if not config.output else str(result.output))] if result is not None else []
     return "\n".join([*lines, describe(outcome, store)])
