@@ -167,7 +167,7 @@ def run_in_store(
         result = run(local)
         results.append(result)
         outputs = [
-            run_dir.write_table("snr", pq.read_table(result.output)),
+            run_dir.write_table("snr", pq.read_table(result.output, use_threads=False)),
             run_dir.put_bytes(REFERENCE_JSON_NAME, reference_json(result.rows).encode()),
         ]
         if not config.output:

@@ -91,7 +91,12 @@ def execute_stage(
             commit_manifest(store, manifest.finish([], status=FAILED))
         raise
     committed = manifest.finish(outputs)
-    commit_manifest(store, committed)
+    try:
+        commit_manifest(store, committed)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            commit_manifest(store, manifest.finish([], status=FAILED))
+        raise
     return StageOutcome(committed, cached=False)
 
 

@@ -463,8 +463,7 @@ def test_datasets_save_to_disk_folder(store, tmp_path):
     assert loaded["train"]["text"] == ["a", "b", "c"] and loaded["test"].num_rows == 1
 
 
-def test_a_drop_from_a_store_prefix(tmp_path):
-    store = local_store(tmp_path)
+def test_a_drop_from_a_store_prefix(store, tmp_path):
     drop = write_drop(tmp_path / "drop")
     for name, data in folder_bytes(drop).items():
         store.put_bytes(f"drops/2026-01/{name}", data)

@@ -108,8 +108,7 @@ def test_a_damaged_cache_folder_is_rebuilt(store, tmp_path):
     assert (local / "model.safetensors").read_bytes() == FILES["model.safetensors"]
 
 
-def test_file_uri_of_a_tree_needs_no_store_object(tmp_path):
-    store = open_store((tmp_path / "store").as_uri())
+def test_a_full_uri_needs_no_store_object(store, tmp_path):
     _, stored = published(store, tmp_path)
     local = materialize(stored.uri, None)
     assert (local / "config.json").read_bytes() == FILES["config.json"]

@@ -11,7 +11,7 @@ from typing import Any
 from .errors import SecretLeakError
 
 _SECRET_WORDS = {
-    "token", "password", "passwd", "pwd", "passphrase", "secret", "secrets", "authorization",
+    "token", "password", "passwd", "passphrase", "secret", "secrets", "authorization",
     "auth", "bearer", "credential", "credentials", "cookie", "apikey", "accesskey", "secretkey",
 }  # fmt: skip
 _SECRET_PAIRS = {("access", "key"), ("api", "key"), ("key", "id"), ("private", "key"), ("session", "key")}

@@ -101,7 +101,7 @@ def read_table(store: ArtifactStore, table_name: str, *, run_id: str | None = No
     """Every committed partition of the table (or one run's), with `stage` and `run_id` columns."""
     files = table_files(store, table_name, run_id=run_id)
     try:
-        return files.dataset().to_table()
+        return files.dataset().to_table(use_threads=False)  # threaded reads can abort at exit (apache/arrow#34314)
     except (OSError, pa.ArrowInvalid) as exc:
         raise StoreError(f"reading table {table_name!r} from {store.root_uri} failed: {exc}") from exc
 
