@@ -33,7 +33,7 @@ from .model_weights import FLOAT_DTYPES, ModelWeights, TensorInfo
 from .model_source import as_tree, materialize, materialize_tree, read_listing, resolve_uri
 from .naming import layer_index, module_name, module_type
 from .snr_table import reference_json, rows_to_table, write_parquet
-from .spectra import SVD_METHODS, resolve_device, singular_values
+from .spectra import SVD_METHODS, NonFiniteMatrixError, resolve_device, singular_values
 from .stage_run import StageOutcome, StageRun, add_store_arguments, describe, execute_stage, store_from_args
 from .store import ArtifactStore, ObjectInfo, output_key, table_key
 from .store.base import sha256_file
@@ -56,7 +56,7 @@ class ScanConfig:
     reference_json: str | None = None
     overwrite: bool = False
     progress: bool | None = None  # None: show when stderr is a terminal
-    workers: int | None = None  # matrices decomposed at once; None: one per CPU core (one on a GPU)
+    workers: int = 1  # matrices decomposed side by side, each with a share of the CPU threads
 
     def resume_settings(self) -> dict:
         """The settings that determine the table: a partial scan must share them to be resumed,
@@ -214,7 +214,7 @@ def _validate(config: ScanConfig) -> None:
         raise InputError(f"unknown estimator {config.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if config.svd_method not in SVD_METHODS:
         raise InputError(f"unknown --svd-method {config.svd_method!r}; choose one of {', '.join(SVD_METHODS)}")
-    if config.workers is not None and config.workers < 1:
+    if config.workers < 1:
         raise InputError(f"--workers must be at least 1, got {config.workers}")
     for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
         for pattern in patterns:
@@ -256,10 +256,10 @@ def _plan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInfo, s
 def _scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], config: ScanConfig, device: torch.device) -> Iterator[dict]:
     """Rows in input order, with at most `workers` matrices in memory at once.
 
-    LAPACK's eigen-solvers scale poorly across threads on the small matrices of one layer, so
-    several single-threaded decompositions side by side use the cores better than one wide one.
+    One worker using every BLAS thread is the default: on 2 cores, two single-threaded workers
+    measured no faster and held more memory; more workers can help on many-core machines.
     """
-    workers = config.workers or (1 if device.type == "cuda" else max(1, os.cpu_count() or 1))
+    workers = config.workers
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, previous_threads // workers))
     try:
@@ -300,9 +300,15 @@ def _skipped_row(info: TensorInfo, reason: str, config: ScanConfig) -> dict:
 def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, device: torch.device) -> dict:
     started = time.perf_counter()
     tensor = weights.read(info)
-    _require_finite(tensor, info, weights)
     digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
-    values = singular_values(tensor, config.svd_method, device)
+    try:
+        values = singular_values(tensor, config.svd_method, device)
+    except NonFiniteMatrixError as exc:
+        _require_finite(tensor, info, weights)  # names the NaN/Inf values
+        raise CorruptWeightsError(
+            f"tensor {info.name!r} in {weights.root / info.shard} is too large in magnitude for the Gram route ({exc}); "
+            "scan it with --svd-method svd"
+        ) from exc
     del tensor
     rows, cols = info.shape
     stats = estimate(config.estimator, values, rows, cols)
@@ -397,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", action="append", default=[], metavar="REGEX", help="scan only module types matching REGEX (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="skip module types matching REGEX (repeatable)")
     parser.add_argument("--reference-json", metavar="PATH", help="also write the reference tool's snr_results JSON (flat layout)")
-    parser.add_argument("--workers", type=int, help="matrices decomposed in parallel (default: one per CPU core; 1 on a GPU)")
+    parser.add_argument("--workers", type=int, default=1, help="matrices decomposed side by side, sharing the CPU threads (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when on a terminal)")
 
