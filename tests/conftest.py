@@ -43,6 +43,22 @@ def venv_bin(name: str) -> str:
     return str(path)
 
 
+def interrupt_scan_after(monkeypatch, count: int) -> None:
+    """Make the scan stop (as on Ctrl-C) when it is about to decompose the (count+1)-th matrix."""
+    from stages import snr_scan
+
+    real = snr_scan.singular_values
+    calls = {"n": 0}
+
+    def counting(*args, **kwargs):
+        if calls["n"] >= count:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snr_scan, "singular_values", counting)
+
+
 @pytest.fixture(scope="session")
 def synthetic_model(tmp_path_factory):
     """make(**spec_overrides) -> folder of a tiny synthetic checkpoint (built once per spec per session).

@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import stages.snr_scan as snr_scan
 from stages.errors import CorruptWeightsError, InputError, OutputExistsError
 from stages.estimators import reference_snr
 from stages.model_weights import INDEX_FILE
@@ -25,7 +24,7 @@ from stages.snr_scan import ScanConfig, run
 from stages.snr_table import SNR_SCHEMA, load_reference_json, read_table_metadata
 from stages.spectra import singular_values
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, interrupt_scan_after
 
 STAT_COLUMNS = (
     "tensor_sha256",
@@ -498,18 +497,6 @@ def test_overwrite_replaces_the_output(tiny_model, tiny_snr_table, tmp_path):
 # --- resuming -----------------------------------------------------------------------------------
 
 
-def _interrupt_after(monkeypatch, count: int) -> None:
-    """Make the scan stop (as on Ctrl-C) when it is about to compute the (count+1)-th matrix."""
-    real = snr_scan.singular_values
-    calls = {"n": 0}
-
-    def counting(*args, **kwargs):
-        if calls["n"] >= count:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(snr_scan, "singular_values", counting)
 
 
 def _partial(out: Path) -> Path:
@@ -518,7 +505,7 @@ def _partial(out: Path) -> Path:
 
 def test_interrupted_scan_resumes_to_the_same_table(tiny_model, tiny_snr_table, tmp_path, monkeypatch):
     out = tmp_path / "snr.parquet"
-    _interrupt_after(monkeypatch, 5)
+    interrupt_scan_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, out, model_id="tiny-llama", workers=1)
     assert not out.exists()
@@ -533,7 +520,7 @@ def test_interrupted_scan_resumes_to_the_same_table(tiny_model, tiny_snr_table, 
 
 def test_partial_from_other_settings_is_discarded(tiny_model, tiny_snr_table, tmp_path, monkeypatch):
     out = tmp_path / "snr.parquet"
-    _interrupt_after(monkeypatch, 6)
+    interrupt_scan_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, out, model_id="tiny-llama", estimator="gavish-donoho", workers=1)
     assert len(_partial(out).read_text().splitlines()) == 7
@@ -549,7 +536,7 @@ def test_partial_from_other_weights_is_discarded(synthetic_model, tmp_path, monk
     model = tmp_path / "model"
     shutil.copytree(synthetic_model(), model)
     out = tmp_path / "snr.parquet"
-    _interrupt_after(monkeypatch, 6)
+    interrupt_scan_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         scan(model, out, model_id="m", workers=1)
     monkeypatch.undo()
@@ -564,7 +551,7 @@ def test_partial_from_other_weights_is_discarded(synthetic_model, tmp_path, monk
 
 def test_partial_whose_last_line_is_cut_short_is_tolerated(tiny_model, tiny_snr_table, tmp_path, monkeypatch):
     out = tmp_path / "snr.parquet"
-    _interrupt_after(monkeypatch, 4)
+    interrupt_scan_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, out, model_id="tiny-llama", workers=1)
     monkeypatch.undo()
@@ -585,7 +572,7 @@ def test_partial_with_a_damaged_header_starts_over(tiny_model, tiny_snr_table, t
 
 def test_interrupted_parallel_scan_resumes_to_the_same_table(tiny_model, tiny_snr_table, tmp_path, monkeypatch):
     out = tmp_path / "snr.parquet"
-    _interrupt_after(monkeypatch, 7)
+    interrupt_scan_after(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, out, model_id="tiny-llama", workers=3)
     assert not out.exists()
@@ -599,13 +586,13 @@ def test_interrupted_parallel_scan_resumes_to_the_same_table(tiny_model, tiny_sn
 
 def test_rows_scanned_after_a_torn_line_survive_a_second_interruption(tiny_model, tiny_snr_table, tmp_path, monkeypatch):
     out = tmp_path / "snr.parquet"
-    _interrupt_after(monkeypatch, 3)
+    interrupt_scan_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, out, model_id="tiny-llama", workers=1)
     with _partial(out).open("a") as handle:
         handle.write('{"model_id": "tiny-llama", "tensor_na')
     monkeypatch.undo()
-    _interrupt_after(monkeypatch, 3)  # three more rows, then another kill
+    interrupt_scan_after(monkeypatch, 3)  # three more rows, then another kill
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, out, model_id="tiny-llama", workers=1)
     monkeypatch.undo()

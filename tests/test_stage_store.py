@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from .conftest import interrupt_scan_after
+
 from flows.cli import main
 from stages import snr_scan
 from stages.errors import CorruptWeightsError, InputError, OutputExistsError
@@ -68,18 +70,6 @@ def snapshot(store) -> dict[str, bytes]:
     return objects
 
 
-def _interrupt_after(monkeypatch, count: int) -> None:
-    """Stop the scan (as on Ctrl-C) when it is about to decompose the (count+1)-th matrix."""
-    real = snr_scan.singular_values
-    calls = {"n": 0}
-
-    def counting(*args, **kwargs):
-        if calls["n"] >= count:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(snr_scan, "singular_values", counting)
 
 
 def _no_scan(monkeypatch) -> None:
@@ -328,7 +318,7 @@ def test_work_dir_from_the_environment_is_used_and_removed(store, synthetic_mode
 
 def test_interrupted_store_scan_resumes_to_the_same_table(store, tiny_model, tiny_snr_table, tmp_path, monkeypatch):
     work = tmp_path / "work"
-    _interrupt_after(monkeypatch, 5)
+    interrupt_scan_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         store_scan(store, tiny_model, work)
     monkeypatch.undo()

@@ -110,6 +110,6 @@ def test_pandas_and_duckdb_read_s3_tables(s3_store):
     assert sorted(frame["run_id"].astype(str).unique()) == ["run-1", "run-2"] and len(frame) == 6
     assert all(uri.startswith("s3://") for uri in files.uris)
 
-    dataset = files.dataset()
+    dataset = files.dataset()  # noqa: F841 -- DuckDB finds the local by its name in the SQL
     counts = duckdb.sql("SELECT run_id, count(*) FROM dataset GROUP BY run_id ORDER BY run_id").fetchall()
     assert counts == [("run-1", 3), ("run-2", 3)]
