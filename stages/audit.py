@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .stage_run import add_store_location_arguments, store_from_args
-from .store import ArtifactNotFoundError, ArtifactStore, FileLocation, list_runs, load_manifest, parse_store_uri, read_table, table_key
+from .store import ArtifactNotFoundError, ArtifactStore, list_runs, load_manifest, read_table, table_key
 
 STAGE_ORDER = ("download", "snr_scan", "layer_select", "cpt", "sft", "evaluate")
 
@@ -179,13 +179,10 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _require_store(args: argparse.Namespace) -> ArtifactStore:
-    """The store to read; a local store that does not exist is an error (reading must not create one)."""
+    """The store to read, opened read-only: auditing never creates or changes a store."""
     if not args.store:
         raise InputError("no artifact store: pass --store URI or set SPECTRUM_STORE")
-    location = parse_store_uri(args.store)
-    if isinstance(location, FileLocation) and not location.root.is_dir():
-        raise InputError(f"no artifact store at {location.root}: check --store (runs are written there by download, scan and select)")
-    return store_from_args(args)
+    return store_from_args(args, writable=False)
 
 
 def runs_cli(args: argparse.Namespace) -> str:

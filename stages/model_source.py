@@ -190,12 +190,12 @@ def resolve_uri(uri: str, store: ArtifactStore | None) -> StoreLocation | Path:
         path = parts.path.strip("/")
         match = _TREE_TAIL.match(path)
         if match is None:
-            return StoreLocation(open_store(f"s3://{parts.netloc}"), path)
-        return StoreLocation(open_store(f"s3://{parts.netloc}/{match['root'] or ''}"), f"{match['kind']}/{match['tree']}")
+            return StoreLocation(open_store(f"s3://{parts.netloc}", writable=False), path)
+        return StoreLocation(open_store(f"s3://{parts.netloc}/{match['root'] or ''}", writable=False), f"{match['kind']}/{match['tree']}")
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
         if _TREE_TAIL.match(path.as_posix()):
-            return StoreLocation(open_store(path.parent.parent.as_uri()), f"{path.parent.name}/{path.name}")
+            return StoreLocation(open_store(path.parent.parent.as_uri(), writable=False), f"{path.parent.name}/{path.name}")
         return path
     if "://" in uri:
         raise InputError(f"unsupported URI scheme in {uri!r}: use a local folder, file://, s3:// or store:<key>")

@@ -116,8 +116,8 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="run even when a committed run has the same inputs and parameters")
 
 
-def store_from_args(args: argparse.Namespace) -> ArtifactStore | None:
-    return open_store(args.store, endpoint_url=args.s3_endpoint_url) if args.store else None
+def store_from_args(args: argparse.Namespace, writable: bool = True) -> ArtifactStore | None:
+    return open_store(args.store, endpoint_url=args.s3_endpoint_url, writable=writable) if args.store else None
 
 
 def describe(outcome: StageOutcome, store: ArtifactStore) -> str:

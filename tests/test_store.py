@@ -422,3 +422,31 @@ def test_server_stopped_mid_run_fails_clearly_and_loses_nothing_committed(privat
     assert list_runs(store) == {"run-1": ["snr_scan"]}
     assert read_table(store, "snr").column("run_id").to_pylist() == ["run-1", "run-1"]
     assert store.info(table.key).sha256 == table.sha256
+
+
+def test_read_only_file_store_requires_the_folder_and_creates_nothing(tmp_path):
+    from stages.store import ArtifactNotFoundError
+
+    with pytest.raises(ArtifactNotFoundError, match="no artifact store at"):
+        open_store(str(tmp_path / "missing"), writable=False)
+    assert not (tmp_path / "missing").exists()
+    open_store(str(tmp_path / "made")).put_bytes("a/b.txt", b"x")
+    assert open_store(str(tmp_path / "made"), writable=False).get_bytes("a/b.txt") == b"x"
+
+
+@pytest.mark.integration
+def test_read_only_s3_store_leaves_a_foreign_bucket_untouched(s3_env):
+    from stages.store import ArtifactNotFoundError
+
+    client = s3_env.client()
+    missing = fresh_bucket()
+    with pytest.raises(ArtifactNotFoundError, match=f"s3://{missing} does not exist"):
+        open_store(f"s3://{missing}/models", writable=False)
+    assert missing not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+    foreign = fresh_bucket()  # someone else's bucket, without versioning
+    client.create_bucket(Bucket=foreign)
+    client.put_object(Bucket=foreign, Key="models/config.json", Body=b"{}")
+    reader = open_store(f"s3://{foreign}/models", writable=False)
+    assert reader.get_bytes("config.json") == b"{}"
+    assert client.get_bucket_versioning(Bucket=foreign).get("Status") is None

@@ -37,15 +37,17 @@ from .tables import TableFiles, read_table, table_files, table_key, write_table
 from .uri import FileLocation, parse_store_uri
 
 
-def open_store(uri: str, *, endpoint_url: str | None = None) -> ArtifactStore:
+def open_store(uri: str, *, endpoint_url: str | None = None, writable: bool = True) -> ArtifactStore:
     """Open `file:///abs/path` (or a plain local path) or `s3://bucket/prefix`.
 
-    `endpoint_url` (else $SPECTRUM_S3_ENDPOINT_URL) points S3 at a compatible server.
+    `endpoint_url` (else $SPECTRUM_S3_ENDPOINT_URL) points S3 at a compatible server. A writable
+    store is created if missing (S3: bucket with versioning on); `writable=False` only reads and
+    requires the store to exist, leaving it untouched.
     """
     location = parse_store_uri(uri)
     if isinstance(location, FileLocation):
-        return FileStore(location.root)
-    return S3Store(location, endpoint_url=endpoint_url)
+        return FileStore(location.root, writable=writable)
+    return S3Store(location, endpoint_url=endpoint_url, writable=writable)
 
 
 __all__ = [

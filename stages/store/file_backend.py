@@ -30,8 +30,13 @@ from .keys import RESERVED_PREFIX, validate_key, validate_prefix
 
 
 class FileStore(ArtifactStore):
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, writable: bool = True):
+        """Open the store folder, creating it unless `writable` is False (then it must exist)."""
         self._root = root.resolve()
+        if not writable:
+            if not self._root.is_dir():
+                raise ArtifactNotFoundError(f"no artifact store at {self._root}; check the path")
+            return
         try:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -77,8 +77,12 @@ class S3Store(ArtifactStore):
         endpoint_url: str | None = None,
         part_size: int = PART_SIZE,
         copy_part_size: int = COPY_PART_SIZE,
+        writable: bool = True,
     ):
         """Connect, create the bucket if it is missing, and make sure versioning is enabled.
+
+        With `writable=False` (reading someone else's bucket, or auditing) the bucket is only
+        checked to exist: nothing is created and its versioning setting is left alone.
 
         Endpoint: `endpoint_url`, else $SPECTRUM_S3_ENDPOINT_URL, else boto3's own resolution
         (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, config files, AWS). Region and credentials
@@ -108,7 +112,10 @@ class S3Store(ArtifactStore):
             ),
         )
         self._endpoint = self._client.meta.endpoint_url
-        self._prepare_bucket()
+        if writable:
+            self._prepare_bucket()
+        else:
+            self._require_bucket()
 
     @property
     def root_uri(self) -> str:
@@ -263,6 +270,15 @@ class S3Store(ArtifactStore):
             while reader.read(CHUNK):
                 pass
         return reader.sha256
+
+    def _require_bucket(self) -> None:
+        with self._errors("opening bucket", f"s3://{self._bucket}"):
+            try:
+                self._client.head_bucket(Bucket=self._bucket)
+            except ClientError as exc:
+                if _status(exc) != 404:
+                    raise
+                raise ArtifactNotFoundError(f"bucket s3://{self._bucket} does not exist at {self._endpoint}; check the URI") from exc
 
     def _prepare_bucket(self) -> None:
         with self._errors("opening bucket", f"s3://{self._bucket}"):
