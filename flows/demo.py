@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> str:
             store,
             force=args.overwrite,
         )
-        lines.append(f"[{estimator}] {layer_select.report(selection)}")
+        lines.extend(f"[{estimator}] {line}" for line in layer_select.report(selection).splitlines())
         audit = audit_run(store, selection.outcome.manifest.run_id)
         trained = ", ".join(r["tensor_name"] for r in audit["selection"]["trainable"][:4])
         lines.append(f"[{estimator}] audit: trainable {trained}, ...")
