@@ -46,9 +46,9 @@ def singular_values(matrix: torch.Tensor, method: str = "gram", device: torch.de
         values = _gram_singular_values(matrix, device)
     elif method == "svd":
         tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
-        values = torch.linalg.svdvals(tall.to(dtype=torch.float64))
-        if not bool(torch.isfinite(values).all()):
+        if not bool(torch.isfinite(tall).all()):  # LAPACK would fail to converge on them
             raise NonFiniteMatrixError("the matrix holds NaN or Inf")
+        values = torch.linalg.svdvals(tall.to(dtype=torch.float64))
     else:
         raise InputError(f"unknown singular-value method {method!r}; choose one of {', '.join(SVD_METHODS)}")
     values = values.cpu().numpy()

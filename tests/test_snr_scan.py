@@ -467,6 +467,24 @@ def test_non_finite_weight_names_the_tensor(tmp_path, write_checkpoint, bad, lab
     assert not out.exists() and not (tmp_path / "out" / "ref.json").exists()
 
 
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_non_finite_weight_is_caught_by_both_methods(tmp_path, write_checkpoint, method):
+    broken = torch.randn(16, 40)
+    broken[7, 2] = float("nan")
+    folder = write_checkpoint(tmp_path / "m", {"model.layers.0.mlp.down_proj.weight": broken})
+    with pytest.raises(CorruptWeightsError, match=r"'model.layers.0.mlp.down_proj.weight'.*1 NaN and 0 Inf.*\[7, 2\]"):
+        scan(folder, tmp_path / "snr.parquet", svd_method=method)
+
+
+def test_float64_weights_too_large_to_square_point_to_the_svd_method(tmp_path, write_checkpoint):
+    huge = torch.randn(16, 40, dtype=torch.float64) * 1e200  # finite, but its Gram overflows float64
+    folder = write_checkpoint(tmp_path / "m", {"model.layers.0.mlp.down_proj.weight": huge})
+    with pytest.raises(CorruptWeightsError, match=r"too large in magnitude for the Gram route.*--svd-method svd"):
+        scan(folder, tmp_path / "gram.parquet")
+    result = scan(folder, tmp_path / "svd.parquet", svd_method="svd")
+    assert result.scanned == 1 and math.isfinite(result.rows[0]["snr"])
+
+
 def test_existing_output_is_refused_and_kept(tiny_model, tmp_path):
     out = tmp_path / "snr.parquet"
     out.write_bytes(b"precious earlier result")
