@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import CorruptWeightsError, InputError
+from .errors import CorruptWeightsError, InputError, SpectrumError
 from .estimators import ESTIMATORS, estimate
 from .local_files import ensure_writable, write_atomic
 from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
@@ -309,6 +309,11 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, de
         raise CorruptWeightsError(
             f"tensor {info.name!r} in {weights.root / info.shard} is too large in magnitude for the Gram route ({exc}); "
             "scan it with --svd-method svd"
+        ) from exc
+    except torch.linalg.LinAlgError as exc:
+        raise SpectrumError(
+            f"the singular values of {info.name!r} did not converge with --svd-method {config.svd_method} ({exc}); "
+            "retry with the other --svd-method"
         ) from exc
     del tensor
     rows, cols = info.shape

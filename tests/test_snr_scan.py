@@ -664,3 +664,16 @@ def test_killed_scan_subprocess_resumes(synthetic_model, tmp_path):
     uninterrupted = scan(model, tmp_path / "uninterrupted.parquet", model_id="m", svd_method="svd")
     assert uninterrupted.resumed == 0
     assert without(rows_of(out), "scan_seconds") == without(rows_of(uninterrupted.output), "scan_seconds")
+
+
+def test_a_decomposition_that_does_not_converge_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
+    from stages import snr_scan
+    from stages.errors import SpectrumError
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(snr_scan, "singular_values", failing)
+    with pytest.raises(SpectrumError, match=r"did not converge with --svd-method gram.*retry with the other --svd-method"):
+        scan(tiny_model, tmp_path / "snr.parquet")
+    assert not (tmp_path / "snr.parquet").exists()
