@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import CorruptWeightsError, InputError, SpectrumError
-from .estimators import ESTIMATORS, estimate
+from .estimators import ESTIMATORS, SpectrumStats, estimate
 from .local_files import ensure_writable, write_atomic
 from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
 from .model_weights import FLOAT_DTYPES, ModelWeights, TensorInfo
@@ -39,6 +39,7 @@ from .store import ArtifactStore, ObjectInfo, output_key, table_key
 from .store.base import sha256_file
 
 STAGE = "snr_scan"
+EXPERTS = "experts"  # transformers fuses MoE experts into one [experts, rows, cols] parameter under an `experts` module
 WORK_DIR_ENV = "SPECTRUM_WORK_DIR"
 REFERENCE_JSON_NAME = "snr_results.json"
 
@@ -226,7 +227,7 @@ def _validate(config: ScanConfig) -> None:
 
 def _plan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInfo, str | None]]:
     """Every tensor with the reason it is not scanned (None: scan it)."""
-    matrix_types = sorted({module_type(module_name(t.name)) for t in weights.tensors if len(t.shape) == 2})
+    matrix_types = sorted({module_type(module_name(t.name)) for t in weights.tensors if _is_matrix_or_stack(t)})
     for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
         for pattern in patterns:
             if not any(re.search(pattern, t) for t in matrix_types):
@@ -237,8 +238,8 @@ def _plan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInfo, s
     for info in weights.tensors:
         kind = module_type(module_name(info.name))
         reason = None
-        if len(info.shape) != 2:
-            reason = f"{len(info.shape)}-D tensor (shape {list(info.shape)}): not a matrix"
+        if not _is_matrix_or_stack(info):
+            reason = f"{len(info.shape)}-D tensor (shape {list(info.shape)}): not a matrix (nor a stack of fused MoE experts)"
         elif info.dtype not in FLOAT_DTYPES:
             reason = f"dtype {info.dtype} is not a floating-point weight"
         elif 0 in info.shape:
@@ -276,6 +277,11 @@ def _scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], config: S
         torch.set_num_threads(previous_threads)
 
 
+def _is_matrix_or_stack(info: TensorInfo) -> bool:
+    """A 2-D weight, or a 3-D stack of expert matrices; other 3-D tensors (conv kernels) are not matrices."""
+    return len(info.shape) == 2 or (len(info.shape) == 3 and EXPERTS in info.name.split("."))
+
+
 def _base_row(info: TensorInfo, config: ScanConfig) -> dict:
     name = module_name(info.name)
     return {
@@ -287,8 +293,8 @@ def _base_row(info: TensorInfo, config: ScanConfig) -> dict:
         "shard": info.shard,
         "dtype": info.dtype,
         "shape": list(info.shape),
-        "rows": info.shape[0] if len(info.shape) == 2 else None,
-        "cols": info.shape[1] if len(info.shape) == 2 else None,
+        "rows": info.shape[-2] if _is_matrix_or_stack(info) else None,
+        "cols": info.shape[-1] if _is_matrix_or_stack(info) else None,
         "parameter_count": info.parameter_count,
         "code_version": __version__,
     }
@@ -299,11 +305,53 @@ def _skipped_row(info: TensorInfo, reason: str, config: ScanConfig) -> dict:
 
 
 def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, device: torch.device) -> dict:
+    """One row for one tensor: a matrix, or a stack of them (fused MoE experts, [experts, rows, cols]).
+
+    A stack is the unit a trainer freezes or trains, so it gets one row: each expert's matrix
+    is scanned on its own and the row holds the mean snr over experts (and `slice_snr`, the
+    per-expert values), summed counts and sums, and the largest singular value.
+    """
     started = time.perf_counter()
     tensor = weights.read(info)
     digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+    matrices = tensor.unbind(0) if tensor.ndim == 3 else (tensor,)
+    per_matrix = [_matrix_stats(matrix, tensor, info, weights, config, device) for matrix in matrices]
+    del tensor, matrices
+    stats = per_matrix[0][0] if len(per_matrix) == 1 else _combine([s for s, _ in per_matrix])
+    return {
+        **_base_row(info, config),
+        "tensor_sha256": digest,
+        "scanned": True,
+        "skip_reason": None,
+        "estimator": config.estimator,
+        "svd_method": config.svd_method,
+        "device": device.type,
+        **asdict(stats),
+        "singular_value_count": sum(count for _, count in per_matrix),
+        "slice_snr": [s.snr for s, _ in per_matrix] if len(info.shape) == 3 else None,
+        "scan_seconds": time.perf_counter() - started,
+    }
+
+
+def _combine(stats: list[SpectrumStats]) -> SpectrumStats:
+    count = len(stats)
+    return SpectrumStats(
+        sigma=sum(s.sigma for s in stats) / count,
+        threshold=sum(s.threshold for s in stats) / count,
+        signal_count=sum(s.signal_count for s in stats),
+        signal_sum=sum(s.signal_sum for s in stats),
+        noise_sum=sum(s.noise_sum for s in stats),
+        max_singular_value=max(s.max_singular_value for s in stats),
+        snr=sum(s.snr for s in stats) / count,
+    )
+
+
+def _matrix_stats(
+    matrix: torch.Tensor, tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights, config: ScanConfig, device: torch.device
+) -> tuple[SpectrumStats, int]:
+    """The estimator's statistics for one matrix of `tensor`, and its number of singular values."""
     try:
-        values = singular_values(tensor, config.svd_method, device)
+        values = singular_values(matrix, config.svd_method, device)
     except NonFiniteMatrixError as exc:
         _require_finite(tensor, info, weights)  # names the NaN/Inf values
         raise CorruptWeightsError(
@@ -315,21 +363,8 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, de
             f"the singular values of {info.name!r} did not converge with --svd-method {config.svd_method} ({exc}); "
             "retry with the other --svd-method"
         ) from exc
-    del tensor
-    rows, cols = info.shape
-    stats = estimate(config.estimator, values, rows, cols)
-    return {
-        **_base_row(info, config),
-        "tensor_sha256": digest,
-        "scanned": True,
-        "skip_reason": None,
-        "estimator": config.estimator,
-        "svd_method": config.svd_method,
-        "device": device.type,
-        **asdict(stats),
-        "singular_value_count": int(values.size),
-        "scan_seconds": time.perf_counter() - started,
-    }
+    rows, cols = matrix.shape
+    return estimate(config.estimator, values, rows, cols), int(values.size)
 
 
 def _require_finite(tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights) -> None:

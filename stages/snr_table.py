@@ -43,6 +43,7 @@ SNR_SCHEMA = pa.schema(
         ("signal_sum", pa.float64()),
         ("noise_sum", pa.float64()),
         ("snr", pa.float64()),
+        ("slice_snr", pa.list_(pa.float64())),  # per expert, for a stack of matrices (fused MoE experts)
         ("scan_seconds", pa.float64()),
         ("code_version", pa.string()),
     ]

@@ -76,6 +76,8 @@ def write_synthetic_model(out_dir: str | Path, spec: SyntheticSpec = SyntheticSp
 def _structured(shape: tuple[int, ...], noise_std: float, generator: torch.Generator) -> torch.Tensor:
     if len(shape) == 1:  # norm weights near one
         return 1.0 + 0.05 * torch.randn(shape, generator=generator)
+    if len(shape) == 3:  # fused MoE experts: a structured matrix per expert
+        return torch.stack([_structured(shape[1:], noise_std, generator) for _ in range(shape[0])])
     rows, cols = shape
     rank = int(torch.randint(2, max(3, min(rows, cols) // 8), (1,), generator=generator))
     gain = float(torch.empty(1).uniform_(0.3, 3.0, generator=generator))

@@ -677,3 +677,44 @@ def test_a_decomposition_that_does_not_converge_is_a_clear_error(tiny_model, tmp
     with pytest.raises(SpectrumError, match=r"did not converge with --svd-method gram.*retry with the other --svd-method"):
         scan(tiny_model, tmp_path / "snr.parquet")
     assert not (tmp_path / "snr.parquet").exists()
+
+
+# --- stacks of matrices (fused MoE experts) ----------------------------------------------------------
+
+def test_fused_moe_experts_get_one_row_with_the_per_expert_snr(tmp_path, write_checkpoint):
+    g = torch.Generator().manual_seed(11)
+    experts = torch.randn(4, 48, 16, generator=g)
+    experts[2] += 3 * torch.outer(torch.randn(48, generator=g), torch.randn(16, generator=g))  # one expert with a strong signal
+    folder = write_checkpoint(
+        tmp_path / "m",
+        {"model.layers.0.mlp.experts.gate_up_proj": experts.to(torch.bfloat16), "model.layers.0.mlp.gate.weight": torch.randn(4, 16)},
+    )
+    result = scan(folder, tmp_path / "snr.parquet")
+    row = next(r for r in result.rows if r["tensor_name"].endswith("gate_up_proj"))
+    expected = [reference_snr(singular_values(m), 48, 16).snr for m in experts.to(torch.bfloat16).unbind(0)]
+    assert row["scanned"] and row["shape"] == [4, 48, 16] and (row["rows"], row["cols"]) == (48, 16)
+    assert row["slice_snr"] == pytest.approx(expected, rel=1e-12)
+    assert row["snr"] == pytest.approx(sum(expected) / 4, rel=1e-12)
+    assert row["singular_value_count"] == 4 * 16 and row["module_type"] == "mlp.experts.gate_up_proj"
+    plain = next(r for r in result.rows if r["tensor_name"].endswith("gate.weight"))
+    assert plain["slice_snr"] is None
+
+
+def test_nan_in_one_expert_names_the_tensor_and_the_expert(tmp_path, write_checkpoint):
+    experts = torch.randn(3, 20, 8)
+    experts[1, 4, 2] = float("nan")
+    folder = write_checkpoint(tmp_path / "m", {"model.layers.0.mlp.experts.down_proj": experts})
+    with pytest.raises(CorruptWeightsError, match=r"'model.layers.0.mlp.experts.down_proj'.*1 NaN and 0 Inf.*\[1, 4, 2\]"):
+        scan(folder, tmp_path / "snr.parquet")
+
+
+def test_a_mixtral_checkpoint_scans_and_selects_its_fused_experts(synthetic_model, tmp_path):
+    from stages import layer_select
+
+    folder = synthetic_model(architecture="mixtral")
+    result = scan(folder, tmp_path / "snr.parquet")
+    stacks = [r for r in result.rows if len(r["shape"]) == 3]
+    assert stacks and all(r["scanned"] and len(r["slice_snr"]) == r["shape"][0] for r in stacks)
+    selection = layer_select.run(layer_select.SelectConfig(snr_input=str(result.output), out_dir=str(tmp_path / "sel"), top_percent=50))
+    assert "# mlp.experts.gate_up_proj layers" in selection.yaml_text
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in selection.summary["trainable_tensors"])
