@@ -112,10 +112,7 @@ class S3Store(ArtifactStore):
             ),
         )
         self._endpoint = self._client.meta.endpoint_url
-        if writable:
-            self._prepare_bucket()
-        else:
-            self._require_bucket()
+        self._open_bucket(writable)
 
     @property
     def root_uri(self) -> str:
@@ -271,27 +268,21 @@ class S3Store(ArtifactStore):
                 pass
         return reader.sha256
 
-    def _require_bucket(self) -> None:
+    def _open_bucket(self, writable: bool) -> None:
+        """Check the bucket exists; a writable store creates it if missing and turns versioning on."""
         with self._errors("opening bucket", f"s3://{self._bucket}"):
             try:
                 self._client.head_bucket(Bucket=self._bucket)
             except ClientError as exc:
                 if _status(exc) != 404:
                     raise
-                raise ArtifactNotFoundError(f"bucket s3://{self._bucket} does not exist at {self._endpoint}; check the URI") from exc
-
-    def _prepare_bucket(self) -> None:
-        with self._errors("opening bucket", f"s3://{self._bucket}"):
-            try:
-                self._client.head_bucket(Bucket=self._bucket)
-            except ClientError as exc:
-                if _status(exc) != 404:
-                    raise
+                if not writable:
+                    raise ArtifactNotFoundError(f"bucket s3://{self._bucket} does not exist at {self._endpoint}; check the URI") from exc
                 region = self._client.meta.region_name
                 where = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
                 with suppress(self._client.exceptions.BucketAlreadyOwnedByYou):
                     self._client.create_bucket(Bucket=self._bucket, **where)
-            if self._client.get_bucket_versioning(Bucket=self._bucket).get("Status") != "Enabled":
+            if writable and self._client.get_bucket_versioning(Bucket=self._bucket).get("Status") != "Enabled":
                 self._client.put_bucket_versioning(
                     Bucket=self._bucket, VersioningConfiguration={"Status": "Enabled"}
                 )
