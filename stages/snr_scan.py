@@ -90,11 +90,12 @@ def run(config: ScanConfig) -> ScanResult:
         ensure_writable(Path(config.reference_json), config.overwrite)
     device = resolve_device(config.device)
     weights = ModelWeights.open(config.model_dir)
-    model_id = config.model_id or weights.root.resolve().name
-    config.model_id = model_id
+    model_id = config.model_id or _default_model_id(weights)
+    config = replace(config, model_id=model_id)  # the caller's config is left as it was
     plan = _plan(weights, config)
+    fingerprint = weights.fingerprint()
 
-    partial = PartialScan(output.with_name(output.name + ".partial.jsonl"), weights.fingerprint(), config.resume_settings())
+    partial = PartialScan(output.with_name(output.name + ".partial.jsonl"), fingerprint, config.resume_settings())
     done = partial.load()
     to_scan = [info for info, reason in plan if reason is None and info.name not in done]
     rows: dict[str, dict] = dict(done)
@@ -126,7 +127,7 @@ def run(config: ScanConfig) -> ScanResult:
         "stage": STAGE,
         "model_id": model_id,
         "model_dir": str(weights.root.resolve()),
-        "model_fingerprint": weights.fingerprint(),
+        "model_fingerprint": fingerprint,
         "model_parameter_count": weights.parameter_count,
         "estimator": config.estimator,
         "svd_method": config.svd_method,
@@ -155,7 +156,7 @@ def run_in_store(
     _validate(config)
     local_dir, stored = _locate_model(config.model_dir, store)
     weights = ModelWeights.open(local_dir)
-    config = replace(config, model_dir=str(local_dir), model_id=config.model_id or _default_model_id(config.model_dir, weights))
+    config = replace(config, model_dir=str(local_dir), model_id=config.model_id or _default_model_id(weights))
     inputs = [stored.get(name) or _file_ref(weights.root / name) for name in weights.files()]
     for path in (config.output, config.reference_json):
         if path:
@@ -200,9 +201,9 @@ def _locate_model(model: str, store: ArtifactStore | None) -> tuple[Path, dict[s
     return materialize_tree(ref), stored
 
 
-def _default_model_id(model: str, weights: ModelWeights) -> str:
-    name = weights.root.resolve().name
-    return name if model.rstrip("/").endswith(name) else model.rstrip("/").rsplit("/", 1)[-1]
+def _default_model_id(weights: ModelWeights) -> str:
+    """The model folder's name (for a stored model, its content-addressed tree)."""
+    return weights.root.resolve().name
 
 
 def _file_ref(path: Path) -> dict:
