@@ -84,16 +84,11 @@ def execute_stage(
             "runs are never overwritten: pick a new --run-id (or leave it out for a fresh one)"
         )
     try:
-        outputs = produce(StageRun(store, stage, manifest.run_id, manifest.cache_key))
-    except BaseException:
-        # Record the failure; if even that cannot be stored (server down), the original error matters more.
-        with contextlib.suppress(Exception):
-            commit_manifest(store, manifest.finish([], status=FAILED))
-        raise
-    committed = manifest.finish(outputs)
-    try:
+        committed = manifest.finish(produce(StageRun(store, stage, manifest.run_id, manifest.cache_key)))
         commit_manifest(store, committed)
     except BaseException:
+        # Record the failure (of the work or of the commit itself); if even that cannot be
+        # stored (server down), the original error matters more.
         with contextlib.suppress(Exception):
             commit_manifest(store, manifest.finish([], status=FAILED))
         raise
