@@ -12,6 +12,7 @@ import argparse
 import json
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
@@ -122,9 +123,7 @@ def _training(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
     return {"changed": [r for r in rows if r.get("changed")], "unchanged": sum(1 for r in rows if not r.get("changed"))}
 
 
-def _buffer(store: ArtifactStore, key: str):
-    import pyarrow as pa
-
+def _buffer(store: ArtifactStore, key: str) -> pa.BufferReader:
     return pa.BufferReader(store.get_bytes(key))
 
 
