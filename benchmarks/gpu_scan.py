@@ -59,7 +59,7 @@ def worst_difference(a: dict[str, float], b: dict[str, float]) -> float:
 def main() -> None:
     import torch
 
-    from stages.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(ROOT / "gpu-run"))

@@ -30,7 +30,7 @@ def reference_child(model_dir: str, out_json: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from benchmarks.reference_scanner import reference_snr
-    from stages.naming import module_type
+    from stages.weights.naming import module_type
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, low_cpu_mem_usage=True)
     results = {name: {"snr": snr, "type": module_type(name)} for name, snr in reference_snr(model).items()}
@@ -90,9 +90,9 @@ def main() -> None:
         return
 
     from stages import layer_select
-    from stages.model_weights import ModelWeights
-    from stages.snr_table import load_reference_json
-    from stages.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.weights.checkpoint import ModelWeights
+    from stages.scan.table import load_reference_json
+    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 
     work = Path(args.workdir)
     spec = SyntheticSpec(

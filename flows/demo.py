@@ -10,10 +10,12 @@ import argparse
 from pathlib import Path
 
 from stages import layer_select, snr_scan
-from stages.audit import audit_run
-from stages.stage_run import describe
+from stages.core.stage import StageContext
 from stages.store import open_store
-from stages.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.store.lineage import audit_run
+from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+
+HELP = "generate a small model, scan it and select layers (the embedded default)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,28 +31,17 @@ def run(args: argparse.Namespace) -> str:
     if not (model_dir / "config.json").exists() or args.overwrite:
         write_synthetic_model(model_dir, SyntheticSpec(num_hidden_layers=args.layers, max_shard_bytes=4_000_000))
     store = open_store(str(workdir / "store"))
+    context = StageContext(store=store, force=args.overwrite, work_dir=workdir / "work")
     lines = [f"model: {model_dir} (synthetic Llama, {args.layers} layers, bf16 safetensors)", f"store: {store.root_uri}"]
     for estimator in ("reference", "gavish-donoho"):
-        scan_config = snr_scan.ScanConfig(
-            model_dir=str(model_dir), output=None, model_id="demo-llama", estimator=estimator
+        scanned = snr_scan.run(snr_scan.ScanConfig(model_dir=str(model_dir), model_id="demo-llama", estimator=estimator), context)
+        lines.extend(f"[{estimator}] {line}" for line in scanned.lines)
+        selection_config = layer_select.SelectConfig(
+            out_dir=str(workdir / f"selection-{estimator}"), snr_run=scanned.run_id, top_percent=args.top_percent, overwrite=True
         )
-        scanned, result = snr_scan.run_in_store(scan_config, store, force=args.overwrite, work_dir=str(workdir / "work"))
-        if result is not None:
-            lines.append(f"[{estimator}] {snr_scan.report(result, destination=None)}")
-        lines.append(f"[{estimator}] {describe(scanned, store)}")
-        selection = layer_select.run(
-            layer_select.SelectConfig(
-                snr_input=None,
-                out_dir=str(workdir / f"selection-{estimator}"),
-                snr_run=scanned.manifest.run_id,
-                top_percent=args.top_percent,
-                overwrite=True,
-            ),
-            store,
-            force=args.overwrite,
-        )
-        lines.extend(f"[{estimator}] {line}" for line in layer_select.report(selection).splitlines())
-        audit = audit_run(store, selection.outcome.manifest.run_id)
+        selected = layer_select.run(selection_config, context)
+        lines.extend(f"[{estimator}] {line}" for line in selected.lines)
+        audit = audit_run(store, selected.run_id)
         trained = ", ".join(r["tensor_name"] for r in audit["selection"]["trainable"][:4])
         lines.append(f"[{estimator}] audit: trainable {trained}, ...")
     lines.append(f"next: spectrum runs --store {workdir / 'store'}; spectrum audit RUN_ID --store {workdir / 'store'}")

@@ -11,32 +11,39 @@ its rank and the reason it was or was not selected, an Axolotl `unfrozen_paramet
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .errors import InputError
-from .local_files import ensure_writable, write_atomic
-from .model_roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
-from .snr_table import load_reference_json, read_snr_table, read_table_metadata
-from .stage_run import StageOutcome, StageRun, add_store_arguments, describe, execute_stage, store_from_args
-from .store import SUCCEEDED, ArtifactStore, ObjectInfo, load_manifest, table_key
+from .core.cli import stage_main
+from .core.contracts import (
+    LAYER_SELECT,
+    SELECTION_JSON_FILE,
+    SELECTION_TABLE,
+    SELECTION_TABLE_FILE,
+    SNR_SCAN,
+    SNR_TABLE,
+    SUCCEEDED,
+    UNFROZEN_YAML_FILE,
+)
+from .core.errors import InputError
+from .core.execution import StageRun, execute_stage
+from .core.files import ensure_writable, write_atomic
+from .core.stage import Stage, StageConfig, StageContext, StageResult, option
+from .scan.table import load_reference_json, read_snr_table, read_table_metadata
+from .store import ArtifactStore, ObjectInfo, load_manifest, table_key
 from .store.base import sha256_file
+from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 
-STAGE = "layer_select"
 POLICIES = ("per-type", "global", "budget")
-TABLE_FILE = "selection.parquet"
-YAML_FILE = "unfrozen_parameters.yaml"
-JSON_FILE = "selection.json"
 
 
 @dataclass
@@ -70,22 +77,36 @@ class SnrSource:
 
 
 @dataclass
-class SelectConfig:
-    snr_input: str | None  # local table or reference JSON; or None with snr_run
-    out_dir: str | None  # local output folder; optional when publishing to a store
-    policy: str = "per-type"
-    top_percent: float | None = 50.0
-    budget_percent: float | None = None
-    include_types: list[str] = field(default_factory=list)
-    exclude_types: list[str] = field(default_factory=list)
-    always_train: list[str] = field(default_factory=lambda: list(ROLES))
-    overwrite: bool = False
-    snr_run: str | None = None  # read the SNR table of this run from the store
-
-    def parameters(self) -> dict:
-        """What determines the selection (the cache key's parameters)."""
-        keys = ("policy", "top_percent", "budget_percent", "include_types", "exclude_types", "always_train")
-        return {k: getattr(self, k) for k in keys}
+class SelectConfig(StageConfig):
+    snr_input: str | None = option(
+        positional=True,
+        default=None,
+        help="SNR table (.parquet from `spectrum scan`) or a reference snr_results JSON (flat or sorted layout)",
+    )
+    snr_run: str | None = option(metavar="RUN_ID", default=None, help="instead of a file: the SNR table of this run in --store")
+    out_dir: str | None = option(
+        "--out-dir", "-o", default=None, help=f"local folder for {SELECTION_TABLE_FILE}, {UNFROZEN_YAML_FILE} and {SELECTION_JSON_FILE}"
+    )
+    policy: str = option(default="per-type", cache=True, choices=POLICIES, help="per-type (reference, default), global, or budget")
+    top_percent: float | None = option(default=50.0, cache=True, help="share of matrices to train, in (0, 100] (default 50)")
+    budget_percent: float | None = option(
+        default=None, cache=True, help="budget policy: train at most this share of the model's parameters"
+    )
+    include_types: list[str] = option(
+        "--include-type", default_factory=list, cache=True, metavar="REGEX", help="only select from module types matching REGEX"
+    )
+    exclude_types: list[str] = option(
+        "--exclude-type", default_factory=list, cache=True, metavar="REGEX", help="never select module types matching REGEX"
+    )
+    always_train: list[str] = option(
+        "--always-train",
+        default_factory=lambda: list(ROLES),
+        cache=True,
+        metavar="ROLE|REGEX",
+        negative="--no-always-train",
+        help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles)",
+    )
+    overwrite: bool = option(default=False, help="replace existing output files")
 
 
 @dataclass
@@ -95,27 +116,26 @@ class SelectResult:
     summary: dict
     yaml_text: str
     table: pa.Table
-    outcome: StageOutcome | None = None
-    store: ArtifactStore | None = None
 
     def files(self) -> dict[str, bytes]:
         """The three outputs by file name; the JSON summary last (it says the selection is complete)."""
         buffer = io.BytesIO()
         pq.write_table(self.table, buffer, compression="zstd")
         return {
-            TABLE_FILE: buffer.getvalue(),
-            YAML_FILE: self.yaml_text.encode(),
-            JSON_FILE: (json.dumps(self.summary, indent=2) + "\n").encode(),
+            SELECTION_TABLE_FILE: buffer.getvalue(),
+            UNFROZEN_YAML_FILE: self.yaml_text.encode(),
+            SELECTION_JSON_FILE: (json.dumps(self.summary, indent=2) + "\n").encode(),
         }
 
 
-def run(config: SelectConfig, store: ArtifactStore | None = None, run_id: str | None = None, force: bool = False) -> SelectResult:
-    """Select, then write to `config.out_dir` and/or publish to `store` as a run's layer_select stage."""
+def run(config: SelectConfig, context: StageContext) -> StageResult[SelectResult]:
+    """Select, then write to `config.out_dir` and/or publish to the store as a run's layer_select stage."""
     _validate(config)
+    store = context.store
     if config.out_dir is None and store is None:
         raise InputError("nowhere to write the selection: pass --out-dir, --store, or both")
     if config.out_dir is not None:
-        for name in (TABLE_FILE, YAML_FILE, JSON_FILE):
+        for name in (SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE, SELECTION_JSON_FILE):
             ensure_writable(Path(config.out_dir) / name, config.overwrite)
     source, input_ref = _open_source(config, store)
     result = select(config, source)
@@ -124,15 +144,16 @@ def run(config: SelectConfig, store: ArtifactStore | None = None, run_id: str | 
         result.out_dir = Path(config.out_dir)
         for name, data in files.items():
             write_atomic(result.out_dir / name, data, overwrite=config.overwrite)
-    if store is not None:
+    lines = [report(result)]
+    if store is None:
+        return StageResult(LAYER_SELECT, tuple(lines), detail=result)
 
-        def publish(run: StageRun) -> list[ObjectInfo]:
-            table = run.write_table("selection", result.table)
-            return [table] + [run.put_bytes(name, data) for name, data in files.items() if name != TABLE_FILE]
+    def publish(run: StageRun) -> list[ObjectInfo]:
+        table = run.write_table(SELECTION_TABLE, result.table)
+        return [table] + [run.put_bytes(name, data) for name, data in files.items() if name != SELECTION_TABLE_FILE]
 
-        result.outcome = execute_stage(store, STAGE, config.parameters(), [input_ref], publish, run_id=run_id, force=force)
-        result.store = store
-    return result
+    outcome = execute_stage(LAYER_SELECT, context, config.cache_parameters(), [input_ref], publish)
+    return StageResult(LAYER_SELECT, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
 
 
 def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[SnrSource, dict]:
@@ -142,8 +163,8 @@ def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[Snr
             raise InputError("pass either an SNR file or --snr-run, not both")
         if store is None:
             raise InputError("--snr-run reads the SNR table of a run from the artifact store: pass --store too")
-        key = table_key("snr", "snr_scan", config.snr_run)
-        manifest = load_manifest(store, config.snr_run, "snr_scan")
+        key = table_key(SNR_TABLE, SNR_SCAN, config.snr_run)
+        manifest = load_manifest(store, config.snr_run, SNR_SCAN)
         if manifest.status != SUCCEEDED:
             raise InputError(f"the snr_scan stage of run {config.snr_run!r} {manifest.status}; it has no SNR table to select from")
         data = store.get_bytes(key)
@@ -374,7 +395,7 @@ def _summary(config: SelectConfig, source: SnrSource, entries: list[Entry], grou
     total = sum(e.parameter_count for e in entries) if counts_known else None
     trainable = sum(e.parameter_count for e in selected) if counts_known else None
     return {
-        "stage": STAGE,
+        "stage": LAYER_SELECT,
         "code_version": __version__,
         "source": str(config.snr_input) if config.snr_input else f"run {config.snr_run}",
         "model_id": source.model_id,
@@ -435,66 +456,23 @@ def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "snr_input", nargs="?", help="SNR table (.parquet from `spectrum scan`) or a reference snr_results JSON (flat or sorted layout)"
-    )
-    parser.add_argument("--snr-run", metavar="RUN_ID", help="instead of a file: the SNR table of this run in --store")
-    parser.add_argument("--out-dir", "-o", help=f"local folder for {TABLE_FILE}, {YAML_FILE} and {JSON_FILE}")
-    add_store_arguments(parser)
-    parser.add_argument("--policy", choices=POLICIES, default="per-type", help="per-type (reference, default), global, or budget")
-    parser.add_argument("--top-percent", type=float, default=50.0, help="share of matrices to train, in (0, 100] (default 50)")
-    parser.add_argument("--budget-percent", type=float, help="budget policy: train at most this share of the model's parameters")
-    parser.add_argument("--include-type", action="append", default=[], metavar="REGEX", help="only select from module types matching REGEX")
-    parser.add_argument("--exclude-type", action="append", default=[], metavar="REGEX", help="never select module types matching REGEX")
-    parser.add_argument(
-        "--always-train",
-        action="append",
-        metavar="ROLE|REGEX",
-        help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles)",
-    )
-    parser.add_argument("--no-always-train", action="store_true", help="train only what the policy selects")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-
-
-def config_from_args(args: argparse.Namespace) -> SelectConfig:
-    if args.no_always_train and args.always_train:
-        raise InputError("--always-train and --no-always-train contradict each other; pass one")
-    always = [] if args.no_always_train else (args.always_train or list(ROLES))
-    return SelectConfig(
-        snr_input=args.snr_input,
-        out_dir=args.out_dir,
-        policy=args.policy,
-        top_percent=args.top_percent,
-        budget_percent=args.budget_percent,
-        include_types=args.include_type,
-        exclude_types=args.exclude_type,
-        always_train=always,
-        overwrite=args.overwrite,
-        snr_run=args.snr_run,
-    )
-
-
-def cli(args: argparse.Namespace) -> str:
-    return report(run(config_from_args(args), store_from_args(args), run_id=args.run_id, force=args.force))
-
-
 def report(result: SelectResult) -> str:
     s = result.summary
     params = ""
     if s["trainable_parameters"] is not None:
         params = f", {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters ({100 * s['trainable_fraction']:.1f}%)"
-    lines = [f"selected {len(s['trainable_tensors'])} tensors{params}" + (f" -> {result.out_dir}" if result.out_dir else "")]
-    if result.outcome is not None:
-        lines.append(describe(result.outcome, result.store))
-    return "\n".join(lines)
+    return f"selected {len(s['trainable_tensors'])} tensors{params}" + (f" -> {result.out_dir}" if result.out_dir else "")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli_support import run_stage_main
-
-    return run_stage_main("python -m stages.layer_select", __doc__, add_arguments, cli, argv)
+STAGE = Stage(
+    name=LAYER_SELECT,
+    command="select",
+    config=SelectConfig,
+    run=run,
+    summary="choose the tensors to train from an SNR table or reference JSON",
+    description=__doc__,
+)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(STAGE))

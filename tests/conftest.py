@@ -4,60 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-# The S3 test server fixtures live in tests/s3_server.py when that module exists.
-pytest_plugins = ["tests.s3_server"] if importlib.util.find_spec("tests.s3_server") else []
+from .helpers import QUIET, TINY
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-REFERENCE_SNR = FIXTURES / "reference-snr"
-LLAMA_JSON = REFERENCE_SNR / "snr_results_meta-llama-Meta-Llama-3.1-8B-Instruct.json"
-LLAMA_YAML_50 = REFERENCE_SNR / "snr_results_meta-llama-Meta-Llama-3.1-8B-Instruct_unfrozenparameters_50percent.yaml"
-TINYLLAMA_JSON = REFERENCE_SNR / "snr_results_TinyLlama-TinyLlama-v1.1.json"
-
-# Small enough to build and scan in well under a second.
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-)
-
-
-def venv_bin(name: str) -> str:
-    """An executable installed next to the running interpreter (the venv's `spectrum`)."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        found = shutil.which(name)
-        if found is None:
-            pytest.fail(f"{name} is not installed next to {sys.executable}; install the package (pip install -e .)")
-        return found
-    return str(path)
-
-
-def interrupt_scan_after(monkeypatch, count: int) -> None:
-    """Make the scan stop (as on Ctrl-C) when it is about to decompose the (count+1)-th matrix."""
-    from stages import snr_scan
-
-    real = snr_scan.singular_values
-    calls = {"n": 0}
-
-    def counting(*args, **kwargs):
-        if calls["n"] >= count:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(snr_scan, "singular_values", counting)
-
+pytest_plugins = ["tests.s3_server"]  # the real S3 server fixtures
 
 @pytest.fixture(scope="session")
 def synthetic_model(tmp_path_factory):
@@ -65,7 +19,7 @@ def synthetic_model(tmp_path_factory):
 
     The folders are shared between tests: treat them as read-only (copy before changing).
     """
-    from stages.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 
     cache: dict[SyntheticSpec, Path] = {}
 
@@ -91,7 +45,7 @@ def tiny_snr_table(tiny_model, tmp_path_factory) -> Path:
     from stages.snr_scan import ScanConfig, run
 
     out = tmp_path_factory.mktemp("tiny-scan") / "snr.parquet"
-    run(ScanConfig(model_dir=str(tiny_model), output=str(out), model_id="tiny-llama", progress=False))
+    run(ScanConfig(model_dir=str(tiny_model), output=str(out), model_id="tiny-llama"), QUIET)
     return out
 
 
@@ -152,4 +106,4 @@ def minilm_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "snr.parquet"
     from stages.snr_scan import ScanConfig, run
 
-    return folder, run(ScanConfig(model_dir=str(folder), output=str(out), progress=False))
+    return folder, run(ScanConfig(model_dir=str(folder), output=str(out)), QUIET).detail

@@ -13,11 +13,14 @@ import pyarrow as pa
 import pytest
 
 from flows.cli import main
-from stages.audit import audit_run, format_audit, list_run_summaries
-from stages.errors import CorruptWeightsError, InputError
+from flows.audit import format_audit
+from stages.store.lineage import audit_run, list_run_summaries
+from stages.core.errors import CorruptWeightsError, InputError
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as select_run
-from stages.snr_scan import ScanConfig, run_in_store
+from stages.core.stage import StageContext
+from stages.snr_scan import ScanConfig
+from stages.snr_scan import run as scan_run
 from stages.store import (
     commit_manifest,
     list_runs,
@@ -26,7 +29,7 @@ from stages.store import (
     write_table,
 )
 
-from .conftest import venv_bin
+from .helpers import venv_bin
 
 MODEL_ID = "tiny-llama"
 
@@ -36,13 +39,12 @@ def sha(data: bytes) -> str:
 
 
 def scan(store, model: Path, work: Path, **overrides):
-    config = ScanConfig(**{"model_dir": str(model), "output": None, "model_id": MODEL_ID, "progress": False, "workers": 1, **overrides})
-    outcome, _ = run_in_store(config, store, work_dir=str(work))
-    return outcome.manifest.run_id
+    config = ScanConfig(**{"model_dir": str(model), "output": None, "model_id": MODEL_ID, "workers": 1, **overrides})
+    return scan_run(config, StageContext(store, work_dir=work, progress=False)).run_id
 
 
 def select(store, snr_run: str, run_id: str | None = None, **overrides):
-    return select_run(SelectConfig(**{"snr_input": None, "out_dir": None, "snr_run": snr_run, **overrides}), store, run_id=run_id)
+    return select_run(SelectConfig(**{"snr_input": None, "out_dir": None, "snr_run": snr_run, **overrides}), StageContext(store, run_id=run_id))
 
 
 @pytest.fixture
@@ -55,14 +57,14 @@ def pipeline(store, tiny_model, tmp_path):
 
 def test_audit_of_a_select_run_lists_the_selection_and_its_lineage(pipeline, tiny_model):
     store, snr_run, result = pipeline
-    run = result.outcome.manifest.run_id
+    run = result.manifest.run_id
     report = audit_run(store, run)
     assert report["run_id"] == run and report["store"] == store.root_uri
     assert [s["stage"] for s in report["stages"]] == ["layer_select"]
     (stage,) = report["stages"]
     assert stage["status"] == "succeeded"
-    assert stage["parameters"] == result.outcome.manifest.parameters
-    assert stage["cache_key"] == result.outcome.manifest.cache_key
+    assert stage["parameters"] == result.manifest.parameters
+    assert stage["cache_key"] == result.manifest.cache_key
     assert {o["key"] for o in stage["outputs"]} == {
         f"tables/selection/stage=layer_select/run_id={run}/part-0.parquet",
         f"runs/{run}/layer_select/unfrozen_parameters.yaml",
@@ -72,7 +74,7 @@ def test_audit_of_a_select_run_lists_the_selection_and_its_lineage(pipeline, tin
     summary = json.loads(store.get_bytes(f"runs/{run}/layer_select/selection.json"))
     selection = report["selection"]
     assert [t["tensor_name"] for t in selection["trainable"]] == summary["trainable_tensors"]
-    by_name = {e.tensor_name: e for e in result.entries}
+    by_name = {e.tensor_name: e for e in result.detail.entries}
     for t in selection["trainable"]:
         entry = by_name[t["tensor_name"]]
         assert t["reason"] == entry.reason and t["reason"].startswith(("selected:", "always trained"))
@@ -132,8 +134,8 @@ def test_audit_of_an_unknown_run_is_an_input_error(pipeline, capsys):
 def test_audit_shows_tensors_changed_by_training(pipeline):
     """A training stage's trained_tensors table (as a later stage will write it) is reported."""
     store, _, result = pipeline
-    run = result.outcome.manifest.run_id
-    selection_ref = next(o for o in result.outcome.manifest.outputs if o["key"].startswith("tables/selection/"))
+    run = result.manifest.run_id
+    selection_ref = next(o for o in result.manifest.outputs if o["key"].startswith("tables/selection/"))
     manifest = start_manifest("cpt", "0.0.0", run, {"epochs": 1}, [selection_ref])
     table = pa.table(
         {
@@ -155,7 +157,7 @@ def test_run_summaries_show_stages_and_statuses(pipeline, write_checkpoint, tmp_
     import torch
 
     store, snr_run, result = pipeline
-    select_id = result.outcome.manifest.run_id
+    select_id = result.manifest.run_id
     broken = torch.ones(8, 8)
     broken[0, 0] = float("nan")
     model = write_checkpoint(tmp_path / "broken", {"model.layers.0.mlp.up_proj.weight": broken})
@@ -177,7 +179,7 @@ def test_run_summaries_show_stages_and_statuses(pipeline, write_checkpoint, tmp_
 
 def test_runs_and_audit_cli_json_and_text(pipeline, capsys):
     store, snr_run, result = pipeline
-    run = result.outcome.manifest.run_id
+    run = result.manifest.run_id
 
     assert main(["runs", "--store", store.root_uri, "--json"]) == 0
     runs = json.loads(capsys.readouterr().out)
@@ -201,9 +203,9 @@ def test_runs_and_audit_cli_json_and_text(pipeline, capsys):
     assert f"input produced by run {snr_run} (snr_scan, " in text
     model_line = next(line for line in text.splitlines() if line.strip().endswith("model.safetensors"))
     assert model_line.split()[0] == report["lineage"][0]["inputs"][0]["sha256"][:16]
-    for name in result.summary["trainable_tensors"]:
+    for name in result.detail.summary["trainable_tensors"]:
         assert re.search(rf"^  {re.escape(name)}\s", text, re.MULTILINE), name
-    assert f"selection: {len(result.summary['trainable_tensors'])} trainable tensors" in text
+    assert f"selection: {len(result.detail.summary['trainable_tensors'])} trainable tensors" in text
     assert "training: no training stage in this run" in text
 
 
@@ -318,9 +320,9 @@ def test_audit_process_exits_cleanly_every_time(tiny_model, tmp_path):
 
     store = open_store(str(tmp_path / "store"))
     snr_run = scan(store, tiny_model, tmp_path / "work")
-    run = select(store, snr_run).outcome.manifest.run_id
+    run = select(store, snr_run).manifest.run_id
     code = (
-        "import sys; from stages.audit import audit_run; from stages.store import open_store; "
+        "import sys; from stages.store.lineage import audit_run; from stages.store import open_store; "
         "audit_run(open_store(sys.argv[1]), sys.argv[2])"
     )
     results = [

@@ -12,7 +12,7 @@ import pytest
 
 from flows.cli import main
 
-from .conftest import LLAMA_JSON, LLAMA_YAML_50, REPO_ROOT, venv_bin
+from .helpers import LLAMA_JSON, LLAMA_YAML_50, REPO_ROOT, venv_bin
 
 
 def run_command(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
@@ -159,7 +159,7 @@ def test_select_end_to_end_reproduces_the_reference_yaml(tmp_path):
 
 
 def test_demo_publishes_runs_to_its_store(tmp_path, capsys):
-    from stages.audit import audit_run, list_run_summaries
+    from stages.store.lineage import audit_run, list_run_summaries
     from stages.store import open_store, read_table
 
     workdir = tmp_path / "demo"

@@ -22,12 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.download import DownloadConfig, HubUnavailableError, main, read_summary, run
-from stages.errors import CorruptWeightsError, InputError
-from stages.model_source import materialize
+from stages.core.cli import stage_main
+from stages.core.stage import StageContext
+from stages.download import STAGE, DownloadConfig, read_summary, run
+from stages.weights.hub import HubUnavailableError
+from stages.core.errors import CorruptWeightsError, InputError
+from stages.store.trees import materialize
 from stages.store import open_store
 
-from .conftest import REPO_ROOT
+from .helpers import REPO_ROOT
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -206,7 +209,7 @@ def test_hub_model_at_a_branch_records_the_resolved_commit(hub, hub_repo_files, 
     token = "hf_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(34))
     monkeypatch.setenv("HF_TOKEN", token)
     store = local_store(tmp_path)
-    outcome = run(DownloadConfig(model="org/tiny", revision="main", progress=False), store)
+    outcome = run(DownloadConfig(model="org/tiny", revision="main"), StageContext(store, progress=False))
 
     manifest = outcome.manifest
     assert manifest.parameters["model_commit"] == COMMIT and manifest.parameters["revision"] == "main"
@@ -226,21 +229,21 @@ def test_hub_model_at_a_branch_records_the_resolved_commit(hub, hub_repo_files, 
 
 def test_hub_model_at_a_pinned_commit(hub, tmp_path):
     store = local_store(tmp_path)
-    outcome = run(DownloadConfig(model="org/tiny", revision=COMMIT, progress=False), store)
+    outcome = run(DownloadConfig(model="org/tiny", revision=COMMIT), StageContext(store, progress=False))
     assert read_summary(store, outcome.manifest)["model"]["commit"] == COMMIT
     assert not [path for _, path in hub.requests if "/revision/" in path]  # a commit needs no look-up
 
 
 def test_hub_repo_not_found(hub, tmp_path):
     with pytest.raises(InputError, match=r"hub model org/missing was not found at http://127\.0\.0\.1:\d+"):
-        run(DownloadConfig(model="org/missing"), local_store(tmp_path))
+        run(DownloadConfig(model="org/missing"), StageContext(local_store(tmp_path)))
 
 
 def test_hub_revision_not_found(hub, tmp_path):
     with pytest.raises(InputError, match="revision 'v9' of hub model org/tiny does not exist"):
-        run(DownloadConfig(model="org/tiny", revision="v9"), local_store(tmp_path))
+        run(DownloadConfig(model="org/tiny", revision="v9"), StageContext(local_store(tmp_path)))
     with pytest.raises(InputError, match=f"revision '{OTHER_COMMIT}' of hub model org/tiny does not exist"):
-        run(DownloadConfig(model="org/tiny", revision=OTHER_COMMIT), local_store(tmp_path))
+        run(DownloadConfig(model="org/tiny", revision=OTHER_COMMIT), StageContext(local_store(tmp_path)))
 
 
 def test_hub_unreachable_is_retried_then_a_clear_error(tmp_path, monkeypatch, caplog):
@@ -249,15 +252,15 @@ def test_hub_unreachable_is_retried_then_a_clear_error(tmp_path, monkeypatch, ca
     store = local_store(tmp_path)
     with caplog.at_level(logging.WARNING, logger="stages.download"):
         with pytest.raises(HubUnavailableError, match=f"could not reach the Hugging Face hub at {endpoint} .* after 3 attempts"):
-            run(DownloadConfig(model="org/tiny"), store)
-    retries = [r for r in caplog.records if r.name == "stages.download" and "retrying" in r.getMessage()]
+            run(DownloadConfig(model="org/tiny"), StageContext(store))
+    retries = [r for r in caplog.records if r.name == "stages.weights.hub" and "retrying" in r.getMessage()]
     assert [r.getMessage().split(" for ")[0] for r in retries] == ["attempt 1 of 3", "attempt 2 of 3"]
     assert store.list() == []
 
 
 def test_hub_server_errors_are_retried_until_it_answers(hub, tmp_path):
     hub.fail_revision = 2
-    outcome = run(DownloadConfig(model="org/tiny", progress=False), local_store(tmp_path))
+    outcome = run(DownloadConfig(model="org/tiny"), StageContext(local_store(tmp_path), progress=False))
     assert outcome.manifest.parameters["model_commit"] == COMMIT
     assert len([path for _, path in hub.requests if "/revision/main" in path]) == 3
 
@@ -265,14 +268,14 @@ def test_hub_server_errors_are_retried_until_it_answers(hub, tmp_path):
 def test_hub_pickle_only_repo_is_refused_before_any_weights_are_fetched(hub, hub_repo_files, tmp_path):
     del hub_repo_files["model.safetensors"]
     with pytest.raises(InputError, match=r"only pickle weights \(pytorch_model\.bin\).*--allow-pickle"):
-        run(DownloadConfig(model="org/tiny"), local_store(tmp_path))
+        run(DownloadConfig(model="org/tiny"), StageContext(local_store(tmp_path)))
     assert "pytorch_model.bin" not in hub.fetched() + hub.fetched("HEAD")
 
 
 def test_hub_pickle_weights_with_allow_pickle(hub, hub_repo_files, tmp_path):
     del hub_repo_files["model.safetensors"]
     store = local_store(tmp_path)
-    outcome = run(DownloadConfig(model="org/tiny", allow_pickle=True, progress=False), store)
+    outcome = run(DownloadConfig(model="org/tiny", allow_pickle=True), StageContext(store, progress=False))
     local = materialize(read_summary(store, outcome.manifest)["model"]["uri"], store)
     assert (local / "pytorch_model.bin").read_bytes() == hub_repo_files["pytorch_model.bin"]
 
@@ -282,19 +285,19 @@ def test_hub_custom_code_is_refused_without_trust_remote_code(hub, hub_repo_file
     hub_repo_files["config.json"] = json.dumps({**config, "auto_map": {"AutoModel": "modeling_x.XModel"}}).encode()
     hub_repo_files["modeling_x.py"] = b"print('custom code')\n"
     with pytest.raises(InputError, match=r"needs custom code.*auto_map.*config\.json.*--trust-remote-code"):
-        run(DownloadConfig(model="org/tiny"), local_store(tmp_path))
+        run(DownloadConfig(model="org/tiny"), StageContext(local_store(tmp_path)))
     assert "model.safetensors" not in hub.fetched()
     store = local_store(tmp_path)
-    outcome = run(DownloadConfig(model="org/tiny", trust_remote_code=True, progress=False), store)
+    outcome = run(DownloadConfig(model="org/tiny", trust_remote_code=True), StageContext(store, progress=False))
     assert "modeling_x.py" in folder_bytes(materialize(read_summary(store, outcome.manifest)["model"]["uri"], store))
 
 
 def test_offline_mode_uses_the_hub_cache_and_no_network(hub, tmp_path, monkeypatch):
     store = local_store(tmp_path)
-    online = run(DownloadConfig(model="org/tiny", progress=False), store)
+    online = run(DownloadConfig(model="org/tiny"), StageContext(store, progress=False))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     forbid_network(monkeypatch)
-    offline = run(DownloadConfig(model="org/tiny", progress=False, force=True), store)
+    offline = run(DownloadConfig(model="org/tiny"), StageContext(store, force=True, progress=False))
     assert offline.manifest.parameters["model_commit"] == COMMIT
     assert read_summary(store, offline.manifest)["model"]["tree"] == read_summary(store, online.manifest)["model"]["tree"]
 
@@ -303,14 +306,14 @@ def test_offline_mode_without_a_cached_copy(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     forbid_network(monkeypatch)
     with pytest.raises(InputError, match="offline mode .* org/tiny@main is not .* in the local cache"):
-        run(DownloadConfig(model="org/tiny"), local_store(tmp_path))
+        run(DownloadConfig(model="org/tiny"), StageContext(local_store(tmp_path)))
 
 
 # --- local and stored models ----------------------------------------------------------------
 
 
 def test_local_model_round_trip(store, model_dir):
-    outcome = run(DownloadConfig(model=str(model_dir), progress=False), store)
+    outcome = run(DownloadConfig(model=str(model_dir)), StageContext(store, progress=False))
     assert not outcome.cached and outcome.manifest.status == "succeeded"
     summary = read_summary(store, outcome.manifest)["model"]
     assert summary["skipped"] == ["README.md"]
@@ -332,22 +335,22 @@ def test_local_model_round_trip(store, model_dir):
 
 
 def test_redownload_is_cached_and_stores_nothing_twice(store, model_dir):
-    first = run(DownloadConfig(model=str(model_dir), progress=False), store)
+    first = run(DownloadConfig(model=str(model_dir)), StageContext(store, progress=False))
     keys = store.list()
-    again = run(DownloadConfig(model=str(model_dir), progress=False), store)
+    again = run(DownloadConfig(model=str(model_dir)), StageContext(store, progress=False))
     assert again.cached and again.manifest.run_id == first.manifest.run_id
     assert store.list() == keys
-    forced = run(DownloadConfig(model=str(model_dir), progress=False, force=True), store)
+    forced = run(DownloadConfig(model=str(model_dir)), StageContext(store, force=True, progress=False))
     new_keys = sorted(set(store.list()) - set(keys))
     assert all(key.startswith((f"runs/{forced.manifest.run_id}/", "cache/download/")) for key in new_keys), new_keys
 
 
 def test_a_stored_model_as_source(model_dir, tmp_path):
     store = local_store(tmp_path)
-    first = read_summary(store, run(DownloadConfig(model=str(model_dir), progress=False), store).manifest)["model"]
+    first = read_summary(store, run(DownloadConfig(model=str(model_dir)), StageContext(store, progress=False)).manifest)["model"]
     keys = [key for key in store.list() if key.startswith("models/")]
     for source in (first["uri"], f"store:models/{first['tree']}"):
-        outcome = run(DownloadConfig(model=source, progress=False), store)
+        outcome = run(DownloadConfig(model=source), StageContext(store, progress=False))
         assert read_summary(store, outcome.manifest)["model"]["tree"] == first["tree"]
         assert all(ref["uri"].startswith(first["uri"]) for ref in outcome.manifest.inputs)
     assert [key for key in store.list() if key.startswith("models/")] == keys
@@ -357,7 +360,7 @@ def test_a_store_prefix_that_is_not_a_download(model_dir, tmp_path):
     store = local_store(tmp_path)
     for name, data in folder_bytes(model_dir).items():
         store.put_bytes(f"uploads/llm/{name}", data)
-    outcome = run(DownloadConfig(model="store:uploads/llm", progress=False), store)
+    outcome = run(DownloadConfig(model="store:uploads/llm"), StageContext(store, progress=False))
     assert read_summary(store, outcome.manifest)["model"]["files"] == 4  # README.md skipped, .cache ignored
 
 
@@ -366,8 +369,8 @@ def test_pickle_only_folder_is_refused_naming_the_files(model_dir, tmp_path):
     (model_dir / "extra.pt").write_bytes(b"x")
     store = local_store(tmp_path)
     with pytest.raises(InputError, match=r"only pickle weights \(extra\.pt, pytorch_model\.bin\)"):
-        run(DownloadConfig(model=str(model_dir)), store)
-    outcome = run(DownloadConfig(model=str(model_dir), allow_pickle=True, progress=False), store)
+        run(DownloadConfig(model=str(model_dir)), StageContext(store))
+    outcome = run(DownloadConfig(model=str(model_dir), allow_pickle=True), StageContext(store, progress=False))
     local = materialize(read_summary(store, outcome.manifest)["model"]["uri"], store)
     assert {"pytorch_model.bin", "extra.pt"} <= set(folder_bytes(local))
 
@@ -375,7 +378,7 @@ def test_pickle_only_folder_is_refused_naming_the_files(model_dir, tmp_path):
 def test_pickle_files_beside_safetensors_are_not_copied(model_dir, tmp_path):
     (model_dir / "training_args.bin").write_bytes(b"pickle")
     store = local_store(tmp_path)
-    summary = read_summary(store, run(DownloadConfig(model=str(model_dir), progress=False), store).manifest)["model"]
+    summary = read_summary(store, run(DownloadConfig(model=str(model_dir)), StageContext(store, progress=False)).manifest)["model"]
     assert "training_args.bin" in summary["skipped"]
     assert not [key for key in store.list() if key.endswith(".bin")]
 
@@ -385,8 +388,8 @@ def test_custom_code_folder_needs_trust_remote_code(model_dir, tmp_path):
     (model_dir / "tok.py").write_text("class Tok: pass\n")
     store = local_store(tmp_path)
     with pytest.raises(InputError, match=r"auto_map` in tokenizer_config\.json"):
-        run(DownloadConfig(model=str(model_dir)), store)
-    outcome = run(DownloadConfig(model=str(model_dir), trust_remote_code=True, progress=False), store)
+        run(DownloadConfig(model=str(model_dir)), StageContext(store))
+    outcome = run(DownloadConfig(model=str(model_dir), trust_remote_code=True), StageContext(store, progress=False))
     assert outcome.manifest.parameters["trust_remote_code"] is True
     assert "tok.py" in folder_bytes(materialize(read_summary(store, outcome.manifest)["model"]["uri"], store))
 
@@ -394,20 +397,20 @@ def test_custom_code_folder_needs_trust_remote_code(model_dir, tmp_path):
 def test_model_folder_refusals(model_dir, tmp_path):
     store = local_store(tmp_path)
     with pytest.raises(InputError, match="model folder .*missing does not exist"):
-        run(DownloadConfig(model=str(tmp_path / "missing")), store)
+        run(DownloadConfig(model=str(tmp_path / "missing")), StageContext(store))
     with pytest.raises(InputError, match="--revision 'main' applies only to a Hugging Face hub model"):
-        run(DownloadConfig(model=str(model_dir), revision="main"), store)
+        run(DownloadConfig(model=str(model_dir), revision="main"), StageContext(store))
     (model_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad")
     with pytest.raises(CorruptWeightsError, match="truncated or corrupt"):
-        run(DownloadConfig(model=str(model_dir)), store)
+        run(DownloadConfig(model=str(model_dir)), StageContext(store))
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(InputError, match="has no weights"):
-        run(DownloadConfig(model=str(model_dir)), store)
+        run(DownloadConfig(model=str(model_dir)), StageContext(store))
     (model_dir / "config.json").unlink()
     with pytest.raises(InputError, match="has no config.json"):
-        run(DownloadConfig(model=str(model_dir)), store)
+        run(DownloadConfig(model=str(model_dir)), StageContext(store))
     with pytest.raises(InputError, match="nothing to download"):
-        run(DownloadConfig(), store)
+        run(DownloadConfig(), StageContext(store))
     assert not [key for key in store.list() if not key.startswith("runs/")]
 
 
@@ -415,7 +418,7 @@ def test_offline_mode_works_from_a_local_folder(model_dir, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     forbid_network(monkeypatch)
-    outcome = run(DownloadConfig(model=str(model_dir), progress=False), local_store(tmp_path))
+    outcome = run(DownloadConfig(model=str(model_dir)), StageContext(local_store(tmp_path), progress=False))
     assert outcome.manifest.status == "succeeded"
 
 
@@ -433,7 +436,7 @@ def write_drop(folder: Path) -> Path:
 
 def test_data_drop_of_every_file_kind(store, tmp_path):
     drop = write_drop(tmp_path / "drop")
-    outcome = run(DownloadConfig(data=str(drop), progress=False), store)
+    outcome = run(DownloadConfig(data=str(drop)), StageContext(store, progress=False))
     summary = read_summary(store, outcome.manifest)["data"]
     assert summary["format"] == "files" and summary["records"] == 2 + 2 + 3 + 4 and summary["files"] == 4
     assert folder_bytes(materialize(summary["uri"], store)) == folder_bytes(drop)
@@ -442,7 +445,7 @@ def test_data_drop_of_every_file_kind(store, tmp_path):
 
 def test_model_and_data_in_one_run(model_dir, tmp_path):
     store = local_store(tmp_path)
-    outcome = run(DownloadConfig(model=str(model_dir), data=str(write_drop(tmp_path / "drop")), progress=False), store)
+    outcome = run(DownloadConfig(model=str(model_dir), data=str(write_drop(tmp_path / "drop"))), StageContext(store, progress=False))
     summary = read_summary(store, outcome.manifest)
     assert set(summary) == {"model", "data"}
     assert summary["model"]["uri"].endswith(f"/models/{summary['model']['tree']}")
@@ -456,7 +459,7 @@ def test_datasets_save_to_disk_folder(store, tmp_path):
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict({"text": ["a", "b", "c"]}), "test": datasets.Dataset.from_dict({"text": ["d"]})}
     ).save_to_disk(str(folder))
-    outcome = run(DownloadConfig(data=str(folder), progress=False), store)
+    outcome = run(DownloadConfig(data=str(folder)), StageContext(store, progress=False))
     summary = read_summary(store, outcome.manifest)["data"]
     assert summary["format"] == "datasets" and summary["records"] == 4
     loaded = datasets.load_from_disk(str(materialize(summary["uri"], store)))
@@ -468,12 +471,12 @@ def test_a_drop_from_a_store_prefix(store, tmp_path):
     for name, data in folder_bytes(drop).items():
         store.put_bytes(f"drops/2026-01/{name}", data)
     for source in ("store:drops/2026-01", store.uri("drops/2026-01")):
-        outcome = run(DownloadConfig(data=source, progress=False), store)
+        outcome = run(DownloadConfig(data=source), StageContext(store, progress=False))
         summary = read_summary(store, outcome.manifest)["data"]
         assert summary["records"] == 11
         assert folder_bytes(materialize(summary["uri"], store)) == folder_bytes(drop)
     with pytest.raises(InputError, match="is empty: nothing is stored under it"):
-        run(DownloadConfig(data="store:drops/2027-01"), store)
+        run(DownloadConfig(data="store:drops/2027-01"), StageContext(store))
 
 
 @pytest.mark.parametrize(
@@ -498,7 +501,7 @@ def test_bad_drops_are_refused(tmp_path, files, message):
         (drop / name).write_bytes(data)
     store = local_store(tmp_path)
     with pytest.raises(InputError, match=message):
-        run(DownloadConfig(data=str(drop)), store)
+        run(DownloadConfig(data=str(drop)), StageContext(store))
     assert store.list() == []
 
 
@@ -508,12 +511,12 @@ def test_a_broken_saved_dataset_is_refused(tmp_path):
     (folder / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
     (folder / "dataset_info.json").write_text("{}")
     with pytest.raises(InputError, match="looks like a datasets save_to_disk folder but cannot be loaded"):
-        run(DownloadConfig(data=str(folder)), local_store(tmp_path))
+        run(DownloadConfig(data=str(folder)), StageContext(local_store(tmp_path)))
 
 
 def test_a_missing_drop_folder(tmp_path):
     with pytest.raises(InputError, match="data drop folder .*nowhere does not exist"):
-        run(DownloadConfig(data=str(tmp_path / "nowhere")), local_store(tmp_path))
+        run(DownloadConfig(data=str(tmp_path / "nowhere")), StageContext(local_store(tmp_path)))
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -521,18 +524,18 @@ def test_a_missing_drop_folder(tmp_path):
 
 def test_cli_reports_one_line(model_dir, tmp_path, capsys):
     store_uri = (tmp_path / "store").as_uri()
-    assert main(["--store", store_uri, "--model", str(model_dir), "--no-progress"]) == 0
+    assert stage_main(STAGE, ["--store", store_uri, "--model", str(model_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("download: committed run") and "/models/sha256-" in out[0]
-    assert main(["--store", store_uri, "--model", str(model_dir), "--no-progress"]) == 0
+    assert stage_main(STAGE, ["--store", store_uri, "--model", str(model_dir), "--no-progress"]) == 0
     assert "reusing run" in capsys.readouterr().out
 
 
 def test_cli_errors_exit_non_zero(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SPECTRUM_STORE", raising=False)
-    assert main(["--model", str(tmp_path)]) == 2
+    assert stage_main(STAGE, ["--model", str(tmp_path)]) == 2
     assert "no artifact store" in capsys.readouterr().err
-    assert main(["--store", str(tmp_path / "store"), "--data", str(tmp_path / "none")]) == 2
+    assert stage_main(STAGE, ["--store", str(tmp_path / "store"), "--data", str(tmp_path / "none")]) == 2
     assert "error: data drop folder" in capsys.readouterr().err
 
 

@@ -10,7 +10,7 @@ import torch
 import pyarrow.parquet as pq
 from safetensors import safe_open
 
-from stages.estimators import (
+from stages.scan.estimators import (
     ESTIMATORS,
     aspect_ratio,
     estimate,
@@ -20,7 +20,9 @@ from stages.estimators import (
     reference_snr,
 )
 from stages.snr_scan import ScanConfig, run
-from stages.spectra import singular_values
+
+from .helpers import QUIET
+from stages.scan.spectra import singular_values
 
 PARITY_RTOL = 1e-4
 
@@ -134,7 +136,7 @@ def test_unknown_estimator_is_rejected():
 def test_scan_matches_public_scanner_on_synthetic_matrices(tmp_path, write_checkpoint):
     matrices = _parity_matrices()
     folder = write_checkpoint(tmp_path / "model", matrices)
-    result = run(ScanConfig(model_dir=str(folder), output=str(tmp_path / "snr.parquet"), progress=False))
+    result = run(ScanConfig(model_dir=str(folder), output=str(tmp_path / "snr.parquet")), QUIET).detail
     rows = {r["tensor_name"]: r for r in result.rows}
     assert set(rows) == set(matrices)
     for name, W in matrices.items():

@@ -13,31 +13,33 @@ import pytest
 import torch
 import yaml
 
-from stages.errors import InputError, OutputExistsError
-from stages.layer_select import JSON_FILE, TABLE_FILE, YAML_FILE, SelectConfig, run
+from stages.core.errors import InputError, OutputExistsError
+from stages.core.contracts import SELECTION_JSON_FILE, SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE
+from stages.core.stage import StageContext
+from stages.layer_select import SelectConfig, run
 from stages.snr_scan import ScanConfig
 from stages.snr_scan import run as run_scan
-from stages.snr_table import load_reference_json
+from stages.scan.table import load_reference_json
 
-from .conftest import LLAMA_JSON, LLAMA_YAML_50, TINYLLAMA_JSON
+from .helpers import LLAMA_JSON, LLAMA_YAML_50, QUIET, TINYLLAMA_JSON
 
-OUTPUTS = (TABLE_FILE, YAML_FILE, JSON_FILE)
+OUTPUTS = (SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE, SELECTION_JSON_FILE)
 
 
 def select(source: Path, out_dir: Path, **options):
-    return run(SelectConfig(snr_input=str(source), out_dir=str(out_dir), **options))
+    return run(SelectConfig(snr_input=str(source), out_dir=str(out_dir), **options), StageContext()).detail
 
 
 def selection_rows(out_dir: Path) -> list[dict]:
-    return pq.read_table(out_dir / TABLE_FILE).to_pylist()
+    return pq.read_table(out_dir / SELECTION_TABLE_FILE).to_pylist()
 
 
 def yaml_entries(out_dir: Path) -> list[str]:
-    return yaml.safe_load((out_dir / YAML_FILE).read_text())["unfrozen_parameters"]
+    return yaml.safe_load((out_dir / UNFROZEN_YAML_FILE).read_text())["unfrozen_parameters"]
 
 
 def summary_of(out_dir: Path) -> dict:
-    return json.loads((out_dir / JSON_FILE).read_text())
+    return json.loads((out_dir / SELECTION_JSON_FILE).read_text())
 
 
 def _to_flat(sorted_path: Path, out: Path) -> Path:
@@ -61,14 +63,14 @@ def _to_sorted(flat_path: Path, out: Path) -> Path:
 
 def test_yaml_is_byte_identical_to_the_reference_tool(tmp_path):
     select(LLAMA_JSON, tmp_path / "sel", top_percent=50)
-    assert (tmp_path / "sel" / YAML_FILE).read_bytes() == LLAMA_YAML_50.read_bytes()
+    assert (tmp_path / "sel" / UNFROZEN_YAML_FILE).read_bytes() == LLAMA_YAML_50.read_bytes()
 
 
 def test_flat_layout_of_the_same_data_gives_the_same_yaml(tmp_path):
     flat = _to_flat(LLAMA_JSON, tmp_path / "flat.json")
     assert "Infinity" in flat.read_text()
     select(flat, tmp_path / "sel", top_percent=50)
-    assert (tmp_path / "sel" / YAML_FILE).read_bytes() == LLAMA_YAML_50.read_bytes()
+    assert (tmp_path / "sel" / UNFROZEN_YAML_FILE).read_bytes() == LLAMA_YAML_50.read_bytes()
 
 
 @pytest.mark.parametrize("percent", [25, 50, 33.3, 100])
@@ -76,7 +78,7 @@ def test_flat_and_sorted_tinyllama_give_the_same_selection(tmp_path, percent):
     as_sorted = _to_sorted(TINYLLAMA_JSON, tmp_path / "sorted.json")
     a = select(TINYLLAMA_JSON, tmp_path / "flat-sel", top_percent=percent)
     b = select(as_sorted, tmp_path / "sorted-sel", top_percent=percent)
-    assert (tmp_path / "flat-sel" / YAML_FILE).read_bytes() == (tmp_path / "sorted-sel" / YAML_FILE).read_bytes()
+    assert (tmp_path / "flat-sel" / UNFROZEN_YAML_FILE).read_bytes() == (tmp_path / "sorted-sel" / UNFROZEN_YAML_FILE).read_bytes()
     assert a.summary["trainable_tensors"] == b.summary["trainable_tensors"]
 
 
@@ -101,7 +103,7 @@ def test_per_type_counts_follow_the_reference_rule(tmp_path, percent):
 def test_per_type_picks_in_descending_snr_order_in_the_yaml(tmp_path):
     select(TINYLLAMA_JSON, tmp_path / "sel", top_percent=50)
     snr = {e.name: e.snr for e in load_reference_json(TINYLLAMA_JSON)}
-    text = (tmp_path / "sel" / YAML_FILE).read_text().splitlines()
+    text = (tmp_path / "sel" / UNFROZEN_YAML_FILE).read_text().splitlines()
     assert text[:3] == ["unfrozen_parameters:", "- ^lm_head.weight$", "- ^model.embed_tokens.weight$"]
     sections: dict[str, list[str]] = {}
     current = None
@@ -250,7 +252,7 @@ def test_include_and_exclude_types(tiny_snr_table, tmp_path):
     assert {e.module_type for e in result.entries if e.picked} == {"mlp.up_proj", "mlp.down_proj", "mlp.gate_proj"}
     q = next(e for e in result.entries if e.tensor_name == "model.layers.0.self_attn.q_proj.weight")
     assert not q.selected and "not in --include-type" in q.reason
-    assert [line for line in (tmp_path / "inc" / YAML_FILE).read_text().splitlines() if line.startswith("#")] == [
+    assert [line for line in (tmp_path / "inc" / UNFROZEN_YAML_FILE).read_text().splitlines() if line.startswith("#")] == [
         "# mlp.down_proj layers",
         "# mlp.gate_proj layers",
         "# mlp.up_proj layers",
@@ -277,7 +279,7 @@ def test_nan_snr_ranks_last(tmp_path, write_checkpoint):
         {f"model.layers.{i}.mlp.up_proj.weight": (torch.zeros(24, 16) if i == 0 else torch.randn(24, 16, generator=g)) for i in range(4)},
     )
     table = tmp_path / "snr.parquet"
-    run_scan(ScanConfig(model_dir=str(folder), output=str(table), estimator="gavish-donoho", progress=False))
+    run_scan(ScanConfig(model_dir=str(folder), output=str(table), estimator="gavish-donoho"), QUIET)
     result = select(table, tmp_path / "sel", top_percent=75, always_train=[])
     zero = next(e for e in result.entries if e.tensor_name == "model.layers.0.mlp.up_proj.weight")
     assert math.isnan(zero.snr) and zero.rank == 4 and not zero.picked
@@ -298,7 +300,7 @@ def test_nan_snr_ranks_last(tmp_path, write_checkpoint):
 )
 def test_always_train_roles_resolve_to_real_names(synthetic_model, tmp_path, overrides, lines):
     table = tmp_path / "snr.parquet"
-    run_scan(ScanConfig(model_dir=str(synthetic_model(**overrides)), output=str(table), progress=False))
+    run_scan(ScanConfig(model_dir=str(synthetic_model(**overrides)), output=str(table)), QUIET)
     out = tmp_path / "sel"
     result = select(table, out, top_percent=50)
     assert yaml_entries(out)[: len(lines)] == lines
@@ -354,7 +356,7 @@ def test_roles_fall_back_to_conventional_names_without_a_config(tiny_model, tmp_
     shutil.copytree(tiny_model, model)
     (model / "config.json").unlink()
     table = tmp_path / "snr.parquet"
-    run_scan(ScanConfig(model_dir=str(model), output=str(table), progress=False))
+    run_scan(ScanConfig(model_dir=str(model), output=str(table)), QUIET)
     result = select(table, tmp_path / "sel", top_percent=50)
     assert result.summary["roles_source"] == "conventional-names"
     assert yaml_entries(tmp_path / "sel")[:2] == ["^lm_head.weight$", "^model.embed_tokens.weight$"]

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from stages.errors import InputError, OutputExistsError
+from stages.core.errors import InputError, OutputExistsError
+from stages.core.contracts import FAILED
 from stages.store import (
-    FAILED,
     ArtifactNotFoundError,
     Manifest,
     SecretLeakError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import InputError
-from stages.model_source import (
+from stages.core.errors import InputError
+from stages.store.trees import (
     ListedFile,
     Listing,
     listing_key,

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.errors import CorruptWeightsError, InputError, SpectrumError
-from stages.model_weights import INDEX_FILE, ModelWeights
+from stages.core.errors import CorruptWeightsError, InputError, SpectrumError
+from stages.weights.checkpoint import INDEX_FILE, ModelWeights
 from stages.snr_scan import ScanConfig, run
+
+from .helpers import QUIET
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -290,7 +292,7 @@ def test_scan_of_a_bad_checkpoint_writes_nothing(tmp_path, write_checkpoint, dam
     out = tmp_path / "out" / "snr.parquet"
     reference = tmp_path / "out" / "snr.json"
     with pytest.raises(exc_type, match=fragment.replace(".", r"\.")) as raised:
-        run(ScanConfig(model_dir=str(folder), output=str(out), reference_json=str(reference), progress=False))
+        run(ScanConfig(model_dir=str(folder), output=str(out), reference_json=str(reference)), QUIET).detail
     assert isinstance(raised.value, SpectrumError) and raised.value.exit_code != 0
     assert not out.exists() and not reference.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -303,6 +305,6 @@ def test_scan_of_a_missing_folder_writes_nothing(tmp_path, kind):
         target.write_text("x")
     out = tmp_path / "snr.parquet"
     with pytest.raises(InputError, match=str(target)):
-        run(ScanConfig(model_dir=str(target), output=str(out), progress=False))
+        run(ScanConfig(model_dir=str(target), output=str(out)), QUIET).detail
     assert not out.exists()
     assert not (tmp_path / "snr.parquet.partial.jsonl").exists()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from stages.naming import layer_index, module_name, module_type, natural_key
+from stages.weights.naming import layer_index, module_name, module_type, natural_key
 
 
 @pytest.mark.parametrize(

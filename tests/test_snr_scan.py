@@ -17,14 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.errors import CorruptWeightsError, InputError, OutputExistsError
-from stages.estimators import reference_snr
-from stages.model_weights import INDEX_FILE
+from stages.core.errors import CorruptWeightsError, InputError, OutputExistsError
+from stages.scan.estimators import reference_snr
+from stages.weights.checkpoint import INDEX_FILE
+from stages.core.stage import StageContext
 from stages.snr_scan import ScanConfig, run
-from stages.snr_table import SNR_SCHEMA, load_reference_json, read_table_metadata
-from stages.spectra import singular_values
+from stages.scan.table import SNR_SCHEMA, load_reference_json, read_table_metadata
+from stages.scan.spectra import singular_values
 
-from .conftest import REPO_ROOT, interrupt_scan_after
+from .helpers import REPO_ROOT, interrupt_scan_after
 
 STAT_COLUMNS = (
     "tensor_sha256",
@@ -52,9 +53,8 @@ LLAMA_TYPES = {
 }
 
 
-def scan(model: Path, out: Path, **options):
-    options.setdefault("progress", False)
-    return run(ScanConfig(model_dir=str(model), output=str(out), **options))
+def scan(model: Path, out: Path, progress: bool = False, **options):
+    return run(ScanConfig(model_dir=str(model), output=str(out), **options), StageContext(progress=progress)).detail
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -110,7 +110,7 @@ def test_table_has_one_row_per_tensor_with_the_schema(tiny_model, tiny_snr_table
 
 
 def test_scanned_rows_hold_consistent_statistics(tiny_model, tiny_snr_table):
-    from stages.model_weights import ModelWeights
+    from stages.weights.checkpoint import ModelWeights
 
     weights = ModelWeights.open(tiny_model)
     infos = {t.name: t for t in weights.tensors}
@@ -667,13 +667,13 @@ def test_killed_scan_subprocess_resumes(synthetic_model, tmp_path):
 
 
 def test_a_decomposition_that_does_not_converge_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
-    from stages import snr_scan
-    from stages.errors import SpectrumError
+    from stages.core.errors import SpectrumError
+    from stages.scan import engine
 
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
-    monkeypatch.setattr(snr_scan, "singular_values", failing)
+    monkeypatch.setattr(engine, "singular_values", failing)
     with pytest.raises(SpectrumError, match=r"did not converge with --svd-method gram.*retry with the other --svd-method"):
         scan(tiny_model, tmp_path / "snr.parquet")
     assert not (tmp_path / "snr.parquet").exists()
@@ -715,6 +715,7 @@ def test_a_mixtral_checkpoint_scans_and_selects_its_fused_experts(synthetic_mode
     result = scan(folder, tmp_path / "snr.parquet")
     stacks = [r for r in result.rows if len(r["shape"]) == 3]
     assert stacks and all(r["scanned"] and len(r["slice_snr"]) == r["shape"][0] for r in stacks)
-    selection = layer_select.run(layer_select.SelectConfig(snr_input=str(result.output), out_dir=str(tmp_path / "sel"), top_percent=50))
+    config = layer_select.SelectConfig(snr_input=str(result.output), out_dir=str(tmp_path / "sel"), top_percent=50)
+    selection = layer_select.run(config, StageContext()).detail
     assert "# mlp.experts.gate_up_proj layers" in selection.yaml_text
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in selection.summary["trainable_tensors"])

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages import spectra
-from stages.errors import InputError
-from stages.estimators import estimate
-from stages.spectra import resolve_device, singular_values
+from stages.scan import spectra
+from stages.core.errors import InputError
+from stages.scan.estimators import estimate
+from stages.scan.spectra import resolve_device, singular_values
 
 
 def _matrices() -> dict[str, torch.Tensor]:

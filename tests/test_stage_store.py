@@ -13,15 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import interrupt_scan_after
+from .helpers import QUIET, interrupt_scan_after
 
 from flows.cli import main
 from stages import snr_scan
-from stages.errors import CorruptWeightsError, InputError, OutputExistsError
+from stages.scan import engine
+from stages.core.settings import WORK_DIR_ENV
+from stages.core.errors import CorruptWeightsError, InputError, OutputExistsError
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as select_run
-from stages.snr_scan import ScanConfig, run_in_store
-from stages.snr_table import read_table_metadata
+from stages.snr_scan import ScanConfig
+from stages.core.stage import StageContext
+from stages.scan.table import read_table_metadata
 from stages.store import (
     ArtifactNotFoundError,
     FileStore,
@@ -41,12 +44,15 @@ SELECTION_KEY = "tables/selection/stage=layer_select/run_id={run}/part-0.parquet
 
 
 def scan_config(model: Path, **overrides) -> ScanConfig:
-    options = {"model_dir": str(model), "output": None, "model_id": MODEL_ID, "progress": False, "workers": 1}
+    options = {"model_dir": str(model), "output": None, "model_id": MODEL_ID, "workers": 1}
     return ScanConfig(**{**options, **overrides})
 
 
 def store_scan(store, model: Path, work_dir: Path, run_id=None, force=False, **overrides):
-    return run_in_store(scan_config(model, **overrides), store, run_id=run_id, force=force, work_dir=str(work_dir))
+    """(the stage result, the scan's rows or None when a committed run was reused)"""
+    context = StageContext(store, run_id=run_id, force=force, work_dir=work_dir, progress=False)
+    result = snr_scan.run(scan_config(model, **overrides), context)
+    return result, result.detail
 
 
 def sha(data: bytes) -> str:
@@ -76,7 +82,7 @@ def _no_scan(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("the scan decomposed a matrix although a committed run should have been reused")
 
-    monkeypatch.setattr(snr_scan, "singular_values", boom)
+    monkeypatch.setattr(engine, "singular_values", boom)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +141,7 @@ def test_scan_publishes_table_reference_json_and_a_manifest_of_every_file_read(s
 def test_store_table_equals_a_local_scan(store, sharded_model, tmp_path):
     outcome, _ = store_scan(store, sharded_model, tmp_path / "work")
     run = outcome.manifest.run_id
-    local = snr_scan.run(scan_config(sharded_model, output=str(tmp_path / "local.parquet")))
+    local = snr_scan.run(scan_config(sharded_model, output=str(tmp_path / "local.parquet")), QUIET).detail
     expected = pq.read_table(local.output)
 
     stored = table_of(store.get_bytes(SNR_KEY.format(run=run)))
@@ -213,8 +219,8 @@ def test_a_changed_config_json_makes_a_new_run(store, synthetic_model, tmp_path)
 def test_force_recomputes_under_a_new_run_id(store, tiny_model, tmp_path, monkeypatch):
     first, _ = store_scan(store, tiny_model, tmp_path / "work")
     calls = []
-    real = snr_scan.singular_values
-    monkeypatch.setattr(snr_scan, "singular_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.singular_values
+    monkeypatch.setattr(engine, "singular_values", lambda *a, **k: calls.append(1) or real(*a, **k))
     forced, result = store_scan(store, tiny_model, tmp_path / "work", force=True)
     assert not forced.cached and result is not None and result.resumed == 0
     assert len(calls) == result.scanned > 0
@@ -289,7 +295,7 @@ def test_nan_mid_scan_leaves_a_failed_manifest_and_no_committed_table(store, wri
 
     # selecting from the failed run is a clear error
     with pytest.raises(InputError, match="failed"):
-        select_run(SelectConfig(snr_input=None, out_dir=None, snr_run=run), store)
+        select_run(SelectConfig(snr_input=None, out_dir=None, snr_run=run), StageContext(store))
 
 
 def test_work_dir_is_removed_after_a_successful_store_scan(store, tiny_model, tmp_path):
@@ -302,16 +308,16 @@ def test_work_dir_is_removed_after_a_successful_store_scan(store, tiny_model, tm
 
 def test_work_dir_from_the_environment_is_used_and_removed(store, synthetic_model, tmp_path, monkeypatch):
     work = tmp_path / "env-work"
-    monkeypatch.setenv(snr_scan.WORK_DIR_ENV, str(work))
+    monkeypatch.setenv(WORK_DIR_ENV, str(work))
     seen = []
-    real = snr_scan.run
+    real = snr_scan.scan_to_table
 
-    def spy(config):
+    def spy(config, progress):
         seen.append(Path(config.output))
-        return real(config)
+        return real(config, progress)
 
-    monkeypatch.setattr(snr_scan, "run", spy)
-    outcome, _ = run_in_store(scan_config(synthetic_model(), model_id="env-work"), store)
+    monkeypatch.setattr(snr_scan, "scan_to_table", spy)
+    outcome = snr_scan.run(scan_config(synthetic_model(), model_id="env-work"), StageContext(store, progress=False))
     assert seen == [work / outcome.manifest.cache_key / "snr.parquet"]
     assert list(work.iterdir()) == []
 
@@ -341,7 +347,7 @@ def test_interrupted_store_scan_resumes_to_the_same_table(store, tiny_model, tin
 
 
 def _runs_json(store) -> list[dict]:
-    from stages.audit import list_run_summaries
+    from stages.store.lineage import list_run_summaries
 
     return list_run_summaries(store)
 
@@ -393,9 +399,8 @@ def store_config(run: str, **overrides) -> SelectConfig:
 
 def test_select_from_a_store_run_publishes_its_outputs_and_lineage(scanned, tiny_snr_table, tmp_path):
     store, snr_run = scanned
-    result = select_run(store_config(snr_run), store)
-    outcome = result.outcome
-    assert outcome is not None and not outcome.cached and result.out_dir is None
+    outcome = select_run(store_config(snr_run), StageContext(store))
+    assert outcome.manifest is not None and not outcome.cached and outcome.detail.out_dir is None
     m = outcome.manifest
     run = m.run_id
     assert run != snr_run and m.stage == "layer_select" and m.status == "succeeded"
@@ -419,7 +424,7 @@ def test_select_from_a_store_run_publishes_its_outputs_and_lineage(scanned, tiny
         assert o["sha256"] == sha(data) and o["size"] == len(data)
 
     # the same selection as from the local table
-    local = select_run(SelectConfig(snr_input=str(tiny_snr_table), out_dir=str(tmp_path / "local")))
+    local = select_run(SelectConfig(snr_input=str(tiny_snr_table), out_dir=str(tmp_path / "local")), StageContext()).detail
     assert store.get_bytes(yaml_key) == (tmp_path / "local" / "unfrozen_parameters.yaml").read_bytes()
     summary = json.loads(store.get_bytes(json_key))
     assert summary["trainable_tensors"] == local.summary["trainable_tensors"]
@@ -432,30 +437,30 @@ def test_select_from_a_store_run_publishes_its_outputs_and_lineage(scanned, tiny
 
 def test_select_from_the_store_is_cached_and_forced(scanned):
     store, snr_run = scanned
-    first = select_run(store_config(snr_run), store).outcome
+    first = select_run(store_config(snr_run), StageContext(store))
     before = snapshot(store)
-    again = select_run(store_config(snr_run), store).outcome
+    again = select_run(store_config(snr_run), StageContext(store))
     assert again.cached and again.manifest == first.manifest
     assert snapshot(store) == before
-    other = select_run(store_config(snr_run, top_percent=25.0), store).outcome
+    other = select_run(store_config(snr_run, top_percent=25.0), StageContext(store))
     assert not other.cached and other.manifest.run_id != first.manifest.run_id
-    forced = select_run(store_config(snr_run), store, force=True).outcome
+    forced = select_run(store_config(snr_run), StageContext(store, force=True))
     assert not forced.cached and forced.manifest.run_id not in (first.manifest.run_id, other.manifest.run_id)
     assert len(list_runs(store)) == 4  # the scan, and three selections
 
 
 def test_select_into_the_scan_run_records_both_stages_under_one_run(scanned):
     store, snr_run = scanned
-    result = select_run(store_config(snr_run), store, run_id=snr_run)
-    assert result.outcome.manifest.run_id == snr_run
+    result = select_run(store_config(snr_run), StageContext(store, run_id=snr_run))
+    assert result.manifest.run_id == snr_run
     assert list_runs(store) == {snr_run: ["layer_select", "snr_scan"]}
 
 
 def test_select_with_local_out_dir_and_store_writes_both(scanned, tmp_path):
     store, snr_run = scanned
     out = tmp_path / "sel"
-    result = select_run(store_config(snr_run, out_dir=str(out)), store)
-    run = result.outcome.manifest.run_id
+    result = select_run(store_config(snr_run, out_dir=str(out)), StageContext(store))
+    run = result.manifest.run_id
     for name in ("unfrozen_parameters.yaml", "selection.json"):
         assert (out / name).read_bytes() == store.get_bytes(f"runs/{run}/layer_select/{name}")
 
@@ -463,14 +468,14 @@ def test_select_with_local_out_dir_and_store_writes_both(scanned, tmp_path):
 def test_select_errors(scanned, tiny_snr_table, tmp_path):
     store, snr_run = scanned
     with pytest.raises(InputError, match="--store"):
-        select_run(store_config(snr_run, out_dir=str(tmp_path / "a")), None)
+        select_run(store_config(snr_run, out_dir=str(tmp_path / "a")), StageContext())
     with pytest.raises(InputError, match="not both"):
-        select_run(store_config(snr_run, snr_input=str(tiny_snr_table)), store)
+        select_run(store_config(snr_run, snr_input=str(tiny_snr_table)), StageContext(store))
     with pytest.raises(InputError, match="nowhere to write"):
-        select_run(SelectConfig(snr_input=str(tiny_snr_table), out_dir=None), None)
+        select_run(SelectConfig(snr_input=str(tiny_snr_table), out_dir=None), StageContext())
     before = snapshot(store)
     with pytest.raises(ArtifactNotFoundError, match="20990101T000000Z-deadbeef"):
-        select_run(store_config("20990101T000000Z-deadbeef"), store)
+        select_run(store_config("20990101T000000Z-deadbeef"), StageContext(store))
     assert snapshot(store) == before
     assert not (tmp_path / "a").exists()
 
@@ -496,7 +501,7 @@ def test_no_secret_from_the_environment_reaches_the_store(store, tiny_model, tmp
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAZZZZZZZZZZZZZZZZ")
     secrets_ = [os.environ["HF_TOKEN"], os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     outcome, _ = store_scan(store, tiny_model, tmp_path / "work", reference_json=str(tmp_path / "ref.json"))
-    select_run(store_config(outcome.manifest.run_id), store)
+    select_run(store_config(outcome.manifest.run_id), StageContext(store))
     objects = snapshot(store)
     assert any(k.endswith("manifest.json") for k in objects) and any(k.endswith(".parquet") for k in objects)
     for key, data in objects.items():
@@ -506,7 +511,7 @@ def test_no_secret_from_the_environment_reaches_the_store(store, tiny_model, tmp
 
 
 def test_store_scan_via_cli_reports_the_committed_run(store, tiny_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(snr_scan.WORK_DIR_ENV, str(tmp_path / "work"))
+    monkeypatch.setenv(WORK_DIR_ENV, str(tmp_path / "work"))
     assert main(["scan", str(tiny_model), "--store", store.root_uri, "--model-id", "m", "--no-progress", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     run = re.search(r"committed run (\S+)", out).group(1)

@@ -1,8 +1,8 @@
 """The artifact store: one interface over `file://` folders and `s3://` buckets, plus manifests and tables.
 
     store = open_store("s3://bucket/prefix", endpoint_url="http://127.0.0.1:8333")
-    manifest = start_manifest("snr_scan", CODE_VERSION, run_id, parameters, inputs)
-    info = write_table(store, "snr", table, stage="snr_scan", run_id=run_id)
+    manifest = start_manifest(SNR_SCAN, CODE_VERSION, run_id, parameters, inputs)
+    info = write_table(store, SNR_TABLE, table, stage=SNR_SCAN, run_id=run_id)
     commit_manifest(store, manifest.finish([info]))     # last: the commit marker
 """
 
@@ -19,8 +19,6 @@ from .errors import (
 )
 from .file_backend import FileStore
 from .manifest import (
-    FAILED,
-    SUCCEEDED,
     Manifest,
     cache_key,
     commit_manifest,
@@ -51,8 +49,6 @@ def open_store(uri: str, *, endpoint_url: str | None = None, writable: bool = Tr
 
 
 __all__ = [
-    "FAILED",
-    "SUCCEEDED",
     "ArtifactNotFoundError",
     "ArtifactStore",
     "CredentialsRejectedError",

@@ -13,7 +13,7 @@ from typing import IO
 
 import pyarrow.fs as pafs
 
-from ..errors import InputError, OutputExistsError
+from ..core.errors import InputError, OutputExistsError
 from .errors import IntegrityError
 from .keys import RESERVED_PREFIX
 

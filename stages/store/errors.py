@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import InputError, SpectrumError
+from ..core.errors import InputError, SpectrumError
 
 
 class StoreError(SpectrumError):

@@ -12,7 +12,7 @@ from typing import IO
 
 import pyarrow.fs as pafs
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .base import (
     CHUNK,
     ArtifactStore,

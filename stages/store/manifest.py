@@ -18,16 +18,13 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import InputError
+from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, SUCCEEDED
+from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError
 from .keys import validate_name
 from .scrub import check_parameters, check_values
 
-MANIFEST_NAME = "manifest.json"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-RUNNING = "running"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -113,13 +110,13 @@ def start_manifest(
 
 
 def manifest_key(run_id: str, stage: str) -> str:
-    return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{MANIFEST_NAME}"
+    return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{MANIFEST_FILE}"
 
 
 def output_key(run_id: str, stage: str, name: str) -> str:
     """Where a stage's output `name` (may contain '/') lives; the manifest's own name is refused."""
-    if name == MANIFEST_NAME:
-        raise InputError(f"{MANIFEST_NAME!r} is reserved for the stage's manifest; name the output differently")
+    if name == MANIFEST_FILE:
+        raise InputError(f"{MANIFEST_FILE!r} is reserved for the stage's manifest; name the output differently")
     return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{name}"
 
 
@@ -179,7 +176,7 @@ def list_runs(store: ArtifactStore) -> dict[str, list[str]]:
     runs: dict[str, list[str]] = {}
     for key in store.list("runs/"):
         parts = key.split("/")
-        if len(parts) == 4 and parts[3] == MANIFEST_NAME:
+        if len(parts) == 4 and parts[3] == MANIFEST_FILE:
             runs.setdefault(parts[1], []).append(parts[2])
     return runs
 

@@ -33,7 +33,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
-from ..errors import InputError
+from ..core import settings
+from ..core.errors import InputError
 from .base import (
     CHUNK,
     ArtifactStore,
@@ -49,7 +50,6 @@ from .errors import ArtifactNotFoundError, CredentialsRejectedError, StoreError,
 from .keys import RESERVED_PREFIX, validate_key, validate_prefix
 from .uri import S3Location
 
-ENDPOINT_ENV = "SPECTRUM_S3_ENDPOINT_URL"
 MAX_ATTEMPTS = 3  # per request, first try included: a dead server fails in seconds, not minutes
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60  # a server-side copy of one part answers only when the part is copied
@@ -88,7 +88,7 @@ class S3Store(ArtifactStore):
         (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, config files, AWS). Region and credentials
         come from the standard AWS environment variables and config files.
         """
-        endpoint_url = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+        endpoint_url = endpoint_url or settings.s3_endpoint()
         if endpoint_url is not None:
             parts = urlsplit(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -371,7 +371,7 @@ class S3Store(ArtifactStore):
             raise StoreUnavailableError(
                 f"cannot reach the S3 endpoint {self._endpoint} while {action} {uri} "
                 f"(gave up after {MAX_ATTEMPTS} attempts: {exc}); check that the server is running "
-                f"and that the endpoint URL (endpoint_url, ${ENDPOINT_ENV} or AWS_ENDPOINT_URL) is right"
+                f"and that the endpoint URL (endpoint_url, ${settings.S3_ENDPOINT_ENV} or AWS_ENDPOINT_URL) is right"
             ) from exc
 
 

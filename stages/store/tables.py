@@ -16,11 +16,12 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name
-from .manifest import SUCCEEDED, load_manifest
+from ..core.contracts import SUCCEEDED
+from .manifest import load_manifest
 
 PARTITION_COLUMNS = ("stage", "run_id")
 PARTITIONING = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")

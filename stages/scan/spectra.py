@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..core.errors import InputError
 
 SVD_METHODS = ("gram", "svd")
 BLOCK_ELEMENTS = 1 << 22  # float64 elements cast at a time (32 MiB)

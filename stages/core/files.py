@@ -28,3 +28,13 @@ def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def all_files(folder: Path) -> list[str]:
+    """Relative '/'-separated paths of every file under `folder`, skipping names that start with '.'."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        relative = Path(parent).relative_to(folder)
+        found.extend((relative / name).as_posix() for name in files if not name.startswith("."))
+    return sorted(found)

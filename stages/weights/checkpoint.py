@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CorruptWeightsError, InputError
+from ..core.errors import CorruptWeightsError, InputError
 from .naming import natural_key
 
 INDEX_FILE = "model.safetensors.index.json"

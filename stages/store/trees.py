@@ -27,14 +27,14 @@ from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
-from .errors import InputError
-from .store import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
-from .store.base import sha256_file
+from ..core import settings
+from ..core.errors import InputError
+from . import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
+from .base import sha256_file
 
 KINDS = ("models", "data")
 LISTING_FORMAT = "spectrum-listing-1"
 LISTING_SUFFIX = ".listing.json"
-CACHE_ENV = "SPECTRUM_CACHE"
 STORE_SCHEME = "store:"
 _TREE_TAIL = re.compile(r"^(?:(?P<root>.*?)/)?(?P<kind>models|data)/(?P<tree>sha256-[0-9a-f]{64})/?$")
 
@@ -226,16 +226,11 @@ def read_listing(ref: TreeRef) -> Listing:
     return listing
 
 
-def cache_root() -> Path:
-    """$SPECTRUM_CACHE, else ~/.cache/spectrum."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "spectrum").expanduser()
-
-
 def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
     """A local folder holding the model or data drop `uri` names.
 
     A local folder is returned as given. A stored tree is copied into `<cache_dir>/<tree>`
-    (default cache_dir: cache_root()), every file checked against the listing's sha256; the copy
+    (default cache_dir: settings.cache_root()), every file checked against the listing's sha256; the copy
     is assembled in a temporary sibling and renamed into place when complete, so an existing
     cache folder is always whole: it is reused after its file sizes are checked.
     """
@@ -256,7 +251,7 @@ def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = 
 def materialize_tree(ref: TreeRef, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
     """The verified local copy of a stored tree (see materialize)."""
     listing = read_listing(ref)
-    target = Path(cache_dir or cache_root()) / ref.tree
+    target = Path(cache_dir or settings.cache_root()) / ref.tree
     if _complete(target, listing):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

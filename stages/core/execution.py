@@ -9,9 +9,7 @@ committed outputs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import __version__
-from .errors import OutputExistsError
-from .store import (
-    FAILED,
+from .. import __version__
+from ..store import (
     ArtifactStore,
     Manifest,
     ObjectInfo,
@@ -30,13 +26,14 @@ from .store import (
     find_manifest,
     manifest_key,
     new_run_id,
-    open_store,
     output_key,
     start_manifest,
     write_table,
 )
-
-STORE_ENV = "SPECTRUM_STORE"
+from .contracts import FAILED
+from .errors import InputError, OutputExistsError
+from .settings import STORE_ENV
+from .stage import StageContext
 
 
 @dataclass(frozen=True)
@@ -63,18 +60,24 @@ class StageOutcome:
     manifest: Manifest
     cached: bool  # True: an earlier committed run was reused and nothing was computed
 
+    def describe(self, store: ArtifactStore) -> str:
+        m = self.manifest
+        if self.cached:
+            return f"{m.stage}: unchanged inputs and parameters; reusing run {m.run_id} in {store.root_uri} (pass --force to recompute)"
+        return f"{m.stage}: committed run {m.run_id} in {store.root_uri} ({len(m.outputs)} outputs)"
+
 
 def execute_stage(
-    store: ArtifactStore,
     stage: str,
+    context: StageContext,
     parameters: Mapping[str, Any],
     inputs: Sequence[ObjectInfo | Mapping[str, Any]],
     produce: Callable[[StageRun], Sequence[ObjectInfo]],
-    run_id: str | None = None,
-    force: bool = False,
 ) -> StageOutcome:
-    manifest = start_manifest(stage, __version__, run_id or new_run_id(), parameters, inputs)
-    if not force:
+    """Publish one stage of a run in `context.store` (see the module docstring)."""
+    store = require_store_in(context, stage)
+    manifest = start_manifest(stage, __version__, context.run_id or new_run_id(), parameters, inputs)
+    if not context.force:
         earlier = find_manifest(store, stage, manifest.cache_key)
         if earlier is not None:
             return StageOutcome(earlier, cached=True)
@@ -95,28 +98,10 @@ def execute_stage(
     return StageOutcome(committed, cached=False)
 
 
-def add_store_location_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=os.environ.get(STORE_ENV),
-        help=f"artifact store: a folder, file:///path or s3://bucket/prefix (default: ${STORE_ENV})",
-    )
-    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS settings)")
-
-
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of a stage that publishes to the store."""
-    add_store_location_arguments(parser)
-    parser.add_argument("--run-id", help="run to record this stage under (default: a new run id)")
-    parser.add_argument("--force", action="store_true", help="run even when a committed run has the same inputs and parameters")
-
-
-def store_from_args(args: argparse.Namespace, writable: bool = True) -> ArtifactStore | None:
-    return open_store(args.store, endpoint_url=args.s3_endpoint_url, writable=writable) if args.store else None
-
-
-def describe(outcome: StageOutcome, store: ArtifactStore) -> str:
-    m = outcome.manifest
-    if outcome.cached:
-        return f"{m.stage}: unchanged inputs and parameters; reusing run {m.run_id} in {store.root_uri} (pass --force to recompute)"
-    return f"{m.stage}: committed run {m.run_id} in {store.root_uri} ({len(m.outputs)} outputs)"
+def require_store_in(context: StageContext, stage: str) -> ArtifactStore:
+    if context.store is None:
+        raise InputError((
+            f"no artifact store: the {stage} stage publishes its outputs as a run; "
+            f"pass --store (a folder, file:///path or s3://bucket/prefix) or set ${STORE_ENV}"
+        ))
+    return context.store

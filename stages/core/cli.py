@@ -1,0 +1,162 @@
+"""Command-line plumbing: every stage's options come from its config dataclass (stages.core.stage).
+
+`spectrum <command>` and `python -m stages.<stage>` both call `add_stage_arguments` and
+`run_from_args`, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..store import ArtifactStore, open_store
+from . import settings
+from .errors import InputError, SpectrumError
+from .stage import Option, Stage, StageConfig, StageContext, options_of
+
+Action = Callable[[argparse.Namespace], str]
+_CLEARED = "__cleared"
+
+
+def add_store_location_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=settings.default_store(),
+        help=f"artifact store: a folder, file:///path or s3://bucket/prefix (default: ${settings.STORE_ENV})",
+    )
+    parser.add_argument(
+        "--s3-endpoint-url",
+        help=f"S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: ${settings.S3_ENDPOINT_ENV}, else AWS settings)",
+    )
+
+
+def add_context_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage has: where it publishes and how it runs."""
+    add_store_location_arguments(parser)
+    parser.add_argument("--run-id", help="run to record this stage under (default: a new run id)")
+    parser.add_argument("--force", action="store_true", help="run even when a committed run has the same inputs and parameters")
+    parser.add_argument(
+        "--work-dir", help=f"where outputs are built before they are stored (default: ${settings.WORK_DIR_ENV} or ~/.cache/spectrum/work)"
+    )
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when on a terminal)")
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: Stage) -> None:
+    """The stage's own options (from its config dataclass), then the context options."""
+    hints = typing.get_type_hints(stage.config)
+    for config_field, spec in options_of(stage.config):
+        _add_option(parser, config_field, spec, hints[config_field.name])
+    add_context_arguments(parser)
+
+
+def _add_option(parser: argparse.ArgumentParser, config_field: dataclasses.Field, spec: Option, hint: Any) -> None:
+    kind, is_list = _value_type(hint)
+    dest = config_field.name
+    kwargs: dict[str, Any] = {"help": spec.help}
+    if spec.choices:
+        kwargs["choices"] = spec.choices
+    if spec.metavar:
+        kwargs["metavar"] = spec.metavar
+    if kind is bool:
+        kwargs["action"] = "store_true"
+    elif is_list:
+        kwargs.update(action="append", type=kind)
+    elif kind is not str:
+        kwargs["type"] = kind
+    if spec.positional:
+        required = config_field.default is dataclasses.MISSING and config_field.default_factory is dataclasses.MISSING
+        parser.add_argument(dest, nargs=None if required else "?", **kwargs)
+        return
+    flags = spec.flags or (f"--{dest.replace('_', '-')}",)
+    parser.add_argument(*flags, dest=dest, default=None, **kwargs)
+    if spec.negative:
+        parser.add_argument(spec.negative, dest=dest + _CLEARED, action="store_true", help=f"no {flags[0]} at all (clears its default)")
+
+
+def _value_type(hint: Any) -> tuple[type, bool]:
+    """(element type, is a list) of `X`, `X | None`, `list[X]`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def config_from_args(config_class: type[StageConfig], args: argparse.Namespace) -> StageConfig:
+    """The config the command line describes; options left out keep the dataclass defaults."""
+    values: dict[str, Any] = {}
+    for config_field, spec in options_of(config_class):
+        value = getattr(args, config_field.name)
+        if spec.negative and getattr(args, config_field.name + _CLEARED):
+            if value:
+                flag = spec.flags[0] if spec.flags else f"--{config_field.name.replace('_', '-')}"
+                raise InputError(f"{flag} and {spec.negative} contradict each other; pass one")
+            value = []
+        if value is not None:
+            values[config_field.name] = value
+    return config_class(**values)
+
+
+def store_from_args(args: argparse.Namespace, writable: bool = True) -> ArtifactStore | None:
+    return open_store(args.store, endpoint_url=args.s3_endpoint_url, writable=writable) if args.store else None
+
+
+def require_store(args: argparse.Namespace, writable: bool = True) -> ArtifactStore:
+    store = store_from_args(args, writable=writable)
+    if store is None:
+        raise InputError(f"no artifact store: pass --store (a folder, file:///path or s3://bucket/prefix) or set ${settings.STORE_ENV}")
+    return store
+
+
+def context_from_args(args: argparse.Namespace) -> StageContext:
+    return StageContext(
+        store=store_from_args(args),
+        run_id=args.run_id,
+        force=args.force,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        progress=args.progress,
+    )
+
+
+def run_from_args(stage: Stage, args: argparse.Namespace) -> str:
+    """Run the stage the parsed command line describes; returns what to print."""
+    config = config_from_args(stage.config, args)
+    return stage.run(config, context_from_args(args)).message
+
+
+def execute(action: Action, args: argparse.Namespace) -> int:
+    """Run an action; a SpectrumError becomes one clear line on stderr and its exit code."""
+    try:
+        message = action(args)
+    except SpectrumError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: partial results are kept and the next run resumes them", file=sys.stderr)
+        return 130
+    if message:
+        print(message)
+    return 0
+
+
+def stage_parser(stage: Stage, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """`parser` (or a new one, as `python -m stages.<stage>`) set up for the stage."""
+    if parser is None:
+        parser = argparse.ArgumentParser(
+            prog=f"python -m {stage.module}", description=stage.description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    add_stage_arguments(parser, stage)
+    parser.set_defaults(action=lambda args: run_from_args(stage, args))
+    return parser
+
+
+def stage_main(stage: Stage, argv: list[str] | None = None) -> int:
+    """The container entrypoint of a stage: `python -m stages.<stage> ...`."""
+    args = stage_parser(stage).parse_args(argv)
+    return execute(args.action, args)

@@ -1,0 +1,1 @@
+"""Model checkpoints: safetensors reading, tensor naming, embedding roles, the Hugging Face hub client."""
