@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast benchmark clean
+.PHONY: setup demo lint test test-fast benchmark clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/spectrum demo --workdir demo-run
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/pytest
 
 test-fast: setup

@@ -25,10 +25,12 @@ def scan(model_dir: Path, out: Path, **options) -> tuple[float, dict[str, float]
     import torch
 
     from stages import snr_scan
+    from stages.core.stage import StageContext
 
     torch.cuda.synchronize()
     started = time.perf_counter()
-    result = snr_scan.run(snr_scan.ScanConfig(model_dir=str(model_dir), output=str(out), overwrite=True, progress=False, **options))
+    config = snr_scan.ScanConfig(model_dir=str(model_dir), output=str(out), overwrite=True, **options)
+    result = snr_scan.run(config, StageContext(progress=False)).detail
     torch.cuda.synchronize()
     return time.perf_counter() - started, {r["module_name"]: r["snr"] for r in result.rows if r["scanned"]}
 
@@ -98,8 +100,11 @@ def main() -> None:
     print(f"ours, GPU exact SVD:     {svd_s:7.2f} s")
     print(f"reference on the GPU:    {ref_s:7.2f} s  peak GPU memory {ref_peak:7.0f} MiB")
     print(f"speed-up vs reference on GPU: {ref_s / gpu_s:.2f}x; GPU memory {gpu_peak / ref_peak:.2f} of the reference")
-    print(f"worst snr difference: GPU gram vs CPU gram {worst_difference(gpu, cpu):.1e}, GPU svd vs CPU gram {worst_difference(svd, cpu):.1e}, "
-          f"CPU gram vs reference float32 {worst_difference(cpu, ref):.1e}")
+    print(
+        f"worst snr difference: GPU gram vs CPU gram {worst_difference(gpu, cpu):.1e}, "
+        f"GPU svd vs CPU gram {worst_difference(svd, cpu):.1e}, "
+        f"CPU gram vs reference float32 {worst_difference(cpu, ref):.1e}"
+    )
 
 
 if __name__ == "__main__":

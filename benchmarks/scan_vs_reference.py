@@ -90,9 +90,11 @@ def main() -> None:
         return
 
     from stages import layer_select
-    from stages.weights.checkpoint import ModelWeights
+    from stages.core.contracts import SELECTION_JSON_FILE
+    from stages.core.stage import StageContext
     from stages.scan.table import load_reference_json
     from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.weights.checkpoint import ModelWeights
 
     work = Path(args.workdir)
     spec = SyntheticSpec(
@@ -114,10 +116,10 @@ def main() -> None:
     reference_json = work / "reference-snr.json"
     ours_table = work / "ours-snr.parquet"
     ours_table.unlink(missing_ok=True)
-    ref_s, ref_mib = run_child("benchmarks.scan_vs_reference", ["--reference-child", str(model_dir), str(reference_json)], work, "reference")
-    our_s, our_mib = run_child(
-        "stages.snr_scan", [str(model_dir), "--out", str(ours_table), "--no-progress", *args.extra], work, "ours"
+    ref_s, ref_mib = run_child(
+        "benchmarks.scan_vs_reference", ["--reference-child", str(model_dir), str(reference_json)], work, "reference"
     )
+    our_s, our_mib = run_child("stages.snr_scan", [str(model_dir), "--out", str(ours_table), "--no-progress", *args.extra], work, "ours")
 
     ref = {e.name: e.snr for e in load_reference_json(reference_json)}
     import pyarrow.parquet as pq
@@ -132,8 +134,9 @@ def main() -> None:
         outs = {}
         for label, source in (("reference", reference_json), ("ours", ours_table)):
             out = work / f"selection-{label}-{pct}"
-            layer_select.run(layer_select.SelectConfig(snr_input=str(source), out_dir=str(out), top_percent=pct, overwrite=True))
-            outs[label] = picked(out / layer_select.JSON_FILE)
+            config = layer_select.SelectConfig(snr_input=str(source), out_dir=str(out), top_percent=pct, overwrite=True)
+            layer_select.run(config, StageContext())
+            outs[label] = picked(out / SELECTION_JSON_FILE)
         same = outs["reference"] == outs["ours"]
         print(f"per-type top-{pct}% selections identical: {same} ({len(outs['ours'])} matrices)")
 

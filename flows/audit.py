@@ -39,9 +39,13 @@ def format_audit(report: dict[str, Any]) -> str:
         lines.append(f"\n[{stage['stage']}] {stage['status']}, code {stage['code_version']}, {stage['seconds']} s on {stage['host']}")
         lines.append(f"  parameters: {json.dumps(stage['parameters'], sort_keys=True)}")
         lines.extend(f"  input  {ref['sha256'][:16]}  {ref['uri']}" for ref in stage["inputs"])
-        lines.extend(f"  output {ref['sha256'][:16]}  {ref['uri']}" + (f"  (version {ref['version_id']})" if ref.get("version_id") else "") for ref in stage["outputs"])
+        lines.extend(
+            f"  output {ref['sha256'][:16]}  {ref['uri']}" + (f"  (version {ref['version_id']})" if ref.get("version_id") else "")
+            for ref in stage["outputs"]
+        )
     for producer in report["lineage"]:
-        lines.append(f"\ninput produced by run {producer['run_id']} ({producer['stage']}, {json.dumps(producer['parameters'], sort_keys=True)}), which read:")
+        parameters = json.dumps(producer["parameters"], sort_keys=True)
+        lines.append(f"\ninput produced by run {producer['run_id']} ({producer['stage']}, {parameters}), which read:")
         lines.extend(f"  {ref['sha256'][:16]}  {ref['uri']}" for ref in producer["inputs"])
     selection = report.get("selection")
     if selection:

@@ -11,7 +11,7 @@ recursively), or a folder written by `datasets`' `save_to_disk` (copied as it is
 `datasets.load_from_disk` reads the materialized copy). Every file is checked before anything is
 stored. Names starting with '.' (e.g. .git, .cache) are ignored in every folder.
 
-Each source lands at `<kind>/sha256-…/` (see stages.model_source); the manifest lists every
+Each source lands at `<kind>/sha256-…/` (see stages.store.trees); the manifest lists every
 source file and every stored object with its sha256, and `download.json` in the run says where
 the model and the drop are.
 """
@@ -262,10 +262,7 @@ def _fetch_folder(source: str, context: StageContext, work: Path, what: str) -> 
             raise InputError(f"{what} folder {located} does not exist (or is not a folder)")
         return located, lambda path: (located / path).absolute().as_uri()
     ref = as_tree(located)
-    if ref is not None:
-        folder = materialize_tree(ref, progress=context.progress)
-    else:
-        folder = _download_prefix(located, work, what)
+    folder = materialize_tree(ref, progress=context.progress) if ref is not None else _download_prefix(located, work, what)
     base = located.uri.rstrip("/")
     return folder, lambda path: f"{base}/{path}"
 

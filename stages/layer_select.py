@@ -103,7 +103,7 @@ class SelectConfig(StageConfig):
         default_factory=lambda: list(ROLES),
         cache=True,
         metavar="ROLE|REGEX",
-        negative="--no-always-train",
+        negative=("--no-always-train", "train only what the policy selects"),
         help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles)",
     )
     overwrite: bool = option(default=False, help="replace existing output files")
@@ -206,17 +206,18 @@ def _validate(config: SelectConfig) -> None:
         if config.top_percent is None:
             raise InputError(f"the {config.policy} policy needs --top-percent")
         _check_percent("--top-percent", config.top_percent)
-    for option, patterns in (("--include-type", config.include_types), ("--exclude-type", config.exclude_types), ("--always-train", config.always_train)):
+    regex_options = {"--include-type": config.include_types, "--exclude-type": config.exclude_types, "--always-train": config.always_train}
+    for flag, patterns in regex_options.items():
         for pattern in patterns:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise InputError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from exc
+                raise InputError(f"{flag} {pattern!r} is not a valid regular expression: {exc}") from exc
 
 
-def _check_percent(option: str, value: float) -> None:
+def _check_percent(flag: str, value: float) -> None:
     if not (0 < value <= 100) or math.isnan(value):
-        raise InputError(f"{option} must be in (0, 100], got {value:g}")
+        raise InputError(f"{flag} must be in (0, 100], got {value:g}")
 
 
 def load_source(path: Path) -> SnrSource:
@@ -264,7 +265,7 @@ def _roles_from_table(table: pa.Table, metadata: dict[str, str]) -> RoleMap:
         resolved = {}
         for role, column in ((INPUT_EMBEDDINGS, "is_input_embedding"), (OUTPUT_EMBEDDINGS, "is_output_embedding")):
             flags = table.column(column).to_pylist()
-            matches = tuple(n for n, flag in zip(names, flags) if flag)
+            matches = tuple(n for n, flag in zip(names, flags, strict=False) if flag)
             if matches:
                 resolved[role] = matches
         return RoleMap(tensors=resolved, source="model-config")
@@ -292,7 +293,9 @@ def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[st
         else:
             names = [n for n in by_name if re.match(item, n)]
             if not names:
-                raise InputError(f"always-train pattern {item!r} matches no tensor name; check it against the SNR table's tensor_name column")
+                raise InputError(
+                    f"always-train pattern {item!r} matches no tensor name; check it against the SNR table's tensor_name column"
+                )
             patterns = [item]
             label = f"pattern {item!r}"
         for name in names:
@@ -306,10 +309,10 @@ def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[st
 def _eligible_groups(entries: list[Entry], config: SelectConfig) -> dict[str, list[Entry]]:
     """Candidates grouped by module type, in order of first appearance, after type filters."""
     types = list(dict.fromkeys(e.module_type for e in entries if e.candidate))
-    for option, patterns in (("--include-type", config.include_types), ("--exclude-type", config.exclude_types)):
+    for flag, patterns in (("--include-type", config.include_types), ("--exclude-type", config.exclude_types)):
         for pattern in patterns:
             if not any(re.search(pattern, t) for t in types):
-                raise InputError(f"{option} {pattern!r} matches no module type; the types are: {', '.join(types)}")
+                raise InputError(f"{flag} {pattern!r} matches no module type; the types are: {', '.join(types)}")
     groups: dict[str, list[Entry]] = {}
     for entry in entries:
         if not entry.candidate:
@@ -389,7 +392,9 @@ def _percent_text(config: SelectConfig) -> str:
     return f"{config.budget_percent:g}% budget" if config.policy == "budget" else f"top {config.top_percent:g}%"
 
 
-def _summary(config: SelectConfig, source: SnrSource, entries: list[Entry], groups: dict[str, list[Entry]], always_lines: list[str]) -> dict:
+def _summary(
+    config: SelectConfig, source: SnrSource, entries: list[Entry], groups: dict[str, list[Entry]], always_lines: list[str]
+) -> dict:
     selected = [e for e in entries if e.selected]
     counts_known = all(e.parameter_count is not None for e in entries)
     total = sum(e.parameter_count for e in entries) if counts_known else None

@@ -38,7 +38,9 @@ from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model
 
 @dataclass
 class ScanConfig(StageConfig):
-    model_dir: str = option(positional=True, help="model: a Hugging Face folder with *.safetensors weights (single file or sharded), or a store URI")
+    model_dir: str = option(
+        positional=True, help="model: a Hugging Face folder with *.safetensors weights (single file or sharded), or a store URI"
+    )
     output: str | None = option("--out", "-o", default=None, help="local output Parquet SNR table (needed unless --store is given)")
     model_id: str | None = option(default=None, cache=True, help="model id recorded in the table (default: the folder name)")
     estimator: str = option(default="reference", cache=True, choices=ESTIMATORS, help="SNR estimator (default: reference)")
@@ -53,9 +55,7 @@ class ScanConfig(StageConfig):
         default_factory=list, cache=True, metavar="REGEX", help="scan only module types matching REGEX (repeatable)"
     )
     exclude: list[str] = option(default_factory=list, cache=True, metavar="REGEX", help="skip module types matching REGEX (repeatable)")
-    reference_json: str | None = option(
-        metavar="PATH", default=None, help="also write the reference tool's snr_results JSON (flat layout)"
-    )
+    reference_json: str | None = option(metavar="PATH", default=None, help="also write the reference tool's snr_results JSON (flat layout)")
     workers: int | None = option(
         default=None, help="matrices decomposed side by side, sharing the CPU threads (default: half the cores; 1 on a GPU)"
     )
@@ -223,12 +223,12 @@ def _validate(config: ScanConfig) -> None:
         raise InputError(f"unknown --svd-method {config.svd_method!r}; choose one of {', '.join(SVD_METHODS)}")
     if config.workers is not None and config.workers < 1:
         raise InputError(f"--workers must be at least 1, got {config.workers}")
-    for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
+    for flag, patterns in (("--include", config.include), ("--exclude", config.exclude)):
         for pattern in patterns:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise InputError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from exc
+                raise InputError(f"{flag} {pattern!r} is not a valid regular expression: {exc}") from exc
 
 
 def report(result: ScanResult, destination: str | None = None) -> str:

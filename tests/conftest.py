@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic checkpoints, hand-made safetensors folders, isolated Prefect home."""
+"""Shared fixtures: tiny synthetic checkpoints, hand-made safetensors folders, a real pretrained scan."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from .helpers import QUIET, TINY
 
 pytest_plugins = ["tests.s3_server"]  # the real S3 server fixtures
+
 
 @pytest.fixture(scope="session")
 def synthetic_model(tmp_path_factory):
@@ -74,16 +75,6 @@ def write_checkpoint():
         return folder
 
     return write
-
-
-@pytest.fixture
-def prefect_home(tmp_path, monkeypatch) -> Path:
-    """A private, writable PREFECT_HOME with analytics off (Prefect's SQLite database lives there)."""
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    monkeypatch.setenv("PREFECT_HOME", str(home))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    return home
 
 
 def _minilm_folder() -> Path | None:

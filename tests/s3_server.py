@@ -12,6 +12,7 @@ Fixtures:
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -75,7 +76,7 @@ class S3Server:
     access_key: str = field(default_factory=lambda: f"spectrum{secrets.token_hex(6)}")
     # Shaped like a real AWS secret (40 base64 characters), so leak checks are realistic.
     secret_key: str = field(default_factory=lambda: base64.b64encode(secrets.token_bytes(30)).decode())
-    ports: dict[str, int] = field(default_factory=lambda: dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))))
+    ports: dict[str, int] = field(default_factory=lambda: dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=False)))
     process: subprocess.Popen | None = None
 
     @property
@@ -139,10 +140,8 @@ class S3Server:
         while True:
             if self.process.poll() is not None:
                 pytest.fail(f"weed mini exited with {self.process.returncode} while starting:\n{self._log_tail()}")
-            try:
+            with contextlib.suppress(Exception):  # BucketAlreadyOwnedByYou after a restart, or not up yet
                 client.create_bucket(Bucket="spectrum-health")
-            except Exception:  # noqa: BLE001 - BucketAlreadyOwnedByYou after a restart, or not up yet
-                pass
             try:
                 client.put_object(Bucket="spectrum-health", Key="probe", Body=b"ok")
                 if client.get_object(Bucket="spectrum-health", Key="probe")["Body"].read() == b"ok":

@@ -12,13 +12,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flows.cli import main
 from flows.audit import format_audit
-from stages.store.lineage import audit_run, list_run_summaries
+from flows.cli import main
 from stages.core.errors import CorruptWeightsError, InputError
+from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as select_run
-from stages.core.stage import StageContext
 from stages.snr_scan import ScanConfig
 from stages.snr_scan import run as scan_run
 from stages.store import (
@@ -28,6 +27,7 @@ from stages.store import (
     start_manifest,
     write_table,
 )
+from stages.store.lineage import audit_run, list_run_summaries
 
 from .helpers import venv_bin
 
@@ -44,7 +44,9 @@ def scan(store, model: Path, work: Path, **overrides):
 
 
 def select(store, snr_run: str, run_id: str | None = None, **overrides):
-    return select_run(SelectConfig(**{"snr_input": None, "out_dir": None, "snr_run": snr_run, **overrides}), StageContext(store, run_id=run_id))
+    return select_run(
+        SelectConfig(**{"snr_input": None, "out_dir": None, "snr_run": snr_run, **overrides}), StageContext(store, run_id=run_id)
+    )
 
 
 @pytest.fixture

@@ -38,7 +38,10 @@ def test_spectrum_help_lists_the_subcommands():
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("scan", ["--out", "--estimator", "--svd-method", "--device", "--include", "--exclude", "--reference-json", "--workers", "--overwrite"]),
+        (
+            "scan",
+            ["--out", "--estimator", "--svd-method", "--device", "--include", "--exclude", "--reference-json", "--workers", "--overwrite"],
+        ),
         ("select", ["--out-dir", "--policy", "--top-percent", "--budget-percent", "--include-type", "--always-train", "--no-always-train"]),
         ("demo", ["--workdir", "--top-percent", "--layers", "--overwrite"]),
     ],
@@ -131,10 +134,8 @@ def test_select_with_a_bad_percentage(tiny_snr_table, tmp_path, capsys):
 def test_scan_then_select_in_process(tiny_model, tmp_path, capsys):
     table = tmp_path / "snr.parquet"
     ref = tmp_path / "snr_results.json"
-    code, out, err = cli(
-        capsys, "scan", str(tiny_model), "--out", str(table), "--model-id", "tiny", "--estimator", "gavish-donoho",
-        "--exclude", "lm_head", "--reference-json", str(ref), "--no-progress",
-    )
+    options = ["--model-id", "tiny", "--estimator", "gavish-donoho", "--exclude", "lm_head", "--reference-json", str(ref), "--no-progress"]
+    code, out, err = cli(capsys, "scan", str(tiny_model), "--out", str(table), *options)
     assert code == 0, err
     assert out.startswith("scanned 15 matrices (6 tensors not scanned)")
     rows = pq.read_table(table).to_pylist()
@@ -159,8 +160,8 @@ def test_select_end_to_end_reproduces_the_reference_yaml(tmp_path):
 
 
 def test_demo_publishes_runs_to_its_store(tmp_path, capsys):
-    from stages.store.lineage import audit_run, list_run_summaries
     from stages.store import open_store, read_table
+    from stages.store.lineage import audit_run, list_run_summaries
 
     workdir = tmp_path / "demo"
     code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")

@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.core.cli import stage_main
+from stages.core.errors import CorruptWeightsError, InputError
 from stages.core.stage import StageContext
 from stages.download import STAGE, DownloadConfig, read_summary, run
-from stages.weights.hub import HubUnavailableError
-from stages.core.errors import CorruptWeightsError, InputError
-from stages.store.trees import materialize
 from stages.store import open_store
+from stages.store.trees import materialize
+from stages.weights.hub import HubUnavailableError
 
 from .helpers import REPO_ROOT
 
@@ -250,9 +250,9 @@ def test_hub_unreachable_is_retried_then_a_clear_error(tmp_path, monkeypatch, ca
     endpoint = closed_port_url()
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     store = local_store(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="stages.download"):
-        with pytest.raises(HubUnavailableError, match=f"could not reach the Hugging Face hub at {endpoint} .* after 3 attempts"):
-            run(DownloadConfig(model="org/tiny"), StageContext(store))
+    unreachable = f"could not reach the Hugging Face hub at {endpoint} .* after 3 attempts"
+    with caplog.at_level(logging.WARNING, logger="stages.weights.hub"), pytest.raises(HubUnavailableError, match=unreachable):
+        run(DownloadConfig(model="org/tiny"), StageContext(store))
     retries = [r for r in caplog.records if r.name == "stages.weights.hub" and "retrying" in r.getMessage()]
     assert [r.getMessage().split(" for ")[0] for r in retries] == ["attempt 1 of 3", "attempt 2 of 3"]
     assert store.list() == []

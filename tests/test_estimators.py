@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
-import pyarrow.parquet as pq
 from safetensors import safe_open
 
 from stages.scan.estimators import (
@@ -19,10 +19,10 @@ from stages.scan.estimators import (
     optimal_threshold_coefficient,
     reference_snr,
 )
+from stages.scan.spectra import singular_values
 from stages.snr_scan import ScanConfig, run
 
 from .helpers import QUIET
-from stages.scan.spectra import singular_values
 
 PARITY_RTOL = 1e-4
 
@@ -75,7 +75,9 @@ def _parity_matrices() -> dict[str, torch.Tensor]:
         "lowrank.wide.weight": _low_rank_plus_noise(128, 352, 8, 3.0, seed=3),
         "bf16.lowrank.weight": _low_rank_plus_noise(160, 224, 6, 2.5, seed=4).to(torch.bfloat16),
         "fp16.gaussian.weight": (0.03 * torch.randn(128, 192, generator=g)).to(torch.float16),
-        "decaying.spectrum.weight": torch.randn(150, 150, generator=g) @ torch.diag(torch.logspace(0, -4, 150)) @ torch.randn(150, 150, generator=g),
+        "decaying.spectrum.weight": torch.randn(150, 150, generator=g)
+        @ torch.diag(torch.logspace(0, -4, 150))
+        @ torch.randn(150, 150, generator=g),
         "one.row.weight": torch.randn(1, 64, generator=g),
         "two.rows.weight": torch.randn(2, 384, generator=g),
         "one.column.weight": torch.randn(64, 1, generator=g),
@@ -156,7 +158,7 @@ def test_scan_matches_public_scanner_on_real_pretrained_bert(minilm_scan):
     rows = {r["tensor_name"]: r for r in pq.read_table(result.output).to_pylist()}
     compared = 0
     with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
             tensor = handle.get_tensor(name)
             row = rows[name]
             if tensor.ndim != 2 or not tensor.is_floating_point():

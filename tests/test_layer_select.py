@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from stages.core.errors import InputError, OutputExistsError
 from stages.core.contracts import SELECTION_JSON_FILE, SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE
+from stages.core.errors import InputError, OutputExistsError
 from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig, run
+from stages.scan.table import load_reference_json
 from stages.snr_scan import ScanConfig
 from stages.snr_scan import run as run_scan
-from stages.scan.table import load_reference_json
 
 from .helpers import LLAMA_JSON, LLAMA_YAML_50, QUIET, TINYLLAMA_JSON
 
@@ -159,7 +159,7 @@ def test_per_type_on_a_scan_table(tiny_snr_table, tmp_path):
             by_type.setdefault(r["module_type"], []).append(r)
         else:
             assert r["selected"] is False and r["reason"].startswith("not scanned")
-    for kind, members in by_type.items():
+    for _kind, members in by_type.items():
         ranked = sorted(members, key=lambda r: r["rank"])
         assert [r["rank"] for r in ranked] == list(range(1, len(members) + 1))
         assert all(r["group_size"] == len(members) for r in members)
@@ -190,7 +190,8 @@ def test_global_policy_takes_the_top_across_types(tiny_snr_table, tmp_path):
     candidates = [e for e in result.entries if e.candidate]
     assert len(candidates) == 16
     ranked = sorted(candidates, key=lambda e: e.snr, reverse=True)
-    assert [e.tensor_name for e in ranked[:8]] == sorted((e.tensor_name for e in result.entries if e.picked), key=[e.tensor_name for e in ranked].index)
+    picked = (e.tensor_name for e in result.entries if e.picked)
+    assert [e.tensor_name for e in ranked[:8]] == sorted(picked, key=[e.tensor_name for e in ranked].index)
     assert [e.rank for e in ranked] == list(range(1, 17))
     assert result.summary["top_percent"] == 50 and result.summary["policy"] == "global"
 
@@ -342,7 +343,9 @@ def test_always_train_invalid_regex(tiny_snr_table, tmp_path):
 
 def test_always_train_role_that_cannot_be_resolved_is_an_error(tmp_path):
     source = tmp_path / "snr.json"
-    source.write_text(json.dumps({"backbone.blocks.0.mix": {"snr": 1.0, "type": "mix"}, "backbone.blocks.1.mix": {"snr": 2.0, "type": "mix"}}))
+    source.write_text(
+        json.dumps({"backbone.blocks.0.mix": {"snr": 1.0, "type": "mix"}, "backbone.blocks.1.mix": {"snr": 2.0, "type": "mix"}})
+    )
     with pytest.raises(InputError) as raised:
         select(source, tmp_path / "sel")
     assert "'output_embeddings' matches no tensor" in str(raised.value)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.errors import InputError
+from stages.store import IntegrityError, open_store
 from stages.store.trees import (
     ListedFile,
     Listing,
@@ -17,7 +18,6 @@ from stages.store.trees import (
     resolve_uri,
     tree_prefix,
 )
-from stages.store import IntegrityError, open_store
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from stages.core.errors import CorruptWeightsError, InputError, SpectrumError
-from stages.weights.checkpoint import INDEX_FILE, ModelWeights
 from stages.snr_scan import ScanConfig, run
+from stages.weights.checkpoint import INDEX_FILE, ModelWeights
 
 from .helpers import QUIET
 
@@ -292,7 +292,7 @@ def test_scan_of_a_bad_checkpoint_writes_nothing(tmp_path, write_checkpoint, dam
     out = tmp_path / "out" / "snr.parquet"
     reference = tmp_path / "out" / "snr.json"
     with pytest.raises(exc_type, match=fragment.replace(".", r"\.")) as raised:
-        run(ScanConfig(model_dir=str(folder), output=str(out), reference_json=str(reference)), QUIET).detail
+        run(ScanConfig(model_dir=str(folder), output=str(out), reference_json=str(reference)), QUIET)
     assert isinstance(raised.value, SpectrumError) and raised.value.exit_code != 0
     assert not out.exists() and not reference.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -305,6 +305,6 @@ def test_scan_of_a_missing_folder_writes_nothing(tmp_path, kind):
         target.write_text("x")
     out = tmp_path / "snr.parquet"
     with pytest.raises(InputError, match=str(target)):
-        run(ScanConfig(model_dir=str(target), output=str(out)), QUIET).detail
+        run(ScanConfig(model_dir=str(target), output=str(out)), QUIET)
     assert not out.exists()
     assert not (tmp_path / "snr.parquet.partial.jsonl").exists()

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from stages.core.errors import CorruptWeightsError, InputError, OutputExistsError
-from stages.scan.estimators import reference_snr
-from stages.weights.checkpoint import INDEX_FILE
 from stages.core.stage import StageContext
-from stages.snr_scan import ScanConfig, run
-from stages.scan.table import SNR_SCHEMA, load_reference_json, read_table_metadata
+from stages.scan.estimators import reference_snr
 from stages.scan.spectra import singular_values
+from stages.scan.table import SNR_SCHEMA, load_reference_json, read_table_metadata
+from stages.snr_scan import ScanConfig, run
+from stages.weights.checkpoint import INDEX_FILE
 
 from .helpers import REPO_ROOT, interrupt_scan_after
 
@@ -212,7 +212,7 @@ def test_reference_json_export_loads_back(tiny_model, tmp_path):
     entries = load_reference_json(exported)
     scanned = [r for r in result.rows if r["scanned"]]
     assert [e.name for e in entries] == [r["module_name"] for r in scanned]
-    for entry, row in zip(entries, scanned):
+    for entry, row in zip(entries, scanned, strict=False):
         assert entry.snr == row["snr"]
         assert entry.module_type == row["module_type"]
     # the flat layout of the reference tool: {module: {"snr": x, "type": t}}
@@ -635,7 +635,8 @@ def test_killed_scan_subprocess_resumes(synthetic_model, tmp_path):
     model = synthetic_model(**RESUME_SPEC)  # 30 matrices of 1024 x 1024: a few seconds of exact SVDs
     out = tmp_path / "snr.parquet"
     partial = _partial(out)
-    command = [sys.executable, "-m", "stages.snr_scan", str(model), "--out", str(out), "--model-id", "m", "--svd-method", "svd", "--no-progress"]
+    command = [sys.executable, "-m", "stages.snr_scan", str(model), "--out", str(out), "--model-id", "m"]
+    command += ["--svd-method", "svd", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -680,6 +681,7 @@ def test_a_decomposition_that_does_not_converge_is_a_clear_error(tiny_model, tmp
 
 
 # --- stacks of matrices (fused MoE experts) ----------------------------------------------------------
+
 
 def test_fused_moe_experts_get_one_row_with_the_per_expert_snr(tmp_path, write_checkpoint):
     g = torch.Generator().manual_seed(11)

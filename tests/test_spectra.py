@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.scan import spectra
 from stages.core.errors import InputError
+from stages.scan import spectra
 from stages.scan.estimators import estimate
 from stages.scan.spectra import resolve_device, singular_values
 

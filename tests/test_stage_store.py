@@ -13,18 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .helpers import QUIET, interrupt_scan_after
-
 from flows.cli import main
 from stages import snr_scan
-from stages.scan import engine
-from stages.core.settings import WORK_DIR_ENV
 from stages.core.errors import CorruptWeightsError, InputError, OutputExistsError
+from stages.core.settings import WORK_DIR_ENV
+from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as select_run
-from stages.snr_scan import ScanConfig
-from stages.core.stage import StageContext
+from stages.scan import engine
 from stages.scan.table import read_table_metadata
+from stages.snr_scan import ScanConfig
 from stages.store import (
     ArtifactNotFoundError,
     FileStore,
@@ -34,6 +32,8 @@ from stages.store import (
     table_files,
     table_key,
 )
+
+from .helpers import QUIET, interrupt_scan_after
 
 MODEL_ID = "tiny-llama"
 SNR_KEY = "tables/snr/stage=snr_scan/run_id={run}/part-0.parquet"

@@ -30,7 +30,7 @@ from stages.store import (
     start_manifest,
     write_table,
 )
-from tests.s3_server import fresh_bucket, free_ports, use_s3_server
+from tests.s3_server import free_ports, fresh_bucket, use_s3_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024

@@ -44,7 +44,9 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir", help=f"where outputs are built before they are stored (default: ${settings.WORK_DIR_ENV} or ~/.cache/spectrum/work)"
     )
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when on a terminal)")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when on a terminal)"
+    )
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: Stage) -> None:
@@ -76,7 +78,8 @@ def _add_option(parser: argparse.ArgumentParser, config_field: dataclasses.Field
     flags = spec.flags or (f"--{dest.replace('_', '-')}",)
     parser.add_argument(*flags, dest=dest, default=None, **kwargs)
     if spec.negative:
-        parser.add_argument(spec.negative, dest=dest + _CLEARED, action="store_true", help=f"no {flags[0]} at all (clears its default)")
+        flag, negative_help = spec.negative
+        parser.add_argument(flag, dest=dest + _CLEARED, action="store_true", help=negative_help)
 
 
 def _value_type(hint: Any) -> tuple[type, bool]:
@@ -96,7 +99,7 @@ def config_from_args(config_class: type[StageConfig], args: argparse.Namespace) 
         if spec.negative and getattr(args, config_field.name + _CLEARED):
             if value:
                 flag = spec.flags[0] if spec.flags else f"--{config_field.name.replace('_', '-')}"
-                raise InputError(f"{flag} and {spec.negative} contradict each other; pass one")
+                raise InputError(f"{flag} and {spec.negative[0]} contradict each other; pass one")
             value = []
         if value is not None:
             values[config_field.name] = value

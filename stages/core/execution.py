@@ -100,8 +100,8 @@ def execute_stage(
 
 def require_store_in(context: StageContext, stage: str) -> ArtifactStore:
     if context.store is None:
-        raise InputError((
+        raise InputError(
             f"no artifact store: the {stage} stage publishes its outputs as a run; "
             f"pass --store (a folder, file:///path or s3://bucket/prefix) or set ${STORE_ENV}"
-        ))
+        )
     return context.store

@@ -54,7 +54,7 @@ class Option:
     positional: bool = False
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
-    negative: str | None = None  # a flag that empties a list option's default (e.g. --no-always-train)
+    negative: tuple[str, str] | None = None  # (flag, help) of a flag that empties a list option (e.g. --no-always-train)
 
 
 def option(
@@ -66,7 +66,7 @@ def option(
     positional: bool = False,
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
-    negative: str | None = None,
+    negative: tuple[str, str] | None = None,
 ) -> Any:
     """A config field that is also a command-line option (see the module docstring)."""
     meta = {OPTION: Option(flags, help, cache, positional, tuple(choices) if choices else None, metavar, negative)}

@@ -56,7 +56,9 @@ def count_file_records(path: Path, where: str) -> int:
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}, line {number} is not JSON ({exc.msg}); each line of a .jsonl file must be one JSON value") from exc
+                    raise InputError(
+                        f"{where}, line {number} is not JSON ({exc.msg}); each line of a .jsonl file must be one JSON value"
+                    ) from exc
             records += 1
     return records
 

@@ -42,7 +42,9 @@ def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
 def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
     stages = list_runs(store).get(run_id)
     if not stages:
-        raise InputError(f"run {run_id!r} has no committed stage in {store.root_uri}; `spectrum runs --store {store.root_uri}` lists the runs")
+        raise InputError(
+            f"run {run_id!r} has no committed stage in {store.root_uri}; `spectrum runs --store {store.root_uri}` lists the runs"
+        )
     producers = _ProducerIndex(store)
     report: dict[str, Any] = {"run_id": run_id, "store": store.root_uri, "stages": [], "lineage": []}
     for stage in sorted(stages, key=stage_sort_key):

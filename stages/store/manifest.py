@@ -15,7 +15,7 @@ import secrets
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, SUCCEEDED
@@ -47,7 +47,7 @@ class Manifest:
         """The manifest of the finished stage, ready for commit_manifest."""
         if status not in (SUCCEEDED, FAILED):
             raise InputError(f"a finished manifest's status must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
-        finished = datetime.now(timezone.utc)
+        finished = datetime.now(UTC)
         seconds = (finished - datetime.fromisoformat(self.started_at)).total_seconds()
         return replace(
             self,
@@ -70,7 +70,7 @@ class Manifest:
 
 def new_run_id() -> str:
     """A run id that sorts by start time: 20260101T120000Z-1a2b3c4d."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
 
 
 def cache_key(
@@ -104,7 +104,7 @@ def start_manifest(
         parameters=dict(parameters),
         inputs=refs,
         cache_key=cache_key(stage, code_version, parameters, [ref["sha256"] for ref in refs]),
-        started_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        started_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         host=socket.gethostname(),
     )
 

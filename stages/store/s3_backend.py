@@ -10,7 +10,6 @@ visible under a real key.
 from __future__ import annotations
 
 import base64
-import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor

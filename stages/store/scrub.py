@@ -32,7 +32,7 @@ _MIN_ENV_SECRET = 8
 def looks_secret_name(name: str) -> bool:
     """True for names like `hf_token`, `AWS_SECRET_ACCESS_KEY`, `apiKey`; false for `max_tokens`, `cache_key`."""
     words = [w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+", name)]
-    return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+    return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
 
 
 def check_parameters(parameters: Mapping[str, Any]) -> None:

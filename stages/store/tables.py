@@ -16,11 +16,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..core.contracts import SUCCEEDED
 from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name
-from ..core.contracts import SUCCEEDED
 from .manifest import load_manifest
 
 PARTITION_COLUMNS = ("stage", "run_id")

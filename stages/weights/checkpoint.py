@@ -29,11 +29,6 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
 
-    def files(self) -> list[str]:
-        """The files a scan reads: the shards, the index, and config.json (for embedding roles)."""
-        extra = [name for name in (INDEX_FILE, "config.json") if (self.root / name).is_file()]
-        return [*self.shards, *extra]
-
     @property
     def parameter_count(self) -> int:
         count = 1
@@ -49,7 +44,7 @@ class ModelWeights:
     tensors: tuple[TensorInfo, ...]
 
     @classmethod
-    def open(cls, model_dir: str | Path) -> "ModelWeights":
+    def open(cls, model_dir: str | Path) -> ModelWeights:
         """Validate the folder and read every shard's header (no tensor data is read)."""
         root = Path(model_dir)
         if not root.exists():
@@ -146,7 +141,7 @@ def _read_header(root: Path, shard: str) -> list[TensorInfo]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             infos = []
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 view = handle.get_slice(name)
                 infos.append(TensorInfo(name=name, shard=shard, dtype=view.get_dtype(), shape=tuple(view.get_shape())))
             return infos
