@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from stages import layer_select, snr_scan
+from stages.core.errors import InputError
 from stages.core.stage import StageContext
 from stages.store import open_store
 from stages.store.lineage import audit_run
@@ -26,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.layers < 1:
+        raise InputError(f"--layers must be at least 1, got {args.layers}")
+    if not 0 < args.top_percent <= 100:
+        raise InputError(f"--top-percent must be in (0, 100], got {args.top_percent:g}")
     workdir = Path(args.workdir)
     model_dir = workdir / "model"
     if not (model_dir / "config.json").exists() or args.overwrite:

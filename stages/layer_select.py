@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from . import __version__
 from .core.cli import stage_main
@@ -44,6 +45,8 @@ from .store.base import sha256_file
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 
 POLICIES = ("per-type", "global", "budget")
+# What the reference tool always writes for the two embedding roles (Llama names).
+REFERENCE_ROLE_PATTERNS = {OUTPUT_EMBEDDINGS: "^lm_head.weight$", INPUT_EMBEDDINGS: "^model.embed_tokens.weight$"}
 
 
 @dataclass
@@ -206,6 +209,10 @@ def _validate(config: SelectConfig) -> None:
         if config.top_percent is None:
             raise InputError(f"the {config.policy} policy needs --top-percent")
         _check_percent("--top-percent", config.top_percent)
+        if config.budget_percent is not None:
+            raise InputError(
+                f"--budget-percent applies only to --policy budget, not {config.policy}; pass --policy budget or leave it out"
+            )
     regex_options = {"--include-type": config.include_types, "--exclude-type": config.exclude_types, "--always-train": config.always_train}
     for flag, patterns in regex_options.items():
         for pattern in patterns:
@@ -289,6 +296,11 @@ def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[st
                     "pass --always-train with a regular expression for the real parameter name, or --no-always-train"
                 )
             patterns = [f"^{n}$" for n in names]
+            if _tied_to_another_role(item, names, roles):
+                # The reference tool lists `^lm_head.weight$` and `^model.embed_tokens.weight$`
+                # literally; with tied embeddings the first matches nothing (trainers ignore it),
+                # and listing it keeps the YAML byte-identical to the reference's.
+                patterns.insert(0, REFERENCE_ROLE_PATTERNS[item])
             label = item
         else:
             names = [n for n in by_name if re.match(item, n)]
@@ -304,6 +316,12 @@ def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[st
             entry.reason = f"always trained ({label})"
         lines.extend(p for p in patterns if p not in lines)
     return lines
+
+
+def _tied_to_another_role(role: str, names: list[str], roles: RoleMap) -> bool:
+    """True when the role's tensors are another role's, under the reference's (Llama) name for that role."""
+    others = {f"^{n}$" for other in ROLES if other != role for n in roles.names(other) if n in names}
+    return bool(names) and len(others) == len(names) and others <= set(REFERENCE_ROLE_PATTERNS.values())
 
 
 def _eligible_groups(entries: list[Entry], config: SelectConfig) -> dict[str, list[Entry]]:
@@ -380,12 +398,38 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
 
 
 def unfrozen_parameters_yaml(always_lines: list[str], groups: dict[str, list[Entry]]) -> str:
-    """The reference tool's layout: always-train patterns, then `# <type> layers` and names by snr rank."""
-    lines = ["unfrozen_parameters:"] + [f"- {p}" for p in always_lines]
+    """The reference tool's layout: always-train patterns, then `# <type> layers` and names by snr rank.
+
+    Names are written plain, as the reference does, unless YAML would read them back as
+    something else (a newline, `: `, ` #`, a number, `null`): then they are double-quoted. The
+    text is read back and must give exactly the intended list.
+    """
+    entries = list(always_lines)
+    lines = ["unfrozen_parameters:"] + [f"- {_yaml_scalar(p)}" for p in always_lines]
     for kind, members in groups.items():
-        lines.append(f"# {kind} layers")
-        lines.extend(f"- {e.yaml_name}" for e in sorted((e for e in members if e.picked), key=lambda e: e.rank))
-    return "\n".join(lines) + "\n"
+        lines.append(f"# {_one_line(kind)} layers")
+        names = [e.yaml_name for e in sorted((e for e in members if e.picked), key=lambda e: e.rank)]
+        entries.extend(names)
+        lines.extend(f"- {_yaml_scalar(name)}" for name in names)
+    text = "\n".join(lines) + "\n"
+    if (yaml.safe_load(text) or {}).get("unfrozen_parameters") != (entries or None):
+        raise InputError("the unfrozen_parameters YAML would not read back as the selection; a tensor name cannot be written safely")
+    return text
+
+
+def _yaml_scalar(text: str) -> str:
+    """`text` as a YAML list item: plain when YAML reads it back unchanged, else a double-quoted (JSON) string."""
+    if "\n" not in text and "\r" not in text and text == text.strip():
+        try:
+            if yaml.safe_load(f"- {text}") == [text]:
+                return text
+        except yaml.YAMLError:
+            pass
+    return json.dumps(text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _percent_text(config: SelectConfig) -> str:

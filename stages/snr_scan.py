@@ -22,7 +22,7 @@ from .core.cli import stage_main
 from .core.contracts import REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
 from .core.errors import InputError
 from .core.execution import StageRun, execute_stage
-from .core.files import ensure_writable, write_atomic
+from .core.files import ensure_distinct, ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.engine import plan_scan, scan_concurrently, skipped_row
 from .scan.estimators import ESTIMATORS
@@ -96,39 +96,40 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
     weights = ModelWeights.open(local_dir)
     config = replace(config, model_dir=str(local_dir), model_id=config.model_id or _default_model_id(weights))
     inputs = [stored.get(name) or _file_ref(weights.root / name) for name in weights.files()]
-    for path in (config.output, config.reference_json):
-        if path:
-            ensure_writable(Path(path), config.overwrite)
     results: list[ScanResult] = []
 
     def produce(run_dir: StageRun) -> list[ObjectInfo]:
+        # Built in a work folder named by the cache key, whose journal is kept until the table is
+        # stored: a scan killed (or a publish that failed) resumes there.
         work = context.work_root() / run_dir.cache_key
-        local = replace(config, output=config.output or str(work / "snr.parquet"), overwrite=config.overwrite or not config.output)
-        result = scan_to_table(local, context.progress)
+        local = replace(config, output=str(work / "snr.parquet"), reference_json=None, overwrite=True)
+        result = scan_to_table(local, context.progress, keep_journal=True)
         results.append(result)
         outputs = [
             run_dir.write_table(SNR_TABLE, pq.read_table(result.output, use_threads=False)),
             run_dir.put_bytes(REFERENCE_JSON_FILE, reference_json(result.rows).encode()),
         ]
-        if not config.output:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         return outputs
 
     outcome = execute_stage(SNR_SCAN, context, config.cache_parameters(), inputs, produce)
-    if outcome.cached:  # the local copies asked for come from the committed run
-        earlier = outcome.manifest.run_id
-        if config.output:
-            write_atomic(Path(config.output), store.get_bytes(table_key(SNR_TABLE, SNR_SCAN, earlier)), overwrite=config.overwrite)
-        if config.reference_json:
-            data = store.get_bytes(output_key(earlier, SNR_SCAN, REFERENCE_JSON_FILE))
-            write_atomic(Path(config.reference_json), data, overwrite=config.overwrite)
+    run_id = outcome.manifest.run_id  # local copies asked for come from the committed run (this one or a reused one)
+    if config.output:
+        write_atomic(Path(config.output), store.get_bytes(table_key(SNR_TABLE, SNR_SCAN, run_id)), overwrite=config.overwrite)
+    if config.reference_json:
+        data = store.get_bytes(output_key(run_id, SNR_SCAN, REFERENCE_JSON_FILE))
+        write_atomic(Path(config.reference_json), data, overwrite=config.overwrite)
     result = results[0] if results else None
     lines = [report(result, destination=config.output)] if result is not None else []
     return StageResult(SNR_SCAN, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
 
 
-def scan_to_table(config: ScanConfig, progress: bool | None = None) -> ScanResult:
-    """Scan into the local table `config.output` (resuming a partial scan there)."""
+def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal: bool = False) -> ScanResult:
+    """Scan into the local table `config.output` (resuming a partial scan there).
+
+    The journal of finished rows is removed once the table is written, unless `keep_journal`
+    (the caller removes it once the table is safely stored elsewhere).
+    """
     started = time.perf_counter()
     _validate(config)
     if config.output is None:
@@ -188,7 +189,8 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None) -> ScanResul
     write_parquet(rows_to_table(ordered, metadata), output, overwrite=config.overwrite)
     if config.reference_json:
         write_atomic(Path(config.reference_json), reference_json(ordered).encode(), overwrite=config.overwrite)
-    partial.remove()
+    if not keep_journal:
+        partial.remove()
     return ScanResult(output=output, rows=ordered, resumed=len(done), seconds=time.perf_counter() - started)
 
 
@@ -221,6 +223,11 @@ def _validate(config: ScanConfig) -> None:
         raise InputError(f"unknown estimator {config.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if config.svd_method not in SVD_METHODS:
         raise InputError(f"unknown --svd-method {config.svd_method!r}; choose one of {', '.join(SVD_METHODS)}")
+    resolve_device(config.device)  # an unknown or missing device is an error before any work
+    ensure_distinct({"--out": config.output, "--reference-json": config.reference_json})
+    for path in (config.output, config.reference_json):
+        if path:
+            ensure_writable(Path(path), config.overwrite)
     if config.workers is not None and config.workers < 1:
         raise InputError(f"--workers must be at least 1, got {config.workers}")
     for flag, patterns in (("--include", config.include), ("--exclude", config.exclude)):

@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -273,17 +274,35 @@ def test_type_filter_matching_nothing_is_an_error(tiny_snr_table, tmp_path, opti
     assert not (tmp_path / "sel").exists()
 
 
-def test_nan_snr_ranks_last(tmp_path, write_checkpoint):
+@pytest.mark.parametrize("estimator", ["reference", "gavish-donoho"])
+def test_an_all_zero_matrix_is_never_selected(tmp_path, write_checkpoint, estimator):
+    """The reference formula scores an all-zero matrix +inf (0/0 over S[0] = 0), which would rank it first."""
     g = torch.Generator().manual_seed(0)
     folder = write_checkpoint(
         tmp_path / "m",
-        {f"model.layers.{i}.mlp.up_proj.weight": (torch.zeros(24, 16) if i == 0 else torch.randn(24, 16, generator=g)) for i in range(4)},
+        {f"model.layers.{i}.mlp.up_proj.weight": (torch.zeros(24, 16) if i == 0 else torch.randn(24, 16, generator=g)) for i in range(5)},
     )
     table = tmp_path / "snr.parquet"
-    run_scan(ScanConfig(model_dir=str(folder), output=str(table), estimator="gavish-donoho"), QUIET)
-    result = select(table, tmp_path / "sel", top_percent=75, always_train=[])
+    run_scan(ScanConfig(model_dir=str(folder), output=str(table), estimator=estimator), QUIET)
+    result = select(table, tmp_path / "sel", top_percent=50, always_train=[])
     zero = next(e for e in result.entries if e.tensor_name == "model.layers.0.mlp.up_proj.weight")
-    assert math.isnan(zero.snr) and zero.rank == 4 and not zero.picked
+    assert not zero.candidate and not zero.picked and zero.snr is None
+    assert zero.reason.startswith("not scanned: all-zero matrix (rank 0)")
+    assert sum(e.picked for e in result.entries) == 2  # int(4 scanned * 50%)
+
+
+def test_nan_snr_ranks_last(tmp_path, write_checkpoint):
+    g = torch.Generator().manual_seed(0)
+    folder = write_checkpoint(tmp_path / "m", {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(24, 16, generator=g) for i in range(4)})
+    table = tmp_path / "snr.parquet"
+    run_scan(ScanConfig(model_dir=str(folder), output=str(table)), QUIET)
+    scanned = pq.read_table(table)
+    names, values = scanned.column("tensor_name").to_pylist(), scanned.column("snr").to_pylist()
+    snr = [math.nan if name.startswith("model.layers.0.") else value for name, value in zip(names, values, strict=True)]
+    pq.write_table(scanned.set_column(scanned.schema.get_field_index("snr"), "snr", pa.array(snr, pa.float64())), table)
+    result = select(table, tmp_path / "sel", top_percent=75, always_train=[])
+    nan = next(e for e in result.entries if e.tensor_name == "model.layers.0.mlp.up_proj.weight")
+    assert math.isnan(nan.snr) and nan.rank == 4 and not nan.picked
     assert sum(e.picked for e in result.entries) == 3
 
 
@@ -291,15 +310,16 @@ def test_nan_snr_ranks_last(tmp_path, write_checkpoint):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "lines"),
+    ("overrides", "lines", "tensors"),
     [
-        ({}, ["^lm_head.weight$", "^model.embed_tokens.weight$"]),
-        ({"architecture": "qwen2"}, ["^lm_head.weight$", "^model.embed_tokens.weight$"]),
-        ({"tie_word_embeddings": True}, ["^model.embed_tokens.weight$"]),
+        ({}, ["^lm_head.weight$", "^model.embed_tokens.weight$"], ["lm_head.weight", "model.embed_tokens.weight"]),
+        ({"architecture": "qwen2"}, ["^lm_head.weight$", "^model.embed_tokens.weight$"], ["lm_head.weight", "model.embed_tokens.weight"]),
+        # tied: the reference still lists both lines (the first matches nothing; trainers ignore it)
+        ({"tie_word_embeddings": True}, ["^lm_head.weight$", "^model.embed_tokens.weight$"], ["model.embed_tokens.weight"]),
     ],
     ids=["llama", "qwen2", "tied"],
 )
-def test_always_train_roles_resolve_to_real_names(synthetic_model, tmp_path, overrides, lines):
+def test_always_train_roles_resolve_to_real_names(synthetic_model, tmp_path, overrides, lines, tensors):
     table = tmp_path / "snr.parquet"
     run_scan(ScanConfig(model_dir=str(synthetic_model(**overrides)), output=str(table)), QUIET)
     out = tmp_path / "sel"
@@ -307,7 +327,7 @@ def test_always_train_roles_resolve_to_real_names(synthetic_model, tmp_path, ove
     assert yaml_entries(out)[: len(lines)] == lines
     assert not any(line.startswith("^") for line in yaml_entries(out)[len(lines) :])
     always = sorted(e.tensor_name for e in result.entries if e.always_train)
-    assert always == sorted({line[1:-1] for line in lines})
+    assert always == tensors
 
 
 def test_always_train_roles_on_a_bert_checkpoint(minilm_scan, tmp_path):

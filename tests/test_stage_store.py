@@ -312,9 +312,9 @@ def test_work_dir_from_the_environment_is_used_and_removed(store, synthetic_mode
     seen = []
     real = snr_scan.scan_to_table
 
-    def spy(config, progress):
+    def spy(config, progress, **options):
         seen.append(Path(config.output))
-        return real(config, progress)
+        return real(config, progress, **options)
 
     monkeypatch.setattr(snr_scan, "scan_to_table", spy)
     outcome = snr_scan.run(scan_config(synthetic_model(), model_id="env-work"), StageContext(store, progress=False))

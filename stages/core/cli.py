@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import logging
+import signal
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..store import ArtifactStore, open_store
+from ..store.scrub import redact
 from . import settings
 from .errors import InputError, SpectrumError
 from .stage import Option, Stage, StageConfig, StageContext, options_of
@@ -118,6 +124,10 @@ def require_store(args: argparse.Namespace, writable: bool = True) -> ArtifactSt
 
 
 def context_from_args(args: argparse.Namespace) -> StageContext:
+    if not args.store:
+        given = [flag for flag, value in (("--run-id", args.run_id), ("--force", args.force)) if value]
+        if given:
+            raise InputError(f"{' and '.join(given)} apply to runs in an artifact store: pass --store (or set ${settings.STORE_ENV})")
     return StageContext(
         store=store_from_args(args),
         run_id=args.run_id,
@@ -133,19 +143,90 @@ def run_from_args(stage: Stage, args: argparse.Namespace) -> str:
     return stage.run(config, context_from_args(args)).message
 
 
-def execute(action: Action, args: argparse.Namespace) -> int:
-    """Run an action; a SpectrumError becomes one clear line on stderr and its exit code."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the way Prefect, Docker and Kubernetes stop a process: handled exactly like Ctrl-C."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises Terminated in the main thread, so a stage records its failure and keeps partial work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        message = action(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _StderrHandler(logging.Handler):
+    """`warning: …` lines on the current sys.stderr, with URL credentials redacted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(redact(f"{record.levelname.lower()}: {record.getMessage()}"), file=sys.stderr)
+
+
+def configure_logging() -> None:
+    """Warnings of the stages (a skipped manifest, a retry) reach the user on stderr."""
+    logger = logging.getLogger("stages")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.WARNING))
+    logger.setLevel(logging.WARNING)
+
+
+def execute(action: Action, args: argparse.Namespace) -> int:
+    """Run an action; every failure the user can act on becomes one `error:` line on stderr and an exit code.
+
+    SIGTERM is treated like Ctrl-C (the stage records a failed manifest, partial work is kept
+    for resuming); credentials in URLs are never printed.
+    """
+    configure_logging()
+    try:
+        with sigterm_as_interrupt():
+            message = action(args)
     except SpectrumError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print(
+            "terminated (SIGTERM): the stage was recorded as failed; partial results are kept and the next run resumes them",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted: partial results are kept and the next run resumes them", file=sys.stderr)
         return 130
+    except OSError as exc:
+        print(f"error: {redact(describe_os_error(exc))}", file=sys.stderr)
+        return OS_ERROR_EXIT
     if message:
-        print(message)
+        print(redact(message))
     return 0
+
+
+OS_ERROR_EXIT = 5
+
+
+def describe_os_error(exc: OSError) -> str:
+    """What the filesystem (or network) refused, where, and what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    advice = {
+        errno.ENOSPC: "free some space or choose another location (--out, --work-dir, $SPECTRUM_CACHE)",
+        errno.EDQUOT: "free some space or choose another location (--out, --work-dir, $SPECTRUM_CACHE)",
+        errno.EACCES: "choose a location you may write to, or fix its permissions",
+        errno.EPERM: "choose a location you may write to, or fix its permissions",
+        errno.EROFS: "the file system is read-only: choose another location",
+        errno.EISDIR: "give a file path, not a folder",
+        errno.ENOTDIR: "a parent of the path is a file, not a folder",
+        errno.ENOENT: "check the path",
+    }.get(exc.errno, "check the path and try again")
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason}:{where}; {advice}"
 
 
 def stage_parser(stage: Stage, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

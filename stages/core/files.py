@@ -6,12 +6,43 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import InputError, OutputExistsError
 
 
 def ensure_writable(path: Path, overwrite: bool) -> None:
+    """Check, before any work, that `path` can be written: not a folder, not taken, in a writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file path")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; choose another output or pass --overwrite to replace it")
+    ensure_writable_folder(path.parent, f"the folder of output {path}")
+
+
+def ensure_writable_folder(folder: Path, what: str) -> None:
+    """Probe the nearest existing folder at or above `folder` with a temporary file (catches read-only mounts too)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} cannot be created: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InputError(f"{what} is not writable ({existing}: {exc.strerror}); choose a writable location") from exc
+
+
+def ensure_distinct(outputs: dict[str, str | Path | None]) -> None:
+    """Refuse two options naming the same output file (one would silently replace the other)."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).absolute().resolve()
+        if resolved in seen:
+            raise InputError(f"{seen[resolved]} and {option} both name {path}; give each output its own file")
+        seen[resolved] = option
 
 
 def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ..store import ArtifactStore, Manifest
+from ..store.keys import validate_name
+from ..store.scrub import check_values
 from . import settings
 
 OPTION = "spectrum_option"
@@ -97,6 +99,12 @@ class StageContext:
     force: bool = False  # recompute even when a committed run has the same cache key
     work_dir: Path | None = None  # None: $SPECTRUM_WORK_DIR or ~/.cache/spectrum/work
     progress: bool | None = None  # None: progress bars when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        """Names are checked before any work, so a bad or secret-looking run id never leaves outputs behind."""
+        if self.run_id is not None:
+            validate_name(self.run_id, "run id")
+            check_values({"run_id": self.run_id}, "--run-id")
 
     def work_root(self) -> Path:
         root = Path(self.work_dir) if self.work_dir else settings.work_root()

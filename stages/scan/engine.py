@@ -124,6 +124,13 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, de
     matrices = tensor.unbind(0) if tensor.ndim == 3 else (tensor,)
     per_matrix = [_matrix_stats(matrix, tensor, info, weights, config, device) for matrix in matrices]
     del tensor, matrices
+    if all(s is None for s, _ in per_matrix):
+        # No singular value above 0: both estimators would divide 0 by 0 (the reference scores it
+        # +inf and would rank it first). There is nothing to score, so it is not scanned.
+        what = "every expert matrix is all zeros" if len(per_matrix) > 1 else "all-zero matrix"
+        return {**skipped_row(info, f"{what} (rank 0): no singular value above 0, so no SNR", config), "tensor_sha256": digest}
+    # An all-zero expert in a stack carries no signal: it scores 0.
+    per_matrix = [(s if s is not None else SpectrumStats.zero(), count) for s, count in per_matrix]
     stats = per_matrix[0][0] if len(per_matrix) == 1 else _combine([s for s, _ in per_matrix])
     return {
         **_base_row(info, config),
@@ -155,8 +162,8 @@ def _combine(stats: list[SpectrumStats]) -> SpectrumStats:
 
 def _matrix_stats(
     matrix: torch.Tensor, tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights, config: ScanConfig, device: torch.device
-) -> tuple[SpectrumStats, int]:
-    """The estimator's statistics for one matrix of `tensor`, and its number of singular values."""
+) -> tuple[SpectrumStats | None, int]:
+    """The estimator's statistics for one matrix of `tensor` (None: an all-zero matrix), and its number of singular values."""
     try:
         values = singular_values(matrix, config.svd_method, device)
     except NonFiniteMatrixError as exc:
@@ -171,6 +178,8 @@ def _matrix_stats(
             "retry with the other --svd-method"
         ) from exc
     rows, cols = matrix.shape
+    if values.size == 0 or values[0] <= 0:
+        return None, int(values.size)
     return estimate(config.estimator, values, rows, cols), int(values.size)
 
 

@@ -29,6 +29,11 @@ class SpectrumStats:
     max_singular_value: float
     snr: float
 
+    @classmethod
+    def zero(cls) -> SpectrumStats:
+        """An all-zero matrix: no signal, no noise, score 0."""
+        return cls(sigma=0.0, threshold=0.0, signal_count=0, signal_sum=0.0, noise_sum=0.0, max_singular_value=0.0, snr=0.0)
+
 
 def estimate(name: str, singular_values: np.ndarray, rows: int, cols: int) -> SpectrumStats:
     if name == "reference":

@@ -8,6 +8,8 @@ relative; float32 Gram is not accurate enough for ill-conditioned matrices, so i
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -22,6 +24,8 @@ def resolve_device(requested: str) -> torch.device:
     """`auto` picks CUDA when present; an explicit `cuda` without a GPU is an error."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", requested or ""):
+        raise InputError(f"unknown --device {requested!r}; use cpu, cuda, cuda:N or auto")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {requested} was asked for but no CUDA GPU is available; use --device cpu or auto")

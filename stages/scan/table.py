@@ -98,9 +98,13 @@ class ReferenceEntry:
 def load_reference_json(path: Path) -> list[ReferenceEntry]:
     """Read either reference layout (flat or sorted), accepting the `Infinity`/`NaN` tokens."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise InputError(f"reference SNR file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"reference SNR file {path} is a folder; pass the snr_results JSON file") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not a JSON text file (not UTF-8 at byte {exc.start}); pass a reference snr_results JSON") from exc
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
     if not isinstance(data, dict) or not data:

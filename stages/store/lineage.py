@@ -13,23 +13,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.contracts import FAILED, LAYER_SELECT, SELECTION_TABLE, SUCCEEDED, TRAINED_TENSORS_TABLE, stage_sort_key
+from ..core.contracts import FAILED, LAYER_SELECT, SELECTION_TABLE, SUCCEEDED, TRAINED_TENSORS_TABLE
 from ..core.errors import InputError
 from .base import ArtifactStore
 from .errors import ArtifactNotFoundError
-from .manifest import list_runs, load_manifest
+from .manifest import Manifest, committed_manifests
 from .tables import read_table, table_key
 
 
 def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
     summaries = []
-    for run_id, stages in sorted(list_runs(store).items()):
-        manifests = [load_manifest(store, run_id, stage) for stage in sorted(stages, key=stage_sort_key)]
+    for run_id, manifests in committed_manifests(store).items():
         statuses = {m.status for m in manifests}
         summaries.append(
             {
                 "run_id": run_id,
-                "status": FAILED if FAILED in statuses else SUCCEEDED,
+                "status": SUCCEEDED if statuses == {SUCCEEDED} else FAILED,
                 "stages": {m.stage: m.status for m in manifests},
                 "started_at": min(m.started_at for m in manifests),
                 "finished_at": max((m.finished_at or "") for m in manifests) or None,
@@ -40,18 +39,18 @@ def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
 
 
 def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
-    stages = list_runs(store).get(run_id)
-    if not stages:
+    everything = committed_manifests(store)  # read once: the run's stages and the producers of its inputs
+    manifests = everything.get(run_id)
+    if not manifests:
         raise InputError(
             f"run {run_id!r} has no committed stage in {store.root_uri}; `spectrum runs --store {store.root_uri}` lists the runs"
         )
-    producers = _ProducerIndex(store)
+    producers = _ProducerIndex(everything)
     report: dict[str, Any] = {"run_id": run_id, "store": store.root_uri, "stages": [], "lineage": []}
-    for stage in sorted(stages, key=stage_sort_key):
-        manifest = load_manifest(store, run_id, stage)
+    for manifest in manifests:
         report["stages"].append(
             {
-                "stage": stage,
+                "stage": manifest.stage,
                 "status": manifest.status,
                 "code_version": manifest.code_version,
                 "cache_key": manifest.cache_key,
@@ -64,7 +63,7 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
             }
         )
         report["lineage"].extend(producers.lineage(manifest.inputs, exclude_run=run_id))
-        if stage == LAYER_SELECT and manifest.status == SUCCEEDED:
+        if manifest.stage == LAYER_SELECT and manifest.status == SUCCEEDED:
             report["selection"] = _selection(store, run_id)
     report["training"] = _training(store, run_id)
     return report
@@ -73,11 +72,10 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
 class _ProducerIndex:
     """Which committed stage wrote each stored object: the audit follows inputs back to their runs."""
 
-    def __init__(self, store: ArtifactStore):
-        self._by_uri: dict[str, Any] = {}
-        for run_id, stages in list_runs(store).items():
-            for stage in stages:
-                manifest = load_manifest(store, run_id, stage)
+    def __init__(self, manifests: dict[str, list[Manifest]]):
+        self._by_uri: dict[str, Manifest] = {}
+        for run_manifests in manifests.values():
+            for manifest in run_manifests:
                 if manifest.status == SUCCEEDED:
                     for output in manifest.outputs:
                         self._by_uri[output["uri"]] = manifest

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, SUCCEEDED
+from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, SUCCEEDED, stage_sort_key
 from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError
-from .keys import validate_name
+from .keys import NAME, validate_name
 from .scrub import check_parameters, check_values
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Manifest:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # ObjectInfo.to_dict()
     finished_at: str | None = None
     seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields written by a newer version, kept as they were
 
     def finish(self, outputs: Sequence[ObjectInfo], status: str = SUCCEEDED) -> Manifest:
         """The manifest of the finished stage, ready for commit_manifest."""
@@ -57,15 +60,38 @@ class Manifest:
             seconds=round(seconds, 3),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        return {**document.pop("extra"), **document}
+
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parse a stored manifest; fields this version does not know (a newer writer's) are kept in `extra`."""
         try:
-            return cls(**json.loads(data))
+            document = json.loads(data)
+            if not isinstance(document, dict):
+                raise TypeError(f"expected a JSON object, found {type(document).__name__}")
+            known = {f.name for f in fields(cls)} - {"extra"}
+            missing = sorted(f.name for f in fields(cls) if f.name in known and f.name not in document and _required(f))
+            if missing:
+                raise TypeError(f"missing field(s) {', '.join(missing)}")
+            extra = {k: v for k, v in document.items() if k not in known}
+            return cls(**{k: v for k, v in document.items() if k in known}, extra=extra)
         except (ValueError, TypeError) as exc:
-            raise InputError(f"{where} is not a valid manifest: {exc}") from exc
+            raise InvalidManifestError(
+                f"{where} is not a valid manifest ({exc}); it is skipped: fix or remove it, the runs it names are not reused"
+            ) from exc
+
+
+class InvalidManifestError(InputError):
+    """A stored manifest cannot be read (truncated, not JSON, missing fields)."""
+
+
+def _required(f: Any) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 def new_run_id() -> str:
@@ -121,10 +147,13 @@ def output_key(run_id: str, stage: str, name: str) -> str:
 
 
 def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
-    """Write the manifest (the commit marker) and then its cache-index entry.
+    """Write the cache-index entry of a succeeded manifest and then the manifest (the commit marker).
 
-    Call it after every output is stored. Re-committing identical bytes is a no-op; a
-    different manifest for the same run and stage is refused (OutputExistsError).
+    Call it after every output is stored. The index goes first so that the commit and its index
+    agree: if the index cannot be written nothing is committed (the caller records a failure);
+    an index entry whose manifest never landed is ignored by find_manifest. Re-committing
+    identical bytes is a no-op; a different manifest for the same run and stage is refused
+    (OutputExistsError).
     """
     if manifest.status not in (SUCCEEDED, FAILED):
         raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} is {manifest.status!r}: call finish() first")
@@ -134,12 +163,12 @@ def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
     if manifest.cache_key != expected_key:
         raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} has a cache key that does not match its contents")
     check_parameters(manifest.parameters)
-    check_values(_without_version_ids(asdict(manifest)), "manifest")
-    info = store.put_bytes(manifest_key(manifest.run_id, manifest.stage), manifest.to_json())
+    check_values(_without_version_ids(manifest.to_dict()), "manifest")
+    key = manifest_key(manifest.run_id, manifest.stage)
     if manifest.status == SUCCEEDED:
-        entry = {"run_id": manifest.run_id, "manifest": info.uri}
+        entry = {"run_id": manifest.run_id, "manifest": store.uri(key)}
         store.put_bytes(_index_key(manifest.stage, manifest.cache_key, manifest.run_id), _canonical_json(entry))
-    return info
+    return store.put_bytes(key, manifest.to_json())
 
 
 def load_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
@@ -161,24 +190,47 @@ def find_manifest(store: ArtifactStore, stage: str, cache_key: str) -> Manifest 
         raise InputError(f"invalid cache key {cache_key!r}: expected 64 lowercase hex digits (see cache_key())")
     found = []
     for entry in store.list(f"cache/{stage}/{cache_key}/"):
-        run_id = entry.rsplit("/", 1)[1].removesuffix(".json")
-        try:
-            manifest = load_manifest(store, run_id, stage)
-        except ArtifactNotFoundError:
-            continue
-        if manifest.status == SUCCEEDED and manifest.cache_key == cache_key:
+        manifest = load_manifest_or_none(store, entry.rsplit("/", 1)[1].removesuffix(".json"), stage)
+        if manifest is not None and manifest.status == SUCCEEDED and manifest.cache_key == cache_key:
             found.append(manifest)
     return max(found, key=lambda m: m.finished_at or "", default=None)
 
 
+def load_manifest_or_none(store: ArtifactStore, run_id: str, stage: str) -> Manifest | None:
+    """The committed manifest, or None when there is none or it cannot be read (warned, naming it).
+
+    One unreadable manifest (truncated, a stray file, a name this version refuses) must not
+    break listing runs, audits or cache lookups for the rest of the store.
+    """
+    try:
+        return load_manifest(store, run_id, stage)
+    except ArtifactNotFoundError:
+        return None
+    except InputError as exc:
+        log.warning("%s", exc)
+        return None
+
+
 def list_runs(store: ArtifactStore) -> dict[str, list[str]]:
-    """Run id -> stages with a committed manifest, both sorted."""
+    """Run id -> stages with a committed manifest, both sorted; keys that no pipeline wrote are skipped with a warning."""
     runs: dict[str, list[str]] = {}
     for key in store.list("runs/"):
         parts = key.split("/")
-        if len(parts) == 4 and parts[3] == MANIFEST_FILE:
+        if len(parts) == 4 and parts[3] == MANIFEST_FILE and NAME.fullmatch(parts[1]) and NAME.fullmatch(parts[2]):
             runs.setdefault(parts[1], []).append(parts[2])
+        elif parts[-1] == MANIFEST_FILE:
+            log.warning("skipping %s: not a manifest of the runs/<run>/<stage>/ layout", store.uri(key))
     return runs
+
+
+def committed_manifests(store: ArtifactStore) -> dict[str, list[Manifest]]:
+    """Run id -> its readable manifests in pipeline order (unreadable ones are warned about and skipped)."""
+    result: dict[str, list[Manifest]] = {}
+    for run_id, stages in sorted(list_runs(store).items()):
+        manifests = [m for stage in sorted(stages, key=stage_sort_key) if (m := load_manifest_or_none(store, run_id, stage))]
+        if manifests:
+            result[run_id] = manifests
+    return result
 
 
 def _without_version_ids(document: dict[str, Any]) -> dict[str, Any]:

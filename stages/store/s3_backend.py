@@ -10,6 +10,7 @@ visible under a real key.
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ COPY_PART_SIZE = 256 * 1024 * 1024
 COPY_THREADS = 4
 SHA256_METADATA = "sha256"
 STAGING = f"{RESERVED_PREFIX}staging"
+STALE_UPLOAD_S = 24 * 3600  # an unfinished multipart upload this old belongs to a writer that died
 _CREDENTIAL_CODES = {
     "AccessDenied",
     "InvalidAccessKeyId",
@@ -112,6 +114,8 @@ class S3Store(ArtifactStore):
         )
         self._endpoint = self._client.meta.endpoint_url
         self._open_bucket(writable)
+        if writable:  # uploads of writers that were killed (SIGKILL, power loss) hold parts until aborted
+            self.abort_uploads(self._base, older_than_s=STALE_UPLOAD_S)
 
     @property
     def root_uri(self) -> str:
@@ -156,8 +160,31 @@ class S3Store(ArtifactStore):
                 staged_version = staged.get("VersionId")
                 check_expected(f"uploading {source} to {uri}", reader.sha256, staged["ContentLength"], sha256, reader.size)
                 return self._publish_copy(key, staging, staged_version, reader.sha256, reader.size)
+            except BaseException:
+                self.abort_uploads(staging)  # parts of an unfinished upload are stored (and billed) until aborted
+                raise
             finally:
                 self._discard(staging, staged_version)
+
+    def abort_uploads(self, key_prefix: str, older_than_s: float | None = None) -> int:
+        """Abort unfinished multipart uploads whose full key starts with `key_prefix` (best effort).
+
+        With `older_than_s`, only those started that long ago (a writer that was killed); returns
+        how many were aborted.
+        """
+        now = time.time()
+        aborted = 0
+        with suppress(ClientError, BotoCoreError):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self._bucket, Prefix=key_prefix)
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    initiated = upload.get("Initiated")
+                    if older_than_s is not None and initiated is not None and now - initiated.timestamp() < older_than_s:
+                        continue
+                    with suppress(ClientError, BotoCoreError):
+                        self._client.abort_multipart_upload(Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                        aborted += 1
+        return aborted
 
     def get_bytes(self, key: str, *, version_id: str | None = None) -> bytes:
         uri = self.uri(key)

@@ -23,6 +23,7 @@ _SECRET_VALUES = [
     ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
     ("a URL with a password", re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)),
 ]
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
 # 40 random base64 characters: the shape of an AWS secret access key. Requiring both cases and
 # a digit or '/+' keeps hex digests (git commits, sha1) and plain words from matching.
 _AWS_SECRET = re.compile(r"(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9/+])[A-Za-z0-9/+]{40}")
@@ -59,6 +60,11 @@ def check_values(document: Any, where: str) -> None:
     for variable, secret in os.environ.items():
         if len(secret) >= _MIN_ENV_SECRET and looks_secret_name(variable) and secret in text:
             raise SecretLeakError(f"{where} contains the value of ${variable}; manifests must never hold secrets")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URL (`scheme://user:password@host`) replaced by `***`."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def _names(document: Any, path: str) -> Iterator[tuple[str, str]]:

@@ -21,7 +21,7 @@ from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name
-from .manifest import load_manifest
+from .manifest import load_manifest_or_none
 
 PARTITION_COLUMNS = ("stage", "run_id")
 PARTITIONING = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
@@ -110,7 +110,5 @@ def read_table(store: ArtifactStore, table_name: str, *, run_id: str | None = No
 def _succeeded(store: ArtifactStore, run_id: str, stage: str) -> bool:
     if not (NAME.fullmatch(run_id) and NAME.fullmatch(stage)):
         return False  # written outside the pipeline: no manifest can exist for it
-    try:
-        return load_manifest(store, run_id, stage).status == SUCCEEDED
-    except ArtifactNotFoundError:
-        return False
+    manifest = load_manifest_or_none(store, run_id, stage)
+    return manifest is not None and manifest.status == SUCCEEDED

@@ -31,6 +31,7 @@ from ..core import settings
 from ..core.errors import InputError
 from . import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
 from .base import sha256_file
+from .uri import uri_scheme
 
 KINDS = ("models", "data")
 LISTING_FORMAT = "spectrum-listing-1"
@@ -185,6 +186,7 @@ def resolve_uri(uri: str, store: ArtifactStore | None) -> StoreLocation | Path:
         root = store.root_uri.rstrip("/") + "/"
         if uri.startswith(root):
             return StoreLocation(store, uri[len(root) :].strip("/"))
+    uri_scheme(uri)
     parts = urlsplit(uri)
     if parts.scheme == "s3":
         path = parts.path.strip("/")
