@@ -29,10 +29,10 @@ from .core.cli import stage_main
 from .core.contracts import DOWNLOAD, DOWNLOAD_SUMMARY_FILE
 from .core.errors import InputError
 from .core.execution import StageRun, execute_stage, require_store_in
-from .core.files import all_files
+from .core.files import all_files, check_links, link_roots
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .data.drops import DATA_SUFFIXES, count_file_records, count_saved_dataset_records, is_saved_dataset
-from .store import ArtifactStore, Manifest, ObjectInfo
+from .store import ArtifactStore, Manifest, ObjectInfo, output_key
 from .store.trees import Listing, StoreLocation, as_tree, materialize_tree, publish_tree, resolve_uri
 from .weights.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ModelWeights
 from .weights.hub import HubSettings, fetch_snapshot, hub_errors, is_hub_id, repo_files, retrying
@@ -137,8 +137,9 @@ def run(config: DownloadConfig, context: StageContext) -> StageResult:
 def read_summary(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
     """download.json of a committed download: {"model": {"uri", "tree", "commit", …}, "data": {…}}."""
     for output in manifest.outputs:
-        if output["key"].endswith(f"/{DOWNLOAD}/{DOWNLOAD_SUMMARY_FILE}"):
-            return json.loads(store.get_bytes(output["key"], version_id=output.get("version_id")))
+        if output["key"] == output_key(manifest.run_id, DOWNLOAD, DOWNLOAD_SUMMARY_FILE):
+            data, _ = store.read_recorded(output)  # the version the manifest recorded, checked against its sha256
+            return json.loads(data)
     raise InputError(
         f"run {manifest.run_id} has no {DOWNLOAD_SUMMARY_FILE} among its {DOWNLOAD} outputs; it is not a download manifest"
     )
@@ -213,6 +214,7 @@ def _gather_hub_model(repo_id: str, revision: str, config: DownloadConfig) -> Ga
         where = f"{label} (commit {commit})"
         paths = select_model_files(files, lambda name: _read_json(configs / name, where), where, config)
         folder = retrying(lambda: fetch_snapshot(repo_id, commit, paths, hub), label, hub)
+    _check_links(folder, where)  # its files are links into the cache repository's blobs/, and must stay there
     missing = [name for name in paths if not (folder / name).is_file()]
     if missing:
         raise InputError(f"{where}: the download is incomplete, missing {', '.join(missing)}; run it again online")
@@ -260,11 +262,28 @@ def _fetch_folder(source: str, context: StageContext, work: Path, what: str) -> 
     if isinstance(located, Path):
         if not located.is_dir():
             raise InputError(f"{what} folder {located} does not exist (or is not a folder)")
+        _check_links(located, f"{what} {source}")
         return located, lambda path: (located / path).absolute().as_uri()
     ref = as_tree(located)
     folder = materialize_tree(ref, progress=context.progress) if ref is not None else _download_prefix(located, work, what)
     base = located.uri.rstrip("/")
     return folder, lambda path: f"{base}/{path}"
+
+
+def _check_links(folder: Path, where: str) -> None:
+    """Refuse a source folder holding a symbolic link (to a file or a folder) that leads out of it.
+
+    Whatever a link points to would be copied into the shared store as if it were part of the
+    source. Links inside the folder are fine; a Hugging Face hub-cache snapshot may link into
+    its own cache repository (stages.core.files.link_roots).
+    """
+    check_links(
+        folder,
+        link_roots(folder),
+        where,
+        "links out of a source folder are refused, so that files from elsewhere on this machine never reach the "
+        "shared store: copy the file into the folder (or remove the link) and run the download again",
+    )
 
 
 def _download_prefix(location: StoreLocation, work: Path, what: str) -> Path:

@@ -160,7 +160,11 @@ def run(config: SelectConfig, context: StageContext) -> StageResult[SelectResult
 
 
 def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[SnrSource, dict]:
-    """The SNR input and its reference (URI, sha256) for the manifest."""
+    """The SNR input and its reference (URI, sha256) for the manifest.
+
+    From a run, the table is the one the scan's manifest recorded (its version, its sha256),
+    verified on read; the reference recorded is that of the bytes read.
+    """
     if config.snr_run is not None:
         if config.snr_input is not None:
             raise InputError("pass either an SNR file or --snr-run, not both")
@@ -170,9 +174,8 @@ def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[Snr
         manifest = load_manifest(store, config.snr_run, SNR_SCAN)
         if manifest.status != SUCCEEDED:
             raise InputError(f"the snr_scan stage of run {config.snr_run!r} {manifest.status}; it has no SNR table to select from")
-        data = store.get_bytes(key)
-        info = store.info(key)
-        return _source_from_table(read_snr_table(data, store.uri(key))), info.to_dict()
+        data, info = store.read_recorded(manifest.recorded_output(key))  # the version the scan recorded, checked against its sha256
+        return _source_from_table(read_snr_table(data, info.uri)), info.to_dict()
     if config.snr_input is None:
         raise InputError("no SNR input: pass a table/JSON file or --snr-run RUN_ID")
     path = Path(config.snr_input)

@@ -113,12 +113,15 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
         return outputs
 
     outcome = execute_stage(SNR_SCAN, context, config.cache_parameters(), inputs, produce)
-    run_id = outcome.manifest.run_id  # local copies asked for come from the committed run (this one or a reused one)
-    if config.output:
-        write_atomic(Path(config.output), store.get_bytes(table_key(SNR_TABLE, SNR_SCAN, run_id)), overwrite=config.overwrite)
-    if config.reference_json:
-        data = store.get_bytes(output_key(run_id, SNR_SCAN, REFERENCE_JSON_FILE))
-        write_atomic(Path(config.reference_json), data, overwrite=config.overwrite)
+    # Local copies asked for come from the committed run (this one or a reused one), verified.
+    manifest = outcome.manifest
+    for path, key in (
+        (config.output, table_key(SNR_TABLE, SNR_SCAN, manifest.run_id)),
+        (config.reference_json, output_key(manifest.run_id, SNR_SCAN, REFERENCE_JSON_FILE)),
+    ):
+        if path:
+            data, _ = store.read_recorded(manifest.recorded_output(key))
+            write_atomic(Path(path), data, overwrite=config.overwrite)
     result = results[0] if results else None
     lines = [report(result, destination=config.output)] if result is not None else []
     return StageResult(SNR_SCAN, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)

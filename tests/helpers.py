@@ -55,3 +55,24 @@ def interrupt_scan_after(monkeypatch, count: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "singular_values", counting)
+
+
+def hub_cache_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
+    """Lay `files` out as the Hugging Face hub cache does, and return the snapshot folder.
+
+    `<cache>/models--org--name/snapshots/<commit>/<file>` is a relative symbolic link to
+    `<cache>/models--org--name/blobs/<sha256>`, which holds the bytes.
+    """
+    import hashlib
+    import os
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot

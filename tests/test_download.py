@@ -26,11 +26,14 @@ from stages.core.cli import stage_main
 from stages.core.errors import CorruptWeightsError, InputError
 from stages.core.stage import StageContext
 from stages.download import STAGE, DownloadConfig, read_summary, run
+from stages.snr_scan import ScanConfig
+from stages.snr_scan import run as snr_scan_run
 from stages.store import open_store
 from stages.store.trees import materialize
+from stages.weights.checkpoint import INDEX_FILE
 from stages.weights.hub import HubUnavailableError
 
-from .helpers import REPO_ROOT
+from .helpers import REPO_ROOT, hub_cache_snapshot
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -307,6 +310,184 @@ def test_offline_mode_without_a_cached_copy(hub, tmp_path, monkeypatch):
     forbid_network(monkeypatch)
     with pytest.raises(InputError, match="offline mode .* org/tiny@main is not .* in the local cache"):
         run(DownloadConfig(model="org/tiny"), StageContext(local_store(tmp_path)))
+
+
+# --- sharded hub models: the hub cache stores every file as a link into the repository's blobs/ ---
+
+
+@pytest.fixture
+def sharded_hub(synthetic_model, monkeypatch) -> Iterator[tuple[FakeHub, dict[str, bytes]]]:
+    """The fake hub serving `org/sharded`: a four-shard checkpoint with its index."""
+    folder = synthetic_model(max_shard_bytes=100_000)
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert INDEX_FILE in files and len([name for name in files if name.endswith(".safetensors")]) >= 3
+    server = FakeHub({"org/sharded": FakeRepo({**files, "README.md": b"# sharded\n"})})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server, files
+    server.close()
+
+
+def scan_rows(model: str, store=None, output: Path | None = None) -> dict[str, tuple]:
+    """tensor name -> (tensor sha256, snr) of a scan of `model` (into `store`, or to the local `output`)."""
+    config = ScanConfig(model_dir=model, output=str(output) if output else None, model_id="m", workers=1)
+    result = snr_scan_run(config, StageContext(store, progress=False))
+    assert result.manifest is None or result.manifest.status == "succeeded"
+    return {row["tensor_name"]: (row.get("tensor_sha256"), row.get("snr")) for row in result.detail.rows}
+
+
+def test_hub_sharded_model_is_downloaded_and_scanned(sharded_hub, synthetic_model, tmp_path):
+    hub, files = sharded_hub
+    store = local_store(tmp_path)
+    outcome = run(DownloadConfig(model="org/sharded"), StageContext(store, progress=False))
+
+    snapshot = tmp_path / "hf-home" / "hub" / "models--org--sharded" / "snapshots" / COMMIT
+    assert all((snapshot / name).is_symlink() for name in files)  # the hub cache layout this is about
+    summary = read_summary(store, outcome.manifest)["model"]
+    assert summary["commit"] == COMMIT and summary["files"] == len(files) and summary["skipped"] == ["README.md"]
+    assert folder_bytes(materialize(summary["uri"], store)) == files
+    assert {ref["uri"] for ref in outcome.manifest.inputs} == {f"{hub.url}/org/sharded/resolve/{COMMIT}/{name}" for name in files}
+
+    # The stored model, the hub snapshot itself and the original folder scan alike.
+    original = scan_rows(str(synthetic_model(max_shard_bytes=100_000)), output=tmp_path / "original.parquet")
+    assert scan_rows(summary["uri"], store) == original
+    assert scan_rows(str(snapshot), output=tmp_path / "snapshot.parquet") == original
+
+
+def test_a_hub_cache_snapshot_folder_is_a_local_model_source(synthetic_model, tmp_path):
+    folder = synthetic_model(max_shard_bytes=100_000)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    snapshot = hub_cache_snapshot(tmp_path / "cache", "org/sharded", COMMIT, files)
+    store = local_store(tmp_path)
+    summary = read_summary(store, run(DownloadConfig(model=str(snapshot)), StageContext(store, progress=False)).manifest)["model"]
+    assert folder_bytes(materialize(summary["uri"], store)) == files
+
+
+# --- symbolic links out of a source folder are refused ----------------------------------------
+
+
+def _link(path: Path, target: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _outside_file(tmp_path: Path, data: bytes = b'{"secret": "from elsewhere on the machine"}') -> Path:
+    target = tmp_path / "elsewhere" / "private.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target
+
+
+def _outside_folder(tmp_path: Path) -> Path:
+    target = tmp_path / "elsewhere" / "shared"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "more.jsonl").write_text('{"text": "not part of the drop"}\n')
+    (target / "model-00009.safetensors").write_bytes(b"not part of the model")
+    return target
+
+
+def _model_with_a_linked_file(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    target = _outside_file(tmp_path)
+    _link(model_dir / "tokenizer_config.json", target)
+    return model_dir, "tokenizer_config.json", target
+
+
+def _model_with_a_linked_shard(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    target = tmp_path / "elsewhere" / "weights.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(model_dir / "model.safetensors", target)
+    _link(model_dir / "model.safetensors", target)
+    return model_dir, "model.safetensors", target
+
+
+def _model_with_a_linked_folder(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    target = _outside_folder(tmp_path)
+    _link(model_dir / "extra", target)
+    return model_dir, "extra", target
+
+
+def _model_with_a_relative_link_out(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    target = _outside_file(tmp_path)
+    _link(model_dir / "sub" / "vocab.json", Path("../..") / "elsewhere" / "private.json")
+    return model_dir, "sub/vocab.json", target
+
+
+def _drop_with_a_linked_file(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    drop = write_drop(tmp_path / "drop")
+    target = _outside_file(tmp_path, b'[{"text": "private"}]')
+    _link(drop / "part1" / "private.json", target)
+    return drop, "part1/private.json", target
+
+
+def _drop_with_a_linked_folder(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    drop = write_drop(tmp_path / "drop")
+    target = _outside_folder(tmp_path)
+    _link(drop / "part2", target)
+    return drop, "part2", target
+
+
+def _drop_with_a_chain_of_links(tmp_path, model_dir) -> tuple[Path, str, Path]:
+    """A link to a link inside the drop that itself leads out: where it finally leads counts."""
+    drop = write_drop(tmp_path / "drop")
+    target = _outside_file(tmp_path, b'[{"text": "private"}]')
+    _link(drop / "hop.json", target)
+    _link(drop / "part1" / "alias.json", Path("..") / "hop.json")
+    return drop, "hop.json", target
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _model_with_a_linked_file,
+        _model_with_a_linked_shard,
+        _model_with_a_linked_folder,
+        _model_with_a_relative_link_out,
+        _drop_with_a_linked_file,
+        _drop_with_a_linked_folder,
+        _drop_with_a_chain_of_links,
+    ],
+    ids=lambda make: make.__name__.strip("_"),
+)
+def test_links_out_of_a_source_folder_are_refused(make, model_dir, tmp_path):
+    folder, name, target = make(tmp_path, model_dir)
+    kind = "model" if folder == model_dir else "data"
+    store = local_store(tmp_path)
+    config = DownloadConfig(model=str(folder)) if kind == "model" else DownloadConfig(data=str(folder))
+    with pytest.raises(InputError) as raised:
+        run(config, StageContext(store, progress=False))
+    message = str(raised.value)
+    assert f"{name} in {'model' if kind == 'model' else 'data drop'} {folder} points to {target.resolve()}, outside {folder}" in message
+    assert "copy the file into the folder" in message
+    assert store.list() == []
+
+
+def test_links_inside_a_source_folder_are_fine(model_dir, tmp_path):
+    (model_dir / "sub").mkdir()
+    shutil.move(model_dir / "tokenizer_config.json", model_dir / "sub" / "tok.json")
+    (model_dir / "tokenizer_config.json").symlink_to(Path("sub") / "tok.json")
+    drop = write_drop(tmp_path / "drop")
+    (drop / "latest.jsonl").symlink_to(Path("part1") / "chat.jsonl")
+    (drop / "again").symlink_to("part1", target_is_directory=True)  # a linked folder inside the drop: not walked twice
+    store = local_store(tmp_path)
+    outcome = run(DownloadConfig(model=str(model_dir), data=str(drop)), StageContext(store, progress=False))
+    summary = read_summary(store, outcome.manifest)
+    model = folder_bytes(materialize(summary["model"]["uri"], store))
+    assert model["tokenizer_config.json"] == b'{"model_max_length": 128}'
+    data = folder_bytes(materialize(summary["data"]["uri"], store))
+    assert data["latest.jsonl"] == (drop / "part1" / "chat.jsonl").read_bytes()
+    assert summary["data"]["records"] == 11 + 2
+
+
+def test_a_hub_snapshot_linking_out_of_its_repository_is_refused(synthetic_model, tmp_path):
+    folder = synthetic_model(max_shard_bytes=100_000)
+    snapshot = hub_cache_snapshot(tmp_path / "cache", "org/sharded", COMMIT, {p.name: p.read_bytes() for p in folder.iterdir()})
+    target = _outside_file(tmp_path)
+    (snapshot / "tokenizer_config.json").symlink_to(target)
+    store = local_store(tmp_path)
+    with pytest.raises(InputError, match=rf"tokenizer_config\.json in model .* points to {target}, outside .*models--org--sharded;"):
+        run(DownloadConfig(model=str(snapshot)), StageContext(store))
+    assert store.list() == []
 
 
 # --- local and stored models ----------------------------------------------------------------

@@ -108,6 +108,28 @@ def test_a_damaged_cache_folder_is_rebuilt(store, tmp_path):
     assert (local / "model.safetensors").read_bytes() == FILES["model.safetensors"]
 
 
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_a_cache_file_changed_in_place_is_fetched_again(store, tmp_path, name):
+    """Same size, other bytes: only hashing tells, and the damaged copy is replaced from the store, never used."""
+    _, stored = published(store, tmp_path)
+    local = materialize(stored.uri, store, cache_dir=tmp_path / "cache")
+    path = local / name
+    path.write_bytes(bytes(b ^ 0xFF for b in FILES[name]))
+    assert path.stat().st_size == len(FILES[name])
+    assert materialize(stored.uri, store, cache_dir=tmp_path / "cache") == local
+    assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()} == FILES
+
+
+def test_a_cache_file_replaced_by_a_link_is_fetched_again(store, tmp_path):
+    _, stored = published(store, tmp_path)
+    local = materialize(stored.uri, store, cache_dir=tmp_path / "cache")
+    elsewhere = make_folder(tmp_path / "elsewhere", {"config.json": FILES["config.json"]})
+    (local / "config.json").unlink()
+    (local / "config.json").symlink_to(elsewhere / "config.json")
+    assert materialize(stored.uri, store, cache_dir=tmp_path / "cache") == local
+    assert not (local / "config.json").is_symlink() and (local / "config.json").read_bytes() == FILES["config.json"]
+
+
 def test_a_full_uri_needs_no_store_object(store, tmp_path):
     _, stored = published(store, tmp_path)
     local = materialize(stored.uri, None)

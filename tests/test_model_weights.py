@@ -13,7 +13,7 @@ from stages.core.errors import CorruptWeightsError, InputError, SpectrumError
 from stages.snr_scan import ScanConfig, run
 from stages.weights.checkpoint import INDEX_FILE, ModelWeights
 
-from .helpers import QUIET
+from .helpers import QUIET, hub_cache_snapshot
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -237,6 +237,85 @@ def test_index_cannot_point_outside_the_model_folder(tmp_path, write_checkpoint,
     shard = "../outside/model.safetensors" if escape == "parent" else str(outside)
     (folder / INDEX_FILE).write_text(json.dumps({"weight_map": {name: shard for name in _tensors()}}))
     _expect(CorruptWeightsError, folder, str(folder / INDEX_FILE))
+
+
+# --- symbolic links: the Hugging Face hub cache, and links that leave the model folder ------------
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def _sharded_files(tmp_path, write_checkpoint) -> dict[str, bytes]:
+    """The files of a two-shard checkpoint with its index."""
+    tensors = _tensors()
+    names = sorted(tensors)
+    folder = write_checkpoint(tmp_path / "src", tensors, shards={SHARDS[0]: names[:2], SHARDS[1]: names[2:]})
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_sharded_hub_cache_snapshot_opens_and_reads(tmp_path, write_checkpoint):
+    """Every file of a hub snapshot (the index and each shard) is a link into its repository's blobs/."""
+    snapshot = hub_cache_snapshot(tmp_path / "hub", "org/m", HUB_COMMIT, _sharded_files(tmp_path, write_checkpoint))
+    assert all((snapshot / name).is_symlink() for name in (INDEX_FILE, *SHARDS))
+    weights = ModelWeights.open(snapshot)
+    assert weights.shards == tuple(SHARDS)
+    tensors = _tensors()
+    assert all(torch.equal(weights.read(t), tensors[t.name]) for t in weights.tensors)
+
+
+def test_a_plain_folder_may_link_its_shards_inside_itself(tmp_path, write_checkpoint):
+    files = _sharded_files(tmp_path, write_checkpoint)
+    folder = tmp_path / "m"
+    (folder / "store").mkdir(parents=True)
+    for name, data in files.items():
+        (folder / "store" / name).write_bytes(data)
+        (folder / name).symlink_to(Path("store") / name)
+    assert ModelWeights.open(folder).shards == tuple(SHARDS)
+
+
+def _link_to_other_repo(tmp_path: Path, shard: Path) -> None:
+    other = tmp_path / "hub" / "models--org--other" / "blobs" / "x"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(shard.resolve().read_bytes())
+    shard.unlink()
+    shard.symlink_to(other)
+
+
+def _link_out_of_the_cache(tmp_path: Path, shard: Path) -> None:
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(shard.resolve().read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+
+
+@pytest.mark.parametrize("escape", [_link_to_other_repo, _link_out_of_the_cache], ids=["other-repository", "outside-the-cache"])
+def test_a_hub_snapshot_shard_that_leaves_its_own_repository_is_refused(tmp_path, write_checkpoint, escape):
+    snapshot = hub_cache_snapshot(tmp_path / "hub", "org/m", HUB_COMMIT, _sharded_files(tmp_path, write_checkpoint))
+    shard = snapshot / "model-00002-of-00002.safetensors"
+    escape(tmp_path, shard)
+    with pytest.raises(CorruptWeightsError, match="model-00002-of-00002.safetensors.* points to .*, outside .*models--org--m"):
+        ModelWeights.open(snapshot)
+
+
+def test_a_snapshots_folder_outside_a_hub_repository_gets_no_wider_root(tmp_path, write_checkpoint):
+    """Only `models--…/snapshots/<commit>` is a hub snapshot: any other folder's links must stay inside it."""
+    snapshot = hub_cache_snapshot(tmp_path / "hub", "org/m", HUB_COMMIT, _sharded_files(tmp_path, write_checkpoint))
+    impostor = tmp_path / "hub" / "models--org--m" / "not-snapshots" / HUB_COMMIT
+    snapshot.parent.rename(impostor.parent)
+    with pytest.raises(CorruptWeightsError, match=f"points to .*blobs.*, outside {impostor}"):
+        ModelWeights.open(impostor)
+
+
+def test_an_index_in_a_hub_snapshot_may_not_name_paths_above_it(tmp_path, write_checkpoint):
+    files = _sharded_files(tmp_path, write_checkpoint)
+    snapshot = hub_cache_snapshot(tmp_path / "hub", "org/m", HUB_COMMIT, files)
+    index = json.loads(files[INDEX_FILE])
+    blob = (snapshot / "model-00002-of-00002.safetensors").resolve()
+    index["weight_map"] = {k: f"../../blobs/{blob.name}" if v.startswith("model-00002") else v for k, v in index["weight_map"].items()}
+    (snapshot / INDEX_FILE).unlink()
+    (snapshot / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CorruptWeightsError, match=r"names shard '\.\./\.\./blobs/.*' outside the model folder"):
+        ModelWeights.open(snapshot)
 
 
 def test_shard_damaged_after_open_is_reported_on_read(tmp_path, write_checkpoint):

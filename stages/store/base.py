@@ -6,10 +6,10 @@ import hashlib
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pyarrow.fs as pafs
 
@@ -161,3 +161,31 @@ class ArtifactStore(ABC):
     @abstractmethod
     def arrow_path(self, key: str) -> str:
         """The path of `key` on arrow_filesystem()."""
+
+    def read_recorded(self, recorded: Mapping[str, Any]) -> tuple[bytes, ObjectInfo]:
+        """The bytes of an object a manifest recorded, verified, and the reference of what was read.
+
+        `recorded` is a manifest output (ObjectInfo.to_dict(): key, uri, sha256, size, version_id).
+        The version the manifest recorded is read (on S3: never a later version of the key), and
+        its bytes must hash to the recorded sha256 and size; the returned ObjectInfo describes
+        exactly those bytes, so a stage records as its input what it really read. This is the
+        one place that reads an object because a manifest names it: use it for every such read.
+        """
+        try:
+            key, expected_sha256, expected_size = recorded["key"], recorded["sha256"], recorded.get("size")
+        except (KeyError, TypeError) as exc:
+            raise IntegrityError(
+                f"manifest output {recorded!r} names no key and sha256, so it cannot be read verified; the manifest is damaged"
+            ) from exc
+        version_id = recorded.get("version_id")
+        uri = self.uri(key)
+        where = f"{uri} (version {version_id})" if version_id else uri
+        data = self.get_bytes(key, version_id=version_id)
+        digest = sha256_bytes(data)
+        if digest != expected_sha256 or (expected_size is not None and len(data) != expected_size):
+            raise IntegrityError(
+                f"{where} does not hold the bytes its manifest recorded: it has sha256 {digest} ({len(data)} bytes), "
+                f"the manifest recorded {expected_sha256} ({expected_size} bytes); it was changed or damaged after it was "
+                "written, so it was not used. Restore the object, or re-run the stage that wrote it (--force) and use the new run"
+            )
+        return data, ObjectInfo(key, uri, digest, len(data), version_id)

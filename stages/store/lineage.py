@@ -64,7 +64,7 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
         )
         report["lineage"].extend(producers.lineage(manifest.inputs, exclude_run=run_id))
         if manifest.stage == LAYER_SELECT and manifest.status == SUCCEEDED:
-            report["selection"] = _selection(store, run_id)
+            report["selection"] = _selection(store, manifest)
     report["training"] = _training(store, run_id)
     return report
 
@@ -95,8 +95,9 @@ class _ProducerIndex:
         return found
 
 
-def _selection(store: ArtifactStore, run_id: str) -> dict[str, Any]:
-    table = pq.read_table(_buffer(store, table_key(SELECTION_TABLE, LAYER_SELECT, run_id)), use_threads=False)
+def _selection(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
+    data, _ = store.read_recorded(manifest.recorded_output(table_key(SELECTION_TABLE, LAYER_SELECT, manifest.run_id)))
+    table = pq.read_table(pa.BufferReader(data), use_threads=False)
     rows = table.to_pylist()
     trainable = [r for r in rows if r["selected"]]
     frozen = [r for r in rows if not r["selected"]]
@@ -117,6 +118,3 @@ def _training(store: ArtifactStore, run_id: str) -> dict[str, Any] | None:
     rows = table.to_pylist()
     return {"changed": [r for r in rows if r.get("changed")], "unchanged": sum(1 for r in rows if not r.get("changed"))}
 
-
-def _buffer(store: ArtifactStore, key: str) -> pa.BufferReader:
-    return pa.BufferReader(store.get_bytes(key))

@@ -60,6 +60,16 @@ class Manifest:
             seconds=round(seconds, 3),
         )
 
+    def recorded_output(self, key: str) -> dict[str, Any]:
+        """The output this manifest recorded at `key` (read it with ArtifactStore.read_recorded)."""
+        for output in self.outputs:
+            if output.get("key") == key:
+                return output
+        raise InputError(
+            f"the {self.stage} manifest of run {self.run_id} records no output {key!r}, so it cannot be read verified; "
+            f"re-run the stage (--force) and use the new run"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
         return {**document.pop("extra"), **document}

@@ -233,8 +233,10 @@ def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = 
 
     A local folder is returned as given. A stored tree is copied into `<cache_dir>/<tree>`
     (default cache_dir: settings.cache_root()), every file checked against the listing's sha256; the copy
-    is assembled in a temporary sibling and renamed into place when complete, so an existing
-    cache folder is always whole: it is reused after its file sizes are checked.
+    is assembled in a temporary sibling and renamed into place when complete. An existing cache
+    folder is reused only after every listed file in it is hashed and matches the listing (see
+    _complete); one that does not match is damaged: it is fetched again from the store and
+    replaced, never read.
     """
     located = resolve_uri(uri, store)
     if isinstance(located, Path):
@@ -292,11 +294,24 @@ def _install(staging: Path, target: Path, listing: Listing) -> None:
 
 
 def _complete(folder: Path, listing: Listing) -> bool:
+    """Whether `folder` holds every listed file with the listed sha256 and size (each file is hashed).
+
+    A local copy is trusted no more than the store: sizes alone would let a file changed in
+    place pass, and the stage reading it would record hashes of bytes it never read. False
+    means damaged or incomplete: the caller fetches the tree again and replaces the folder.
+    Files the listing does not name are not looked at.
+    """
     if not folder.is_dir():
         return False
     for entry in listing.files:
         path = folder / entry.path
-        if not path.is_file() or path.stat().st_size != entry.size:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:  # cheap checks first
+            return False
+    for entry in listing.files:
+        try:
+            if sha256_file(folder / entry.path) != (entry.sha256, entry.size):
+                return False
+        except OSError:
             return False
     return True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.errors import CorruptWeightsError, InputError
+from ..core.files import link_roots, require_inside
 from .naming import natural_key
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -111,11 +113,23 @@ def _shard_list(root: Path) -> tuple[list[str], dict[str, str] | None]:
             raise CorruptWeightsError(f"{index_path} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptWeightsError(f"{index_path} has an empty or malformed 'weight_map'")
+        roots = link_roots(root)  # a hub-cache snapshot's shards are links into its repository's blobs/
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or not shard or not name:
                 raise CorruptWeightsError(f"{index_path} maps {name!r} to {shard!r}; every entry must name a shard file")
-            if Path(shard).is_absolute() or not (root / shard).resolve().is_relative_to(root.resolve()):
-                raise CorruptWeightsError(f"{index_path} names shard {shard!r} outside the model folder; refusing to read it")
+            if Path(shard).is_absolute() or os.path.normpath(shard).split(os.sep)[0] == "..":
+                raise CorruptWeightsError(
+                    f"{index_path} names shard {shard!r} outside the model folder; refusing to read it: an index names "
+                    "its shards by paths inside the model folder; fix the index or re-download the model"
+                )
+            require_inside(
+                root / shard,
+                roots,
+                f"shard {shard!r} named by {index_path}",
+                "refusing to read it: an index may only name shards inside the model folder (or, for a Hugging Face "
+                "hub-cache snapshot, inside its own cache repository); fix the index or re-download the model",
+                CorruptWeightsError,
+            )
         shards = sorted(set(weight_map.values()), key=natural_key)
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
