@@ -111,6 +111,9 @@ class S3Server:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            # Every bucket is a collection with volumes of its own; the default cap (75 here) runs
+            # out after a few dozen test buckets ("No writable volumes and no free volumes left").
+            "-volume.max=1000",
             f"-filer.localSocket={self.data_dir / 'filer.sock'}",
             f"-s3.localSocket={self.data_dir / 's3.sock'}",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
