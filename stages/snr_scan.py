@@ -30,8 +30,7 @@ from .scan.journal import ScanJournal
 from .scan.spectra import SVD_METHODS, resolve_device
 from .scan.table import reference_json, rows_to_table, write_parquet
 from .store import ArtifactStore, ObjectInfo, output_key, table_key
-from .store.base import sha256_file
-from .store.trees import as_tree, materialize, materialize_tree, read_listing, resolve_uri
+from .store.trees import file_ref, local_copy, materialize
 from .weights.checkpoint import ModelWeights
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
 
@@ -92,10 +91,10 @@ def run(config: ScanConfig, context: StageContext) -> StageResult[ScanResult]:
 
 
 def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStore) -> StageResult[ScanResult]:
-    local_dir, stored = _locate_model(config.model_dir, store)
+    local_dir, stored = local_copy(config.model_dir, store)
     weights = ModelWeights.open(local_dir)
     config = replace(config, model_dir=str(local_dir), model_id=config.model_id or _default_model_id(weights))
-    inputs = [stored.get(name) or _file_ref(weights.root / name) for name in weights.files()]
+    inputs = [stored.get(name) or file_ref(weights.root / name) for name in weights.files()]
     results: list[ScanResult] = []
 
     def produce(run_dir: StageRun) -> list[ObjectInfo]:
@@ -197,28 +196,9 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
     return ScanResult(output=output, rows=ordered, resumed=len(done), seconds=time.perf_counter() - started)
 
 
-def _locate_model(model: str, store: ArtifactStore | None) -> tuple[Path, dict[str, dict]]:
-    """A local folder for `model`, and for a stored model (from `spectrum download`) the store
-    reference of each of its files, so the manifest's inputs point at the store, not the cache."""
-    located = resolve_uri(model, store)
-    if isinstance(located, Path):
-        return located, {}
-    ref = as_tree(located)
-    if ref is None:
-        return materialize(model, store), {}  # raises the clear error for a location that is no model
-    listing = read_listing(ref)
-    stored = {f.path: {"uri": f"{ref.uri}/{f.path}", "sha256": f.sha256, "size": f.size} for f in listing.files}
-    return materialize_tree(ref), stored
-
-
 def _default_model_id(weights: ModelWeights) -> str:
     """The model folder's name (for a stored model, its content-addressed tree)."""
     return weights.root.resolve().name
-
-
-def _file_ref(path: Path) -> dict:
-    digest, size = sha256_file(path)
-    return {"uri": path.resolve().as_uri(), "sha256": digest, "size": size}
 
 
 def _validate(config: ScanConfig) -> None:

@@ -19,6 +19,7 @@ STAGE_ORDER = (DOWNLOAD, SNR_SCAN, LAYER_SELECT, CPT, SFT, EVALUATE)
 SNR_TABLE = "snr"
 SELECTION_TABLE = "selection"
 TRAINED_TENSORS_TABLE = "trained_tensors"
+TRAINING_METRICS_TABLE = "training_metrics"
 
 # Well-known files of a run's stage (runs/<run>/<stage>/<file>).
 MANIFEST_FILE = "manifest.json"

@@ -252,6 +252,26 @@ def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = 
     return materialize_tree(ref, cache_dir, progress=progress)
 
 
+def local_copy(uri: str, store: ArtifactStore | None) -> tuple[Path, dict[str, dict]]:
+    """A local folder for `uri`, and for a stored tree (from `spectrum download`) the store reference
+    of each of its files by relative path, so a manifest's inputs point at the store, not the cache."""
+    located = resolve_uri(uri, store)
+    if isinstance(located, Path):
+        return materialize(str(located), store), {}
+    ref = as_tree(located)
+    if ref is None:
+        return materialize(uri, store), {}  # raises the clear error for a location that is no tree
+    listing = read_listing(ref)
+    stored = {f.path: {"uri": f"{ref.uri}/{f.path}", "sha256": f.sha256, "size": f.size} for f in listing.files}
+    return materialize_tree(ref), stored
+
+
+def file_ref(path: Path) -> dict:
+    """A manifest input for a local file: its URI, sha256 and size."""
+    digest, size = sha256_file(path)
+    return {"uri": path.resolve().as_uri(), "sha256": digest, "size": size}
+
+
 def materialize_tree(ref: TreeRef, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
     """The verified local copy of a stored tree (see materialize)."""
     listing = read_listing(ref)

@@ -1,0 +1,211 @@
+"""The DeepSpeed training loop shared by cpt and sft: config from our options, checkpoints, resume, metrics.
+
+One process by default (the distributed variables are filled in when no launcher set them); with
+`deepspeed` or `torchrun` every rank runs the same loop. DeepSpeed picks its accelerator: CUDA
+on a GPU node, its CPU accelerator (gloo) elsewhere. The optimizer is a torch AdamW over the
+trainable parameters only (`torch_adam`, so no fused-Adam compile), with DeepSpeed's warm-up +
+cosine schedule and gradient clipping at 1.0.
+
+Batches are a pure function of the step: optimizer step s, micro-batch m reads samples
+(s * accumulation + m) * micro_batch … of an endless stream of seeded per-epoch permutations. A
+run resumed from a checkpoint therefore sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..core.errors import InputError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    seed: int
+    save_steps: int  # 0: no intermediate checkpoints
+    zero_stage: int
+    bf16: bool
+    offload_optimizer: bool
+    offload_params: bool
+
+
+def deepspeed_config(settings: TrainSettings) -> dict[str, Any]:
+    """The DeepSpeed config our options describe (recorded in the manifest as it is used)."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if settings.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if settings.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": settings.learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": settings.weight_decay},
+            "torch_adam": True,
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": settings.max_steps, "warmup_num_steps": settings.warmup_steps, "warmup_type": "linear"},
+        },
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": settings.bf16},
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class TrainOutcome:
+    state_dict: dict[str, torch.Tensor]  # full weights after training (gathered under ZeRO-3), on the CPU
+    metrics: list[dict[str, Any]]  # one row per optimizer step
+    resumed_from_step: int
+    steps: int
+    seconds: float
+
+
+def train(
+    model: torch.nn.Module,
+    blocks: np.ndarray,
+    settings: TrainSettings,
+    checkpoint_dir: Path,
+    progress: bool | None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> TrainOutcome:
+    """Train `model` (already frozen as selected) on `blocks`; resume from `checkpoint_dir` when it holds a checkpoint."""
+    import deepspeed
+
+    _single_process_defaults()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(settings))
+    started = time.perf_counter()
+    try:
+        first_step = 0
+        if (checkpoint_dir / "latest").is_file():
+            _, client_state = engine.load_checkpoint(str(checkpoint_dir))
+            first_step = int((client_state or {}).get("step", 0))
+        metrics = _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint)
+        state = _gather_state_dict(engine)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
+
+
+def _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint) -> list[dict[str, Any]]:
+    tokens_per_step = settings.micro_batch_size * settings.gradient_accumulation_steps * blocks.shape[1]
+    metrics: list[dict[str, Any]] = []
+    engine.train()
+    with tqdm(
+        total=settings.max_steps, initial=first_step, unit="step", desc="training", disable=(not progress) if progress is not None else None
+    ) as bar:
+        for step in range(first_step, settings.max_steps):
+            started = time.perf_counter()
+            losses = []
+            for micro in range(settings.gradient_accumulation_steps):
+                batch = torch.from_numpy(_batch(blocks, settings, step, micro).astype(np.int64)).to(engine.device)
+                loss = engine(input_ids=batch, labels=batch).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+            seconds = time.perf_counter() - started
+            grad_norm = engine.get_global_grad_norm()
+            row = {
+                "step": step + 1,
+                "loss": float(np.mean(losses)),
+                "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler is not None else settings.learning_rate,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_second": tokens_per_step / seconds if seconds > 0 else None,
+                "step_seconds": seconds,
+                "peak_memory_bytes": _peak_memory(),
+            }
+            metrics.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            bar.update(1)
+            done = step + 1
+            if settings.save_steps and done % settings.save_steps == 0 and done < settings.max_steps:
+                engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{done}", client_state={"step": done})
+                if on_checkpoint is not None:
+                    on_checkpoint(done)
+    return metrics
+
+
+def _batch(blocks: np.ndarray, settings: TrainSettings, step: int, micro: int) -> np.ndarray:
+    count = blocks.shape[0]
+    first = (step * settings.gradient_accumulation_steps + micro) * settings.micro_batch_size
+    rows = []
+    for sample in range(first, first + settings.micro_batch_size):
+        epoch, position = divmod(sample, count)
+        rows.append(np.random.default_rng([settings.seed, epoch]).permutation(count)[position])
+    return np.asarray(blocks[rows])
+
+
+def _gather_state_dict(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+    return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _single_process_defaults() -> None:
+    """Without a launcher, run as the only rank (DeepSpeed otherwise looks for MPI)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ[name] = value
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
+def memory_estimate(
+    total_parameters: int, trainable_parameters: int, settings: TrainSettings, seq_len: int, hidden: int, layers: int
+) -> int:
+    """Bytes a run needs at least: fp32 weights, gradients and two Adam moments of the trainable ones, activations."""
+    weights = total_parameters * (2 if settings.bf16 else 4)
+    trainable = trainable_parameters * (4 + 4 + 8)  # gradient, fp32 master/moments
+    activations = settings.micro_batch_size * seq_len * hidden * layers * 34  # per-layer activations, bytes (rough)
+    return weights + trainable + activations
+
+
+def available_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def require_fits(estimate: int, where: str) -> None:
+    available = available_memory()
+    if estimate > available:
+        raise InputError(
+            f"{where} needs about {estimate / 2**30:.1f} GiB but this machine has {available / 2**30:.1f} GiB; "
+            "lower --micro-batch-size or --seq-len, train fewer tensors, or use --zero-stage 3 with offload"
+        )
