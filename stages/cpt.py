@@ -91,12 +91,16 @@ def run(config: CptConfig, context: StageContext) -> StageResult[CptResult]:
     model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
     inputs = [*model_inputs, *data_inputs, *([selection.ref] if selection else [])]
     parameters = {**config.cache_parameters(), "deepspeed_config": deepspeed_config(settings)}
+    # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+    _check_fit(model_dir, selection, config, settings)
+    packed = pack(
+        data_dir, tokenizer, config.seq_len, config.heldout_percent, config.text_field, context.work_root(), _digest_of(data_inputs)
+    )
     results: list[CptResult] = []
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
         work = context.work_root() / stage.cache_key
-        packed = pack(data_dir, tokenizer, config.seq_len, config.heldout_percent, config.text_field, work, _digest_of(data_inputs))
-        model, freeze = _prepare_model(model_dir, selection, config, settings, packed)
+        model, freeze = _load_model(model_dir, selection, config)
         outcome = train(model, packed.blocks, settings, work / "checkpoints", context.progress)
         trained_dir = work / MODEL_OUTPUT
         _save_model(model, outcome.state_dict, model_dir, trained_dir, tokenizer)
@@ -176,7 +180,23 @@ def _load_tokenizer(model_dir: Path):
         raise InputError(f"the tokenizer in {model_dir} cannot be loaded: {exc}") from exc
 
 
-def _prepare_model(model_dir: Path, selection: Selection | None, config: CptConfig, settings: TrainSettings, packed: PackedData):
+def _check_fit(model_dir: Path, selection: Selection | None, config: CptConfig, settings: TrainSettings) -> None:
+    """The selection applied to the model built on the meta device (no weights read), and the memory estimate."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    freeze = apply_selection(skeleton, selection)
+    text = model_config.get_text_config()
+    estimate = memory_estimate(
+        freeze.total_parameters, freeze.trainable_parameters, settings, config.seq_len, text.hidden_size, text.num_hidden_layers
+    )
+    require_fits(estimate, f"training {freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters")
+
+
+def _load_model(model_dir: Path, selection: Selection | None, config: CptConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -186,11 +206,6 @@ def _prepare_model(model_dir: Path, selection: Selection | None, config: CptConf
     freeze = apply_selection(model, selection)  # after from_pretrained, which sets requires_grad on everything
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    estimate = memory_estimate(
-        freeze.total_parameters, freeze.trainable_parameters, settings, config.seq_len, text.hidden_size, text.num_hidden_layers
-    )
-    require_fits(estimate, f"training {freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters")
     return model, freeze
 
 

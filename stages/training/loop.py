@@ -13,6 +13,8 @@ run resumed from a checkpoint therefore sees exactly the batches an uninterrupte
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import resource
 import socket
@@ -97,18 +99,27 @@ def train(
     _single_process_defaults()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(settings))
+    _destroy_process_group_at_exit()
     started = time.perf_counter()
-    try:
-        first_step = 0
-        if (checkpoint_dir / "latest").is_file():
-            _, client_state = engine.load_checkpoint(str(checkpoint_dir))
-            first_step = int((client_state or {}).get("step", 0))
-        metrics = _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint)
-        state = _gather_state_dict(engine)
-    finally:
+    first_step = 0
+    if (checkpoint_dir / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(checkpoint_dir))
+        first_step = int((client_state or {}).get("step", 0))
+    metrics = _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint)
+    state = _gather_state_dict(engine)
+    return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Once per process: the group is reused by later runs in the same process (DeepSpeed caches it), and
+    destroyed at exit (a process that exits with it alive can abort)."""
+
+    def destroy() -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
+
+    atexit.register(destroy)
 
 
 def _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint) -> list[dict[str, Any]]:

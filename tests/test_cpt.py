@@ -1,0 +1,244 @@
+"""cpt: real DeepSpeed training on the CPU of a tiny Llama with a locally trained tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.cli import main
+from stages import cpt, layer_select
+from stages.core.contracts import CPT, TRAINED_TENSORS_TABLE
+from stages.core.errors import InputError
+from stages.core.stage import StageContext
+from stages.store import open_store, read_table
+from stages.store.lineage import audit_run
+from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.testing.tokenizer import domain_corpus, write_tokenizer
+from stages.training import loop
+
+from .helpers import TINY
+
+SELECTION_YAML = "unfrozen_parameters:\n- ^lm_head.weight$\n- model.layers.1.mlp\n- model.layers.1.self_attn.q_proj\n"
+TRAINABLE = {
+    "lm_head.weight",
+    "model.layers.1.mlp.down_proj.weight",
+    "model.layers.1.mlp.gate_proj.weight",
+    "model.layers.1.mlp.up_proj.weight",
+    "model.layers.1.self_attn.q_proj.weight",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return domain_corpus(240)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, corpus) -> Path:
+    """A 2-layer bf16 Llama with a 512-token BPE tokenizer trained on the corpus."""
+    folder = write_synthetic_model(tmp_path_factory.mktemp("base") / "model", SyntheticSpec(**TINY))
+    return write_tokenizer(folder, corpus, TINY["vocab_size"])
+
+
+@pytest.fixture(scope="module")
+def drop(tmp_path_factory, corpus) -> Path:
+    folder = tmp_path_factory.mktemp("drop")
+    (folder / "part-1.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in corpus[:160]))
+    (folder / "part-2.txt").write_text("\n".join(corpus[160:]) + "\n")
+    return folder
+
+
+@pytest.fixture
+def selection(tmp_path) -> Path:
+    path = tmp_path / "unfrozen_parameters.yaml"
+    path.write_text(SELECTION_YAML)
+    return path
+
+
+def config(base_model: Path, drop: Path, **overrides) -> cpt.CptConfig:
+    options = dict(model=str(base_model), data=str(drop), max_steps=8, seq_len=64, micro_batch_size=2, gradient_accumulation_steps=2)
+    options.update(learning_rate=2e-3, warmup_steps=1, save_steps=4)
+    return cpt.CptConfig(**{**options, **overrides})
+
+
+def context(store_dir: Path, work: Path, **overrides) -> StageContext:
+    return StageContext(open_store(str(store_dir)), work_dir=work, progress=False, **overrides)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- training proper ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_selective_training_changes_exactly_the_selected_tensors(base_model, drop, selection, tmp_path, zero_stage):
+    result = cpt.run(
+        config(base_model, drop, selection=str(selection), zero_stage=zero_stage), context(tmp_path / "store", tmp_path / "work")
+    )
+    detail = result.detail
+    losses = [row["loss"] for row in detail.metrics]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert set(detail.freeze.trainable) == TRAINABLE
+
+    # proof from the files themselves, not from our table
+    run_dir = tmp_path / "store" / "runs" / result.run_id / CPT / "model"
+    before, after = load_file(str(base_model / "model.safetensors")), load_file(str(run_dir / "model.safetensors"))
+    assert set(before) == set(after)
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype
+        if name in TRAINABLE:
+            assert not torch.equal(after[name], tensor), name
+        else:
+            assert torch.equal(after[name], tensor), name
+    assert (run_dir / "tokenizer.json").is_file()
+
+    table = read_table(result and open_store(str(tmp_path / "store")), TRAINED_TENSORS_TABLE, run_id=result.run_id).to_pylist()
+    assert {r["tensor_name"] for r in table if r["changed"]} == TRAINABLE
+    assert all(r["relative_change"] > 0 for r in table if r["trainable"])
+    assert all(r["sha256_before"] == r["sha256_after"] for r in table if not r["trainable"])
+    report = audit_run(open_store(str(tmp_path / "store")), result.run_id)
+    assert {r["tensor_name"] for r in report["training"]["changed"]} == TRAINABLE
+    manifest = result.manifest
+    assert manifest.parameters["deepspeed_config"]["zero_optimization"]["stage"] == zero_stage
+    assert manifest.parameters["deepspeed_config"]["optimizer"]["torch_adam"] is True
+
+
+@pytest.mark.integration
+def test_a_killed_run_resumes_from_its_checkpoint_to_bit_identical_weights(base_model, drop, selection, tmp_path, monkeypatch):
+    options = config(base_model, drop, selection=str(selection))
+    reference = cpt.run(options, context(tmp_path / "reference", tmp_path / "work-reference"))
+
+    real_batch = loop._batch
+
+    def killed_at_step_6(blocks, settings, step, micro):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_batch(blocks, settings, step, micro)
+
+    monkeypatch.setattr(loop, "_batch", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        cpt.run(options, context(tmp_path / "store", tmp_path / "work"))
+    monkeypatch.setattr(loop, "_batch", real_batch)
+    resumed = cpt.run(options, context(tmp_path / "store", tmp_path / "work"))
+    assert resumed.detail.resumed_from_step == 4 and len(resumed.detail.metrics) == 4
+    weights = "model/model.safetensors"
+    assert sha(tmp_path / "store" / "runs" / resumed.run_id / CPT / weights) == sha(
+        tmp_path / "reference" / "runs" / reference.run_id / CPT / weights
+    )
+    assert [round(r["loss"], 6) for r in resumed.detail.metrics] == [round(r["loss"], 6) for r in reference.detail.metrics[4:]]
+    assert cpt.run(options, context(tmp_path / "store", tmp_path / "work")).cached
+
+
+@pytest.mark.integration
+def test_selection_from_a_layer_select_run_and_full_training(base_model, drop, tmp_path, capsys):
+    store_dir = tmp_path / "store"
+    assert main(["scan", str(base_model), "--store", str(store_dir), "--no-progress", "--workers", "1"]) == 0
+    scan_run = capsys.readouterr().out.split("committed run ")[1].split()[0]
+    selected = layer_select.run(layer_select.SelectConfig(snr_run=scan_run, top_percent=25), StageContext(open_store(str(store_dir))))
+    trained = cpt.run(config(base_model, drop, selection_run=selected.run_id, max_steps=2), context(store_dir, tmp_path / "w1"))
+    assert set(trained.detail.freeze.trainable) == set(selected.detail.summary["trainable_tensors"])
+    full = cpt.run(config(base_model, drop, full=True, max_steps=2), context(store_dir, tmp_path / "w2"))
+    assert full.detail.freeze.trainable_parameters == full.detail.freeze.total_parameters
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def bad(base_model, drop, tmp_path, message, **overrides):
+    with pytest.raises(InputError, match=message):
+        cpt.run(config(base_model, drop, **overrides), context(tmp_path / "store", tmp_path / "work"))
+    assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
+
+
+def test_bad_training_options_are_refused_before_any_work(base_model, drop, selection, tmp_path):
+    bad(base_model, drop, tmp_path, "unknown --zero-stage 5", selection=str(selection), zero_stage=5)
+    bad(base_model, drop, tmp_path, "pass --selection FILE or --selection-run RUN")
+    bad(base_model, drop, tmp_path, "--full trains everything", selection=str(selection), full=True)
+    bad(base_model, drop, tmp_path, "--offload-params needs --zero-stage 3", selection=str(selection), offload_params=True)
+    bad(base_model, drop, tmp_path, "--max-steps must be at least 1", selection=str(selection), max_steps=0)
+    bad(base_model, drop, tmp_path, "no data", selection=str(selection), data=None)
+
+
+@pytest.mark.integration
+def test_bad_data_and_models_are_clear_errors(base_model, corpus, selection, tmp_path):
+    def drop_with(name: str, text: str) -> Path:
+        folder = tmp_path / f"drop-{name}"
+        folder.mkdir()
+        (folder / name).write_text(text)
+        return folder
+
+    bad(
+        base_model,
+        drop_with("a.jsonl", '{"text": "fine"}\n{not json\n'),
+        tmp_path,
+        r"a.jsonl, line 2 is not JSON",
+        selection=str(selection),
+    )
+    bad(
+        base_model,
+        drop_with("b.jsonl", '{"body": "x"}\n'),
+        tmp_path,
+        r"b.jsonl, line 1 has no 'text' text field \(it has: body\)",
+        selection=str(selection),
+    )
+    bad(base_model, drop_with("c.txt", "\n\n"), tmp_path, "is empty: it holds no documents", selection=str(selection))
+    bad(base_model, drop_with("d.txt", "too short\n"), tmp_path, "fewer than one sequence of --seq-len 64", selection=str(selection))
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"trainable_tensors": ["model.layers.9.mlp.up_proj.weight"]}))
+    drop = drop_with("e.txt", "\n".join(corpus) + "\n")
+    bad(base_model, drop, tmp_path, "names 1 tensor.* this model does not have .*model.layers.9", selection=str(names))
+    nothing = tmp_path / "nothing.yaml"
+    nothing.write_text("unfrozen_parameters:\n- ^vision_tower\\.\n")
+    bad(base_model, drop, tmp_path, "nothing would be trained", selection=str(nothing))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((base_model / name).read_bytes())
+    bad(bare, drop, tmp_path, "has no tokenizer", selection=str(selection))
+
+
+@pytest.mark.integration
+def test_a_run_that_would_not_fit_in_memory_is_refused_with_the_estimate(base_model, drop, selection, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "available_memory", lambda: 1024 * 1024)
+    bad(base_model, drop, tmp_path, r"needs about .* GiB but this machine has 0.0 GiB", selection=str(selection))
+
+
+# --- backward stops at the lowest trainable tensor ---------------------------------------------------
+
+
+def test_checkpointing_does_not_push_backward_through_frozen_layers(tmp_path):
+    """transformers' input-grad hook (installed with checkpointing) makes backward run through every layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.training.freezing import apply_selection, enable_checkpointing
+    from stages.training.selection import Selection
+
+    def backward_flops(ours: bool) -> int:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(
+            LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, vocab_size=128)
+        )
+        apply_selection(model, Selection((r"model\.layers\.5\.",), "upper layer", {}))
+        if ours:
+            enable_checkpointing(model)
+        else:
+            model.gradient_checkpointing_enable()  # transformers' default: reentrant, with the input-grad hook
+        model.train()
+        batch = torch.randint(0, 128, (2, 32))
+        loss = model(input_ids=batch, labels=batch).loss
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        return counter.get_total_flops()
+
+    ours, default = backward_flops(True), backward_flops(False)
+    assert ours < 0.6 * default, (ours, default)
