@@ -42,6 +42,7 @@ from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
 from .store import ArtifactStore, ObjectInfo, load_manifest, table_key
 from .store.base import sha256_file
+from .weights.naming import layer_index
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 
 POLICIES = ("per-type", "global", "budget")
@@ -101,15 +102,26 @@ class SelectConfig(StageConfig):
     exclude_types: list[str] = option(
         "--exclude-type", default_factory=list, cache=True, metavar="REGEX", help="never select module types matching REGEX"
     )
-    always_train: list[str] = option(
+    depth_aware: bool = option(
+        default=False,
+        cache=True,
+        help="per-type share taken from the upper layers (the best snr among the upper 2x share) with the embeddings "
+        "frozen, so backward stops early; trains faster than the reference policy for the same share",
+    )
+    always_train: list[str] | None = option(
         "--always-train",
-        default_factory=lambda: list(ROLES),
+        default=None,
         cache=True,
         metavar="ROLE|REGEX",
         negative=("--no-always-train", "train only what the policy selects"),
-        help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles)",
+        help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles, "
+        "none with --depth-aware)",
     )
     overwrite: bool = option(default=False, help="replace existing output files")
+
+    def __post_init__(self) -> None:
+        if self.always_train is None:  # the embeddings: trained by the reference policy, frozen when depth-aware
+            self.always_train = [] if self.depth_aware else list(ROLES)
 
 
 @dataclass
@@ -202,6 +214,8 @@ def select(config: SelectConfig, source: SnrSource) -> SelectResult:
 
 
 def _validate(config: SelectConfig) -> None:
+    if config.depth_aware and config.policy != "per-type":
+        raise InputError(f"--depth-aware applies to the per-type policy, not {config.policy}")
     if config.policy not in POLICIES:
         raise InputError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
     if config.policy == "budget":
@@ -354,7 +368,10 @@ def _eligible_groups(entries: list[Entry], config: SelectConfig) -> dict[str, li
 
 
 def _apply_policy(groups: dict[str, list[Entry]], config: SelectConfig, key: Callable[[Entry], float], entries: list[Entry]) -> None:
-    if config.policy == "per-type":
+    if config.policy == "per-type" and config.depth_aware:
+        for kind, members in groups.items():
+            _take_top_of_upper_layers(members, key, config.top_percent, f"in {kind}")
+    elif config.policy == "per-type":
         for kind, members in groups.items():
             _take_top(sorted(members, key=key, reverse=True), config.top_percent, f"in {kind}")
     elif config.policy == "global":
@@ -370,6 +387,27 @@ def _take_top(ranked: list[Entry], percent: float, scope: str) -> None:
         entry.rank, entry.group_size = rank, len(ranked)
         where = f"rank {rank} of {len(ranked)} {scope} by snr; the top {percent:g}% keeps {keep}"
         if rank <= keep:
+            entry.picked = True
+            entry.reason = f"{entry.reason}; also {where}" if entry.always_train else f"selected: {where}"
+        elif not entry.always_train:
+            entry.reason = f"frozen: {where}"
+
+
+def _take_top_of_upper_layers(members: list[Entry], key: Callable[[Entry], float], percent: float, scope: str) -> None:
+    """The same share as the reference, chosen by snr among the upper 2x share of layers.
+
+    Backward stops at the lowest trainable tensor, so the deepest trainable layer sets the cost
+    of every step; picking from the upper layers bounds it, and snr still decides within them.
+    """
+    keep = int(len(members) * percent / 100)
+    by_depth = sorted(members, key=lambda e: layer_index(e.tensor_name) if layer_index(e.tensor_name) is not None else -1, reverse=True)
+    pool = {id(e) for e in by_depth[: min(len(members), 2 * keep)]}
+    ranked = sorted(members, key=key, reverse=True)
+    chosen = {id(e) for e in [e for e in ranked if id(e) in pool][:keep]}
+    for rank, entry in enumerate(ranked, start=1):
+        entry.rank, entry.group_size = rank, len(ranked)
+        where = f"rank {rank} of {len(ranked)} {scope} by snr; depth-aware keeps the best {keep} of the upper {len(pool)} layers"
+        if id(entry) in chosen:
             entry.picked = True
             entry.reason = f"{entry.reason}; also {where}" if entry.always_train else f"selected: {where}"
         elif not entry.always_train:
@@ -456,6 +494,7 @@ def _summary(
         "budget_percent": config.budget_percent if config.policy == "budget" else None,
         "include_types": config.include_types,
         "exclude_types": config.exclude_types,
+        "depth_aware": config.depth_aware,
         "always_train": config.always_train,
         "roles_source": source.roles.source,
         "trainable_tensors": [e.tensor_name for e in selected],

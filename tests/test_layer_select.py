@@ -21,6 +21,7 @@ from stages.layer_select import SelectConfig, run
 from stages.scan.table import load_reference_json
 from stages.snr_scan import ScanConfig
 from stages.snr_scan import run as run_scan
+from stages.weights.naming import layer_index
 
 from .helpers import LLAMA_JSON, LLAMA_YAML_50, QUIET, TINYLLAMA_JSON
 
@@ -461,3 +462,24 @@ def test_parquet_that_is_not_an_snr_table(tmp_path):
     pq.write_table(pa.table({"x": [1, 2]}), source)
     with pytest.raises(InputError, match="missing column"):
         select(source, tmp_path / "sel")
+
+
+# --- depth-aware -----------------------------------------------------------------------------------
+
+
+def test_depth_aware_keeps_the_share_takes_upper_layers_and_freezes_the_embeddings(synthetic_model, tmp_path):
+    table = tmp_path / "snr.parquet"
+    run_scan(ScanConfig(model_dir=str(synthetic_model(num_hidden_layers=8)), output=str(table)), QUIET)
+    reference = select(table, tmp_path / "ref", top_percent=25)
+    deep = select(table, tmp_path / "deep", top_percent=25, depth_aware=True)
+    assert sum(e.picked for e in deep.entries) == sum(e.picked for e in reference.entries)  # the same per-type share
+    picked = [e for e in deep.entries if e.picked]
+    assert picked and all(layer_index(e.tensor_name) >= 4 for e in picked)  # 25% of 8 layers: the best 2 of the upper 4
+    assert not any(e.always_train for e in deep.entries)
+    per_type = {}
+    for e in picked:
+        per_type[e.module_type] = per_type.get(e.module_type, 0) + 1
+    assert set(per_type.values()) == {2}
+    assert deep.summary["depth_aware"] is True and "^lm_head.weight$" not in yaml_entries(tmp_path / "deep")
+    with pytest.raises(InputError, match="--depth-aware applies to the per-type policy"):
+        select(table, tmp_path / "g", policy="global", depth_aware=True)
