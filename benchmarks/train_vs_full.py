@@ -1,0 +1,168 @@
+"""Benchmark: Spectrum training against full fine-tuning, all through the same DeepSpeed cpt stage.
+
+Same model, data, batch and steps for every arm; each arm is `python -m stages.cpt` in its own
+process (peak RSS = that child's VmHWM). Arms: full fine-tuning, Spectrum-50 and Spectrum-25
+(reference policy: embeddings and lm_head trained), Spectrum-25 depth-aware (upper layers,
+embeddings frozen). Printed as ratios to full fine-tuning: median time per step after warm-up,
+peak memory, optimizer-state bytes (AdamW: two fp32 moments per trainable parameter), trainable
+parameters, and the FLOP floor of a step (forward 2·|W|·T for every matrix; weight gradients
+2·|W|·T for trainable ones; input gradients 2·|W|·T for every matrix at or above the lowest
+trainable layer, since backward stops there).
+
+    python benchmarks/train_vs_full.py [--layers 12 --hidden 768 --intermediate 2048 --vocab 2048 --seq-len 256 --steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.scan_vs_reference import run_child  # noqa: E402  (one measured-child mechanism for all benchmarks)
+
+WARMUP_STEPS = 2
+
+
+def flop_floor(config, trainable: set[str], tokens: int) -> int:
+    """FLOPs of one step's matrix products that no implementation can skip (attention scores aside)."""
+    from stages.weights.naming import layer_index
+
+    hidden, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = hidden // heads
+    per_layer = {
+        "self_attn.q_proj": hidden * hidden,
+        "self_attn.k_proj": hidden * kv_heads * head_dim,
+        "self_attn.v_proj": hidden * kv_heads * head_dim,
+        "self_attn.o_proj": hidden * hidden,
+        "mlp.gate_proj": hidden * inter,
+        "mlp.up_proj": hidden * inter,
+        "mlp.down_proj": hidden * inter,
+    }
+    matrices = {f"model.layers.{i}.{name}.weight": size for i in range(layers) for name, size in per_layer.items()}
+    matrices["lm_head.weight"] = hidden * vocab
+    depths = [layer_index(n) for n in trainable if layer_index(n) is not None]
+    lowest = min(depths) if depths else (0 if any("embed_tokens" in n for n in trainable) else layers)
+    total = 0
+    for name, size in matrices.items():
+        total += 2 * size * tokens  # forward
+        if name in trainable:
+            total += 2 * size * tokens  # weight gradient
+        depth = layer_index(name)
+        if (depth if depth is not None else layers) >= lowest and trainable:
+            total += 2 * size * tokens  # gradient of the input, on the way down to the lowest trainable layer
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(ROOT / "benchmark-run" / "train"))
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    args = parser.parse_args()
+
+    from transformers import AutoConfig
+
+    from stages import layer_select, snr_scan
+    from stages.core.stage import StageContext
+    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.testing.tokenizer import domain_corpus, write_tokenizer
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"model-l{args.layers}-h{args.hidden}"
+    corpus = domain_corpus(3000)
+    if not (model / "tokenizer.json").exists():
+        spec = SyntheticSpec(
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=12 if args.hidden % 12 == 0 else 8,
+            num_key_value_heads=12 if args.hidden % 12 == 0 else 8,
+            vocab_size=args.vocab,
+            dtype="float32",
+        )
+        write_synthetic_model(model, spec)
+        write_tokenizer(model, corpus, args.vocab)
+    drop = work / "drop"
+    drop.mkdir(exist_ok=True)
+    (drop / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+    config = AutoConfig.from_pretrained(str(model))
+    print(f"model: {model.name}; data: {len(corpus)} documents")
+
+    table = work / f"snr-{model.name}.parquet"
+    if not table.exists():
+        snr_scan.run(snr_scan.ScanConfig(model_dir=str(model), output=str(table)), StageContext(progress=False))
+    arms: dict[str, Path | None] = {"full": None}
+    for label, options in (("spectrum-50", {"top_percent": 50.0}), ("spectrum-25", {"top_percent": 25.0}),
+                           ("spectrum-25-depth-aware", {"top_percent": 25.0, "depth_aware": True})):  # fmt: skip
+        out = work / label
+        layer_select.run(layer_select.SelectConfig(snr_input=str(table), out_dir=str(out), overwrite=True, **options), StageContext())
+        arms[label] = out / "selection.json"
+
+    tokens = args.seq_len
+    total_parameters = sum(p.numel() for p in _meta_model(config).parameters())
+    rows = {}
+    for label, selection in arms.items():
+        store = work / f"store-{label}"
+        argv = [str(model), "--data", str(drop), "--store", str(store), "--work-dir", str(work / "cpt-work")]
+        argv += ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--micro-batch-size", "1"]
+        argv += ["--learning-rate", "1e-4", "--save-steps", "0", "--zero-stage", str(args.zero_stage), "--no-progress", "--force"]
+        argv += ["--full"] if selection is None else ["--selection", str(selection)]
+        _, peak_mib = run_child("stages.cpt", argv, work, label)
+        metrics = _metrics(store)
+        trainable = _trainable(store)
+        step = statistics.median(m["step_seconds"] for m in metrics[WARMUP_STEPS:])
+        parameters = sum(p for _, p in trainable.items())
+        rows[label] = {
+            "step_seconds": step,
+            "peak_mib": peak_mib,
+            "optimizer_bytes": parameters * 8,
+            "trainable": parameters,
+            "flops": flop_floor(config, set(trainable), tokens),
+            "loss": f"{metrics[0]['loss']:.3f}->{metrics[-1]['loss']:.3f}",
+        }
+    base = rows["full"]
+    print(f"\n{total_parameters / 1e6:.1f}M parameters, seq {args.seq_len}, {args.steps} steps, ZeRO-{args.zero_stage}, fp32 on CPU")
+    print(f"{'arm':26} {'s/step':>8} {'time':>6} {'peak MiB':>9} {'memory':>7} {'optim':>6} {'trainable':>10} {'FLOP floor':>10}  loss")
+    for label, row in rows.items():
+        print(
+            f"{label:26} {row['step_seconds']:8.3f} {row['step_seconds'] / base['step_seconds']:6.2f} {row['peak_mib']:9.0f} "
+            f"{row['peak_mib'] / base['peak_mib']:7.2f} {row['optimizer_bytes'] / base['optimizer_bytes']:6.2f} "
+            f"{row['trainable'] / base['trainable']:10.2f} {row['flops'] / base['flops']:10.2f}  {row['loss']}"
+        )
+
+
+def _meta_model(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _metrics(store: Path) -> list[dict]:
+    from stages.store import open_store, read_table
+
+    return sorted(read_table(open_store(str(store)), "training_metrics").to_pylist(), key=lambda r: r["step"])
+
+
+def _trainable(store: Path) -> dict[str, int]:
+    from stages.store import open_store, read_table
+
+    rows = read_table(open_store(str(store)), "trained_tensors").to_pylist()
+    return {r["tensor_name"]: r["parameter_count"] for r in rows if r["trainable"]}
+
+
+if __name__ == "__main__":
+    main()
