@@ -32,6 +32,7 @@ test-fast: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/scan_vs_reference.py
+	$(BIN)/python benchmarks/train_vs_full.py
 
 clean:
 	rm -rf demo-run benchmark-run

@@ -31,7 +31,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_spectrum_help_lists_the_subcommands():
     done = run_command(venv_bin("spectrum"), "--help")
     assert done.returncode == 0, done.stderr
-    for command in ("scan", "select", "demo"):
+    for command in ("download", "scan", "select", "cpt", "runs", "audit", "demo"):
         assert command in done.stdout
 
 
@@ -43,6 +43,7 @@ def test_spectrum_help_lists_the_subcommands():
             ["--out", "--estimator", "--svd-method", "--device", "--include", "--exclude", "--reference-json", "--workers", "--overwrite"],
         ),
         ("select", ["--out-dir", "--policy", "--top-percent", "--budget-percent", "--include-type", "--always-train", "--no-always-train"]),
+        ("cpt", ["--data", "--selection", "--selection-run", "--full", "--max-steps", "--seq-len", "--zero-stage", "--save-steps"]),
         ("demo", ["--workdir", "--top-percent", "--layers", "--overwrite"]),
     ],
 )
@@ -63,7 +64,15 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("spectrum ")
 
 
-@pytest.mark.parametrize(("module", "option"), [("stages.snr_scan", "--svd-method"), ("stages.layer_select", "--policy")])
+@pytest.mark.parametrize(
+    ("module", "option"),
+    [
+        ("stages.download", "--model"),
+        ("stages.snr_scan", "--svd-method"),
+        ("stages.layer_select", "--policy"),
+        ("stages.cpt", "--zero-stage"),
+    ],
+)
 def test_stage_module_help(module, option):
     done = run_command(sys.executable, "-m", module, "--help")
     assert done.returncode == 0, done.stderr
