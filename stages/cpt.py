@@ -7,6 +7,8 @@ for the evaluate stage and recorded. Every parameter is frozen except the select
 everything, the baseline). Checkpoints every --save-steps go to a work folder named by the
 cache key, so a killed run resumes from the last one. The result is a Hugging Face model
 (safetensors in the base model's dtype, tokenizer beside it) published as the run's output,
+the checkpoints copied into the store as they are written (a run that failed is resumed from
+them on any machine),
 with the trained_tensors table (sha256 of every tensor before and after: a frozen tensor that
 changed fails the stage) and the training_metrics table.
 """
@@ -31,6 +33,7 @@ from .core.files import all_files
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .store import ObjectInfo
 from .store.trees import file_ref, local_copy
+from .training.checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
 from .training.freezing import FreezeReport, apply_selection, enable_checkpointing
 from .training.loop import TrainSettings, deepspeed_config, memory_estimate, require_fits, train
 from .training.packing import PackedData, pack
@@ -39,6 +42,7 @@ from .training.tensor_audit import audit_tensors
 
 MODEL_OUTPUT = "model"  # runs/<run>/cpt/model/… : the trained Hugging Face model
 HELDOUT_FILE = "heldout.json"
+TRAINING_FILE = "training.json"  # how the run went: resumed from where, seconds, versions and device
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -100,17 +104,33 @@ def run(config: CptConfig, context: StageContext) -> StageResult[CptResult]:
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
         work = context.work_root() / stage.cache_key
+        checkpoints = work / CHECKPOINTS
+        restored = restore_latest(store, CPT, stage.cache_key, checkpoints)  # a failed run's work, from any machine
         model, freeze = _load_model(model_dir, selection, config)
-        outcome = train(model, packed.blocks, settings, work / "checkpoints", context.progress)
+        published: list[ObjectInfo] = []
+
+        def on_checkpoint(step: int) -> None:
+            published.extend(publish_checkpoint(stage, checkpoints, step))
+
+        outcome = train(model, packed.blocks, settings, checkpoints, context.progress, on_checkpoint)
         trained_dir = work / MODEL_OUTPUT
         _save_model(model, outcome.state_dict, model_dir, trained_dir, tokenizer)
         audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
-        outputs = [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
+        outputs = published + [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
         outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
         outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
         heldout = {**packed.heldout, "training_documents": packed.documents, "training_tokens": packed.tokens, "blocks": packed.count}
         outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(heldout, indent=2) + "\n").encode()))
-        outputs.append(stage.put_bytes("environment.json", (json.dumps(_environment(), indent=2) + "\n").encode()))
+        training = {
+            "resumed_from_step": outcome.resumed_from_step,
+            "restored_from": restored,  # {run_id, step} of a failed run's checkpoint in the store, or None
+            "steps": outcome.steps,
+            "seconds": round(outcome.seconds, 3),
+            "trainable_parameters": freeze.trainable_parameters,
+            "total_parameters": freeze.total_parameters,
+            "environment": _environment(),
+        }
+        outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
         if config.out_dir:
             shutil.copytree(trained_dir, config.out_dir, dirs_exist_ok=config.overwrite)
         results.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from stages import cpt, layer_select
 from stages.core.contracts import CPT, TRAINED_TENSORS_TABLE
 from stages.core.errors import InputError
 from stages.core.stage import StageContext
-from stages.store import open_store, read_table
+from stages.store import list_runs, open_store, read_table
 from stages.store.lineage import audit_run
 from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.testing.tokenizer import domain_corpus, write_tokenizer
@@ -112,7 +113,9 @@ def test_selective_training_changes_exactly_the_selected_tensors(base_model, dro
 
 
 @pytest.mark.integration
-def test_a_killed_run_resumes_from_its_checkpoint_to_bit_identical_weights(base_model, drop, selection, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["same-machine", "new-machine"])
+def test_a_killed_run_resumes_from_its_checkpoint_to_bit_identical_weights(base_model, drop, selection, tmp_path, monkeypatch, where):
+    """same-machine: from the local work folder; new-machine: the work folder is gone, the checkpoint comes from the store."""
     options = config(base_model, drop, selection=str(selection))
     reference = cpt.run(options, context(tmp_path / "reference", tmp_path / "work-reference"))
 
@@ -127,8 +130,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_bit_identical_weights(base_
     with pytest.raises(KeyboardInterrupt):
         cpt.run(options, context(tmp_path / "store", tmp_path / "work"))
     monkeypatch.setattr(loop, "_batch", real_batch)
+    (failed,) = list_runs(open_store(str(tmp_path / "store")))
+    assert (tmp_path / "store" / "runs" / failed / CPT / "checkpoints" / "step-4" / "complete.json").is_file()
+    if where == "new-machine":
+        shutil.rmtree(tmp_path / "work")
     resumed = cpt.run(options, context(tmp_path / "store", tmp_path / "work"))
     assert resumed.detail.resumed_from_step == 4 and len(resumed.detail.metrics) == 4
+    training = json.loads((tmp_path / "store" / "runs" / resumed.run_id / CPT / "training.json").read_text())
+    assert training["restored_from"] == ({"run_id": failed, "step": 4} if where == "new-machine" else None)
     weights = "model/model.safetensors"
     assert sha(tmp_path / "store" / "runs" / resumed.run_id / CPT / weights) == sha(
         tmp_path / "reference" / "runs" / reference.run_id / CPT / weights
