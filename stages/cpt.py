@@ -2,273 +2,48 @@
 
 The drop's documents are tokenised with the model's tokenizer, joined with EOS and packed to
 --seq-len; a deterministic share of documents (chosen by the sha256 of their text) is held out
-for the evaluate stage and recorded. Every parameter is frozen except the selection
-(--selection selection.json or unfrozen_parameters.yaml, or --selection-run RUN; --full trains
-everything, the baseline). Checkpoints every --save-steps go to a work folder named by the
-cache key, so a killed run resumes from the last one. The result is a Hugging Face model
-(safetensors in the base model's dtype, tokenizer beside it) published as the run's output,
-the checkpoints copied into the store as they are written (a run that failed is resumed from
-them on any machine),
-with the trained_tensors table (sha256 of every tensor before and after: a frozen tensor that
-changed fails the stage) and the training_metrics table.
+for the evaluate stage and recorded in heldout.json. Every parameter is frozen except the
+selection (--selection selection.json or unfrozen_parameters.yaml, or --selection-run RUN;
+--full trains everything, the baseline). Checkpoints every --save-steps go to a work folder
+named by the cache key and into the store, so a killed run resumes from the last one, on this
+machine or another. The result is a Hugging Face model (safetensors in the base model's dtype,
+tokenizer beside it), the trained_tensors table (sha256 of every tensor before and after: a
+frozen tensor that changed fails the stage) and the training_metrics table.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from . import __version__
 from .core.cli import stage_main
-from .core.contracts import CPT, TRAINED_TENSORS_TABLE, TRAINING_METRICS_TABLE
+from .core.contracts import CPT
 from .core.errors import InputError
-from .core.execution import StageRun, execute_stage, require_store_in
-from .core.files import all_files
-from .core.stage import Stage, StageConfig, StageContext, StageResult, option
-from .store import ObjectInfo
-from .store.trees import file_ref, local_copy
-from .training.checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
-from .training.freezing import FreezeReport, apply_selection, enable_checkpointing
-from .training.loop import TrainSettings, deepspeed_config, memory_estimate, require_fits, train
-from .training.packing import PackedData, pack
-from .training.selection import Selection, load_selection
-from .training.tensor_audit import audit_tensors
+from .core.stage import Stage, StageContext, StageResult, option
+from .training.loop import TrainingArrays
+from .training.packing import pack
+from .training.runner import PreparedData, TrainingConfig, TrainingResult, run_training
 
-MODEL_OUTPUT = "model"  # runs/<run>/cpt/model/… : the trained Hugging Face model
 HELDOUT_FILE = "heldout.json"
-TRAINING_FILE = "training.json"  # how the run went: resumed from where, seconds, versions and device
-ZERO_STAGES = (0, 1, 2, 3)
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
-class CptConfig(StageConfig):
-    model: str = option(positional=True, help="base model: a Hugging Face folder (safetensors + tokenizer) or a stored model URI")
-    data: str | None = option(default=None, help="data drop: a folder or stored drop URI of .txt/.jsonl/.json/.parquet files")
-    selection: str | None = option(default=None, help="selection.json or unfrozen_parameters.yaml from `spectrum select`")
-    selection_run: str | None = option(metavar="RUN_ID", default=None, help="instead of --selection: the layer_select run in --store")
-    full: bool = option(default=False, cache=True, help="train every parameter (the full fine-tuning baseline)")
-    out_dir: str | None = option("--out-dir", "-o", default=None, help="also write the trained model to this local folder")
-    max_steps: int = option(default=100, cache=True, help="optimizer steps (default 100)")
-    seq_len: int = option(default=512, cache=True, help="tokens per packed sequence (default 512)")
-    micro_batch_size: int = option(default=1, cache=True, help="sequences per forward pass (default 1)")
-    gradient_accumulation_steps: int = option(default=1, cache=True, help="micro-batches per optimizer step (default 1)")
-    learning_rate: float = option(default=1e-5, cache=True, help="peak learning rate (default 1e-5)")
-    warmup_steps: int = option(default=10, cache=True, help="linear warm-up steps before the cosine decay (default 10)")
-    weight_decay: float = option(default=0.0, cache=True, help="AdamW weight decay (default 0)")
-    seed: int = option(default=0, cache=True, help="seed of the data order (default 0)")
-    save_steps: int = option(default=50, cache=True, help="checkpoint every N steps for resuming; 0: none (default 50)")
-    zero_stage: int = option(default=2, cache=True, help="DeepSpeed ZeRO stage 0-3 (default 2)")
-    precision: str = option(default="auto", cache=True, choices=PRECISIONS, help="auto: bf16 on a GPU, fp32 on the CPU")
-    offload_optimizer: bool = option(default=False, cache=True, help="ZeRO 1-3: keep optimizer state in CPU memory")
-    offload_params: bool = option(default=False, cache=True, help="ZeRO 3: keep parameters in CPU memory")
-    gradient_checkpointing: bool = option(default=False, cache=True, help="non-reentrant activation checkpointing (less memory)")
+class CptConfig(TrainingConfig):
     heldout_percent: float = option(default=5.0, cache=True, help="share of documents held out for evaluation (default 5)")
     text_field: str = option(default="text", cache=True, help="the text field of JSON/Parquet records (default text)")
-    overwrite: bool = option(default=False, help="replace files in --out-dir")
 
 
-@dataclass
-class CptResult:
-    model_dir: Path | None  # the local copy in --out-dir, if asked for
-    freeze: FreezeReport | None
-    data: PackedData | None
-    metrics: list[dict[str, Any]]
-    resumed_from_step: int
-
-
-def run(config: CptConfig, context: StageContext) -> StageResult[CptResult]:
-    store = require_store_in(context, CPT)
-    _validate(config)
-    model_dir, model_refs = local_copy(config.model, store)
-    data_dir, data_refs = local_copy(config.data, store)
-    tokenizer = _load_tokenizer(model_dir)
-    selection = None if config.full else load_selection(config.selection, config.selection_run, store)
-    settings = _settings(config)
-    data_inputs = [data_refs.get(name) or file_ref(data_dir / name) for name in all_files(data_dir)]
-    model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
-    inputs = [*model_inputs, *data_inputs, *([selection.ref] if selection else [])]
-    parameters = {**config.cache_parameters(), "deepspeed_config": deepspeed_config(settings)}
-    # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
-    _check_fit(model_dir, selection, config, settings)
-    packed = pack(
-        data_dir, tokenizer, config.seq_len, config.heldout_percent, config.text_field, context.work_root(), _digest_of(data_inputs)
-    )
-    results: list[CptResult] = []
-
-    def produce(stage: StageRun) -> list[ObjectInfo]:
-        work = context.work_root() / stage.cache_key
-        checkpoints = work / CHECKPOINTS
-        restored = restore_latest(store, CPT, stage.cache_key, checkpoints)  # a failed run's work, from any machine
-        model, freeze = _load_model(model_dir, selection, config)
-        published: list[ObjectInfo] = []
-
-        def on_checkpoint(step: int) -> None:
-            published.extend(publish_checkpoint(stage, checkpoints, step))
-
-        outcome = train(model, packed.blocks, settings, checkpoints, context.progress, on_checkpoint)
-        trained_dir = work / MODEL_OUTPUT
-        _save_model(model, outcome.state_dict, model_dir, trained_dir, tokenizer)
-        audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
-        outputs = published + [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
-        outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
-        outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
-        heldout = {**packed.heldout, "training_documents": packed.documents, "training_tokens": packed.tokens, "blocks": packed.count}
-        outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(heldout, indent=2) + "\n").encode()))
-        training = {
-            "resumed_from_step": outcome.resumed_from_step,
-            "restored_from": restored,  # {run_id, step} of a failed run's checkpoint in the store, or None
-            "steps": outcome.steps,
-            "seconds": round(outcome.seconds, 3),
-            "trainable_parameters": freeze.trainable_parameters,
-            "total_parameters": freeze.total_parameters,
-            "environment": _environment(),
-        }
-        outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
-        if config.out_dir:
-            shutil.copytree(trained_dir, config.out_dir, dirs_exist_ok=config.overwrite)
-        results.append(
-            CptResult(Path(config.out_dir) if config.out_dir else None, freeze, packed, outcome.metrics, outcome.resumed_from_step)
-        )
-        shutil.rmtree(work, ignore_errors=True)
-        return outputs
-
-    outcome = execute_stage(CPT, context, parameters, inputs, produce)
-    result = results[0] if results else None
-    lines = [_summary_line(result)] if result else []
-    return StageResult(CPT, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
-
-
-def _validate(config: CptConfig) -> None:
-    if config.data is None:
-        raise InputError("no data: pass --data (a folder or stored drop of .txt/.jsonl/.json/.parquet files)")
-    if config.full and (config.selection or config.selection_run):
-        raise InputError("--full trains everything; leave out --selection/--selection-run, or drop --full")
-    if config.zero_stage not in ZERO_STAGES:
-        raise InputError(f"unknown --zero-stage {config.zero_stage}; choose one of 0, 1, 2, 3")
-    if config.offload_params and config.zero_stage != 3:
-        raise InputError("--offload-params needs --zero-stage 3")
-    if config.offload_optimizer and config.zero_stage == 0:
-        raise InputError("--offload-optimizer needs --zero-stage 1, 2 or 3")
-    for name in ("max_steps", "seq_len", "micro_batch_size", "gradient_accumulation_steps"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.save_steps < 0 or config.warmup_steps < 0:
-        raise InputError("--save-steps and --warmup-steps must be 0 or more")
+def run(config: CptConfig, context: StageContext) -> StageResult[TrainingResult]:
     if not 0 <= config.heldout_percent < 100:
         raise InputError(f"--heldout-percent must be in [0, 100), got {config.heldout_percent:g}")
-    if not config.learning_rate > 0:
-        raise InputError(f"--learning-rate must be positive, got {config.learning_rate:g}")
 
+    def prepare(data_dir: Path, tokenizer: Any, data_digest: str, work_root: Path) -> PreparedData:
+        packed = pack(data_dir, tokenizer, config.seq_len, config.heldout_percent, config.text_field, work_root, data_digest)
+        record = {**packed.heldout, "training_documents": packed.documents, "training_tokens": packed.tokens, "blocks": packed.count}
+        return PreparedData(TrainingArrays(packed.blocks), HELDOUT_FILE, record)
 
-def _settings(config: CptConfig) -> TrainSettings:
-    import torch
-
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available())
-    return TrainSettings(
-        max_steps=config.max_steps,
-        micro_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        warmup_steps=min(config.warmup_steps, config.max_steps),
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        save_steps=config.save_steps,
-        zero_stage=config.zero_stage,
-        bf16=bf16,
-        offload_optimizer=config.offload_optimizer,
-        offload_params=config.offload_params,
-    )
-
-
-def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        raise InputError(
-            f"{model_dir} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the tokenizer beside the model"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"the tokenizer in {model_dir} cannot be loaded: {exc}") from exc
-
-
-def _check_fit(model_dir: Path, selection: Selection | None, config: CptConfig, settings: TrainSettings) -> None:
-    """The selection applied to the model built on the meta device (no weights read), and the memory estimate."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    freeze = apply_selection(skeleton, selection)
-    text = model_config.get_text_config()
-    estimate = memory_estimate(
-        freeze.total_parameters, freeze.trainable_parameters, settings, config.seq_len, text.hidden_size, text.num_hidden_layers
-    )
-    require_fits(estimate, f"training {freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters")
-
-
-def _load_model(model_dir: Path, selection: Selection | None, config: CptConfig):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.config.use_cache = False
-    freeze = apply_selection(model, selection)  # after from_pretrained, which sets requires_grad on everything
-    if config.gradient_checkpointing:
-        enable_checkpointing(model)
-    return model, freeze
-
-
-def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer) -> None:
-    """The trained weights in the base checkpoint's dtypes (a frozen bf16 tensor round-trips bit-exactly)."""
-    from .weights.checkpoint import ModelWeights
-
-    base = ModelWeights.open(base_dir)
-    dtypes = {info.name: base.read(info).dtype for info in base.tensors}
-    converted = {name: tensor.to(dtypes.get(name, tensor.dtype)).contiguous() for name, tensor in state_dict.items()}
-    model.save_pretrained(str(out_dir), state_dict=converted, safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
-
-
-def _digest_of(refs: list[dict]) -> str:
-    import hashlib
-
-    return hashlib.sha256("".join(ref["sha256"] for ref in refs).encode()).hexdigest()
-
-
-def _environment() -> dict[str, Any]:
-    import deepspeed
-    import torch
-    import transformers
-
-    return {
-        "code_version": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _summary_line(result: CptResult) -> str:
-    metrics = result.metrics
-    first, last = (metrics[0]["loss"], metrics[-1]["loss"]) if metrics else (float("nan"), float("nan"))
-    freeze = result.freeze
-    share = f"{freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters" if freeze else ""
-    resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
-    return f"trained {share} for {len(metrics)} steps{resumed}: loss {first:.4f} -> {last:.4f}"
+    return run_training(CPT, config, context, prepare)
 
 
 STAGE = Stage(

@@ -119,17 +119,17 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_bit_identical_weights(base_
     options = config(base_model, drop, selection=str(selection))
     reference = cpt.run(options, context(tmp_path / "reference", tmp_path / "work-reference"))
 
-    real_batch = loop._batch
+    real_batch = loop._batch_rows
 
-    def killed_at_step_6(blocks, settings, step, micro):
+    def killed_at_step_6(count, settings, step, micro):
         if step == 5:
             raise KeyboardInterrupt
-        return real_batch(blocks, settings, step, micro)
+        return real_batch(count, settings, step, micro)
 
-    monkeypatch.setattr(loop, "_batch", killed_at_step_6)
+    monkeypatch.setattr(loop, "_batch_rows", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         cpt.run(options, context(tmp_path / "store", tmp_path / "work"))
-    monkeypatch.setattr(loop, "_batch", real_batch)
+    monkeypatch.setattr(loop, "_batch_rows", real_batch)
     (failed,) = list_runs(open_store(str(tmp_path / "store")))
     assert (tmp_path / "store" / "runs" / failed / CPT / "checkpoints" / "step-4" / "complete.json").is_file()
     if where == "new-machine":

@@ -76,6 +76,33 @@ def deepspeed_config(settings: TrainSettings) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class TrainingArrays:
+    """Fixed-length training rows: token ids, and for chat data the labels (-100: no loss) and padding mask."""
+
+    input_ids: np.ndarray  # [rows, seq_len]
+    labels: np.ndarray | None = None  # None: predict every token (packed pre-training text)
+    attention_mask: np.ndarray | None = None  # None: no padding
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(self.input_ids[indices]).astype(np.int64))
+        batch = {
+            "input_ids": ids,
+            "labels": ids if self.labels is None else torch.from_numpy(np.asarray(self.labels[indices]).astype(np.int64)),
+        }
+        if self.attention_mask is not None:
+            batch["attention_mask"] = torch.from_numpy(np.asarray(self.attention_mask[indices]).astype(np.int64))
+        return batch
+
+    @property
+    def tokens_per_row(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
 @dataclass
 class TrainOutcome:
     state_dict: dict[str, torch.Tensor]  # full weights after training (gathered under ZeRO-3), on the CPU
@@ -87,13 +114,13 @@ class TrainOutcome:
 
 def train(
     model: torch.nn.Module,
-    blocks: np.ndarray,
+    data: TrainingArrays,
     settings: TrainSettings,
     checkpoint_dir: Path,
     progress: bool | None,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainOutcome:
-    """Train `model` (already frozen as selected) on `blocks`; resume from `checkpoint_dir` when it holds a checkpoint."""
+    """Train `model` (already frozen as selected) on `data`; resume from `checkpoint_dir` when it holds a checkpoint."""
     import deepspeed
 
     _single_process_defaults()
@@ -105,7 +132,7 @@ def train(
     if (checkpoint_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
         first_step = int((client_state or {}).get("step", 0))
-    metrics = _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint)
+    metrics = _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progress, on_checkpoint)
     state = _gather_state_dict(engine)
     return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
 
@@ -122,8 +149,8 @@ def _destroy_process_group_at_exit() -> None:
     atexit.register(destroy)
 
 
-def _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, progress, on_checkpoint) -> list[dict[str, Any]]:
-    tokens_per_step = settings.micro_batch_size * settings.gradient_accumulation_steps * blocks.shape[1]
+def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progress, on_checkpoint) -> list[dict[str, Any]]:
+    tokens_per_step = settings.micro_batch_size * settings.gradient_accumulation_steps * data.tokens_per_row
     metrics: list[dict[str, Any]] = []
     engine.train()
     with tqdm(
@@ -133,8 +160,8 @@ def _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, prog
             started = time.perf_counter()
             losses = []
             for micro in range(settings.gradient_accumulation_steps):
-                batch = torch.from_numpy(_batch(blocks, settings, step, micro).astype(np.int64)).to(engine.device)
-                loss = engine(input_ids=batch, labels=batch).loss
+                batch = {k: v.to(engine.device) for k, v in data.batch(_batch_rows(data.rows, settings, step, micro)).items()}
+                loss = engine(**batch).loss
                 engine.backward(loss)
                 engine.step()
                 losses.append(float(loss.detach()))
@@ -160,14 +187,14 @@ def _steps(engine, scheduler, blocks, settings, first_step, checkpoint_dir, prog
     return metrics
 
 
-def _batch(blocks: np.ndarray, settings: TrainSettings, step: int, micro: int) -> np.ndarray:
-    count = blocks.shape[0]
+def _batch_rows(count: int, settings: TrainSettings, step: int, micro: int) -> list[int]:
+    """The rows of micro-batch `micro` of optimizer step `step`: a pure function of the step and the seed."""
     first = (step * settings.gradient_accumulation_steps + micro) * settings.micro_batch_size
     rows = []
     for sample in range(first, first + settings.micro_batch_size):
         epoch, position = divmod(sample, count)
-        rows.append(np.random.default_rng([settings.seed, epoch]).permutation(count)[position])
-    return np.asarray(blocks[rows])
+        rows.append(int(np.random.default_rng([settings.seed, epoch]).permutation(count)[position]))
+    return rows
 
 
 def _gather_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -1,0 +1,268 @@
+"""What cpt and sft share: their common options, and one run from inputs to a published, audited model.
+
+A training stage supplies only how its data becomes token arrays (`prepare`); this module
+resolves the model, data and selection (local folders or stored trees), checks everything that
+can be wrong with them before the stage starts (selection against the model built on the meta
+device, the memory estimate, the data), then inside `execute_stage` restores a failed run's
+checkpoint, trains with DeepSpeed, saves a Hugging Face model in the base model's dtypes,
+audits every tensor from the files and publishes model, checkpoints, tables and records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .. import __version__
+from ..core.contracts import TRAINED_TENSORS_TABLE, TRAINING_METRICS_TABLE
+from ..core.errors import InputError
+from ..core.execution import StageRun, execute_stage, require_store_in
+from ..core.files import all_files
+from ..core.stage import StageConfig, StageContext, StageResult, option
+from ..store import ObjectInfo
+from ..store.trees import file_ref, local_copy
+from .checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
+from .freezing import FreezeReport, apply_selection, enable_checkpointing
+from .loop import TrainingArrays, TrainSettings, deepspeed_config, memory_estimate, require_fits, train
+from .selection import Selection, load_selection
+from .tensor_audit import audit_tensors
+
+MODEL_OUTPUT = "model"  # runs/<run>/<stage>/model/… : the trained Hugging Face model
+TRAINING_FILE = "training.json"  # how the run went: resumed from where, seconds, versions and device
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainingConfig(StageConfig):
+    model: str = option(positional=True, help="base model: a Hugging Face folder (safetensors + tokenizer) or a stored model URI")
+    data: str | None = option(default=None, help="training data: a folder or a stored drop URI")
+    selection: str | None = option(default=None, help="selection.json or unfrozen_parameters.yaml from `spectrum select`")
+    selection_run: str | None = option(metavar="RUN_ID", default=None, help="instead of --selection: the layer_select run in --store")
+    full: bool = option(default=False, cache=True, help="train every parameter (the full fine-tuning baseline)")
+    out_dir: str | None = option("--out-dir", "-o", default=None, help="also write the trained model to this local folder")
+    max_steps: int = option(default=100, cache=True, help="optimizer steps (default 100)")
+    seq_len: int = option(default=512, cache=True, help="tokens per packed sequence (default 512)")
+    micro_batch_size: int = option(default=1, cache=True, help="sequences per forward pass (default 1)")
+    gradient_accumulation_steps: int = option(default=1, cache=True, help="micro-batches per optimizer step (default 1)")
+    learning_rate: float = option(default=1e-5, cache=True, help="peak learning rate (default 1e-5)")
+    warmup_steps: int = option(default=10, cache=True, help="linear warm-up steps before the cosine decay (default 10)")
+    weight_decay: float = option(default=0.0, cache=True, help="AdamW weight decay (default 0)")
+    seed: int = option(default=0, cache=True, help="seed of the data order (default 0)")
+    save_steps: int = option(default=50, cache=True, help="checkpoint every N steps for resuming; 0: none (default 50)")
+    zero_stage: int = option(default=2, cache=True, help="DeepSpeed ZeRO stage 0-3 (default 2)")
+    precision: str = option(default="auto", cache=True, choices=PRECISIONS, help="auto: bf16 on a GPU, fp32 on the CPU")
+    offload_optimizer: bool = option(default=False, cache=True, help="ZeRO 1-3: keep optimizer state in CPU memory")
+    offload_params: bool = option(default=False, cache=True, help="ZeRO 3: keep parameters in CPU memory")
+    gradient_checkpointing: bool = option(default=False, cache=True, help="non-reentrant activation checkpointing (less memory)")
+    overwrite: bool = option(default=False, help="replace files in --out-dir")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A stage's data as training arrays, and the record it publishes about them (e.g. the held-out split)."""
+
+    arrays: TrainingArrays
+    record_file: str
+    record: dict[str, Any]
+
+
+# (data folder, tokenizer, digest of the data's files, work root) -> the prepared data
+Prepare = Callable[[Path, Any, str, Path], PreparedData]
+
+
+@dataclass
+class TrainingResult:
+    model_dir: Path | None  # the local copy in --out-dir, if asked for
+    freeze: FreezeReport | None
+    data: PreparedData | None
+    metrics: list[dict[str, Any]]
+    resumed_from_step: int
+
+
+def run_training(stage_name: str, config: TrainingConfig, context: StageContext, prepare: Prepare) -> StageResult[TrainingResult]:
+    store = require_store_in(context, stage_name)
+    _validate(config)
+    model_dir, model_refs = local_copy(config.model, store)
+    data_dir, data_refs = local_copy(config.data, store)
+    tokenizer = load_tokenizer(model_dir)
+    selection = None if config.full else load_selection(config.selection, config.selection_run, store)
+    settings = _settings(config)
+    data_inputs = [data_refs.get(name) or file_ref(data_dir / name) for name in all_files(data_dir)]
+    model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
+    inputs = [*model_inputs, *data_inputs, *([selection.ref] if selection else [])]
+    parameters = {**config.cache_parameters(), "deepspeed_config": deepspeed_config(settings)}
+    # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+    _check_fit(model_dir, selection, config, settings)
+    data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root())
+    results: list[TrainingResult] = []
+
+    def produce(stage: StageRun) -> list[ObjectInfo]:
+        work = context.work_root() / stage.cache_key
+        checkpoints = work / CHECKPOINTS
+        restored = restore_latest(store, stage_name, stage.cache_key, checkpoints)  # a failed run's work, from any machine
+        model, freeze = _load_model(model_dir, selection, config)
+        published: list[ObjectInfo] = []
+
+        def on_checkpoint(step: int) -> None:
+            published.extend(publish_checkpoint(stage, checkpoints, step))
+
+        outcome = train(model, data.arrays, settings, checkpoints, context.progress, on_checkpoint)
+        trained_dir = work / MODEL_OUTPUT
+        _save_model(model, outcome.state_dict, model_dir, trained_dir, tokenizer)
+        audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
+        outputs = published + [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
+        outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
+        outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
+        outputs.append(stage.put_bytes(data.record_file, (json.dumps(data.record, indent=2) + "\n").encode()))
+        training = {
+            "resumed_from_step": outcome.resumed_from_step,
+            "restored_from": restored,  # {run_id, step} of a failed run's checkpoint in the store, or None
+            "steps": outcome.steps,
+            "seconds": round(outcome.seconds, 3),
+            "trainable_parameters": freeze.trainable_parameters,
+            "total_parameters": freeze.total_parameters,
+            "environment": _environment(),
+        }
+        outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
+        if config.out_dir:
+            shutil.copytree(trained_dir, config.out_dir, dirs_exist_ok=config.overwrite)
+        out_dir = Path(config.out_dir) if config.out_dir else None
+        results.append(TrainingResult(out_dir, freeze, data, outcome.metrics, outcome.resumed_from_step))
+        shutil.rmtree(work, ignore_errors=True)
+        return outputs
+
+    outcome = execute_stage(stage_name, context, parameters, inputs, produce)
+    result = results[0] if results else None
+    lines = [_summary_line(result)] if result else []
+    return StageResult(stage_name, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
+
+
+def _validate(config: TrainingConfig) -> None:
+    if config.data is None:
+        raise InputError("no data: pass --data (a folder or a stored drop)")
+    if config.full and (config.selection or config.selection_run):
+        raise InputError("--full trains everything; leave out --selection/--selection-run, or drop --full")
+    if config.zero_stage not in ZERO_STAGES:
+        raise InputError(f"unknown --zero-stage {config.zero_stage}; choose one of 0, 1, 2, 3")
+    if config.offload_params and config.zero_stage != 3:
+        raise InputError("--offload-params needs --zero-stage 3")
+    if config.offload_optimizer and config.zero_stage == 0:
+        raise InputError("--offload-optimizer needs --zero-stage 1, 2 or 3")
+    for name in ("max_steps", "seq_len", "micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.save_steps < 0 or config.warmup_steps < 0:
+        raise InputError("--save-steps and --warmup-steps must be 0 or more")
+    if not config.learning_rate > 0:
+        raise InputError(f"--learning-rate must be positive, got {config.learning_rate:g}")
+
+
+def _settings(config: TrainingConfig) -> TrainSettings:
+    import torch
+
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available())
+    return TrainSettings(
+        max_steps=config.max_steps,
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=min(config.warmup_steps, config.max_steps),
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        save_steps=config.save_steps,
+        zero_stage=config.zero_stage,
+        bf16=bf16,
+        offload_optimizer=config.offload_optimizer,
+        offload_params=config.offload_params,
+    )
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        raise InputError(
+            f"{model_dir} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the tokenizer beside the model"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"the tokenizer in {model_dir} cannot be loaded: {exc}") from exc
+
+
+def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingConfig, settings: TrainSettings) -> None:
+    """The selection applied to the model built on the meta device (no weights read), and the memory estimate."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    freeze = apply_selection(skeleton, selection)
+    text = model_config.get_text_config()
+    estimate = memory_estimate(
+        freeze.total_parameters, freeze.trainable_parameters, settings, config.seq_len, text.hidden_size, text.num_hidden_layers
+    )
+    require_fits(estimate, f"training {freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters")
+
+
+def _load_model(model_dir: Path, selection: Selection | None, config: TrainingConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.config.use_cache = False
+    freeze = apply_selection(model, selection)  # after from_pretrained, which sets requires_grad on everything
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model, freeze
+
+
+def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer) -> None:
+    """The trained weights in the base checkpoint's dtypes (a frozen bf16 tensor round-trips bit-exactly)."""
+    from ..weights.checkpoint import ModelWeights
+
+    base = ModelWeights.open(base_dir)
+    dtypes = {info.name: base.read(info).dtype for info in base.tensors}
+    converted = {name: tensor.to(dtypes.get(name, tensor.dtype)).contiguous() for name, tensor in state_dict.items()}
+    model.save_pretrained(str(out_dir), state_dict=converted, safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def _digest_of(refs: list[dict]) -> str:
+    return hashlib.sha256("".join(ref["sha256"] for ref in refs).encode()).hexdigest()
+
+
+def _environment() -> dict[str, Any]:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {
+        "code_version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _summary_line(result: TrainingResult) -> str:
+    metrics = result.metrics
+    first, last = (metrics[0]["loss"], metrics[-1]["loss"]) if metrics else (float("nan"), float("nan"))
+    freeze = result.freeze
+    share = f"{freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters" if freeze else ""
+    resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
+    return f"trained {share} for {len(metrics)} steps{resumed}: loss {first:.4f} -> {last:.4f}"
