@@ -90,11 +90,12 @@ def iter_texts(folder: Path, text_field: str = "text") -> Iterator[tuple[str, st
         suffix = path.suffix.lower()
         if suffix not in DATA_SUFFIXES:
             raise InputError(f"{path} is not a data file ({', '.join(DATA_SUFFIXES)}); a drop holds only those")
-        for where, record in _records(path, suffix):
+        for where, record in iter_records(path, suffix):
             yield where, _text_of(record, text_field, where)
 
 
-def _records(path: Path, suffix: str) -> Iterator[tuple[str, object]]:
+def iter_records(path: Path, suffix: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of one data file: a .txt line, a JSON value, a Parquet row."""
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -88,7 +88,9 @@ class TrainingResult:
     resumed_from_step: int
 
 
-def run_training(stage_name: str, config: TrainingConfig, context: StageContext, prepare: Prepare) -> StageResult[TrainingResult]:
+def run_training(
+    stage_name: str, config: TrainingConfig, context: StageContext, prepare: Prepare, extra_parameters: dict[str, Any] | None = None
+) -> StageResult[TrainingResult]:
     store = require_store_in(context, stage_name)
     _validate(config)
     model_dir, model_refs = local_copy(config.model, store)
@@ -99,7 +101,7 @@ def run_training(stage_name: str, config: TrainingConfig, context: StageContext,
     data_inputs = [data_refs.get(name) or file_ref(data_dir / name) for name in all_files(data_dir)]
     model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
     inputs = [*model_inputs, *data_inputs, *([selection.ref] if selection else [])]
-    parameters = {**config.cache_parameters(), "deepspeed_config": deepspeed_config(settings)}
+    parameters = {**config.cache_parameters(), **(extra_parameters or {}), "deepspeed_config": deepspeed_config(settings)}
     # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
     _check_fit(model_dir, selection, config, settings)
     data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root())

@@ -1,0 +1,128 @@
+"""Chat data for supervised fine-tuning: conversations rendered with the chat template, loss on assistant tokens only.
+
+Rows are `{"messages": [{"role", "content"}, …]}` or `{"prompt": …, "completion": …}` (the two
+layouts TRL reads), in .jsonl, .json or .parquet files. Each conversation is rendered with the
+tokenizer's chat template (or --chat-template); the label of every token is -100 (no loss)
+except the tokens of assistant turns, found by rendering the conversation up to each assistant
+turn with the generation prompt and up to its end: the template must render each prefix as a
+prefix, which a clear error reports otherwise. Rows are truncated or padded to seq_len.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.files import all_files
+from ..data.drops import iter_records
+from .loop import TrainingArrays
+from .packing import is_heldout
+
+IGNORE = -100
+CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class ChatData:
+    arrays: TrainingArrays
+    record: dict[str, Any]  # held-out split and counts, published as heldout.json
+
+
+def conversations(folder: Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """(where, messages) for every row of the chat files in `folder`."""
+    names = all_files(folder)
+    if not names:
+        raise InputError(f"the chat data {folder} is empty: it holds no .jsonl/.json/.parquet files")
+    for name in names:
+        path = folder / name
+        if path.suffix.lower() not in CHAT_SUFFIXES:
+            raise InputError(f"{path} is not chat data ({', '.join(CHAT_SUFFIXES)} with messages or prompt/completion rows)")
+        for where, record in iter_records(path, path.suffix.lower()):
+            yield where, _messages(record, where)
+
+
+def _messages(record: object, where: str) -> list[dict[str, str]]:
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        messages = record["messages"]
+    elif isinstance(record, dict) and "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + (
+            completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        )
+    else:
+        fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+        raise InputError(f"{where} is not a chat row: it needs `messages` or `prompt` and `completion` (it has: {fields})")
+    for message in messages:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise InputError(f"{where}: every message needs a string `role` and `content`, found {message!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InputError(f"{where} has no assistant turn, so there is nothing to learn from it; remove the row or add the answer")
+    return messages
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and their labels (-100 outside assistant turns)."""
+    ids = _render(tokenizer, messages, where, generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:index], where, generation_prompt=True) if index else []
+        upto = _render(tokenizer, messages[: index + 1], where, generation_prompt=False)
+        if upto[: len(prefix)] != prefix or ids[: len(upto)] != upto:
+            raise InputError(
+                f"{where}: the chat template does not render each turn as a prefix of the conversation, so the assistant "
+                "tokens cannot be located; pass a --chat-template that renders turns one after another"
+            )
+        labels[len(prefix) : len(upto)] = ids[len(prefix) : len(upto)]
+    return ids, labels
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, generation_prompt: bool) -> list[int]:
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+    except Exception as exc:  # jinja and template errors come in many kinds
+        raise InputError(f"{where}: the chat template failed to render this conversation: {exc}") from exc
+    return list(rendered)
+
+
+def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: float) -> ChatData:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the model's tokenizer has no chat template; pass --chat-template FILE (a Jinja template)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows_ids, rows_labels, rows_mask = [], [], []
+    heldout = {
+        "rule": "sha256 of the row's messages as canonical JSON, as for cpt documents",
+        "percent": heldout_percent,
+        "rows": 0,
+        "row_sha256": [],
+    }
+    truncated = 0
+    for where, messages in conversations(folder):
+        canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        if is_heldout(canonical, heldout_percent):
+            heldout["rows"] += 1
+            heldout["row_sha256"].append(hashlib.sha256(canonical.encode("utf-8")).hexdigest())
+            continue
+        ids, labels = tokenize_conversation(tokenizer, messages, where)
+        if len(ids) > seq_len:
+            truncated += 1
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if all(label == IGNORE for label in labels):
+            continue  # its answer lies beyond seq_len
+        padding = seq_len - len(ids)
+        rows_ids.append(ids + [pad] * padding)
+        rows_labels.append(labels + [IGNORE] * padding)
+        rows_mask.append([1] * len(ids) + [0] * padding)
+    if not rows_ids:
+        raise InputError(f"the chat data {folder} leaves no row to train on (held out, or answers beyond --seq-len {seq_len})")
+    arrays = TrainingArrays(np.asarray(rows_ids, np.int64), np.asarray(rows_labels, np.int64), np.asarray(rows_mask, np.int64))
+    record = {**heldout, "training_rows": len(rows_ids), "truncated_rows": truncated, "seq_len": seq_len}
+    return ChatData(arrays, record)

@@ -1,0 +1,135 @@
+"""sft: chat rows, loss on assistant tokens only (checked on the label tensor), real DeepSpeed on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import sft
+from stages.core.contracts import SFT
+from stages.core.errors import InputError
+from stages.core.stage import StageContext
+from stages.store import open_store
+from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.testing.tokenizer import EOS, domain_corpus, write_tokenizer
+from stages.training.chat import IGNORE, prepare_chat, tokenize_conversation
+
+from .helpers import TINY
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    corpus = domain_corpus(200) + ["<|user|> <|assistant|> what is the status? report."]
+    folder = write_synthetic_model(tmp_path_factory.mktemp("chat") / "model", SyntheticSpec(**TINY))
+    write_tokenizer(folder, corpus, TINY["vocab_size"])
+    return folder
+
+
+@pytest.fixture
+def template(tmp_path) -> Path:
+    path = tmp_path / "chat.jinja"
+    path.write_text(TEMPLATE)
+    return path
+
+
+def write_rows(folder: Path, rows: list[dict], name: str = "chat.jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def chat_rows(count: int) -> list[dict]:
+    corpus = domain_corpus(count, seed=3)
+    rows = []
+    for index, answer in enumerate(corpus):
+        if index % 2:
+            rows.append({"prompt": "what is the status?", "completion": answer})
+        else:
+            rows.append({"messages": [{"role": "user", "content": "report."}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def tokenizer_with(chat_model: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_model))
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def test_labels_cover_exactly_the_assistant_turns(chat_model):
+    tokenizer = tokenizer_with(chat_model)
+    messages = [
+        {"role": "system", "content": "be brief."},
+        {"role": "user", "content": "what is the status?"},
+        {"role": "assistant", "content": "the pump holds nominal pressure."},
+        {"role": "user", "content": "and the valve?"},
+        {"role": "assistant", "content": "valve seven returns to its set point."},
+    ]
+    ids, labels = tokenize_conversation(tokenizer, messages, "row 1")
+    assert len(ids) == len(labels)
+    learned = tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE])
+    assert learned == f"the pump holds nominal pressure.{EOS}\nvalve seven returns to its set point.{EOS}\n"
+    masked = tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label == IGNORE])
+    assert "what is the status?" in masked and "be brief." in masked and "pump" not in masked
+
+
+def test_prepared_rows_pad_with_ignored_labels(chat_model, tmp_path):
+    tokenizer = tokenizer_with(chat_model)
+    data = prepare_chat(write_rows(tmp_path / "chat", chat_rows(40)), tokenizer, seq_len=96, heldout_percent=10)
+    arrays = data.arrays
+    assert arrays.input_ids.shape == arrays.labels.shape == arrays.attention_mask.shape
+    assert arrays.input_ids.shape[1] == 96 and data.record["training_rows"] + data.record["rows"] == 40
+    batch = arrays.batch([0, 1])
+    assert torch.all(batch["labels"][batch["attention_mask"] == 0] == IGNORE)
+    assert torch.all((batch["labels"] == IGNORE) | (batch["labels"] == batch["input_ids"]))
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"messages": [{"role": "user", "content": "hi"}]}], "chat.jsonl, line 1 has no assistant turn"),
+        ([{"text": "plain"}], r"chat.jsonl, line 1 is not a chat row: it needs `messages` or `prompt` and `completion` \(it has: text\)"),
+        ([{"messages": [{"role": "user"}]}], "every message needs a string `role` and `content`"),
+    ],
+)
+def test_bad_chat_rows_are_clear_errors(chat_model, tmp_path, rows, message):
+    with pytest.raises(InputError, match=message):
+        prepare_chat(write_rows(tmp_path / "chat", rows), tokenizer_with(chat_model), seq_len=64, heldout_percent=0)
+
+
+def test_a_tokenizer_without_a_chat_template_needs_one(chat_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(InputError, match="no chat template; pass --chat-template"):
+        prepare_chat(write_rows(tmp_path / "chat", chat_rows(4)), AutoTokenizer.from_pretrained(str(chat_model)), 64, 0)
+
+
+@pytest.mark.integration
+def test_sft_trains_the_selection_on_assistant_tokens(chat_model, template, tmp_path):
+    selection = tmp_path / "sel.yaml"
+    selection.write_text("unfrozen_parameters:\n- model.layers.1.mlp\n- ^lm_head.weight$\n")
+    config = sft.SftConfig(
+        model=str(chat_model), data=str(write_rows(tmp_path / "chat", chat_rows(80))), selection=str(selection),
+        chat_template=str(template), max_steps=6, seq_len=96, micro_batch_size=2, learning_rate=2e-3, warmup_steps=1, save_steps=3,
+    )  # fmt: skip
+    result = sft.run(config, StageContext(open_store(str(tmp_path / "store")), work_dir=tmp_path / "work", progress=False))
+    losses = [row["loss"] for row in result.detail.metrics]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    before = load_file(str(chat_model / "model.safetensors"))
+    after = load_file(str(tmp_path / "store" / "runs" / result.run_id / SFT / "model" / "model.safetensors"))
+    trainable = set(result.detail.freeze.trainable)
+    assert trainable == {"lm_head.weight", *(f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))}
+    assert all(torch.equal(after[n], t) != (n in trainable) for n, t in before.items())
+    assert result.manifest.parameters["chat_template"] == TEMPLATE
+    heldout = json.loads((tmp_path / "store" / "runs" / result.run_id / SFT / "heldout.json").read_text())
+    assert heldout["training_rows"] + heldout["rows"] == 80
