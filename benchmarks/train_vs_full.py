@@ -59,7 +59,7 @@ def flop_floor(config, trainable: set[str], tokens: int) -> int:
     return total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(ROOT / "benchmark-run" / "train"))
     parser.add_argument("--layers", type=int, default=12)
@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--zero-stage", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--gpu", action="store_true", help="report GPU memory (torch.cuda.max_memory_allocated); bf16")
+    args = parser.parse_args(argv)
 
     from transformers import AutoConfig
 
@@ -87,8 +88,8 @@ def main() -> None:
             hidden_size=args.hidden,
             intermediate_size=args.intermediate,
             num_hidden_layers=args.layers,
-            num_attention_heads=12 if args.hidden % 12 == 0 else 8,
-            num_key_value_heads=12 if args.hidden % 12 == 0 else 8,
+            num_attention_heads=max(1, args.hidden // 64),
+            num_key_value_heads=max(1, args.hidden // 64),
             vocab_size=args.vocab,
             dtype="float32",
         )
@@ -119,8 +120,10 @@ def main() -> None:
         argv += ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--micro-batch-size", "1"]
         argv += ["--learning-rate", "1e-4", "--save-steps", "0", "--zero-stage", str(args.zero_stage), "--no-progress", "--force"]
         argv += ["--full"] if selection is None else ["--selection", str(selection)]
-        _, peak_mib = run_child("stages.cpt", argv, work, label)
+        _, rss_mib = run_child("stages.cpt", argv, work, label)
         metrics = _metrics(store)
+        # On a GPU the stage records torch.cuda.max_memory_allocated per step; on the CPU the child's peak RSS counts.
+        peak_mib = max(m["peak_memory_bytes"] for m in metrics) / 2**20 if args.gpu else rss_mib
         trainable = _trainable(store)
         step = statistics.median(m["step_seconds"] for m in metrics[WARMUP_STEPS:])
         parameters = sum(p for _, p in trainable.items())
@@ -133,7 +136,8 @@ def main() -> None:
             "loss": f"{metrics[0]['loss']:.3f}->{metrics[-1]['loss']:.3f}",
         }
     base = rows["full"]
-    print(f"\n{total_parameters / 1e6:.1f}M parameters, seq {args.seq_len}, {args.steps} steps, ZeRO-{args.zero_stage}, fp32 on CPU")
+    where = "bf16 on the GPU" if args.gpu else "fp32 on the CPU"
+    print(f"\n{total_parameters / 1e6:.1f}M parameters, seq {args.seq_len}, {args.steps} steps, ZeRO-{args.zero_stage}, {where}")
     print(f"{'arm':26} {'s/step':>8} {'time':>6} {'peak MiB':>9} {'memory':>7} {'optim':>6} {'trainable':>10} {'FLOP floor':>10}  loss")
     for label, row in rows.items():
         print(

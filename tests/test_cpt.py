@@ -16,7 +16,7 @@ from stages import cpt, layer_select
 from stages.core.contracts import CPT, TRAINED_TENSORS_TABLE
 from stages.core.errors import InputError
 from stages.core.stage import StageContext
-from stages.store import list_runs, open_store, read_table
+from stages.store import list_runs, load_manifest, open_store, read_table
 from stages.store.lineage import audit_run
 from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.testing.tokenizer import domain_corpus, write_tokenizer
@@ -251,3 +251,32 @@ def test_checkpointing_does_not_push_backward_through_frozen_layers(tmp_path):
 
     ours, default = backward_flops(True), backward_flops(False)
     assert ours < 0.6 * default, (ours, default)
+
+
+@pytest.mark.integration
+def test_two_ranks_with_torchrun_on_the_cpu_publish_one_run(base_model, drop, selection, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import REPO_ROOT
+    from .s3_server import free_ports
+
+    store_dir = tmp_path / "store"
+    (port,) = free_ports(1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "stages.cpt"]
+    command += [str(base_model), "--data", str(drop), "--selection", str(selection), "--store", str(store_dir)]
+    command += ["--work-dir", str(tmp_path / "work"), "--max-steps", "4", "--seq-len", "64", "--learning-rate", "2e-3"]
+    command += ["--warmup-steps", "1", "--save-steps", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = open_store(str(store_dir))
+    (run,) = list_runs(store)
+    manifest = load_manifest(store, run, CPT)
+    assert manifest.status == "succeeded"
+    table = read_table(store, TRAINED_TENSORS_TABLE, run_id=run).to_pylist()
+    assert {r["tensor_name"] for r in table if r["changed"]} == TRAINABLE
+    metrics = read_table(store, "training_metrics", run_id=run).to_pylist()
+    assert len(metrics) == 4
+    assert "rank 1: trained; rank 0 publishes the run" in done.stdout

@@ -182,14 +182,17 @@ def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progre
             done = step + 1
             if settings.save_steps and done % settings.save_steps == 0 and done < settings.max_steps:
                 engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{done}", client_state={"step": done})
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()  # every rank's shard is on disk before rank 0 copies the checkpoint
                 if on_checkpoint is not None:
                     on_checkpoint(done)
     return metrics
 
 
 def _batch_rows(count: int, settings: TrainSettings, step: int, micro: int) -> list[int]:
-    """The rows of micro-batch `micro` of optimizer step `step`: a pure function of the step and the seed."""
-    first = (step * settings.gradient_accumulation_steps + micro) * settings.micro_batch_size
+    """The rows of micro-batch `micro` of optimizer step `step` on this rank: a pure function of the step and the seed."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
+    first = ((step * settings.gradient_accumulation_steps + micro) * world + rank) * settings.micro_batch_size
     rows = []
     for sample in range(first, first + settings.micro_batch_size):
         epoch, position = divmod(sample, count)

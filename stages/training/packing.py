@@ -86,7 +86,7 @@ def _write_blocks(
     data_dir: Path, tokenizer: Any, eos: int, seq_len: int, heldout_percent: float, text_field: str, blocks_path: Path, meta_path: Path
 ) -> None:
     blocks_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = blocks_path.with_name(blocks_path.name + ".partial")
+    partial = blocks_path.with_name(f"{blocks_path.name}.{os.getpid()}.partial")  # ranks of one node may pack at once
     documents = tokens = blocks = 0
     heldout = {"rule": HELDOUT_RULE, "percent": heldout_percent, "documents": 0, "tokens": 0, "text_sha256": []}
     buffer: list[int] = []
@@ -112,7 +112,9 @@ def _write_blocks(
         )
     os.replace(partial, blocks_path)
     meta = {"blocks": blocks, "documents": documents, "tokens": tokens, "seq_len": seq_len, "heldout": heldout}
-    meta_path.write_text(json.dumps(meta))
+    meta_partial = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.partial")
+    meta_partial.write_text(json.dumps(meta))
+    os.replace(meta_partial, meta_path)
 
 
 def _token_streams(

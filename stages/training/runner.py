@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 from .. import __version__
 from ..core.contracts import TRAINED_TENSORS_TABLE, TRAINING_METRICS_TABLE
@@ -27,7 +29,7 @@ from ..core.errors import InputError
 from ..core.execution import StageRun, execute_stage, require_store_in
 from ..core.files import all_files
 from ..core.stage import StageConfig, StageContext, StageResult, option
-from ..store import ObjectInfo
+from ..store import ObjectInfo, cache_key, find_manifest
 from ..store.trees import file_ref, local_copy
 from .checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
 from .freezing import FreezeReport, apply_selection, enable_checkpointing
@@ -105,6 +107,9 @@ def run_training(
     # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
     _check_fit(model_dir, selection, config, settings)
     data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root())
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
+        return _train_as_worker(stage_name, config, context, parameters, inputs, model_dir, selection, settings, data, rank)
     results: list[TrainingResult] = []
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
@@ -143,9 +148,27 @@ def run_training(
         return outputs
 
     outcome = execute_stage(stage_name, context, parameters, inputs, produce)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the workers wait for the commit (or its failure) before they exit
     result = results[0] if results else None
     lines = [_summary_line(result)] if result else []
     return StageResult(stage_name, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
+
+
+def _train_as_worker(stage_name, config, context, parameters, inputs, model_dir, selection, settings, data, rank) -> StageResult:
+    """Ranks other than 0 of a multi-process launch: the same decision and the same training, no publishing.
+
+    Every rank computes the same cache key from the same inputs, so all of them reuse a committed
+    run or all of them train; rank 0 alone writes to the store (execute_stage).
+    """
+    key = cache_key(stage_name, __version__, parameters, [ref["sha256"] for ref in inputs])
+    if not context.force and find_manifest(context.store, stage_name, key) is not None:
+        return StageResult(stage_name, (f"rank {rank}: reusing the committed run",), cached=True)
+    checkpoints = context.work_root() / key / CHECKPOINTS
+    model, _ = _load_model(model_dir, selection, config)
+    train(model, data.arrays, settings, checkpoints, progress=False)
+    torch.distributed.barrier()
+    return StageResult(stage_name, (f"rank {rank}: trained; rank 0 publishes the run",))
 
 
 def _validate(config: TrainingConfig) -> None:
