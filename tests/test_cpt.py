@@ -154,7 +154,7 @@ def test_selection_from_a_layer_select_run_and_full_training(base_model, drop, t
     selected = layer_select.run(layer_select.SelectConfig(snr_run=scan_run, top_percent=25), StageContext(open_store(str(store_dir))))
     trained = cpt.run(config(base_model, drop, selection_run=selected.run_id, max_steps=2), context(store_dir, tmp_path / "w1"))
     assert set(trained.detail.freeze.trainable) == set(selected.detail.summary["trainable_tensors"])
-    full = cpt.run(config(base_model, drop, full=True, max_steps=2), context(store_dir, tmp_path / "w2"))
+    full = cpt.run(config(base_model, drop, full=True, max_steps=2, gradient_checkpointing=True), context(store_dir, tmp_path / "w2"))
     assert full.detail.freeze.trainable_parameters == full.detail.freeze.total_parameters
 
 
@@ -280,3 +280,21 @@ def test_two_ranks_with_torchrun_on_the_cpu_publish_one_run(base_model, drop, se
     metrics = read_table(store, "training_metrics", run_id=run).to_pylist()
     assert len(metrics) == 4
     assert "rank 1: trained; rank 0 publishes the run" in done.stdout
+
+
+def test_tied_embeddings_are_one_trainable_tensor_under_either_name():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.training.freezing import apply_selection
+    from stages.training.selection import Selection
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    config.tie_word_embeddings = True
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for pattern in (r"^lm_head\.weight$", r"^model\.embed_tokens\.weight$"):
+        report = apply_selection(model, Selection((pattern,), pattern, {}))
+        assert report.trainable == ("model.embed_tokens.weight",)
+        assert model.lm_head.weight.requires_grad and not model.model.layers[0].mlp.up_proj.weight.requires_grad
+    by_name = Selection((r"^lm_head\.weight$",), "selection.json", {}, exact_names=("lm_head.weight",))
+    assert apply_selection(model, by_name).trainable == ("model.embed_tokens.weight",)
