@@ -28,8 +28,12 @@ from benchmarks.scan_vs_reference import run_child  # noqa: E402  (one measured-
 WARMUP_STEPS = 2
 
 
-def flop_floor(config, trainable: set[str], tokens: int) -> int:
-    """FLOPs of one step's matrix products that no implementation can skip (attention scores aside)."""
+def flop_floor(config, trainable: set[str], tokens: int, lora_rank: int = 0) -> int:
+    """FLOPs of one step's matrix products that no implementation can skip (attention scores aside).
+
+    LoRA: the adapted matrices get no weight gradient; their adapters cost 2·r·(in+out)·T forward and
+    twice that backward, which is small beside the frozen matrix's input gradient it still needs.
+    """
     from stages.weights.naming import layer_index
 
     hidden, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
@@ -51,7 +55,10 @@ def flop_floor(config, trainable: set[str], tokens: int) -> int:
     total = 0
     for name, size in matrices.items():
         total += 2 * size * tokens  # forward
-        if name in trainable:
+        if name in trainable and lora_rank:
+            rows_cols = size // hidden + hidden  # in + out of the adapted matrix
+            total += 6 * lora_rank * rows_cols * tokens  # adapter forward and backward
+        elif name in trainable:
             total += 2 * size * tokens  # weight gradient
         depth = layer_index(name)
         if (depth if depth is not None else layers) >= lowest and trainable:
@@ -104,12 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     table = work / f"snr-{model.name}.parquet"
     if not table.exists():
         snr_scan.run(snr_scan.ScanConfig(model_dir=str(model), output=str(table)), StageContext(progress=False))
-    arms: dict[str, Path | None] = {"full": None}
+    arms: dict[str, Path | str | None] = {"full": None}
     for label, options in (("spectrum-50", {"top_percent": 50.0}), ("spectrum-25", {"top_percent": 25.0}),
                            ("spectrum-25-depth-aware", {"top_percent": 25.0, "depth_aware": True})):  # fmt: skip
         out = work / label
         layer_select.run(layer_select.SelectConfig(snr_input=str(table), out_dir=str(out), overwrite=True, **options), StageContext())
         arms[label] = out / "selection.json"
+    arms["lora-16"] = "lora"
 
     tokens = args.seq_len
     total_parameters = sum(p.numel() for p in _meta_model(config).parameters())
@@ -119,20 +127,25 @@ def main(argv: list[str] | None = None) -> None:
         argv = [str(model), "--data", str(drop), "--store", str(store), "--work-dir", str(work / "cpt-work")]
         argv += ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--micro-batch-size", "1"]
         argv += ["--learning-rate", "1e-4", "--save-steps", "0", "--zero-stage", str(args.zero_stage), "--no-progress", "--force"]
-        argv += ["--full"] if selection is None else ["--selection", str(selection)]
+        if selection is None:
+            argv += ["--full"]
+        elif selection == "lora":
+            argv += ["--lora-rank", "16"]
+        else:
+            argv += ["--selection", str(selection)]
         _, rss_mib = run_child("stages.cpt", argv, work, label)
         metrics = _metrics(store)
         # On a GPU the stage records torch.cuda.max_memory_allocated per step; on the CPU the child's peak RSS counts.
         peak_mib = max(m["peak_memory_bytes"] for m in metrics) / 2**20 if args.gpu else rss_mib
         trainable = _trainable(store)
         step = statistics.median(m["step_seconds"] for m in metrics[WARMUP_STEPS:])
-        parameters = sum(p for _, p in trainable.items())
+        parameters = _training_record(store)["trainable_parameters"]  # for LoRA: the adapters, not the merged weights
         rows[label] = {
             "step_seconds": step,
             "peak_mib": peak_mib,
             "optimizer_bytes": parameters * 8,
             "trainable": parameters,
-            "flops": flop_floor(config, set(trainable), tokens),
+            "flops": flop_floor(config, set(trainable), tokens, lora_rank=16 if selection == "lora" else 0),
             "loss": f"{metrics[0]['loss']:.3f}->{metrics[-1]['loss']:.3f}",
         }
     base = rows["full"]
@@ -159,6 +172,11 @@ def _metrics(store: Path) -> list[dict]:
     from stages.store import open_store, read_table
 
     return sorted(read_table(open_store(str(store)), "training_metrics").to_pylist(), key=lambda r: r["step"])
+
+
+def _training_record(store: Path) -> dict:
+    (record,) = store.glob("runs/*/cpt/training.json")
+    return json.loads(record.read_text())
 
 
 def _trainable(store: Path) -> dict[str, int]:

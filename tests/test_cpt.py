@@ -298,3 +298,18 @@ def test_tied_embeddings_are_one_trainable_tensor_under_either_name():
         assert model.lm_head.weight.requires_grad and not model.model.layers[0].mlp.up_proj.weight.requires_grad
     by_name = Selection((r"^lm_head\.weight$",), "selection.json", {}, exact_names=("lm_head.weight",))
     assert apply_selection(model, by_name).trainable == ("model.embed_tokens.weight",)
+
+
+@pytest.mark.integration
+def test_lora_baseline_trains_adapters_and_merges_them(base_model, drop, tmp_path):
+    result = cpt.run(config(base_model, drop, lora_rank=4, max_steps=4, save_steps=0), context(tmp_path / "store", tmp_path / "work"))
+    freeze = result.detail.freeze
+    assert freeze.trainable_parameters < 0.2 * freeze.total_parameters
+    linear = {name for name in freeze.trainable}
+    assert "model.layers.0.self_attn.q_proj.weight" in linear and "lm_head.weight" not in linear
+    table = read_table(open_store(str(tmp_path / "store")), TRAINED_TENSORS_TABLE, run_id=result.run_id).to_pylist()
+    changed = {r["tensor_name"] for r in table if r["changed"]}
+    assert changed and changed <= linear
+    assert not any(r["changed"] for r in table if "norm" in r["tensor_name"] or "embed" in r["tensor_name"])
+    with pytest.raises(InputError, match="--lora-rank trains adapters instead of a selection"):
+        cpt.run(config(base_model, drop, lora_rank=4, full=True), context(tmp_path / "store", tmp_path / "work"))

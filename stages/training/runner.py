@@ -50,6 +50,9 @@ class TrainingConfig(StageConfig):
     selection: str | None = option(default=None, help="selection.json or unfrozen_parameters.yaml from `spectrum select`")
     selection_run: str | None = option(metavar="RUN_ID", default=None, help="instead of --selection: the layer_select run in --store")
     full: bool = option(default=False, cache=True, help="train every parameter (the full fine-tuning baseline)")
+    lora_rank: int = option(
+        default=0, cache=True, help="instead of a selection: LoRA adapters of this rank on every linear layer (a baseline; 0: off)"
+    )
     out_dir: str | None = option("--out-dir", "-o", default=None, help="also write the trained model to this local folder")
     max_steps: int = option(default=100, cache=True, help="optimizer steps (default 100)")
     seq_len: int = option(default=512, cache=True, help="tokens per packed sequence (default 512)")
@@ -98,7 +101,7 @@ def run_training(
     model_dir, model_refs = local_copy(config.model, store)
     data_dir, data_refs = local_copy(config.data, store)
     tokenizer = load_tokenizer(model_dir)
-    selection = None if config.full else load_selection(config.selection, config.selection_run, store)
+    selection = None if config.full or config.lora_rank else load_selection(config.selection, config.selection_run, store)
     settings = _settings(config)
     data_inputs = [data_refs.get(name) or file_ref(data_dir / name) for name in all_files(data_dir)]
     model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
@@ -124,8 +127,13 @@ def run_training(
 
         outcome = train(model, data.arrays, settings, checkpoints, context.progress, on_checkpoint)
         trained_dir = work / MODEL_OUTPUT
-        _save_model(model, outcome.state_dict, model_dir, trained_dir, tokenizer)
-        audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
+        if config.lora_rank:  # the adapters merged into the weights they adapt: a plain Hugging Face model again
+            model = model.merge_and_unload()
+            state, changed_by_design = model.state_dict(), set(freeze.trainable)
+        else:
+            state, changed_by_design = outcome.state_dict, set(freeze.trainable)
+        _save_model(model, state, model_dir, trained_dir, tokenizer)
+        audit = audit_tensors(model_dir, trained_dir, changed_by_design)
         outputs = published + [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
         outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
         outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
@@ -176,6 +184,12 @@ def _validate(config: TrainingConfig) -> None:
         raise InputError("no data: pass --data (a folder or a stored drop)")
     if config.full and (config.selection or config.selection_run):
         raise InputError("--full trains everything; leave out --selection/--selection-run, or drop --full")
+    if config.lora_rank < 0:
+        raise InputError(f"--lora-rank must be 0 (off) or positive, got {config.lora_rank}")
+    if config.lora_rank and (config.full or config.selection or config.selection_run):
+        raise InputError("--lora-rank trains adapters instead of a selection; leave out --full/--selection/--selection-run")
+    if config.lora_rank and config.zero_stage == 3:
+        raise InputError("--lora-rank is supported with --zero-stage 0, 1 or 2 (the adapters are merged on one rank)")
     if config.zero_stage not in ZERO_STAGES:
         raise InputError(f"unknown --zero-stage {config.zero_stage}; choose one of 0, 1, 2, 3")
     if config.offload_params and config.zero_stage != 3:
@@ -232,7 +246,7 @@ def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingCon
     model_config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
-    freeze = apply_selection(skeleton, selection)
+    freeze = _freeze(skeleton, selection, config)
     text = model_config.get_text_config()
     estimate = memory_estimate(
         freeze.total_parameters, freeze.trainable_parameters, settings, config.seq_len, text.hidden_size, text.num_hidden_layers
@@ -247,10 +261,37 @@ def _load_model(model_dir: Path, selection: Selection | None, config: TrainingCo
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.config.use_cache = False
-    freeze = apply_selection(model, selection)  # after from_pretrained, which sets requires_grad on everything
+    if config.lora_rank:
+        freeze = _freeze(model, selection, config)
+        model = _with_lora(model, config.lora_rank)
+    else:
+        freeze = _freeze(model, selection, config)  # after from_pretrained, which sets requires_grad on everything
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     return model, freeze
+
+
+def _freeze(model, selection: Selection | None, config: TrainingConfig) -> FreezeReport:
+    """The selection applied; with LoRA, the report names the weights the adapters change (merged after training)."""
+    if not config.lora_rank:
+        return apply_selection(model, selection)
+    from peft import LoraConfig, get_peft_model
+
+    probe = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules="all-linear"))
+    wrapped = [name for name, module in probe.named_modules() if hasattr(module, "lora_A")]
+    adapted = tuple(f"{name.removeprefix('base_model.model.')}.weight" for name in wrapped)
+    adapters = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in probe.parameters()) - adapters
+    probe.unload()  # the model as it was, without the probe's adapters
+    return FreezeReport(trainable=adapted, frozen=(), trainable_parameters=adapters, total_parameters=total, unmatched_patterns=())
+
+
+def _with_lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear"))
 
 
 def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer) -> None:
