@@ -21,7 +21,7 @@ from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name
-from .manifest import load_manifest_or_none
+from .manifest import load_manifest, load_manifest_or_none
 
 PARTITION_COLUMNS = ("stage", "run_id")
 PARTITIONING = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
@@ -60,6 +60,7 @@ class TableFiles:
     base_path: str
     paths: list[str]
     uris: list[str]
+    keys: list[str]
 
     def dataset(self) -> ds.Dataset:
         """All files as one dataset; the schema is unified over every file (later runs may add columns)."""
@@ -95,16 +96,31 @@ def table_files(store: ArtifactStore, table_name: str, *, run_id: str | None = N
         base_path=store.arrow_path(prefix.rstrip("/")),
         paths=[store.arrow_path(key) for key in keys],
         uris=[store.uri(key) for key in keys],
+        keys=keys,
     )
 
 
 def read_table(store: ArtifactStore, table_name: str, *, run_id: str | None = None) -> pa.Table:
-    """Every committed partition of the table (or one run's), with `stage` and `run_id` columns."""
+    """Every committed partition of the table (or one run's), with `stage` and `run_id` columns.
+
+    Each partition is read as its manifest recorded it (version and sha256 checked), one file at a
+    time and without arrow's thread pools: a process that scanned a dataset with them can abort at
+    exit ("terminate called without an active exception", apache/arrow#34314).
+    """
     files = table_files(store, table_name, run_id=run_id)
-    try:
-        return files.dataset().to_table(use_threads=False)  # threaded reads can abort at exit (apache/arrow#34314)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StoreError(f"reading table {table_name!r} from {store.root_uri} failed: {exc}") from exc
+    parts = []
+    for key in files.keys:
+        stage, run = (part.split("=", 1)[1] for part in key.split("/")[2:4])
+        data, _ = store.read_recorded(load_manifest(store, run, stage).recorded_output(key))
+        try:
+            table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StoreError(f"reading table {table_name!r} from {store.uri(key)} failed: {exc}") from exc
+        n = table.num_rows
+        parts.append(
+            table.append_column("stage", pa.array([stage] * n, pa.string())).append_column("run_id", pa.array([run] * n, pa.string()))
+        )
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def _succeeded(store: ArtifactStore, run_id: str, stage: str) -> bool:
