@@ -42,6 +42,7 @@ from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
 from .store import ArtifactStore, ObjectInfo, load_manifest, table_key
 from .store.base import sha256_file
+from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 
@@ -78,6 +79,7 @@ class SnrSource:
     roles: RoleMap
     model_id: str | None
     sort_key: Callable[[Entry], float]  # reference JSON keeps Python's own ordering, NaN included
+    structure: str | None = None  # structure_fingerprint of the scanned model (None: a reference JSON has no shapes)
 
 
 @dataclass
@@ -280,7 +282,11 @@ def _source_from_table(table: pa.Table) -> SnrSource:
         )
     roles = _roles_from_table(table, metadata)
     model_ids = set(table.column("model_id").to_pylist()) if "model_id" in table.column_names else set()
-    return SnrSource(entries, roles, model_id=next(iter(model_ids)) if len(model_ids) == 1 else None, sort_key=_nan_last)
+    structure = None
+    if "shape" in table.column_names:
+        structure = structure_fingerprint(zip(table.column("tensor_name").to_pylist(), table.column("shape").to_pylist(), strict=True))
+    model_id = next(iter(model_ids)) if len(model_ids) == 1 else None
+    return SnrSource(entries, roles, model_id=model_id, sort_key=_nan_last, structure=structure)
 
 
 def _roles_from_table(table: pa.Table, metadata: dict[str, str]) -> RoleMap:
@@ -489,6 +495,7 @@ def _summary(
         "code_version": __version__,
         "source": str(config.snr_input) if config.snr_input else f"run {config.snr_run}",
         "model_id": source.model_id,
+        "model_structure": source.structure,
         "policy": config.policy,
         "top_percent": config.top_percent if config.policy != "budget" else None,
         "budget_percent": config.budget_percent if config.policy == "budget" else None,

@@ -200,6 +200,9 @@ def test_bad_data_and_models_are_clear_errors(base_model, corpus, selection, tmp
     )
     bad(base_model, drop_with("c.txt", "\n\n"), tmp_path, "is empty: it holds no documents", selection=str(selection))
     bad(base_model, drop_with("d.txt", "too short\n"), tmp_path, "fewer than one sequence of --seq-len 64", selection=str(selection))
+    other = tmp_path / "other-model.json"
+    other.write_text(json.dumps({"trainable_tensors": ["lm_head.weight"], "model_id": "other", "model_structure": "0" * 64}))
+    bad(base_model, drop_with("f.txt", "\n".join(corpus) + "\n"), tmp_path, "was made for another model", selection=str(other))
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"trainable_tensors": ["model.layers.9.mlp.up_proj.weight"]}))
     drop = drop_with("e.txt", "\n".join(corpus) + "\n")

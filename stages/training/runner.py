@@ -31,6 +31,7 @@ from ..core.files import all_files
 from ..core.stage import StageConfig, StageContext, StageResult, option
 from ..store import ObjectInfo, cache_key, find_manifest
 from ..store.trees import file_ref, local_copy
+from ..weights.checkpoint import ModelWeights
 from .checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
 from .freezing import FreezeReport, apply_selection, enable_checkpointing
 from .loop import TrainingArrays, TrainSettings, deepspeed_config, memory_estimate, require_fits, train
@@ -102,6 +103,13 @@ def run_training(
     data_dir, data_refs = local_copy(config.data, store)
     tokenizer = load_tokenizer(model_dir)
     selection = None if config.full or config.lora_rank else load_selection(config.selection, config.selection_run, store)
+    if selection is not None and selection.model_structure:
+        structure = ModelWeights.open(model_dir).structure()
+        if structure != selection.model_structure:
+            raise InputError(
+                f"the selection {selection.source} was made for another model (model {selection.model_id}: its tensor names "
+                f"and shapes differ from those of {config.model}); scan and select this model, or pass the selection made for it"
+            )
     settings = _settings(config)
     data_inputs = [data_refs.get(name) or file_ref(data_dir / name) for name in all_files(data_dir)]
     model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
@@ -296,10 +304,8 @@ def _with_lora(model, rank: int):
 
 def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer) -> None:
     """The trained weights in the base checkpoint's dtypes (a frozen bf16 tensor round-trips bit-exactly)."""
-    from ..weights.checkpoint import ModelWeights
-
-    base = ModelWeights.open(base_dir)
-    dtypes = {info.name: base.read(info).dtype for info in base.tensors}
+    stored = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    dtypes = {info.name: stored[info.dtype] for info in ModelWeights.open(base_dir).tensors if info.dtype in stored}
     converted = {name: tensor.to(dtypes.get(name, tensor.dtype)).contiguous() for name, tensor in state_dict.items()}
     model.save_pretrained(str(out_dir), state_dict=converted, safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))

@@ -28,6 +28,7 @@ class Selection:
     ref: dict[str, Any]  # manifest input: uri, sha256, size (and version_id)
     model_id: str | None = None  # the model the selection was made for, when known
     exact_names: tuple[str, ...] = field(default_factory=tuple)  # selection.json: the names it lists
+    model_structure: str | None = None  # structure_fingerprint of the model it was made for, when known
 
     def matches(self, name: str) -> bool:
         return any(re.match(pattern, name) for pattern in self.patterns)
@@ -63,8 +64,9 @@ def _from_json(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
         raise InputError(f"{where} is not a selection.json from `spectrum select` (no trainable_tensors list): {exc}") from exc
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InputError(f"{where}: trainable_tensors must be a list of tensor names")
-    model_id = document.get("model_id") if isinstance(document, dict) else None
-    return Selection(tuple(f"^{re.escape(n)}$" for n in names), where, ref, model_id, tuple(names))
+    model_id = document.get("model_id")
+    structure = document.get("model_structure")
+    return Selection(tuple(f"^{re.escape(n)}$" for n in names), where, ref, model_id, tuple(names), structure)
 
 
 def _from_yaml(data: bytes, where: str, ref: dict[str, Any]) -> Selection:

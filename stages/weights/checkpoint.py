@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,10 @@ class ModelWeights:
     def parameter_count(self) -> int:
         return sum(t.parameter_count for t in self.tensors)
 
+    def structure(self) -> str:
+        """structure_fingerprint of this checkpoint's tensors."""
+        return structure_fingerprint((t.name, t.shape) for t in self.tensors)
+
     def fingerprint(self) -> str:
         """Identity of the checkpoint files (names, sizes, modification times) for resuming."""
         digest = hashlib.sha256()
@@ -161,3 +166,9 @@ def _read_header(root: Path, shard: str) -> list[TensorInfo]:
             return infos
     except (SafetensorError, OSError) as exc:
         raise CorruptWeightsError(f"shard {path} is truncated or corrupt ({exc}); re-download it") from exc
+
+
+def structure_fingerprint(tensors: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """sha256 of every tensor's name and shape: the same for a model and any fine-tune of it, different for another model."""
+    lines = sorted(f"{name}:{','.join(str(d) for d in shape)}" for name, shape in tensors)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
