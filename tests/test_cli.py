@@ -194,11 +194,13 @@ def test_demo_publishes_runs_to_its_store(tmp_path, capsys):
     assert {r["estimator"] for r in snr if r["scanned"]} == {"reference", "gavish-donoho"}
     select_run = next(r["run_id"] for r in runs if "layer_select" in r["stages"])
     assert audit_run(store, select_run)["selection"]["trainable"]
+    (cpt_run,) = [r["run_id"] for r in runs if "cpt" in r["stages"]]
+    assert audit_run(store, cpt_run)["training"]["changed"] and "[cpt] audit:" in out
 
     # a second demo reuses the committed runs; --overwrite recomputes them as new runs
     code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
     assert code == 0, err
-    assert out.count("reusing run") == 4 and len(list_run_summaries(store)) == 4
+    assert out.count("reusing run") == 5 and len(list_run_summaries(store)) == 5
     code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2", "--overwrite")
     assert code == 0, err
-    assert len(list_run_summaries(store)) == 8
+    assert len(list_run_summaries(store)) == 10

@@ -81,7 +81,7 @@ class PreparedData:
     record: dict[str, Any]
 
 
-# (data folder, tokenizer, digest of the data's files, work root) -> the prepared data
+# (data folder, tokenizer, digest of the data's files, the run's work folder) -> the prepared data
 Prepare = Callable[[Path, Any, str, Path], PreparedData]
 
 
@@ -117,10 +117,13 @@ def run_training(
     parameters = {**config.cache_parameters(), **(extra_parameters or {}), "deepspeed_config": deepspeed_config(settings)}
     # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
     _check_fit(model_dir, selection, config, settings)
-    data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root())
+    # The work folder is named by the cache key (execute_stage derives the same one): a failed run's
+    # packed data and checkpoints are found there again, and it is removed once the run is committed.
+    key = cache_key(stage_name, __version__, parameters, [ref["sha256"] for ref in inputs])
+    data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
     rank = int(os.environ.get("RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
-        return _train_as_worker(stage_name, config, context, parameters, inputs, model_dir, selection, settings, data, rank)
+        return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank)
     results: list[TrainingResult] = []
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
@@ -171,13 +174,12 @@ def run_training(
     return StageResult(stage_name, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
 
 
-def _train_as_worker(stage_name, config, context, parameters, inputs, model_dir, selection, settings, data, rank) -> StageResult:
+def _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank) -> StageResult:
     """Ranks other than 0 of a multi-process launch: the same decision and the same training, no publishing.
 
     Every rank computes the same cache key from the same inputs, so all of them reuse a committed
     run or all of them train; rank 0 alone writes to the store (execute_stage).
     """
-    key = cache_key(stage_name, __version__, parameters, [ref["sha256"] for ref in inputs])
     if not context.force and find_manifest(context.store, stage_name, key) is not None:
         return StageResult(stage_name, (f"rank {rank}: reusing the committed run",), cached=True)
     checkpoints = context.work_root() / key / CHECKPOINTS
