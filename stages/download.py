@@ -136,13 +136,9 @@ def run(config: DownloadConfig, context: StageContext) -> StageResult:
 
 def read_summary(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
     """download.json of a committed download: {"model": {"uri", "tree", "commit", …}, "data": {…}}."""
-    for output in manifest.outputs:
-        if output["key"] == output_key(manifest.run_id, DOWNLOAD, DOWNLOAD_SUMMARY_FILE):
-            data, _ = store.read_recorded(output)  # the version the manifest recorded, checked against its sha256
-            return json.loads(data)
-    raise InputError(
-        f"run {manifest.run_id} has no {DOWNLOAD_SUMMARY_FILE} among its {DOWNLOAD} outputs; it is not a download manifest"
-    )
+    recorded = manifest.recorded_output(output_key(manifest.run_id, DOWNLOAD, DOWNLOAD_SUMMARY_FILE))
+    data, _ = store.read_recorded(recorded)  # the version the manifest recorded, checked against its sha256
+    return json.loads(data)
 
 
 # --- models ---------------------------------------------------------------------------------

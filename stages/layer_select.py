@@ -32,7 +32,6 @@ from .core.contracts import (
     SELECTION_TABLE_FILE,
     SNR_SCAN,
     SNR_TABLE,
-    SUCCEEDED,
     UNFROZEN_YAML_FILE,
 )
 from .core.errors import InputError
@@ -40,7 +39,7 @@ from .core.execution import StageRun, execute_stage
 from .core.files import ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
-from .store import ArtifactStore, ObjectInfo, load_manifest, table_key
+from .store import ArtifactStore, ObjectInfo, read_stage_output, table_key
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index
@@ -185,10 +184,7 @@ def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[Snr
         if store is None:
             raise InputError("--snr-run reads the SNR table of a run from the artifact store: pass --store too")
         key = table_key(SNR_TABLE, SNR_SCAN, config.snr_run)
-        manifest = load_manifest(store, config.snr_run, SNR_SCAN)
-        if manifest.status != SUCCEEDED:
-            raise InputError(f"the snr_scan stage of run {config.snr_run!r} {manifest.status}; it has no SNR table to select from")
-        data, info = store.read_recorded(manifest.recorded_output(key))  # the version the scan recorded, checked against its sha256
+        data, info = read_stage_output(store, config.snr_run, SNR_SCAN, key, "SNR table to select from")
         return _source_from_table(read_snr_table(data, info.uri)), info.to_dict()
     if config.snr_input is None:
         raise InputError("no SNR input: pass a table/JSON file or --snr-run RUN_ID")

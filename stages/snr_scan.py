@@ -130,16 +130,11 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
     """Scan into the local table `config.output` (resuming a partial scan there).
 
     The journal of finished rows is removed once the table is written, unless `keep_journal`
-    (the caller removes it once the table is safely stored elsewhere).
+    (the caller removes it once the table is safely stored elsewhere). `run` has validated the
+    config and checked that the outputs can be written.
     """
     started = time.perf_counter()
-    _validate(config)
-    if config.output is None:
-        raise InputError("no output: pass --out PATH.parquet, or --store to publish the table as a run")
     output = Path(config.output)
-    ensure_writable(output, config.overwrite)
-    if config.reference_json:
-        ensure_writable(Path(config.reference_json), config.overwrite)
     device = resolve_device(config.device)
     weights = ModelWeights.open(config.model_dir)
     model_id = config.model_id or _default_model_id(weights)

@@ -28,6 +28,7 @@ from .manifest import (
     manifest_key,
     new_run_id,
     output_key,
+    read_stage_output,
     start_manifest,
 )
 from .s3_backend import S3Store
@@ -71,6 +72,7 @@ __all__ = [
     "open_store",
     "output_key",
     "parse_store_uri",
+    "read_stage_output",
     "read_table",
     "start_manifest",
     "table_files",

@@ -206,6 +206,17 @@ def find_manifest(store: ArtifactStore, stage: str, cache_key: str) -> Manifest 
     return max(found, key=lambda m: m.finished_at or "", default=None)
 
 
+def read_stage_output(store: ArtifactStore, run_id: str, stage: str, key: str, what: str) -> tuple[bytes, ObjectInfo]:
+    """An output of a run's succeeded stage, read as its manifest recorded it (version and sha256 checked).
+
+    `what` names the output for the error when the stage did not succeed ("an SNR table to select from").
+    """
+    manifest = load_manifest(store, run_id, stage)
+    if manifest.status != SUCCEEDED:
+        raise InputError(f"the {stage} stage of run {run_id!r} {manifest.status}; it has no {what}")
+    return store.read_recorded(manifest.recorded_output(key))
+
+
 def load_manifest_or_none(store: ArtifactStore, run_id: str, stage: str) -> Manifest | None:
     """The committed manifest, or None when there is none or it cannot be read (warned, naming it).
 

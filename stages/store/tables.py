@@ -21,7 +21,7 @@ from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name
-from .manifest import load_manifest, load_manifest_or_none
+from .manifest import Manifest, load_manifest_or_none
 
 PARTITION_COLUMNS = ("stage", "run_id")
 PARTITIONING = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
@@ -75,22 +75,7 @@ class TableFiles:
 
 def table_files(store: ArtifactStore, table_name: str, *, run_id: str | None = None) -> TableFiles:
     prefix = f"tables/{validate_name(table_name, 'table name')}/"
-    keys = []
-    committed: dict[tuple[str, str], bool] = {}
-    for key in store.list(prefix):
-        parts = key[len(prefix) :].split("/")
-        if len(parts) != 3 or not parts[0].startswith("stage=") or not parts[1].startswith("run_id="):
-            continue
-        partition = (parts[1].removeprefix("run_id="), parts[0].removeprefix("stage="))
-        if run_id is not None and partition[0] != run_id:
-            continue
-        if partition not in committed:
-            committed[partition] = _succeeded(store, *partition)
-        if committed[partition]:
-            keys.append(key)
-    if not keys:
-        which = f" for run {run_id!r}" if run_id is not None else ""
-        raise ArtifactNotFoundError(f"table {table_name!r} has no committed data{which} in {store.root_uri}")
+    keys = list(_committed_partitions(store, table_name, run_id))
     return TableFiles(
         filesystem=store.arrow_filesystem(),
         base_path=store.arrow_path(prefix.rstrip("/")),
@@ -107,24 +92,44 @@ def read_table(store: ArtifactStore, table_name: str, *, run_id: str | None = No
     time and without arrow's thread pools: a process that scanned a dataset with them can abort at
     exit ("terminate called without an active exception", apache/arrow#34314).
     """
-    files = table_files(store, table_name, run_id=run_id)
     parts = []
-    for key in files.keys:
-        stage, run = (part.split("=", 1)[1] for part in key.split("/")[2:4])
-        data, _ = store.read_recorded(load_manifest(store, run, stage).recorded_output(key))
+    for key, manifest in _committed_partitions(store, table_name, run_id).items():
+        data, _ = store.read_recorded(manifest.recorded_output(key))
         try:
             table = pq.read_table(pa.BufferReader(data), use_threads=False)
         except (OSError, pa.ArrowInvalid) as exc:
             raise StoreError(f"reading table {table_name!r} from {store.uri(key)} failed: {exc}") from exc
         n = table.num_rows
-        parts.append(
-            table.append_column("stage", pa.array([stage] * n, pa.string())).append_column("run_id", pa.array([run] * n, pa.string()))
-        )
+        stage, run = pa.array([manifest.stage] * n, pa.string()), pa.array([manifest.run_id] * n, pa.string())
+        parts.append(table.append_column("stage", stage).append_column("run_id", run))
     return pa.concat_tables(parts, promote_options="default")
 
 
-def _succeeded(store: ArtifactStore, run_id: str, stage: str) -> bool:
+def _committed_partitions(store: ArtifactStore, table_name: str, run_id: str | None) -> dict[str, Manifest]:
+    """Key of each partition file whose run committed a succeeded manifest for its stage -> that manifest."""
+    prefix = f"tables/{validate_name(table_name, 'table name')}/"
+    manifests: dict[tuple[str, str], Manifest | None] = {}
+    committed: dict[str, Manifest] = {}
+    for key in store.list(prefix):
+        parts = key[len(prefix) :].split("/")
+        if len(parts) != 3 or not parts[0].startswith("stage=") or not parts[1].startswith("run_id="):
+            continue
+        partition = (parts[1].removeprefix("run_id="), parts[0].removeprefix("stage="))
+        if run_id is not None and partition[0] != run_id:
+            continue
+        if partition not in manifests:
+            manifests[partition] = _succeeded_manifest(store, *partition)
+        if manifests[partition] is not None:
+            committed[key] = manifests[partition]
+    if not committed:
+        which = f" for run {run_id!r}" if run_id is not None else ""
+        raise ArtifactNotFoundError(f"table {table_name!r} has no committed data{which} in {store.root_uri}")
+    return committed
+
+
+def _succeeded_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest | None:
+    """The run's succeeded manifest for the stage, or None."""
     if not (NAME.fullmatch(run_id) and NAME.fullmatch(stage)):
-        return False  # written outside the pipeline: no manifest can exist for it
+        return None  # written outside the pipeline: no manifest can exist for it
     manifest = load_manifest_or_none(store, run_id, stage)
-    return manifest is not None and manifest.status == SUCCEEDED
+    return manifest if manifest is not None and manifest.status == SUCCEEDED else None

@@ -115,15 +115,19 @@ def run_training(
     model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
     inputs = [*model_inputs, *data_inputs, *([selection.ref] if selection else [])]
     parameters = {**config.cache_parameters(), **(extra_parameters or {}), "deepspeed_config": deepspeed_config(settings)}
-    # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
-    _check_fit(model_dir, selection, config, settings)
     # The work folder is named by the cache key (execute_stage derives the same one): a failed run's
     # packed data and checkpoints are found there again, and it is removed once the run is committed.
     key = cache_key(stage_name, __version__, parameters, [ref["sha256"] for ref in inputs])
-    data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
+    reused = not context.force and find_manifest(store, stage_name, key) is not None
     rank = int(os.environ.get("RANK", "0"))
+    if reused:  # every rank makes the same decision; execute_stage returns the committed run
+        data = None
+    else:
+        # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+        _check_fit(model_dir, selection, config, settings)
+        data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
-        return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank)
+        return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused)
     results: list[TrainingResult] = []
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
@@ -138,13 +142,12 @@ def run_training(
 
         outcome = train(model, data.arrays, settings, checkpoints, context.progress, on_checkpoint)
         trained_dir = work / MODEL_OUTPUT
+        state = outcome.state_dict
         if config.lora_rank:  # the adapters merged into the weights they adapt: a plain Hugging Face model again
             model = model.merge_and_unload()
-            state, changed_by_design = model.state_dict(), set(freeze.trainable)
-        else:
-            state, changed_by_design = outcome.state_dict, set(freeze.trainable)
+            state = model.state_dict()
         _save_model(model, state, model_dir, trained_dir, tokenizer)
-        audit = audit_tensors(model_dir, trained_dir, changed_by_design)
+        audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
         outputs = published + [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
         outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
         outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
@@ -174,13 +177,13 @@ def run_training(
     return StageResult(stage_name, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
 
 
-def _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank) -> StageResult:
+def _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused) -> StageResult:
     """Ranks other than 0 of a multi-process launch: the same decision and the same training, no publishing.
 
     Every rank computes the same cache key from the same inputs, so all of them reuse a committed
     run or all of them train; rank 0 alone writes to the store (execute_stage).
     """
-    if not context.force and find_manifest(context.store, stage_name, key) is not None:
+    if reused:
         return StageResult(stage_name, (f"rank {rank}: reusing the committed run",), cached=True)
     checkpoints = context.work_root() / key / CHECKPOINTS
     model, _ = _load_model(model_dir, selection, config)

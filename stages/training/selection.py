@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE, SUCCEEDED
+from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE
 from ..core.errors import InputError
-from ..store import ArtifactStore, load_manifest, output_key
+from ..store import ArtifactStore, output_key, read_stage_output
 from ..store.base import sha256_bytes
 
 
@@ -41,10 +41,8 @@ def load_selection(source: str | None, run: str | None, store: ArtifactStore | N
     if run is not None:
         if store is None:
             raise InputError("--selection-run reads a layer_select run from the artifact store: pass --store too")
-        manifest = load_manifest(store, run, LAYER_SELECT)
-        if manifest.status != SUCCEEDED:
-            raise InputError(f"the layer_select stage of run {run!r} {manifest.status}; it has no selection to train")
-        data, info = store.read_recorded(manifest.recorded_output(output_key(run, LAYER_SELECT, SELECTION_JSON_FILE)))
+        key = output_key(run, LAYER_SELECT, SELECTION_JSON_FILE)
+        data, info = read_stage_output(store, run, LAYER_SELECT, key, "selection to train")
         return _from_json(data, f"run {run}", info.to_dict())
     path = Path(source)
     if not path.is_file():
