@@ -174,6 +174,12 @@ def test_bad_training_options_are_refused_before_any_work(base_model, drop, sele
     bad(base_model, drop, tmp_path, "--offload-params needs --zero-stage 3", selection=str(selection), offload_params=True)
     bad(base_model, drop, tmp_path, "--max-steps must be at least 1", selection=str(selection), max_steps=0)
     bad(base_model, drop, tmp_path, "no data", selection=str(selection), data=None)
+    zero_offload = {"offload_optimizer": True, "zero_stage": 0}
+    bad(base_model, drop, tmp_path, "--offload-optimizer needs --zero-stage 1, 2 or 3", selection=str(selection), **zero_offload)
+    bad(base_model, drop, tmp_path, r"--heldout-percent must be in \[0, 100\)", selection=str(selection), heldout_percent=100.0)
+    bad(base_model, drop, tmp_path, "--learning-rate must be positive", selection=str(selection), learning_rate=0.0)
+    bad(base_model, drop, tmp_path, "--lora-rank must be 0", lora_rank=-1)
+    bad(base_model, drop, tmp_path, "--lora-rank is supported with --zero-stage 0, 1 or 2", lora_rank=4, zero_stage=3)
 
 
 @pytest.mark.integration

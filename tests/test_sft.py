@@ -133,3 +133,19 @@ def test_sft_trains_the_selection_on_assistant_tokens(chat_model, template, tmp_
     assert result.manifest.parameters["chat_template"] == TEMPLATE
     heldout = json.loads((tmp_path / "store" / "runs" / result.run_id / SFT / "heldout.json").read_text())
     assert heldout["training_rows"] + heldout["rows"] == 80
+
+
+def test_a_missing_or_binary_chat_template_is_a_clear_error(chat_model, tmp_path):
+    binary = tmp_path / "template.jinja"
+    binary.write_bytes(bytes(range(256)))
+    data = write_rows(tmp_path / "chat", chat_rows(4))
+    for path, message in ((tmp_path / "nowhere.jinja", "does not exist"), (binary, "is not UTF-8 text")):
+        config = sft.SftConfig(model=str(chat_model), data=str(data), full=True, chat_template=str(path))
+        with pytest.raises(InputError, match=f"--chat-template .*{message}"):
+            sft.run(config, StageContext(open_store(str(tmp_path / "store")), progress=False))
+    with pytest.raises(InputError, match=r"--heldout-percent must be in \[0, 100\)"):
+        sft.run(
+            sft.SftConfig(model=str(chat_model), data=str(data), full=True, heldout_percent=-1),
+            StageContext(open_store(str(tmp_path / "store"))),
+        )
+    assert not (tmp_path / "store" / "runs").exists()
