@@ -2,7 +2,7 @@
 
 The drop's documents are tokenised with the model's tokenizer, joined with EOS and packed to
 --seq-len; a deterministic share of documents (chosen by the sha256 of their text) is held out
-for the evaluate stage and recorded in heldout.json. Every parameter is frozen except the
+for the evaluate stage and recorded in heldout.json (the documents themselves in heldout.jsonl). Every parameter is frozen except the
 selection (--selection selection.json or unfrozen_parameters.yaml, or --selection-run RUN;
 --full trains everything, the baseline). Checkpoints every --save-steps go to a work folder
 named by the cache key and into the store, so a killed run resumes from the last one, on this
@@ -25,8 +25,6 @@ from .training.loop import TrainingArrays
 from .training.packing import pack
 from .training.runner import PreparedData, TrainingConfig, TrainingResult, run_training
 
-HELDOUT_FILE = "heldout.json"
-
 
 @dataclass
 class CptConfig(TrainingConfig):
@@ -41,7 +39,7 @@ def run(config: CptConfig, context: StageContext) -> StageResult[TrainingResult]
     def prepare(data_dir: Path, tokenizer: Any, data_digest: str, work_root: Path) -> PreparedData:
         packed = pack(data_dir, tokenizer, config.seq_len, config.heldout_percent, config.text_field, work_root, data_digest)
         record = {**packed.heldout, "training_documents": packed.documents, "training_tokens": packed.tokens, "blocks": packed.count}
-        return PreparedData(TrainingArrays(packed.blocks), HELDOUT_FILE, record)
+        return PreparedData(TrainingArrays(packed.blocks), record, packed.heldout_file)
 
     return run_training(CPT, config, context, prepare)
 

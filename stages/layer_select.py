@@ -39,7 +39,7 @@ from .core.execution import StageRun, execute_stage
 from .core.files import ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
-from .store import ArtifactStore, ObjectInfo, read_stage_output, table_key
+from .store import ArtifactStore, ObjectInfo, read_stage_output, resolve_run_reference, table_key
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index
@@ -79,6 +79,7 @@ class SnrSource:
     model_id: str | None
     sort_key: Callable[[Entry], float]  # reference JSON keeps Python's own ordering, NaN included
     structure: str | None = None  # structure_fingerprint of the scanned model (None: a reference JSON has no shapes)
+    estimator: str | None = None  # the SNR estimator of the scan (None: a reference JSON, the reference formula)
 
 
 @dataclass
@@ -183,8 +184,8 @@ def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[Snr
             raise InputError("pass either an SNR file or --snr-run, not both")
         if store is None:
             raise InputError("--snr-run reads the SNR table of a run from the artifact store: pass --store too")
-        key = table_key(SNR_TABLE, SNR_SCAN, config.snr_run)
-        data, info = read_stage_output(store, config.snr_run, SNR_SCAN, key, "SNR table to select from")
+        run_id, step = resolve_run_reference(config.snr_run, SNR_SCAN, "--snr-run")
+        data, info = read_stage_output(store, run_id, step, table_key(SNR_TABLE, step, run_id), "SNR table to select from")
         return _source_from_table(read_snr_table(data, info.uri)), info.to_dict()
     if config.snr_input is None:
         raise InputError("no SNR input: pass a table/JSON file or --snr-run RUN_ID")
@@ -282,7 +283,9 @@ def _source_from_table(table: pa.Table) -> SnrSource:
     if "shape" in table.column_names:
         structure = structure_fingerprint(zip(table.column("tensor_name").to_pylist(), table.column("shape").to_pylist(), strict=True))
     model_id = next(iter(model_ids)) if len(model_ids) == 1 else None
-    return SnrSource(entries, roles, model_id=model_id, sort_key=_nan_last, structure=structure)
+    estimators = set(table.column("estimator").to_pylist()) - {None} if "estimator" in table.column_names else set()
+    estimator = next(iter(estimators)) if len(estimators) == 1 else None
+    return SnrSource(entries, roles, model_id=model_id, sort_key=_nan_last, structure=structure, estimator=estimator)
 
 
 def _roles_from_table(table: pa.Table, metadata: dict[str, str]) -> RoleMap:
@@ -492,6 +495,7 @@ def _summary(
         "source": str(config.snr_input) if config.snr_input else f"run {config.snr_run}",
         "model_id": source.model_id,
         "model_structure": source.structure,
+        "estimator": source.estimator,
         "policy": config.policy,
         "top_percent": config.top_percent if config.policy != "budget" else None,
         "budget_percent": config.budget_percent if config.policy == "budget" else None,

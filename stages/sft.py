@@ -5,43 +5,86 @@ tokenizer's chat template or --chat-template FILE; the loss is on assistant toke
 selection as cpt (--selection, --selection-run, or --full), the same checkpoints in the store and
 resume, trained_tensors audit, training_metrics and determinism: both stages run one runner
 (stages.training.runner). A deterministic share of rows is held out for the evaluate stage.
+
+--rescan re-selects for the model being trained (typically the cpt output, whose SNR moved): the
+snr_scan and layer_select stages run on MODEL with the estimator and policy the given selection
+was made with, recorded in the run as the steps snr_scan.sft and layer_select.sft, and sft
+trains that selection.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import layer_select, snr_scan
 from .core.cli import stage_main
 from .core.contracts import SFT
 from .core.errors import InputError
-from .core.stage import Stage, StageContext, StageResult, option
+from .core.execution import require_store_in
+from .core.stage import Stage, StageContext, StageResult, option, options_of
+from .store import new_run_id
 from .training.chat import prepare_chat
 from .training.runner import PreparedData, TrainingConfig, TrainingResult, run_training
-
-HELDOUT_FILE = "heldout.json"
+from .training.selection import load_selection
 
 
 @dataclass
 class SftConfig(TrainingConfig):
     chat_template: str | None = option(metavar="FILE", default=None, help="a Jinja chat template to use instead of the tokenizer's")
     heldout_percent: float = option(default=5.0, cache=True, help="share of chat rows held out for evaluation (default 5)")
+    rescan: bool = option(
+        default=False,
+        help="scan and select MODEL again with the estimator and policy of --selection/--selection-run (a selection.json), "
+        "as the run's steps snr_scan.sft and layer_select.sft, and train that selection",
+    )
 
 
 def run(config: SftConfig, context: StageContext) -> StageResult[TrainingResult]:
     if not 0 <= config.heldout_percent < 100:
         raise InputError(f"--heldout-percent must be in [0, 100), got {config.heldout_percent:g}")
     template = _read_template(config.chat_template)
+    rescan_lines: tuple[str, ...] = ()
+    if config.rescan:
+        config, context, rescan_lines = _rescan(config, context)
 
     def prepare(data_dir: Path, tokenizer: Any, data_digest: str, work_root: Path) -> PreparedData:
         if template is not None:
             tokenizer.chat_template = template
-        chat = prepare_chat(data_dir, tokenizer, config.seq_len, config.heldout_percent)
-        return PreparedData(chat.arrays, HELDOUT_FILE, chat.record)
+        heldout_file = work_root / f"heldout-{data_digest[:16]}.jsonl"
+        chat = prepare_chat(data_dir, tokenizer, config.seq_len, config.heldout_percent, heldout_file)
+        return PreparedData(chat.arrays, chat.record, heldout_file)
 
     # The template decides the labels, so its text (not its path) is a parameter of the run.
-    return run_training(SFT, config, context, prepare, extra_parameters={"chat_template": template})
+    result = run_training(SFT, config, context, prepare, extra_parameters={"chat_template": template})
+    return replace(result, lines=(*rescan_lines, *result.lines))
+
+
+def _rescan(config: SftConfig, context: StageContext) -> tuple[SftConfig, StageContext, tuple[str, ...]]:
+    """Scan and select MODEL as steps of this run; the returned config trains the new selection."""
+    store = require_store_in(context, SFT)
+    if config.full or config.lora_rank:
+        raise InputError("--rescan re-selects tensors; it cannot be combined with --full or --lora-rank")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--rescan runs in a single process: rescan first (one process), then launch sft with --selection-run")
+    previous = load_selection(config.selection, config.selection_run, store)
+    if previous.document is None:
+        raise InputError(
+            f"--rescan needs the policy the selection was made with: {previous.source} is an unfrozen_parameters YAML, "
+            "which does not record it; pass its selection.json or --selection-run"
+        )
+    policy_fields = [f.name for f, spec in options_of(layer_select.SelectConfig) if spec.cache]
+    policy = {name: previous.document[name] for name in policy_fields if name in previous.document}
+    context = replace(context, run_id=context.run_id or new_run_id())  # the scan, the selection and sft share one run
+    as_steps = replace(context, step=SFT)
+    scan_config = snr_scan.ScanConfig(model_dir=config.model, estimator=previous.document.get("estimator") or "reference")
+    scan = snr_scan.run(scan_config, as_steps)
+    scanned = f"{scan.manifest.run_id}/{scan.manifest.stage}"
+    selected = layer_select.run(layer_select.SelectConfig(snr_run=scanned, **policy), as_steps)
+    rescanned = replace(config, selection=None, selection_run=f"{selected.manifest.run_id}/{selected.manifest.stage}")
+    return rescanned, context, (*scan.lines, *selected.lines)
 
 
 def _read_template(path: str | None) -> str | None:

@@ -115,8 +115,8 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
     # Local copies asked for come from the committed run (this one or a reused one), verified.
     manifest = outcome.manifest
     for path, key in (
-        (config.output, table_key(SNR_TABLE, SNR_SCAN, manifest.run_id)),
-        (config.reference_json, output_key(manifest.run_id, SNR_SCAN, REFERENCE_JSON_FILE)),
+        (config.output, table_key(SNR_TABLE, manifest.stage, manifest.run_id)),
+        (config.reference_json, output_key(manifest.run_id, manifest.stage, REFERENCE_JSON_FILE)),
     ):
         if path:
             data, _ = store.read_recorded(manifest.recorded_output(key))

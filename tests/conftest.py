@@ -14,6 +14,20 @@ from .helpers import QUIET, TINY
 pytest_plugins = ["tests.s3_server"]  # the real S3 server fixtures
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Stored trees and run outputs are materialised into a cache of the session's own, never ~/.cache."""
+    import os
+
+    previous = os.environ.get("SPECTRUM_CACHE")
+    os.environ["SPECTRUM_CACHE"] = str(tmp_path_factory.mktemp("spectrum-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SPECTRUM_CACHE", None)
+    else:
+        os.environ["SPECTRUM_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def synthetic_model(tmp_path_factory):
     """make(**spec_overrides) -> folder of a tiny synthetic checkpoint (built once per spec per session).

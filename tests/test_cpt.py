@@ -18,6 +18,7 @@ from stages.core.errors import InputError
 from stages.core.stage import StageContext
 from stages.store import list_runs, load_manifest, open_store, read_table
 from stages.store.lineage import audit_run
+from stages.store.trees import local_copy
 from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.testing.tokenizer import domain_corpus, write_tokenizer
 from stages.training import loop
@@ -110,6 +111,18 @@ def test_selective_training_changes_exactly_the_selected_tensors(base_model, dro
     manifest = result.manifest
     assert manifest.parameters["deepspeed_config"]["zero_optimization"]["stage"] == zero_stage
     assert manifest.parameters["deepspeed_config"]["optimizer"]["torch_adam"] is True
+
+    # the held-out documents themselves, for the evaluate stage: the texts whose sha256 heldout.json lists
+    split = json.loads((run_dir.parent / "heldout.json").read_text())
+    texts = [json.loads(line)["text"] for line in (run_dir.parent / "heldout.jsonl").read_text().splitlines()]
+    assert split["documents"] == len(texts) > 0
+    assert [hashlib.sha256(t.encode()).hexdigest() for t in texts] == split["text_sha256"]
+
+    # the trained model, brought back verified from the run's recorded outputs (as evaluate and sft read it)
+    store = open_store(str(tmp_path / "store"))
+    folder, refs = local_copy(f"store:runs/{result.run_id}/{CPT}/model", store)
+    assert sha(folder / "model.safetensors") == sha(run_dir / "model.safetensors")
+    assert refs["model.safetensors"]["uri"] == store.uri(f"runs/{result.run_id}/{CPT}/model/model.safetensors")
 
 
 @pytest.mark.integration

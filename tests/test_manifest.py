@@ -22,6 +22,7 @@ from stages.store import (
     manifest_key,
     new_run_id,
     output_key,
+    resolve_run_reference,
     start_manifest,
 )
 
@@ -77,7 +78,7 @@ def test_list_runs_and_missing_manifests(store):
     run_stage(store, "run-2", {"top_percent": 50})
     store.put_bytes(output_key("run-3", "layer_select", "selection.json"), b"{}")  # never committed
 
-    assert list_runs(store) == {"run-1": ["layer_select", "snr_scan"], "run-2": ["layer_select"]}
+    assert list_runs(store) == {"run-1": ["snr_scan", "layer_select"], "run-2": ["layer_select"]}  # pipeline order
     with pytest.raises(ArtifactNotFoundError, match="no committed manifest"):
         load_manifest(store, "run-3", "layer_select")
 
@@ -94,6 +95,35 @@ def test_find_manifest_by_cache_key(store):
     assert find_manifest(store, "layer_select", "0" * 64) is None
     with pytest.raises(InputError, match="cache key"):
         find_manifest(store, "layer_select", "../../etc")
+
+
+def test_a_step_lives_in_its_run_and_shares_the_stage_cache(store):
+    """A stage run again within a run (`layer_select.sft`) has its own folder; its work is the stage's to reuse."""
+    plain = run_stage(store, "run-1", {"top_percent": 25})
+    step = run_stage(store, "run-1", {"top_percent": 50}, stage="layer_select.sft")
+    assert list_runs(store) == {"run-1": ["layer_select", "layer_select.sft"]}
+    assert load_manifest(store, "run-1", "layer_select.sft").cache_key == step.cache_key
+    assert step.cache_key == cache_key("layer_select", "1.2.0", {"top_percent": 50}, [hashlib.sha256(b"weights").hexdigest()])
+    assert find_manifest(store, "layer_select", step.cache_key).stage == "layer_select.sft"
+    assert find_manifest(store, "layer_select.sft", plain.cache_key).stage == "layer_select"
+    assert store.exists(f"cache/layer_select/{step.cache_key}/layer_select.sft/run-1.json")
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [("run-1", ("run-1", "layer_select")), ("run-1/layer_select.sft", ("run-1", "layer_select.sft"))],
+)
+def test_run_references_name_a_run_and_optionally_a_step(reference, expected):
+    assert resolve_run_reference(reference, "layer_select", "--selection-run") == expected
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [("run-1/snr_scan.sft", "names a snr_scan step"), ("../x", "invalid run id"), ("run-1/a/b", "invalid step")],
+)
+def test_bad_run_references_are_clear_errors(reference, message):
+    with pytest.raises(InputError, match=message):
+        resolve_run_reference(reference, "layer_select", "--selection-run")
 
 
 def test_failed_runs_are_recorded_but_never_reused(store):

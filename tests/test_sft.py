@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,4 +149,53 @@ def test_a_missing_or_binary_chat_template_is_a_clear_error(chat_model, tmp_path
             sft.SftConfig(model=str(chat_model), data=str(data), full=True, heldout_percent=-1),
             StageContext(open_store(str(tmp_path / "store"))),
         )
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.integration
+def test_rescan_selects_for_the_trained_model_as_steps_of_the_run(chat_model, template, tmp_path):
+    """The cpt output stands in as a model of the same structure with other weights."""
+    from stages import layer_select, snr_scan
+    from stages.store import load_manifest
+
+    store = open_store(str(tmp_path / "store"))
+    base = StageContext(store, run_id="base", progress=False)
+    scan = snr_scan.run(snr_scan.ScanConfig(model_dir=str(chat_model), estimator="gavish-donoho"), base)
+    layer_select.run(layer_select.SelectConfig(snr_run="base", top_percent=50.0, depth_aware=True), base)
+    trained = tmp_path / "trained"
+    shutil.copytree(chat_model, trained)
+    write_synthetic_model(trained, SyntheticSpec(**TINY, seed=7))
+    config = sft.SftConfig(
+        model=str(trained), data=str(write_rows(tmp_path / "chat", chat_rows(40))), selection_run="base", rescan=True,
+        chat_template=str(template), max_steps=2, seq_len=96, micro_batch_size=2, save_steps=0,
+    )  # fmt: skip
+    result = sft.run(config, StageContext(store, run_id="tuned", work_dir=tmp_path / "work", progress=False))
+
+    rescan = load_manifest(store, "tuned", "snr_scan.sft")
+    reselect = load_manifest(store, "tuned", "layer_select.sft")
+    assert rescan.parameters == {**scan.manifest.parameters, "model_id": "trained"}
+    assert rescan.parameters["estimator"] == "gavish-donoho"
+    assert {ref["sha256"] for ref in rescan.inputs} != {ref["sha256"] for ref in scan.manifest.inputs}
+    policy = load_manifest(store, "base", "layer_select").parameters
+    assert reselect.parameters == policy and policy["depth_aware"] is True
+    assert [ref["uri"] for ref in reselect.inputs] == [o["uri"] for o in rescan.outputs if "/snr/" in o["uri"]]
+    selected = json.loads((tmp_path / "store" / "runs" / "tuned" / "layer_select.sft" / "selection.json").read_text())
+    assert set(result.detail.freeze.trainable) == set(selected["trainable_tensors"])
+    assert result.manifest.inputs[-1]["uri"].endswith("runs/tuned/layer_select.sft/selection.json")
+    assert result.manifest.environment["libraries"]["deepspeed"] and result.manifest.environment["device"].startswith("cpu")
+    assert [line.split(":")[0] for line in result.lines if line.startswith(("snr_scan", "layer_select"))] == [
+        "snr_scan.sft",
+        "layer_select.sft",
+    ]
+
+
+def test_rescan_needs_a_selection_that_records_its_policy(chat_model, tmp_path):
+    selection = tmp_path / "sel.yaml"
+    selection.write_text("unfrozen_parameters:\n- model.layers.1.mlp\n")
+    data = write_rows(tmp_path / "chat", chat_rows(4))
+    context = StageContext(open_store(str(tmp_path / "store")), progress=False)
+    with pytest.raises(InputError, match="unfrozen_parameters YAML, which does not record it"):
+        sft.run(sft.SftConfig(model=str(chat_model), data=str(data), selection=str(selection), rescan=True), context)
+    with pytest.raises(InputError, match="cannot be combined with --full"):
+        sft.run(sft.SftConfig(model=str(chat_model), data=str(data), full=True, rescan=True), context)
     assert not (tmp_path / "store" / "runs").exists()

@@ -453,7 +453,7 @@ def test_select_into_the_scan_run_records_both_stages_under_one_run(scanned):
     store, snr_run = scanned
     result = select_run(store_config(snr_run), StageContext(store, run_id=snr_run))
     assert result.manifest.run_id == snr_run
-    assert list_runs(store) == {snr_run: ["layer_select", "snr_scan"]}
+    assert list_runs(store) == {snr_run: ["snr_scan", "layer_select"]}
 
 
 def test_select_with_local_out_dir_and_store_writes_both(scanned, tmp_path):

@@ -31,6 +31,7 @@ from ..store import (
     write_table,
 )
 from .contracts import FAILED
+from .environment import runtime_environment
 from .errors import InputError, OutputExistsError
 from .settings import STORE_ENV
 from .stage import StageContext
@@ -74,20 +75,24 @@ def execute_stage(
     inputs: Sequence[ObjectInfo | Mapping[str, Any]],
     produce: Callable[[StageRun], Sequence[ObjectInfo]],
 ) -> StageOutcome:
-    """Publish one stage of a run in `context.store` (see the module docstring)."""
+    """Publish one stage of a run in `context.store` (see the module docstring).
+
+    With `context.step` set, the stage runs as the step `<stage>.<step>` of the run (contracts.step_name).
+    """
     store = require_store_in(context, stage)
-    manifest = start_manifest(stage, __version__, context.run_id or new_run_id(), parameters, inputs)
+    step = context.step_name(stage)
+    manifest = start_manifest(step, __version__, context.run_id or new_run_id(), parameters, inputs, runtime_environment())
     if not context.force:
         earlier = find_manifest(store, stage, manifest.cache_key)
         if earlier is not None:
             return StageOutcome(earlier, cached=True)
-    if store.exists(manifest_key(manifest.run_id, stage)):
+    if store.exists(manifest_key(manifest.run_id, step)):
         raise OutputExistsError(
-            f"run {manifest.run_id!r} already has a committed {stage} stage in {store.root_uri}; "
+            f"run {manifest.run_id!r} already has a committed {step} stage in {store.root_uri}; "
             "runs are never overwritten: pick a new --run-id (or leave it out for a fresh one)"
         )
     try:
-        committed = manifest.finish(produce(StageRun(store, stage, manifest.run_id, manifest.cache_key)))
+        committed = manifest.finish(produce(StageRun(store, step, manifest.run_id, manifest.cache_key)))
         commit_manifest(store, committed)
     except BaseException:
         # Record the failure (of the work or of the commit itself); if even that cannot be

@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ..store import ArtifactStore, Manifest
-from ..store.keys import validate_name
+from ..store.keys import NAME, validate_name
 from ..store.scrub import check_values
 from . import settings
+from .contracts import STEP_SEPARATOR, step_name
+from .errors import InputError
 
 OPTION = "spectrum_option"
 
@@ -99,12 +101,19 @@ class StageContext:
     force: bool = False  # recompute even when a committed run has the same cache key
     work_dir: Path | None = None  # None: $SPECTRUM_WORK_DIR or ~/.cache/spectrum/work
     progress: bool | None = None  # None: progress bars when stderr is a terminal
+    step: str | None = None  # run the stage as the step `<stage>.<step>` of the run (a second scan, say)
 
     def __post_init__(self) -> None:
         """Names are checked before any work, so a bad or secret-looking run id never leaves outputs behind."""
         if self.run_id is not None:
             validate_name(self.run_id, "run id")
             check_values({"run_id": self.run_id}, "--run-id")
+        if self.step is not None and (STEP_SEPARATOR in self.step or not NAME.fullmatch(self.step)):
+            raise InputError(f"invalid step qualifier {self.step!r}: letters, digits, '_' or '-'")
+
+    def step_name(self, stage: str) -> str:
+        """Where `stage` writes in the run: its own name, or `<stage>.<step>`."""
+        return step_name(stage, self.step)
 
     def work_root(self) -> Path:
         root = Path(self.work_dir) if self.work_dir else settings.work_root()

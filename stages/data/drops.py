@@ -74,7 +74,7 @@ def decode_utf8(data: bytes, where: str) -> str:
 
 
 def iter_texts(folder: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(where, text) for every document of a drop, streamed file by file, in a stable order.
+    """(where, text) for every document of a drop (a folder, or one data file), streamed file by file, in a stable order.
 
     A document is a non-empty line of a .txt file, or a record of a .jsonl/.json/.parquet file or
     of a datasets save_to_disk folder, whose `text_field` holds a string (a JSON string record is
@@ -85,8 +85,7 @@ def iter_texts(folder: Path, text_field: str = "text") -> Iterator[tuple[str, st
     if is_saved_dataset(folder):
         yield from _saved_dataset_texts(folder, text_field)
         return
-    for name in all_files(folder):
-        path = folder / name
+    for path in [folder] if folder.is_file() else [folder / name for name in all_files(folder)]:
         suffix = path.suffix.lower()
         if suffix not in DATA_SUFFIXES:
             raise InputError(f"{path} is not a data file ({', '.join(DATA_SUFFIXES)}); a drop holds only those")

@@ -29,6 +29,7 @@ from .manifest import (
     new_run_id,
     output_key,
     read_stage_output,
+    resolve_run_reference,
     start_manifest,
 )
 from .s3_backend import S3Store
@@ -74,6 +75,7 @@ __all__ = [
     "parse_store_uri",
     "read_stage_output",
     "read_table",
+    "resolve_run_reference",
     "start_manifest",
     "table_files",
     "table_key",

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.contracts import FAILED, LAYER_SELECT, SELECTION_TABLE, SUCCEEDED, TRAINED_TENSORS_TABLE
+from ..core.contracts import FAILED, LAYER_SELECT, SELECTION_TABLE, SUCCEEDED, TRAINED_TENSORS_TABLE, base_stage
 from ..core.errors import InputError
 from .base import ArtifactStore
 from .errors import ArtifactNotFoundError
@@ -63,8 +63,10 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
             }
         )
         report["lineage"].extend(producers.lineage(manifest.inputs, exclude_run=run_id))
-        if manifest.stage == LAYER_SELECT and manifest.status == SUCCEEDED:
-            report["selection"] = _selection(store, manifest)
+        if base_stage(manifest.stage) == LAYER_SELECT and manifest.status == SUCCEEDED:
+            selection = _selection(store, manifest)  # a run's own selection first; a rescan's is a step (layer_select.sft)
+            report.setdefault("selection", selection)
+            report.setdefault("selections", {})[manifest.stage] = selection
     report["training"] = _training(store, run_id)
     return report
 
@@ -96,7 +98,7 @@ class _ProducerIndex:
 
 
 def _selection(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
-    data, _ = store.read_recorded(manifest.recorded_output(table_key(SELECTION_TABLE, LAYER_SELECT, manifest.run_id)))
+    data, _ = store.read_recorded(manifest.recorded_output(table_key(SELECTION_TABLE, manifest.stage, manifest.run_id)))
     table = pq.read_table(pa.BufferReader(data), use_threads=False)
     rows = table.to_pylist()
     trainable = [r for r in rows if r["selected"]]

@@ -4,6 +4,10 @@ Layout in the store:
     runs/<run_id>/<stage>/manifest.json          the commit marker, written after every output
     runs/<run_id>/<stage>/<name>                 the stage's outputs (see output_key)
     cache/<stage>/<cache_key>/<run_id>.json      index: committed runs with this cache key
+    cache/<stage>/<cache_key>/<step>/<run_id>.json   the same, for a step (`snr_scan.sft`, see contracts)
+
+A manifest's `stage` is where it lives in the run: a stage name or a step name; the cache key
+and the index use the stage the step runs (base_stage), so a step reuses the stage's work.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, SUCCEEDED, stage_sort_key
+from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, STEP_SEPARATOR, SUCCEEDED, base_stage, stage_sort_key
 from ..core.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError
@@ -41,6 +45,7 @@ class Manifest:
     started_at: str
     host: str
     status: str = RUNNING
+    environment: dict[str, Any] = field(default_factory=dict)  # python, library versions, device: not part of the cache key
     outputs: list[dict[str, Any]] = field(default_factory=list)  # ObjectInfo.to_dict()
     finished_at: str | None = None
     seconds: float | None = None
@@ -127,8 +132,9 @@ def start_manifest(
     run_id: str,
     parameters: Mapping[str, Any],
     inputs: Sequence[ObjectInfo | Mapping[str, Any]],
+    environment: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """A running stage's manifest: checks parameters for secrets now, before any work is done."""
+    """A running stage's (or step's) manifest: checks parameters for secrets now, before any work is done."""
     validate_name(stage, "stage name")
     validate_name(run_id, "run id")
     check_parameters(parameters)
@@ -139,9 +145,10 @@ def start_manifest(
         run_id=run_id,
         parameters=dict(parameters),
         inputs=refs,
-        cache_key=cache_key(stage, code_version, parameters, [ref["sha256"] for ref in refs]),
+        cache_key=cache_key(base_stage(stage), code_version, parameters, [ref["sha256"] for ref in refs]),
         started_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         host=socket.gethostname(),
+        environment=dict(environment or {}),
     )
 
 
@@ -168,7 +175,7 @@ def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
     if manifest.status not in (SUCCEEDED, FAILED):
         raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} is {manifest.status!r}: call finish() first")
     expected_key = cache_key(
-        manifest.stage, manifest.code_version, manifest.parameters, [ref["sha256"] for ref in manifest.inputs]
+        base_stage(manifest.stage), manifest.code_version, manifest.parameters, [ref["sha256"] for ref in manifest.inputs]
     )
     if manifest.cache_key != expected_key:
         raise InputError(f"manifest of {manifest.stage} in run {manifest.run_id} has a cache key that does not match its contents")
@@ -194,13 +201,15 @@ def load_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
 
 
 def find_manifest(store: ArtifactStore, stage: str, cache_key: str) -> Manifest | None:
-    """The latest succeeded, committed manifest of `stage` with `cache_key`, if any."""
-    validate_name(stage, "stage name")
+    """The latest succeeded, committed manifest of `stage` (or any of its steps) with `cache_key`, if any."""
+    stage = base_stage(validate_name(stage, "stage name"))
     if not _SHA256.fullmatch(cache_key):
         raise InputError(f"invalid cache key {cache_key!r}: expected 64 lowercase hex digits (see cache_key())")
     found = []
-    for entry in store.list(f"cache/{stage}/{cache_key}/"):
-        manifest = load_manifest_or_none(store, entry.rsplit("/", 1)[1].removesuffix(".json"), stage)
+    prefix = f"cache/{stage}/{cache_key}/"
+    for entry in store.list(prefix):
+        step, _, file = entry.removeprefix(prefix).rpartition("/")
+        manifest = load_manifest_or_none(store, file.removesuffix(".json"), step or stage)
         if manifest is not None and manifest.status == SUCCEEDED and manifest.cache_key == cache_key:
             found.append(manifest)
     return max(found, key=lambda m: m.finished_at or "", default=None)
@@ -233,7 +242,10 @@ def load_manifest_or_none(store: ArtifactStore, run_id: str, stage: str) -> Mani
 
 
 def list_runs(store: ArtifactStore) -> dict[str, list[str]]:
-    """Run id -> stages with a committed manifest, both sorted; keys that no pipeline wrote are skipped with a warning."""
+    """Run id -> stages with a committed manifest, stages in pipeline order.
+
+    Keys that no pipeline wrote are skipped with a warning.
+    """
     runs: dict[str, list[str]] = {}
     for key in store.list("runs/"):
         parts = key.split("/")
@@ -241,7 +253,7 @@ def list_runs(store: ArtifactStore) -> dict[str, list[str]]:
             runs.setdefault(parts[1], []).append(parts[2])
         elif parts[-1] == MANIFEST_FILE:
             log.warning("skipping %s: not a manifest of the runs/<run>/<stage>/ layout", store.uri(key))
-    return runs
+    return {run_id: sorted(stages, key=stage_sort_key) for run_id, stages in runs.items()}
 
 
 def committed_manifests(store: ArtifactStore) -> dict[str, list[Manifest]]:
@@ -262,8 +274,21 @@ def _without_version_ids(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _index_key(stage: str, key: str, run_id: str) -> str:
-    return f"cache/{stage}/{key}/{run_id}.json"
+def _index_key(step: str, key: str, run_id: str) -> str:
+    stage = base_stage(step)
+    return f"cache/{stage}/{key}/{run_id}.json" if step == stage else f"cache/{stage}/{key}/{step}/{run_id}.json"
+
+
+def resolve_run_reference(reference: str, stage: str, option: str) -> tuple[str, str]:
+    """`RUN` or `RUN/STEP` (a step of `stage`, e.g. `RUN/layer_select.sft`) -> (run id, step)."""
+    run_id, _, step = reference.partition("/")
+    step = step or stage
+    validate_name(run_id, f"run id in {option}")
+    if base_stage(validate_name(step, f"step in {option}")) != stage:
+        raise InputError(
+            f"{option} {reference!r} names a {base_stage(step)} step; pass RUN or RUN/{stage}{STEP_SEPARATOR}QUALIFIER"
+        )
+    return run_id, step
 
 
 def _input_ref(item: ObjectInfo | Mapping[str, Any]) -> dict[str, Any]:

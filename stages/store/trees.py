@@ -10,6 +10,10 @@ A tree without its listing is incomplete (or not a downloaded artifact) and is n
 
     stored = publish_tree(store, Listing.of_folder("models", folder, paths), folder)
     local = materialize(stored.uri, store)      # a verified local copy, cached by tree
+
+A folder of a run's outputs (`store:runs/<run>/<stage>/model`, the model cpt trained) is brought
+back the same way: its files are those the stage's succeeded manifest recorded (key, version,
+sha256), read verified into the same content-addressed cache.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from urllib.parse import unquote, urlsplit
 from tqdm import tqdm
 
 from ..core import settings
+from ..core.contracts import SUCCEEDED
 from ..core.errors import InputError
 from . import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
 from .base import sha256_file
+from .manifest import load_manifest
 from .uri import uri_scheme
 
 KINDS = ("models", "data")
@@ -38,6 +44,7 @@ LISTING_FORMAT = "spectrum-listing-1"
 LISTING_SUFFIX = ".listing.json"
 STORE_SCHEME = "store:"
 _TREE_TAIL = re.compile(r"^(?:(?P<root>.*?)/)?(?P<kind>models|data)/(?P<tree>sha256-[0-9a-f]{64})/?$")
+_RUN_OUTPUT = re.compile(r"^runs/(?P<run>[^/]+)/(?P<step>[^/]+)/(?P<folder>[^/].*?)/?$")
 
 
 @dataclass(frozen=True)
@@ -243,21 +250,27 @@ def materialize(uri: str, store: ArtifactStore | None, cache_dir: Path | None = 
         if not located.is_dir():
             raise InputError(f"{located} is not a folder (or does not exist); pass a model or data folder, or a stored tree URI")
         return located
+    if _RUN_OUTPUT.match(located.key):
+        return _run_output_copy(located, cache_dir, progress)[0]
     ref = as_tree(located)
     if ref is None:
         raise InputError(
             f"{located.uri} is not a stored model or data drop: expected <store>/<kind>/sha256-<64 hex> "
-            f"with <kind> one of {', '.join(KINDS)} (as printed by `spectrum download`)"
+            f"with <kind> one of {', '.join(KINDS)} (as printed by `spectrum download`), or a run's output folder "
+            "store:runs/<run>/<stage>/<folder>"
         )
     return materialize_tree(ref, cache_dir, progress=progress)
 
 
 def local_copy(uri: str, store: ArtifactStore | None) -> tuple[Path, dict[str, dict]]:
-    """A local folder for `uri`, and for a stored tree (from `spectrum download`) the store reference
-    of each of its files by relative path, so a manifest's inputs point at the store, not the cache."""
+    """A local folder for `uri`, and for a stored tree (from `spectrum download`) or a run's output
+    folder the store reference of each of its files by relative path, so a manifest's inputs point
+    at the store, not the cache."""
     located = resolve_uri(uri, store)
     if isinstance(located, Path):
         return materialize(str(located), store), {}
+    if _RUN_OUTPUT.match(located.key):
+        return _run_output_copy(located)
     ref = as_tree(located)
     if ref is None:
         return materialize(uri, store), {}  # raises the clear error for a location that is no tree
@@ -275,24 +288,51 @@ def file_ref(path: Path) -> dict:
 def materialize_tree(ref: TreeRef, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
     """The verified local copy of a stored tree (see materialize)."""
     listing = read_listing(ref)
-    target = Path(cache_dir or settings.cache_root()) / ref.tree
+    prefix = tree_prefix(ref.kind, ref.tree)
+    sources = {entry.path: {"key": f"{prefix}/{entry.path}"} for entry in listing.files}
+    return _materialize(ref.store, listing, sources, cache_dir, progress)
+
+
+def _run_output_copy(
+    location: StoreLocation, cache_dir: Path | None = None, progress: bool | None = None
+) -> tuple[Path, dict[str, dict]]:
+    """A run's output folder (runs/<run>/<stage>/<folder>), as its succeeded manifest recorded it."""
+    match = _RUN_OUTPUT.match(location.key)
+    manifest = load_manifest(location.store, match["run"], match["step"])
+    if manifest.status != SUCCEEDED:
+        raise InputError(f"the {manifest.stage} stage of run {manifest.run_id} {manifest.status}; {location.uri} holds nothing to use")
+    prefix = f"{match['run']}/{match['step']}/{match['folder']}/"
+    recorded = {o["key"].split(prefix, 1)[1]: o for o in manifest.outputs if o["key"].startswith(f"runs/{prefix}")}
+    if not recorded:
+        raise InputError(f"{location.uri} names no output of the {manifest.stage} stage of run {manifest.run_id}")
+    listing = Listing("models", tuple(ListedFile(path, o["sha256"], o["size"]) for path, o in recorded.items()))
+    refs = {path: {k: o[k] for k in ("uri", "sha256", "size", "version_id") if o.get(k) is not None} for path, o in recorded.items()}
+    return _materialize(location.store, listing, recorded, cache_dir, progress), refs
+
+
+def _materialize(
+    store: ArtifactStore, listing: Listing, sources: dict[str, dict], cache_dir: Path | None, progress: bool | None
+) -> Path:
+    """`<cache_dir>/<tree>`, complete and verified: reused when every file hashes right, else fetched and installed."""
+    target = Path(cache_dir or settings.cache_root()) / listing.tree
     if _complete(target, listing):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".partial-{ref.tree}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{listing.tree}-", dir=target.parent))
     try:
-        _fetch(ref, listing, staging, progress)
+        _fetch(store, listing, sources, staging, progress)
         _install(staging, target, listing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _fetch(ref: TreeRef, listing: Listing, folder: Path, progress: bool | None) -> None:
-    prefix = tree_prefix(ref.kind, ref.tree)
-    with tqdm(total=listing.size, unit="B", unit_scale=True, desc=f"fetching {ref.tree[:20]}…", disable=_quiet(progress)) as bar:
+def _fetch(store: ArtifactStore, listing: Listing, sources: dict[str, dict], folder: Path, progress: bool | None) -> None:
+    """Every listed file from its source (a key, and the version a manifest recorded), sha256 checked."""
+    with tqdm(total=listing.size, unit="B", unit_scale=True, desc=f"fetching {listing.tree[:20]}…", disable=_quiet(progress)) as bar:
         for entry in listing.files:
-            info = ref.store.download_file(f"{prefix}/{entry.path}", folder / entry.path, sha256=entry.sha256)
+            source = sources[entry.path]
+            info = store.download_file(source["key"], folder / entry.path, sha256=entry.sha256, version_id=source.get("version_id"))
             if info.size != entry.size:
                 raise IntegrityError(f"{info.uri} is {info.size} bytes but its listing says {entry.size}")
             bar.update(entry.size)

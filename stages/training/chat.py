@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.files import all_files
+from ..core.files import all_files, write_atomic
 from ..data.drops import iter_records
 from .loop import TrainingArrays
 from .packing import is_heldout
@@ -36,12 +36,11 @@ class ChatData:
 
 
 def conversations(folder: Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """(where, messages) for every row of the chat files in `folder`."""
-    names = all_files(folder)
-    if not names:
+    """(where, messages) for every row of the chat files in `folder` (or of the one file `folder` names)."""
+    paths = [folder] if folder.is_file() else [folder / name for name in all_files(folder)]
+    if not paths:
         raise InputError(f"the chat data {folder} is empty: it holds no .jsonl/.json/.parquet files")
-    for name in names:
-        path = folder / name
+    for path in paths:
         if path.suffix.lower() not in CHAT_SUFFIXES:
             raise InputError(f"{path} is not chat data ({', '.join(CHAT_SUFFIXES)} with messages or prompt/completion rows)")
         for where, record in iter_records(path, path.suffix.lower()):
@@ -93,7 +92,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, generati
     return list(rendered)
 
 
-def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: float) -> ChatData:
+def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: float, heldout_file: Path | None = None) -> ChatData:
+    """Training rows of the chat data; the held-out conversations go to `heldout_file` as {"messages": …} lines."""
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("the model's tokenizer has no chat template; pass --chat-template FILE (a Jinja template)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -105,11 +105,13 @@ def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: fl
         "row_sha256": [],
     }
     truncated = 0
+    held: list[str] = []
     for where, messages in conversations(folder):
         canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if is_heldout(canonical, heldout_percent):
             heldout["rows"] += 1
             heldout["row_sha256"].append(hashlib.sha256(canonical.encode("utf-8")).hexdigest())
+            held.append(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
             continue
         ids, labels = tokenize_conversation(tokenizer, messages, where)
         if len(ids) > seq_len:
@@ -123,6 +125,8 @@ def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: fl
         rows_mask.append([1] * len(ids) + [0] * padding)
     if not rows_ids:
         raise InputError(f"the chat data {folder} leaves no row to train on (held out, or answers beyond --seq-len {seq_len})")
+    if heldout_file is not None:
+        write_atomic(heldout_file, "".join(held).encode("utf-8"), overwrite=True)
     arrays = TrainingArrays(np.asarray(rows_ids, np.int64), np.asarray(rows_labels, np.int64), np.asarray(rows_mask, np.int64))
     record = {**heldout, "training_rows": len(rows_ids), "truncated_rows": truncated, "seq_len": seq_len}
     return ChatData(arrays, record)

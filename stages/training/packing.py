@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class PackedData:
     documents: int
     tokens: int  # training tokens before packing (the remainder is dropped)
     heldout: dict[str, Any]  # the held-out split: rule, percent, documents, tokens, sha256 of each text
+    heldout_file: Path  # the held-out documents as {"text": …} JSON lines
 
     @property
     def count(self) -> int:
@@ -71,27 +72,37 @@ def pack(
     ).hexdigest()[:32]
     blocks_path = cache_dir / f"blocks-{key}.u32"
     meta_path = cache_dir / f"blocks-{key}.json"
-    if not (blocks_path.is_file() and meta_path.is_file()):
-        _write_blocks(data_dir, tokenizer, eos, seq_len, heldout_percent, text_field, blocks_path, meta_path)
+    heldout_path = cache_dir / f"blocks-{key}.heldout.jsonl"
+    if not (blocks_path.is_file() and meta_path.is_file() and heldout_path.is_file()):
+        _write_blocks(data_dir, tokenizer, eos, seq_len, heldout_percent, text_field, blocks_path, meta_path, heldout_path)
     meta = json.loads(meta_path.read_text())
     blocks = (
         np.memmap(blocks_path, dtype=np.uint32, mode="r", shape=(meta["blocks"], seq_len))
         if meta["blocks"]
         else np.zeros((0, seq_len), np.uint32)
     )
-    return PackedData(blocks, meta["documents"], meta["tokens"], meta["heldout"])
+    return PackedData(blocks, meta["documents"], meta["tokens"], meta["heldout"], heldout_path)
 
 
 def _write_blocks(
-    data_dir: Path, tokenizer: Any, eos: int, seq_len: int, heldout_percent: float, text_field: str, blocks_path: Path, meta_path: Path
+    data_dir: Path,
+    tokenizer: Any,
+    eos: int,
+    seq_len: int,
+    heldout_percent: float,
+    text_field: str,
+    blocks_path: Path,
+    meta_path: Path,
+    heldout_path: Path,
 ) -> None:
     blocks_path.parent.mkdir(parents=True, exist_ok=True)
     partial = blocks_path.with_name(f"{blocks_path.name}.{os.getpid()}.partial")  # ranks of one node may pack at once
+    heldout_partial = heldout_path.with_name(f"{heldout_path.name}.{os.getpid()}.partial")
     documents = tokens = blocks = 0
     heldout = {"rule": HELDOUT_RULE, "percent": heldout_percent, "documents": 0, "tokens": 0, "text_sha256": []}
     buffer: list[int] = []
-    with open(partial, "wb") as out:
-        for ids in _token_streams(data_dir, tokenizer, eos, heldout_percent, text_field, heldout):
+    with open(partial, "wb") as out, open(heldout_partial, "w", encoding="utf-8") as heldout_out:
+        for ids in _token_streams(data_dir, tokenizer, eos, heldout_percent, text_field, heldout, heldout_out):
             documents += 1
             tokens += len(ids)
             buffer.extend(ids)
@@ -103,14 +114,17 @@ def _write_blocks(
         os.fsync(out.fileno())
     if documents == 0:
         partial.unlink()
+        heldout_partial.unlink()
         raise InputError(f"the data drop {data_dir} has no training documents (all {heldout['documents']} are held out, or it is empty)")
     if blocks == 0:
         partial.unlink()
+        heldout_partial.unlink()
         raise InputError(
             f"the data drop {data_dir} has {tokens} training tokens, fewer than one sequence of --seq-len {seq_len}; "
             "add data or lower --seq-len"
         )
     os.replace(partial, blocks_path)
+    os.replace(heldout_partial, heldout_path)
     meta = {"blocks": blocks, "documents": documents, "tokens": tokens, "seq_len": seq_len, "heldout": heldout}
     meta_partial = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.partial")
     meta_partial.write_text(json.dumps(meta))
@@ -118,7 +132,7 @@ def _write_blocks(
 
 
 def _token_streams(
-    data_dir: Path, tokenizer: Any, eos: int, heldout_percent: float, text_field: str, heldout: dict[str, Any]
+    data_dir: Path, tokenizer: Any, eos: int, heldout_percent: float, text_field: str, heldout: dict[str, Any], heldout_out: IO[str]
 ) -> Iterator[list[int]]:
     seen_any = False
     for _where, text in iter_texts(data_dir, text_field):
@@ -128,6 +142,7 @@ def _token_streams(
             heldout["documents"] += 1
             heldout["tokens"] += len(ids)
             heldout["text_sha256"].append(hashlib.sha256(text.encode("utf-8")).hexdigest())
+            heldout_out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
             continue
         yield ids
     if not seen_any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,14 @@ import pyarrow as pa
 import torch
 
 from .. import __version__
-from ..core.contracts import TRAINED_TENSORS_TABLE, TRAINING_METRICS_TABLE
+from ..core.contracts import (
+    HELDOUT_DATA_FILE,
+    HELDOUT_FILE,
+    MODEL_FOLDER,
+    TRAINED_TENSORS_TABLE,
+    TRAINING_FILE,
+    TRAINING_METRICS_TABLE,
+)
 from ..core.errors import InputError
 from ..core.execution import StageRun, execute_stage, require_store_in
 from ..core.files import all_files
@@ -38,8 +44,6 @@ from .loop import TrainingArrays, TrainSettings, deepspeed_config, memory_estima
 from .selection import Selection, load_selection
 from .tensor_audit import audit_tensors
 
-MODEL_OUTPUT = "model"  # runs/<run>/<stage>/model/… : the trained Hugging Face model
-TRAINING_FILE = "training.json"  # how the run went: resumed from where, seconds, versions and device
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -77,8 +81,8 @@ class PreparedData:
     """A stage's data as training arrays, and the record it publishes about them (e.g. the held-out split)."""
 
     arrays: TrainingArrays
-    record_file: str
-    record: dict[str, Any]
+    record: dict[str, Any]  # published as heldout.json
+    heldout_file: Path  # the held-out items, published as heldout.jsonl for the evaluate stage
 
 
 # (data folder, tokenizer, digest of the data's files, the run's work folder) -> the prepared data
@@ -141,25 +145,27 @@ def run_training(
             published.extend(publish_checkpoint(stage, checkpoints, step))
 
         outcome = train(model, data.arrays, settings, checkpoints, context.progress, on_checkpoint)
-        trained_dir = work / MODEL_OUTPUT
+        trained_dir = work / MODEL_FOLDER
         state = outcome.state_dict
         if config.lora_rank:  # the adapters merged into the weights they adapt: a plain Hugging Face model again
             model = model.merge_and_unload()
             state = model.state_dict()
         _save_model(model, state, model_dir, trained_dir, tokenizer)
         audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
-        outputs = published + [stage.put_file(f"{MODEL_OUTPUT}/{name}", trained_dir / name) for name in all_files(trained_dir)]
+        outputs = published + [stage.put_file(f"{MODEL_FOLDER}/{name}", trained_dir / name) for name in all_files(trained_dir)]
         outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
         outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
-        outputs.append(stage.put_bytes(data.record_file, (json.dumps(data.record, indent=2) + "\n").encode()))
+        outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(data.record, indent=2) + "\n").encode()))
+        outputs.append(stage.put_file(HELDOUT_DATA_FILE, data.heldout_file))
         training = {
+            "model": _location(config.model, model_refs),  # the base model, for evaluate (deltas, forgetting)
+            "data": _location(config.data, data_refs),
             "resumed_from_step": outcome.resumed_from_step,
             "restored_from": restored,  # {run_id, step} of a failed run's checkpoint in the store, or None
             "steps": outcome.steps,
             "seconds": round(outcome.seconds, 3),
             "trainable_parameters": freeze.trainable_parameters,
             "total_parameters": freeze.total_parameters,
-            "environment": _environment(),
         }
         outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
         if config.out_dir:
@@ -316,24 +322,13 @@ def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenize
     tokenizer.save_pretrained(str(out_dir))
 
 
+def _location(given: str, stored_refs: dict) -> str:
+    """Where an input can be found again: a stored location as given, a local folder as an absolute path."""
+    return given if stored_refs else str(Path(given).expanduser().resolve())
+
+
 def _digest_of(refs: list[dict]) -> str:
     return hashlib.sha256("".join(ref["sha256"] for ref in refs).encode()).hexdigest()
-
-
-def _environment() -> dict[str, Any]:
-    import deepspeed
-    import torch
-    import transformers
-
-    return {
-        "code_version": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _summary_line(result: TrainingResult) -> str:

@@ -17,7 +17,7 @@ import yaml
 
 from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE
 from ..core.errors import InputError
-from ..store import ArtifactStore, output_key, read_stage_output
+from ..store import ArtifactStore, output_key, read_stage_output, resolve_run_reference
 from ..store.base import sha256_bytes
 
 
@@ -29,6 +29,7 @@ class Selection:
     model_id: str | None = None  # the model the selection was made for, when known
     exact_names: tuple[str, ...] = field(default_factory=tuple)  # selection.json: the names it lists
     model_structure: str | None = None  # structure_fingerprint of the model it was made for, when known
+    document: dict[str, Any] | None = None  # selection.json as written (its policy and estimator); None for a YAML
 
     def matches(self, name: str) -> bool:
         return any(re.match(pattern, name) for pattern in self.patterns)
@@ -41,8 +42,8 @@ def load_selection(source: str | None, run: str | None, store: ArtifactStore | N
     if run is not None:
         if store is None:
             raise InputError("--selection-run reads a layer_select run from the artifact store: pass --store too")
-        key = output_key(run, LAYER_SELECT, SELECTION_JSON_FILE)
-        data, info = read_stage_output(store, run, LAYER_SELECT, key, "selection to train")
+        run_id, step = resolve_run_reference(run, LAYER_SELECT, "--selection-run")
+        data, info = read_stage_output(store, run_id, step, output_key(run_id, step, SELECTION_JSON_FILE), "selection to train")
         return _from_json(data, f"run {run}", info.to_dict())
     path = Path(source)
     if not path.is_file():
@@ -64,7 +65,7 @@ def _from_json(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
         raise InputError(f"{where}: trainable_tensors must be a list of tensor names")
     model_id = document.get("model_id")
     structure = document.get("model_structure")
-    return Selection(tuple(f"^{re.escape(n)}$" for n in names), where, ref, model_id, tuple(names), structure)
+    return Selection(tuple(f"^{re.escape(n)}$" for n in names), where, ref, model_id, tuple(names), structure, document)
 
 
 def _from_yaml(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
