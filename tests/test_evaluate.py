@@ -1,0 +1,154 @@
+"""evaluate: the perplexity convention checked independently, forgetting, SNR drift, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import cpt, evaluate
+from stages.core.contracts import EVALUATION_TABLE, SNR_DRIFT_TABLE, TRAINED_TENSORS_TABLE
+from stages.core.errors import InputError
+from stages.core.stage import StageContext
+from stages.evaluation.corpus import python_docs
+from stages.evaluation.perplexity import likelihood, token_stream
+from stages.store import list_runs, open_store, read_table
+from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.testing.tokenizer import domain_corpus, write_tokenizer
+
+from .helpers import TINY
+
+SELECTION = "unfrozen_parameters:\n- model.layers.1.mlp\n- model.layers.1.self_attn.o_proj\n"
+
+
+@pytest.fixture(scope="module")
+def corpora() -> tuple[list[str], list[str]]:
+    """The domain (plant logs) and a general corpus that has nothing to do with it (Python's documentation)."""
+    return domain_corpus(200, seed=1), python_docs().texts[:300]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, corpora) -> Path:
+    folder = write_synthetic_model(tmp_path_factory.mktemp("eval") / "model", SyntheticSpec(**TINY))
+    return write_tokenizer(folder, corpora[0] + corpora[1], TINY["vocab_size"])
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_perplexity_is_exp_of_the_mean_nll_of_every_predicted_token(tiny, corpora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    ids = token_stream(corpora[0][:40], tokenizer, max_tokens=10_000)
+    measured = likelihood(model, ids, seq_len=48, batch_size=3, what="logs", progress=False)
+
+    # independently: one window at a time, float64 log-softmax, the log-probability of each next token
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 48):
+            window = torch.tensor(ids[start : start + 48])
+            if len(window) < 2:
+                continue
+            log_probs = torch.log_softmax(model(input_ids=window[None]).logits[0].double(), dim=-1)
+            total -= float(log_probs[torch.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+    assert measured.tokens == count
+    assert math.isclose(measured.perplexity, math.exp(total / count), rel_tol=1e-5)
+    assert ids.count(tokenizer.eos_token_id) == 40  # every document ends with EOS
+
+
+@pytest.mark.integration
+def test_training_on_a_shifted_corpus_lowers_domain_perplexity_and_shows_forgetting(tiny, corpora, tmp_path):
+    """A base that knows the general corpus, trained on the domain: domain perplexity falls, general rises."""
+    domain, general = corpora
+    store = open_store(str(tmp_path / "store"))
+    quiet = {"work_dir": tmp_path / "work", "progress": False}
+    common = dict(seq_len=64, micro_batch_size=4, learning_rate=3e-3, warmup_steps=2, save_steps=0)
+    pre = cpt.run(
+        cpt.CptConfig(model=str(tiny), data=str(write_texts(tmp_path / "general" / "docs.jsonl", general).parent), full=True,
+                      max_steps=40, heldout_percent=0, **common),
+        StageContext(store, run_id="pretrain", **quiet),
+    )  # fmt: skip
+    selection = tmp_path / "sel.yaml"
+    selection.write_text(SELECTION)
+    cpt.run(
+        cpt.CptConfig(model=f"store:runs/{pre.run_id}/cpt/model", data=str(write_texts(tmp_path / "logs" / "logs.jsonl", domain).parent),
+                      selection=str(selection), max_steps=40, heldout_percent=20, **common),
+        StageContext(store, run_id="tuned", **quiet),
+    )  # fmt: skip
+    general_file = write_texts(tmp_path / "probe" / "general.jsonl", general[:120])
+    config = evaluate.EvaluateConfig(cpt_run="tuned", general=str(general_file), seq_len=64, max_tokens=4096, out_dir=str(tmp_path / "out"))
+    result = evaluate.run(config, StageContext(store, run_id="eval", **quiet))
+
+    values = {(r["model"], r["metric"], r["dataset"]): r["value"] for r in result.detail.rows}
+    assert values[("trained", "perplexity", "heldout")] < 0.9 * values[("base", "perplexity", "heldout")]
+    assert values[("trained", "perplexity", "general")] > values[("base", "perplexity", "general")]  # forgetting
+    delta = values[("delta", "perplexity", "general")]
+    assert math.isclose(delta, values[("trained", "perplexity", "general")] - values[("base", "perplexity", "general")])
+    table = read_table(store, EVALUATION_TABLE, run_id="eval").to_pylist()
+    assert {(r["model"], r["metric"], r["dataset"]) for r in table} == set(values)
+    assert all(r["tokens"] > 0 for r in table)
+
+    # SNR drift: exactly the trained tensors moved; every frozen one scanned to the identical SNR
+    drift = read_table(store, SNR_DRIFT_TABLE, run_id="eval").to_pylist()
+    trained = {r["tensor_name"] for r in read_table(store, TRAINED_TENSORS_TABLE, run_id="tuned").to_pylist() if r["changed"]}
+    assert {r["tensor_name"] for r in drift if r["changed"]} == trained
+    assert all(r["snr_change"] == 0 for r in drift if not r["changed"])
+    assert any(r["snr_change"] != 0 for r in drift if r["changed"])
+    assert {"snr_scan.evaluate_base", "snr_scan.evaluate", "evaluate"} <= set(list_runs(store)["eval"])
+
+    summary = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert summary["base_model"] == f"store:runs/{pre.run_id}/cpt/model"
+    split = json.loads((tmp_path / "store/runs/tuned/cpt/heldout.json").read_text())
+    assert summary["datasets"]["heldout"]["documents"] == len(split["text_sha256"]) > 0
+
+    again = evaluate.run(config.__class__(**{**config.__dict__, "overwrite": True}), StageContext(store, **quiet))
+    assert again.cached and again.run_id == "eval"  # same model and data: the same numbers, reused
+
+
+def test_bad_evaluation_inputs_are_clear_errors(tiny, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    context = StageContext(store, progress=False)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "tokenizer.json").write_text((tiny / "tokenizer.json").read_text())
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
+    (no_tokenizer / "config.json").write_text((tiny / "config.json").read_text())
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (dict(model=str(no_weights)), "has no weights"),
+        (dict(model=str(no_tokenizer)), "has no tokenizer"),
+        (dict(model=str(tiny), data=str(empty)), "holds no documents: the evaluation set is empty"),
+        (dict(model=str(tiny), data=str(tmp_path / "nowhere.jsonl")), "does not exist"),
+        (dict(cpt_run="no-such-run"), "has no committed manifest for stage 'cpt'"),
+        (dict(cpt_run="a", sft_run="b"), "not both"),
+        (dict(), "nothing to evaluate"),
+        (dict(model=str(tiny), seq_len=1), "--seq-len is too small"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InputError, match=message):
+            evaluate.run(evaluate.EvaluateConfig(**options), context)
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.integration
+def test_a_run_without_a_held_out_split_needs_data(tiny, corpora, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    context = StageContext(store, work_dir=tmp_path / "work", progress=False)
+    drop = write_texts(tmp_path / "drop" / "logs.jsonl", corpora[0]).parent
+    trained = cpt.run(
+        cpt.CptConfig(model=str(tiny), data=str(drop), full=True, max_steps=2, seq_len=64, heldout_percent=0, save_steps=0), context
+    )
+    with pytest.raises(InputError, match="held-out split of run .* is empty .*pass --data"):
+        evaluate.run(evaluate.EvaluateConfig(cpt_run=trained.run_id), context)
