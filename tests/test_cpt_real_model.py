@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import cpt
+from stages import cpt, evaluate
 from stages.core.contracts import CPT
 from stages.core.stage import StageContext
 from stages.store import open_store
@@ -70,3 +70,16 @@ def test_a_short_cpt_lowers_held_out_loss_on_the_domain(smollm2, tmp_path):
     assert math.isfinite(before) and after < 0.8 * before, (before, after)
     expected = {f"model.layers.{i}.mlp.{p}_proj.weight" for i in range(24, 30) for p in ("gate", "up", "down")}
     assert set(result.detail.freeze.trainable) == expected
+
+    # the evaluate stage measures the same held-out perplexity by the same convention, and the forgetting probe
+    config = evaluate.EvaluateConfig(cpt_run=result.run_id, seq_len=128, max_tokens=4096, snr_drift=False)
+    evaluation = evaluate.run(config, StageContext(open_store(str(tmp_path / "store")), progress=False))
+    values = {(r["model"], r["metric"], r["dataset"]): r for r in evaluation.detail.rows}
+    assert math.isclose(values[("base", "nll_per_token", "heldout")]["value"], before, rel_tol=1e-4)
+    assert math.isclose(values[("trained", "nll_per_token", "heldout")]["value"], after, rel_tol=1e-4)
+    general_before = values[("base", "perplexity", "python-docs")]["value"]
+    general_after = values[("trained", "perplexity", "python-docs")]["value"]
+    assert 1 < general_before < 100  # a real model reads English prose and Python well
+    # Measured: 45.8 -> 42.3. Sixteen steps on six MLPs do not make it forget; both corpora end every
+    # document with EOS, which the chat model learns to predict. The direction is tested on a tiny model.
+    assert abs(general_after / general_before - 1) < 0.3, (general_before, general_after)
