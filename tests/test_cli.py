@@ -204,3 +204,31 @@ def test_demo_publishes_runs_to_its_store(tmp_path, capsys):
     code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2", "--overwrite")
     assert code == 0, err
     assert len(list_run_summaries(store)) == 10
+
+
+def test_the_command_line_of_a_config_parses_back_to_the_same_config_and_context(tmp_path):
+    """What a container or a subprocess runs is exactly what the orchestrator configured."""
+    import argparse
+
+    from stages import cpt, evaluate, layer_select
+    from stages.core.cli import command_line, config_from_args, context_from_args, stage_parser
+    from stages.core.stage import StageContext
+    from stages.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    context = StageContext(store, run_id="r-1", force=True, work_dir=tmp_path / "work", progress=False)
+    configs = [
+        (cpt.STAGE, cpt.CptConfig(model="m", data="d", selection_run="r/layer_select.sft", learning_rate=3e-4, seed=3)),
+        (layer_select.STAGE, layer_select.SelectConfig(snr_run="r", top_percent=25.0, depth_aware=True, include_types=["mlp", "attn"])),
+        (layer_select.STAGE, layer_select.SelectConfig(snr_input="snr.parquet", always_train=[])),
+        (evaluate.STAGE, evaluate.EvaluateConfig(cpt_run="r", snr_drift=False, max_tokens=100)),
+    ]
+    for stage, config in configs:
+        argv = command_line(stage, config, context, record=tmp_path / "m.json")
+        args = stage_parser(stage, argparse.ArgumentParser()).parse_args(argv)
+        assert config_from_args(stage.config, args) == config, argv
+        parsed = context_from_args(args)
+        assert (parsed.store.root_uri, parsed.run_id, parsed.force, parsed.work_dir, parsed.progress) == (
+            store.root_uri, "r-1", True, tmp_path / "work", False,
+        )  # fmt: skip
+        assert args.record == str(tmp_path / "m.json")

@@ -24,6 +24,7 @@ from ..store import ArtifactStore, open_store
 from ..store.scrub import redact
 from . import settings
 from .errors import InputError, SpectrumError
+from .files import write_atomic
 from .stage import Option, Stage, StageConfig, StageContext, options_of
 
 Action = Callable[[argparse.Namespace], str]
@@ -52,6 +53,9 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when on a terminal)"
+    )
+    parser.add_argument(
+        "--record", metavar="FILE", help="write the manifest of the run committed or reused to FILE (JSON), for orchestrators"
     )
 
 
@@ -106,7 +110,7 @@ def config_from_args(config_class: type[StageConfig], args: argparse.Namespace) 
             if value:
                 flag = spec.flags[0] if spec.flags else f"--{config_field.name.replace('_', '-')}"
                 raise InputError(f"{flag} and {spec.negative[0]} contradict each other; pass one")
-            value = []
+            value = False if isinstance(config_field.default, bool) else []
         if value is not None:
             values[config_field.name] = value
     return config_class(**values)
@@ -140,7 +144,41 @@ def context_from_args(args: argparse.Namespace) -> StageContext:
 def run_from_args(stage: Stage, args: argparse.Namespace) -> str:
     """Run the stage the parsed command line describes; returns what to print."""
     config = config_from_args(stage.config, args)
-    return stage.run(config, context_from_args(args)).message
+    result = stage.run(config, context_from_args(args))
+    if args.record and result.manifest is not None:
+        write_atomic(Path(args.record), result.manifest.to_json(), overwrite=True)
+    return result.message
+
+
+def command_line(stage: Stage, config: StageConfig, context: StageContext, record: Path | None = None) -> list[str]:
+    """The arguments of `python -m stages.<stage>` that run `config` in `context`: what a container or subprocess runs.
+
+    The inverse of the parser: parsing them gives back an equal config and context.
+    """
+    positional, flags = [], []
+    for config_field, spec in options_of(type(config)):
+        value = getattr(config, config_field.name)
+        default = config_field.default_factory() if config_field.default_factory is not dataclasses.MISSING else config_field.default
+        flag = spec.flags[0] if spec.flags else f"--{config_field.name.replace('_', '-')}"
+        if spec.positional:
+            positional += [] if value is None else [str(value)]
+        elif isinstance(value, bool):
+            flags += [flag] if value and not default else [spec.negative[0]] if not value and default else []
+        elif isinstance(value, list):
+            flags += [spec.negative[0]] if not value and spec.negative and default != value else []
+            flags += [item for v in value for item in (flag, str(v))]
+        elif value is not None:
+            flags += [flag, repr(value) if isinstance(value, float) else str(value)]
+    if context.store is not None:
+        flags += ["--store", context.store.root_uri]
+        endpoint = getattr(context.store, "endpoint_url", None)
+        flags += ["--s3-endpoint-url", endpoint] if endpoint else []
+    flags += ["--run-id", context.run_id] if context.run_id else []
+    flags += ["--force"] if context.force else []
+    flags += ["--work-dir", str(context.work_dir)] if context.work_dir else []
+    flags += [] if context.progress is None else ["--progress" if context.progress else "--no-progress"]
+    flags += ["--record", str(record)] if record else []
+    return [*positional, *flags]
 
 
 class Terminated(KeyboardInterrupt):

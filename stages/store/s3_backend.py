@@ -94,6 +94,7 @@ class S3Store(ArtifactStore):
             parts = urlsplit(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise InputError(f"invalid S3 endpoint URL {endpoint_url!r}: expected http(s)://host[:port]")
+        self.endpoint_url = endpoint_url  # as given or from $SPECTRUM_S3_ENDPOINT_URL (None: boto3 resolves it)
         self._bucket = location.bucket
         self._base = f"{location.prefix}/" if location.prefix else ""
         self._part_size = part_size
