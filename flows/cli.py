@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from stages import __version__, cpt, download, evaluate, layer_select, sft, snr_scan
+from stages import __version__, compare, cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.cli import execute, stage_parser
 
 from . import audit, demo
 
-STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
+STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE, compare.STAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ CPT = "cpt"
 SFT = "sft"
 EVALUATE = "evaluate"
 STAGE_ORDER = (DOWNLOAD, SNR_SCAN, LAYER_SELECT, CPT, SFT, EVALUATE)
+COMPARE = "compare"  # not a pipeline stage: the comparison of training methods, each arm a run of the stages above
 
 # Parquet tables in the store (tables/<table>/stage=<stage>/run_id=<run>/part-0.parquet).
 SNR_TABLE = "snr"
@@ -22,6 +23,7 @@ TRAINED_TENSORS_TABLE = "trained_tensors"
 TRAINING_METRICS_TABLE = "training_metrics"
 EVALUATION_TABLE = "evaluation"
 SNR_DRIFT_TABLE = "snr_drift"
+COMPARISON_TABLE = "comparison"
 
 # Well-known files of a run's stage (runs/<run>/<stage>/<file>).
 MANIFEST_FILE = "manifest.json"

@@ -1,0 +1,312 @@
+"""compare: the same CPT budget for full fine-tuning, Spectrum selections and LoRA, each an auditable run, tabulated.
+
+Every arm goes through the real stages: layer_select (for a Spectrum arm, from the scan of MODEL
+that this comparison run records: `snr_scan` with the reference estimator, the step
+`snr_scan.gavish_donoho` for the Gavish–Donoho arm), cpt in a process of its own (`python -m
+stages.cpt`, exactly what a container runs, so its peak memory is its own) and evaluate, under
+the run id `<run>-<method>`. The `comparison` table then holds per method: trainable parameters,
+median time per step after warm-up, total training time, peak memory, final loss, held-out and
+general perplexity (base and trained), and ratios to full fine-tuning. Arms already committed are
+reused through the stages' cache keys, so an interrupted comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from . import cpt, evaluate, layer_select, snr_scan
+from .core.cli import command_line, stage_main
+from .core.contracts import (
+    COMPARE,
+    COMPARISON_TABLE,
+    EVALUATION_JSON_FILE,
+    EVALUATION_TABLE,
+    TRAINING_FILE,
+    TRAINING_METRICS_TABLE,
+)
+from .core.errors import InputError, SpectrumError
+from .core.execution import StageRun, execute_stage, require_store_in
+from .core.files import ensure_writable, write_atomic
+from .core.stage import Stage, StageConfig, StageContext, StageResult, option
+from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, read_stage_output, read_table
+
+COMPARISON_JSON_FILE = "comparison.json"
+COMPARISON_MARKDOWN_FILE = "comparison.md"
+WARMUP_STEPS = 2  # steps left out of the median step time
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    top_percent: float | None = None  # a Spectrum selection of this share per module type
+    estimator: str = "reference"
+    depth_aware: bool = False
+    full: bool = False
+    lora: bool = False
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("full", "full fine-tuning (every parameter)", full=True),
+        Method("spectrum-50", "Spectrum, top 50% per module type (reference policy)", top_percent=50.0),
+        Method("spectrum-25", "Spectrum, top 25% per module type (reference policy)", top_percent=25.0),
+        Method("spectrum-25-depth-aware", "Spectrum-25 from the upper layers, embeddings frozen", top_percent=25.0, depth_aware=True),
+        Method("spectrum-25-gavish-donoho", "Spectrum-25 ranked by the Gavish–Donoho SNR", top_percent=25.0, estimator="gavish-donoho"),
+        Method("lora", "LoRA adapters on every linear layer (peft), merged after training", lora=True),
+    )
+}
+COMPARISON_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("cpt_run", pa.string()),
+        ("evaluate_run", pa.string()),
+        ("trainable_parameters", pa.int64()),
+        ("total_parameters", pa.int64()),
+        ("trainable_share", pa.float64()),
+        ("step_seconds", pa.float64()),
+        ("train_seconds", pa.float64()),
+        ("peak_memory_mib", pa.float64()),
+        ("final_loss", pa.float64()),
+        ("heldout_perplexity_base", pa.float64()),
+        ("heldout_perplexity", pa.float64()),
+        ("general_perplexity_base", pa.float64()),
+        ("general_perplexity", pa.float64()),
+        ("time_ratio", pa.float64()),  # to full fine-tuning
+        ("memory_ratio", pa.float64()),
+    ]
+)
+
+
+@dataclass
+class CompareConfig(StageConfig):
+    model: str = option(positional=True, help="base model: a Hugging Face folder or a stored model URI")
+    data: str | None = option(default=None, help="the data drop every arm trains on (folder or stored URI)")
+    methods: list[str] = option(
+        "--method", default_factory=list, cache=True, metavar="METHOD", help=f"an arm (repeatable; default all): {', '.join(METHODS)}"
+    )
+    max_steps: int = option(default=20, cache=True, help="optimizer steps of every arm (default 20)")
+    seq_len: int = option(default=256, cache=True, help="tokens per sequence, training and evaluation (default 256)")
+    micro_batch_size: int = option(default=1, cache=True, help="sequences per forward pass (default 1)")
+    gradient_accumulation_steps: int = option(default=1, cache=True, help="micro-batches per optimizer step (default 1)")
+    learning_rate: float = option(default=1e-4, cache=True, help="peak learning rate of every arm (default 1e-4)")
+    warmup_steps: int = option(default=2, cache=True, help="warm-up steps (default 2)")
+    seed: int = option(default=0, cache=True, help="data order seed (default 0)")
+    zero_stage: int = option(default=2, cache=True, help="DeepSpeed ZeRO stage of every arm (default 2)")
+    lora_rank: int = option(default=16, cache=True, help="rank of the LoRA arm (default 16)")
+    heldout_percent: float = option(default=5.0, cache=True, help="share of documents held out for evaluation (default 5)")
+    text_field: str = option(default="text", cache=True, help="the text field of JSON/Parquet records (default text)")
+    eval_max_tokens: int = option(default=16384, cache=True, help="tokens evaluated per dataset (default 16384)")
+    general: str | None = option(default=None, help="general text for the forgetting probe (default: Python's documentation)")
+    out_dir: str | None = option("--out-dir", "-o", default=None, help="also write comparison.json and comparison.md here")
+    overwrite: bool = option(default=False, help="replace files in --out-dir")
+
+
+@dataclass(frozen=True)
+class Arm:
+    method: Method
+    training: Manifest
+    evaluation: Manifest
+
+
+class ArmFailedError(SpectrumError):
+    """An arm's training process failed; the arms before it stay committed and are reused next time."""
+
+    exit_code = 4
+
+
+def run(config: CompareConfig, context: StageContext) -> StageResult[list[dict[str, Any]]]:
+    store = require_store_in(context, COMPARE)
+    methods = _methods(config)
+    if config.data is None:
+        raise InputError("no data: pass --data (the drop every arm trains on)")
+    if config.out_dir:
+        for name in (COMPARISON_JSON_FILE, COMPARISON_MARKDOWN_FILE):
+            ensure_writable(Path(config.out_dir) / name, config.overwrite)
+    context = replace(context, run_id=context.run_id or new_run_id())
+    scans = _scans(config, context, {m.estimator for m in methods if m.top_percent})
+    arms = [_arm(method, config, context, scans) for method in methods]
+    rows = _rows(store, arms)
+    inputs = [
+        recorded
+        for arm in arms
+        for manifest, name in ((arm.training, TRAINING_FILE), (arm.evaluation, EVALUATION_JSON_FILE))
+        for recorded in [manifest.recorded_output(output_key(manifest.run_id, manifest.stage, name))]
+    ]
+    markdown = markdown_table(rows)
+
+    def produce(stage: StageRun) -> list[ObjectInfo]:
+        return [
+            stage.write_table(COMPARISON_TABLE, pa.Table.from_pylist(rows, schema=COMPARISON_SCHEMA)),
+            stage.put_bytes(COMPARISON_JSON_FILE, (json.dumps({"methods": rows}, indent=2) + "\n").encode()),
+            stage.put_bytes(COMPARISON_MARKDOWN_FILE, markdown.encode()),
+        ]
+
+    outcome = execute_stage(COMPARE, context, config.cache_parameters(), inputs, produce)
+    if config.out_dir:
+        write_atomic(Path(config.out_dir) / COMPARISON_JSON_FILE, (json.dumps({"methods": rows}, indent=2) + "\n").encode(), True)
+        write_atomic(Path(config.out_dir) / COMPARISON_MARKDOWN_FILE, markdown.encode(), overwrite=True)
+    return StageResult(COMPARE, (markdown.rstrip(), outcome.describe(store)), outcome.manifest, outcome.cached, detail=rows)
+
+
+def _methods(config: CompareConfig) -> list[Method]:
+    names = config.methods or list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise InputError(f"unknown comparison method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise InputError(f"--method lists a method twice: {', '.join(names)}")
+    return [METHODS[n] for n in names]
+
+
+def _scans(config: CompareConfig, context: StageContext, estimators: set[str]) -> dict[str, Manifest]:
+    """The SNR scans the Spectrum arms select from, recorded in the comparison run (reused when done before)."""
+    scans = {}
+    for estimator in sorted(estimators):
+        step = None if estimator == "reference" else estimator.replace("-", "_")
+        scan_config = snr_scan.ScanConfig(model_dir=config.model, estimator=estimator)
+        scans[estimator] = snr_scan.run(scan_config, replace(context, step=step)).manifest
+    return scans
+
+
+def _arm(method: Method, config: CompareConfig, context: StageContext, scans: dict[str, Manifest]) -> Arm:
+    arm_context = replace(context, run_id=f"{context.run_id}-{method.name}", step=None)
+    selection_run = None
+    if method.top_percent is not None:
+        scan = scans[method.estimator]
+        select_config = layer_select.SelectConfig(
+            snr_run=f"{scan.run_id}/{scan.stage}", top_percent=method.top_percent, depth_aware=method.depth_aware
+        )
+        selected = layer_select.run(select_config, arm_context).manifest
+        selection_run = f"{selected.run_id}/{selected.stage}"
+    training_config = cpt.CptConfig(
+        model=config.model,
+        data=config.data,
+        selection_run=selection_run,
+        full=method.full,
+        lora_rank=config.lora_rank if method.lora else 0,
+        max_steps=config.max_steps,
+        seq_len=config.seq_len,
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        zero_stage=config.zero_stage,
+        heldout_percent=config.heldout_percent,
+        text_field=config.text_field,
+    )
+    training = _in_own_process(cpt.STAGE, training_config, arm_context, method.name)
+    evaluate_config = evaluate.EvaluateConfig(
+        cpt_run=f"{training.run_id}/{training.stage}",
+        general=config.general,
+        text_field=config.text_field,
+        seq_len=config.seq_len,
+        max_tokens=config.eval_max_tokens,
+        snr_drift=False,
+    )
+    evaluation = evaluate.run(evaluate_config, arm_context).manifest
+    return Arm(method, training, evaluation)
+
+
+def _in_own_process(stage: Stage, config: StageConfig, context: StageContext, label: str) -> Manifest:
+    """Run the stage as `python -m stages.<stage> …` (its container's command) and return the manifest it committed or reused."""
+    with context.scratch(f"{label}-record") as folder:
+        record = folder / "manifest.json"
+        command = [sys.executable, "-m", stage.module, *command_line(stage, config, context, record)]
+        code = subprocess.run(command, check=False).returncode
+        if code != 0 or not record.is_file():
+            raise ArmFailedError(
+                f"the {stage.name} stage of arm {label} failed (exit {code}); committed arms are reused when the comparison "
+                f"runs again. Command: {' '.join(command)}"
+            )
+        return Manifest.from_json(record.read_bytes(), str(record))
+
+
+def _rows(store: ArtifactStore, arms: list[Arm]) -> list[dict[str, Any]]:
+    rows = [_row(store, arm) for arm in arms]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for row in rows:
+        row["time_ratio"] = row["step_seconds"] / full["step_seconds"] if full and full["step_seconds"] else None
+        row["memory_ratio"] = row["peak_memory_mib"] / full["peak_memory_mib"] if full and full["peak_memory_mib"] else None
+    return rows
+
+
+def _row(store: ArtifactStore, arm: Arm) -> dict[str, Any]:
+    training_manifest, evaluation_manifest = arm.training, arm.evaluation
+    record, _ = read_stage_output(
+        store,
+        training_manifest.run_id,
+        training_manifest.stage,
+        output_key(training_manifest.run_id, training_manifest.stage, TRAINING_FILE),
+        "training record",
+    )
+    training = json.loads(record)
+    metrics = _rows_of(store, TRAINING_METRICS_TABLE, training_manifest)
+    metrics.sort(key=lambda m: m["step"])
+    timed = metrics[WARMUP_STEPS:] or metrics
+    values = {(r["model"], r["metric"], r["dataset"]): r["value"] for r in _rows_of(store, EVALUATION_TABLE, evaluation_manifest)}
+    general = next((d for (_, metric, d) in values if metric == "perplexity" and d != "heldout"), None)
+    return {
+        "method": arm.method.name,
+        "cpt_run": training_manifest.run_id,
+        "evaluate_run": evaluation_manifest.run_id,
+        "trainable_parameters": training["trainable_parameters"],
+        "total_parameters": training["total_parameters"],
+        "trainable_share": training["trainable_parameters"] / training["total_parameters"],
+        "step_seconds": statistics.median(m["step_seconds"] for m in timed),
+        "train_seconds": training["seconds"],
+        "peak_memory_mib": max(m["peak_memory_bytes"] for m in metrics) / 2**20,
+        "final_loss": metrics[-1]["loss"],
+        "heldout_perplexity_base": values.get(("base", "perplexity", "heldout")),
+        "heldout_perplexity": values.get(("trained", "perplexity", "heldout")),
+        "general_perplexity_base": values.get(("base", "perplexity", general)),
+        "general_perplexity": values.get(("trained", "perplexity", general)),
+    }
+
+
+def _rows_of(store: ArtifactStore, table: str, manifest: Manifest) -> list[dict[str, Any]]:
+    return [r for r in read_table(store, table, run_id=manifest.run_id).to_pylist() if r["stage"] == manifest.stage]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| method | trainable | s/step | time | peak MiB | memory | final loss | held-out ppl | general ppl |\n"
+    header += "|---|---|---|---|---|---|---|---|---|\n"
+
+    def ratio(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}×"
+
+    lines = [
+        f"| {r['method']} | {r['trainable_share']:.1%} | {r['step_seconds']:.3f} | {ratio(r['time_ratio'])} | "
+        f"{r['peak_memory_mib']:.0f} | {ratio(r['memory_ratio'])} | {r['final_loss']:.3f} | "
+        f"{_pair(r['heldout_perplexity_base'], r['heldout_perplexity'])} | {_pair(r['general_perplexity_base'], r['general_perplexity'])} |"
+        for r in rows
+    ]
+    return header + "\n".join(lines) + "\n"
+
+
+def _pair(before: float | None, after: float | None) -> str:
+    return "–" if before is None or after is None else f"{before:.2f} → {after:.2f}"
+
+
+STAGE = Stage(
+    name=COMPARE,
+    command="compare",
+    config=CompareConfig,
+    run=run,
+    summary="the same CPT budget for full fine-tuning, Spectrum-50/25 (reference, depth-aware, Gavish–Donoho) and LoRA, compared",
+    description=__doc__,
+)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE))
