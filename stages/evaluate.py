@@ -4,8 +4,9 @@ Both the trained model and its base are measured the same way, so every number h
 perplexity on the domain's held-out split (the documents cpt held out, or --data), perplexity on
 a general corpus (the forgetting probe: Python's own documentation, shipped with every CPython,
 or --general), the loss on the assistant tokens of held-out chat rows (sft's, or --chat-data),
-and the SNR drift of every matrix (the snr_scan stage run on both models as steps of this run,
-cached like any scan: a tensor whose bytes did not change must show none). Perplexity follows
+the SNR drift of every matrix (the snr_scan stage run on both models as steps of this run,
+cached like any scan: a tensor whose bytes did not change must show none), and optional
+lm-evaluation-harness tasks from a local folder, offline (--task, --tasks-dir). Perplexity follows
 one convention (stages/evaluation/perplexity.py). Results: the `evaluation` and `snr_drift`
 tables and evaluation.json in the store (and in --out-dir).
 """
@@ -41,6 +42,7 @@ from .core.files import all_files, ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .evaluation.corpus import Corpus, from_path, python_docs
 from .evaluation.drift import snr_drift
+from .evaluation.harness import require_tasks, run_tasks
 from .evaluation.perplexity import Likelihood, assistant_loss, likelihood, token_stream
 from .scan.spectra import resolve_device
 from .store import ArtifactStore, ObjectInfo, load_manifest, output_key, read_stage_output, resolve_run_reference, table_key
@@ -79,6 +81,10 @@ class EvaluateConfig(StageConfig):
     max_tokens: int = option(default=32768, cache=True, help="tokens evaluated per dataset, the first ones (default 32768)")
     batch_size: int = option(default=4, help="windows per forward pass (default 4)")
     device: str = option(default="cpu", help="cpu, cuda, cuda:N, or auto (GPU when present); default cpu")
+    tasks: list[str] = option(
+        "--task", default_factory=list, cache=True, metavar="TASK", help="an lm-evaluation-harness task from --tasks-dir (repeatable)"
+    )
+    tasks_dir: str | None = option(metavar="DIR", default=None, help="local lm-evaluation-harness task YAMLs and their data files")
     snr_drift: bool = option(
         default=True, cache=True, negative=("--no-snr-drift", "skip the rescans"), help="scan both models and compare their SNR"
     )
@@ -163,6 +169,7 @@ def _validate(config: EvaluateConfig) -> None:
         if getattr(config, name) < (2 if name == "seq_len" else 1):
             raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(config, name)}")
     resolve_device(config.device)
+    require_tasks(config.tasks, config.tasks_dir)
 
 
 def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
@@ -202,6 +209,8 @@ def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
     general = from_path(Path(config.general), Path(config.general).stem, config.text_field) if config.general else python_docs()
     if config.general:
         inputs += _file_refs(Path(config.general))
+    if config.tasks:
+        inputs += _file_refs(Path(config.tasks_dir))
     return Sources(trained, base, domain, general, chats, inputs)
 
 
@@ -244,6 +253,8 @@ def _measure(label: str, folder: Path, sources: Sources, config: EvaluateConfig,
         rows.append({"model": label, "metric": "sft_eval_loss", "dataset": "chat-heldout", "value": loss.mean, "tokens": loss.tokens})
     del model
     gc.collect()
+    if config.tasks:
+        rows += [{"model": label, **row} for row in run_tasks(folder, config.tasks, Path(config.tasks_dir), str(device), config.batch_size)]
     return rows
 
 

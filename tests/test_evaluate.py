@@ -152,3 +152,42 @@ def test_a_run_without_a_held_out_split_needs_data(tiny, corpora, tmp_path):
     )
     with pytest.raises(InputError, match="held-out split of run .* is empty .*pass --data"):
         evaluate.run(evaluate.EvaluateConfig(cpt_run=trained.run_id), context)
+
+
+def write_task(folder: Path, data: Path) -> Path:
+    """A multiple-choice lm-evaluation-harness task read from a local JSONL file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plant_mc.yaml").write_text(
+        "task: plant_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+@pytest.mark.integration
+def test_lm_evaluation_harness_tasks_run_offline_from_a_local_folder(tiny, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    rows = [{"question": f"the pump {v}", "choices": [" nominal pressure.", " banana bread."], "label": 0} for v in ("reports", "holds")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    tasks = write_task(tmp_path / "tasks", data)
+    store = open_store(str(tmp_path / "store"))
+    config = evaluate.EvaluateConfig(model=str(tiny), tasks=["plant_mc"], tasks_dir=str(tasks), snr_drift=False, max_tokens=256)
+    result = evaluate.run(config, StageContext(store, work_dir=tmp_path / "work", progress=False))
+    (accuracy,) = [r for r in result.detail.rows if r["metric"] == "lm_eval:acc"]
+    assert accuracy["dataset"] == "plant_mc" and 0 <= accuracy["value"] <= 1 and accuracy["tokens"] == 6
+
+    with pytest.raises(InputError, match=r"plant_qa are not defined in .*\(it defines: plant_mc\)"):
+        evaluate.run(evaluate.EvaluateConfig(model=str(tiny), tasks=["plant_qa"], tasks_dir=str(tasks)), StageContext(store))
+    broken = write_task(tmp_path / "broken", tmp_path / "missing.jsonl")
+    with pytest.raises(InputError, match="could not run plant_mc offline"):
+        evaluate.run(
+            evaluate.EvaluateConfig(model=str(tiny), tasks=["plant_mc"], tasks_dir=str(broken), snr_drift=False, max_tokens=256),
+            StageContext(store, work_dir=tmp_path / "work", progress=False),
+        )
