@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 def inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("compare")
     logs, general = domain_corpus(160, seed=2), python_docs().texts[:80]
-    model = write_tokenizer(write_synthetic_model(root / "model", SyntheticSpec(**{**TINY, "num_hidden_layers": 4})), logs + general, TINY["vocab_size"])
+    folder = write_synthetic_model(root / "model", SyntheticSpec(**{**TINY, "num_hidden_layers": 4}))  # 25% of 4 layers: one per type
+    model = write_tokenizer(folder, logs + general, TINY["vocab_size"])
     (root / "drop").mkdir()
     (root / "drop" / "logs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in logs))
     (root / "general.txt").write_text("\n".join(general) + "\n")
