@@ -7,7 +7,7 @@ import argparse
 from stages import __version__, compare, cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.cli import execute, stage_parser
 
-from . import audit, demo, report
+from . import audit, demo, pipeline_command, report
 
 STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE, compare.STAGE)
 
@@ -25,11 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("runs", audit.RUNS_HELP, audit.RUNS_DESCRIPTION, audit.add_runs_arguments, audit.runs_command),
         ("audit", audit.AUDIT_HELP, audit.AUDIT_DESCRIPTION, audit.add_audit_arguments, audit.audit_command),
         ("report", report.HELP, report.DESCRIPTION, report.add_arguments, report.run),
+        ("pipeline", pipeline_command.HELP, pipeline_command.DESCRIPTION, pipeline_command.add_arguments, None),
         ("demo", demo.HELP, demo.__doc__, demo.add_arguments, demo.run),
     ):
         sub = commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(sub)
-        sub.set_defaults(action=action)
+        if action is not None:  # `pipeline` sets its own per action
+            sub.set_defaults(action=action)
     return parser
 
 

@@ -19,11 +19,10 @@ from typing import Any
 
 from .core.cli import stage_main
 from .core.contracts import CPT
-from .core.errors import InputError
 from .core.stage import Stage, StageContext, StageResult, option
 from .training.loop import TrainingArrays
 from .training.packing import pack
-from .training.runner import PreparedData, TrainingConfig, TrainingResult, run_training
+from .training.runner import PreparedData, TrainingConfig, TrainingResult, check_heldout, run_training, validate_training
 
 
 @dataclass
@@ -33,8 +32,7 @@ class CptConfig(TrainingConfig):
 
 
 def run(config: CptConfig, context: StageContext) -> StageResult[TrainingResult]:
-    if not 0 <= config.heldout_percent < 100:
-        raise InputError(f"--heldout-percent must be in [0, 100), got {config.heldout_percent:g}")
+    check(config)
 
     def prepare(data_dir: Path, tokenizer: Any, data_digest: str, work_root: Path) -> PreparedData:
         packed = pack(data_dir, tokenizer, config.seq_len, config.heldout_percent, config.text_field, work_root, data_digest)
@@ -44,6 +42,11 @@ def run(config: CptConfig, context: StageContext) -> StageResult[TrainingResult]
     return run_training(CPT, config, context, prepare)
 
 
+def check(config: CptConfig) -> None:
+    validate_training(config)
+    check_heldout(config.heldout_percent)
+
+
 STAGE = Stage(
     name=CPT,
     command="cpt",
@@ -51,6 +54,7 @@ STAGE = Stage(
     run=run,
     summary="continued pre-training with DeepSpeed of the selected tensors on a data drop",
     description=__doc__,
+    check=check,
 )
 
 

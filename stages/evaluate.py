@@ -190,12 +190,14 @@ def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
         lines = [json.loads(line) for line in held.decode("utf-8").splitlines() if line.strip()]
         if stage == CPT and not config.data:
             if not lines:
-                raise InputError(f"the held-out split of run {run_id} is empty (trained with --heldout-percent 0): pass --data")
+                raise InputError(f"the held-out split of run {run_id} is empty (no document fell in its --heldout-percent): pass --data")
             domain = Corpus("heldout", [line["text"] for line in lines], f"run {run_id} {step} held-out split")
             inputs.append(info.to_dict())
         if stage == SFT and not config.chat_data:
             if not lines:
-                raise InputError(f"the held-out chat rows of run {run_id} are empty (trained with --heldout-percent 0): pass --chat-data")
+                raise InputError(
+                    f"the held-out chat rows of run {run_id} are empty (no row fell in its --heldout-percent): pass --chat-data"
+                )
             chats = [(f"run {run_id} held-out row {n}", line["messages"]) for n, line in enumerate(lines, start=1)]
             inputs.append(info.to_dict())
     if config.data:
@@ -278,7 +280,8 @@ def _deltas(rows: list[dict]) -> list[dict]:
 def _drift(config: EvaluateConfig, context: StageContext, sources: Sources) -> pa.Table:
     """Both models scanned by the snr_scan stage as steps of this run (a scan done before is reused)."""
     tables = []
-    for qualifier, location in (("evaluate_base", sources.base), ("evaluate", sources.trained)):
+    own = "_".join(filter(None, (EVALUATE, context.step)))  # evaluate.sft scans as snr_scan.evaluate_sft(_base)
+    for qualifier, location in ((f"{own}_base", sources.base), (own, sources.trained)):
         scan = snr_scan.run(snr_scan.ScanConfig(model_dir=location, device=config.device), replace(context, step=qualifier))
         m = scan.manifest
         data, _ = read_stage_output(context.store, m.run_id, m.stage, table_key(SNR_TABLE, m.stage, m.run_id), "SNR table")
@@ -361,6 +364,7 @@ STAGE = Stage(
     run=run,
     summary="perplexity (domain held-out and a general forgetting probe), SFT eval loss and SNR drift, base vs trained",
     description=__doc__,
+    check=_validate,
 )
 
 

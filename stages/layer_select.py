@@ -569,6 +569,7 @@ STAGE = Stage(
     run=run,
     summary="choose the tensors to train from an SNR table or reference JSON",
     description=__doc__,
+    check=_validate,
 )
 
 

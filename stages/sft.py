@@ -27,7 +27,7 @@ from .core.execution import require_store_in
 from .core.stage import Stage, StageContext, StageResult, option, options_of
 from .store import new_run_id
 from .training.chat import prepare_chat
-from .training.runner import PreparedData, TrainingConfig, TrainingResult, run_training
+from .training.runner import PreparedData, TrainingConfig, TrainingResult, check_heldout, run_training, validate_training
 from .training.selection import load_selection
 
 
@@ -43,8 +43,7 @@ class SftConfig(TrainingConfig):
 
 
 def run(config: SftConfig, context: StageContext) -> StageResult[TrainingResult]:
-    if not 0 <= config.heldout_percent < 100:
-        raise InputError(f"--heldout-percent must be in [0, 100), got {config.heldout_percent:g}")
+    check(config)
     template = _read_template(config.chat_template)
     rescan_lines: tuple[str, ...] = ()
     if config.rescan:
@@ -98,6 +97,11 @@ def _read_template(path: str | None) -> str | None:
         raise InputError(f"--chat-template {path} is not UTF-8 text (a Jinja template)") from exc
 
 
+def check(config: SftConfig) -> None:
+    validate_training(config)
+    check_heldout(config.heldout_percent)
+
+
 STAGE = Stage(
     name=SFT,
     command="sft",
@@ -105,6 +109,7 @@ STAGE = Stage(
     run=run,
     summary="supervised fine-tuning with DeepSpeed of the selected tensors on chat data (loss on assistant tokens)",
     description=__doc__,
+    check=check,
 )
 
 

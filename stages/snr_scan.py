@@ -230,6 +230,7 @@ STAGE = Stage(
     run=run,
     summary="compute the SNR of every weight matrix of a safetensors model",
     description=__doc__,
+    check=_validate,
 )
 
 

@@ -60,7 +60,8 @@ def test_every_cpu_method_runs_as_its_own_run_and_an_interrupted_comparison_resu
 
     # every arm is an auditable run of the real stages; the Gavish-Donoho arm selects from that estimator's scan
     runs = list_runs(store)
-    assert runs["c1"] == ["snr_scan", "compare"] and runs["c2"] == ["snr_scan.gavish_donoho", "compare"]  # c2 reused c1's scan
+    assert runs["c1"] == ["snr_scan", "compare"] and runs["c2"] == ["snr_scan", "snr_scan.gavish_donoho", "compare"]
+    assert load_manifest(store, "c2", "snr_scan").run_id == "c1"  # c2 reused c1's scan and recorded so
     assert runs["c2-spectrum-25-gavish-donoho"] == ["layer_select", "cpt", "evaluate"]
     assert runs["c2-lora"] == ["cpt", "evaluate"]
     gd_selection = load_manifest(store, "c2-spectrum-25-gavish-donoho", "layer_select")

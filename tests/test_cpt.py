@@ -180,6 +180,17 @@ def bad(base_model, drop, tmp_path, message, **overrides):
     assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
 
 
+@pytest.mark.integration
+def test_no_warm_up_starts_at_the_full_learning_rate(base_model, drop, selection, tmp_path):
+    """DeepSpeed's scheduler refuses 0 warm-up steps; ours means the first step already uses the peak rate."""
+    result = cpt.run(
+        config(base_model, drop, selection=str(selection), warmup_steps=0, max_steps=3, save_steps=0),
+        context(tmp_path / "store", tmp_path / "work"),
+    )
+    rates = [row["learning_rate"] for row in result.detail.metrics]
+    assert rates[0] == pytest.approx(2e-3) and rates[0] > rates[-1]
+
+
 def test_bad_training_options_are_refused_before_any_work(base_model, drop, selection, tmp_path):
     bad(base_model, drop, tmp_path, "unknown --zero-stage 5", selection=str(selection), zero_stage=5)
     bad(base_model, drop, tmp_path, "pass --selection FILE or --selection-run RUN")

@@ -175,6 +175,22 @@ def test_unchanged_model_and_settings_reuse_the_committed_run(store, tiny_model,
     assert snapshot(store) == before
 
 
+def test_a_named_run_that_reuses_work_records_where_it_came_from(store, tiny_model, tmp_path, monkeypatch):
+    """A pipeline run finds every stage under its own id, even the ones an earlier run computed."""
+    first, _ = store_scan(store, tiny_model, tmp_path / "work", run_id="first")
+    _no_scan(monkeypatch)
+    again, result = store_scan(store, tiny_model, tmp_path / "work", run_id="second")
+    assert again.cached and result is None and again.manifest == first.manifest
+    assert list_runs(store) == {"first": ["snr_scan"], "second": ["snr_scan"]}
+    record = json.loads(store.get_bytes("runs/second/snr_scan/manifest.json"))
+    assert record["reused_from"] == {"run_id": "first", "stage": "snr_scan"} and record["outputs"] == json.loads(
+        store.get_bytes("runs/first/snr_scan/manifest.json")
+    )["outputs"]
+    assert load_manifest(store, "second", "snr_scan") == first.manifest  # followed to the run that did the work
+    assert [k.rsplit("/", 1)[1] for k in store.list(f"cache/snr_scan/{first.manifest.cache_key}/")] == ["first.json"]
+    assert store_scan(store, tiny_model, tmp_path / "work", run_id="second")[0].manifest == first.manifest  # again: no-op
+
+
 def test_a_changed_setting_makes_a_new_run(store, tiny_model, tmp_path):
     first, _ = store_scan(store, tiny_model, tmp_path / "work")
     second, result = store_scan(store, tiny_model, tmp_path / "work", estimator="gavish-donoho")

@@ -27,6 +27,7 @@ from ..store import (
     manifest_key,
     new_run_id,
     output_key,
+    record_reuse,
     start_manifest,
     write_table,
 )
@@ -85,6 +86,8 @@ def execute_stage(
     if not context.force:
         earlier = find_manifest(store, stage, manifest.cache_key)
         if earlier is not None:
+            if context.run_id and context.run_id != earlier.run_id:  # a named run records what it reused
+                record_reuse(store, earlier, context.run_id, step)
             return StageOutcome(earlier, cached=True)
     if store.exists(manifest_key(manifest.run_id, step)):
         raise OutputExistsError(

@@ -162,6 +162,9 @@ class Stage(Generic[ConfigT]):
     run: Callable[[ConfigT, StageContext], StageResult]
     summary: str  # one line for `spectrum --help`
     description: str | None = None  # the module docstring, for `spectrum <command> --help`
+    # The checks of the options alone, before any input is read: `run` calls them first, and a
+    # pipeline calls them for every stage before the first one starts.
+    check: Callable[[ConfigT], None] | None = None
 
     @property
     def module(self) -> str:

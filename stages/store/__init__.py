@@ -29,6 +29,7 @@ from .manifest import (
     new_run_id,
     output_key,
     read_stage_output,
+    record_reuse,
     resolve_run_reference,
     start_manifest,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "parse_store_uri",
     "read_stage_output",
     "read_table",
+    "record_reuse",
     "resolve_run_reference",
     "start_manifest",
     "table_files",

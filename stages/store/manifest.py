@@ -46,6 +46,7 @@ class Manifest:
     host: str
     status: str = RUNNING
     environment: dict[str, Any] = field(default_factory=dict)  # python, library versions, device: not part of the cache key
+    reused_from: dict[str, str] | None = None  # a reuse record: {run_id, stage} of the committed run this run reused
     outputs: list[dict[str, Any]] = field(default_factory=list)  # ObjectInfo.to_dict()
     finished_at: str | None = None
     seconds: float | None = None
@@ -182,13 +183,43 @@ def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
     check_parameters(manifest.parameters)
     check_values(_without_version_ids(manifest.to_dict()), "manifest")
     key = manifest_key(manifest.run_id, manifest.stage)
-    if manifest.status == SUCCEEDED:
+    if manifest.status == SUCCEEDED and manifest.reused_from is None:  # the index names the run that did the work
         entry = {"run_id": manifest.run_id, "manifest": store.uri(key)}
         store.put_bytes(_index_key(manifest.stage, manifest.cache_key, manifest.run_id), _canonical_json(entry))
     return store.put_bytes(key, manifest.to_json())
 
 
+def record_reuse(store: ArtifactStore, earlier: Manifest, run_id: str, stage: str) -> None:
+    """Record in `run_id` that its `stage` reused the committed `earlier` run (unless the run has that stage already).
+
+    The record is a manifest whose `reused_from` names the earlier run; load_manifest follows it,
+    so a run's stages can all be looked up under its own id even when their work was done before.
+    """
+    if store.exists(manifest_key(run_id, stage)):
+        return
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    record = replace(
+        earlier,
+        run_id=run_id,
+        stage=stage,
+        started_at=now,
+        finished_at=now,
+        seconds=0.0,
+        host=socket.gethostname(),
+        reused_from={"run_id": earlier.run_id, "stage": earlier.stage},
+    )
+    commit_manifest(store, record)
+
+
 def load_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
+    """The committed manifest of a run's stage; for a reuse record, the manifest of the run it reused."""
+    manifest = _load_own_manifest(store, run_id, stage)
+    if manifest.reused_from is not None:
+        return _load_own_manifest(store, manifest.reused_from["run_id"], manifest.reused_from["stage"])
+    return manifest
+
+
+def _load_own_manifest(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
     key = manifest_key(run_id, stage)
     try:
         data = store.get_bytes(key)

@@ -66,7 +66,13 @@ def deepspeed_config(settings: TrainSettings) -> dict[str, Any]:
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": settings.max_steps, "warmup_num_steps": settings.warmup_steps, "warmup_type": "linear"},
+            # DeepSpeed refuses 0 warm-up steps: no warm-up is one step that starts at the full rate.
+            "params": {
+                "total_num_steps": settings.max_steps,
+                "warmup_num_steps": max(settings.warmup_steps, 1),
+                "warmup_min_ratio": 0.0 if settings.warmup_steps else 1.0,
+                "warmup_type": "linear",
+            },
         },
         "gradient_clipping": 1.0,
         "zero_optimization": zero,

@@ -101,8 +101,8 @@ class TrainingResult:
 def run_training(
     stage_name: str, config: TrainingConfig, context: StageContext, prepare: Prepare, extra_parameters: dict[str, Any] | None = None
 ) -> StageResult[TrainingResult]:
+    """The training run of a stage whose options were checked (its `check`)."""
     store = require_store_in(context, stage_name)
-    _validate(config)
     model_dir, model_refs = local_copy(config.model, store)
     data_dir, data_refs = local_copy(config.data, store)
     tokenizer = load_tokenizer(model_dir)
@@ -198,7 +198,13 @@ def _train_as_worker(stage_name, config, context, key, model_dir, selection, set
     return StageResult(stage_name, (f"rank {rank}: trained; rank 0 publishes the run",))
 
 
-def _validate(config: TrainingConfig) -> None:
+def check_heldout(percent: float) -> None:
+    if not 0 <= percent < 100:
+        raise InputError(f"--heldout-percent must be in [0, 100), got {percent:g}")
+
+
+def validate_training(config: TrainingConfig) -> None:
+    """The options both training stages share, checked alone (no input is read)."""
     if config.data is None:
         raise InputError("no data: pass --data (a folder or a stored drop)")
     if config.full and (config.selection or config.selection_run):

@@ -1,0 +1,182 @@
+"""The Prefect pipeline: download → snr_scan → layer_select → cpt → sft → evaluate (+ report), one run id.
+
+Each stage is a Prefect task that calls the stage's own `run` (stages/ never imports Prefect),
+with the config built from the pipeline config and the manifests of the stages before it. A
+stage whose inputs and parameters match a committed run is reused (the store's cache key) and
+the run records where it came from, so every stage of a pipeline run can be found under its id.
+
+Re-runs work on a committed run (`run=`): `only=STAGE` runs that stage alone against the run's
+committed upstream outputs, `from_stage=STAGE` runs it and everything after it, `force=[STAGE]`
+recomputes a stage even when its cache key is committed. Nothing upstream is recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from stages import cpt, download, evaluate, layer_select, sft, snr_scan
+from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.core.errors import InputError
+from stages.core.stage import StageConfig, StageContext, StageResult
+from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store
+from stages.store.errors import ArtifactNotFoundError
+
+from .pipeline_config import STAGE_BY_NAME, PipelineConfig, load_pipeline_config
+
+REPORT_FILE = "report.html"
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    store: str
+    manifests: dict[str, Manifest] = field(default_factory=dict)  # stage -> the manifest it committed or reused
+    ran: list[str] = field(default_factory=list)  # stages executed by this invocation (computed or reused)
+    cached: list[str] = field(default_factory=list)  # of those, the ones whose committed run was reused
+    lines: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what another try can fix: the store (S3, network) being unavailable."""
+    try:
+        state.result()
+    except StoreUnavailableError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+def run_stage(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
+    result = STAGE_BY_NAME[stage_name].run(config, context)
+    for line in result.lines:
+        get_run_logger().info("%s", line)
+    return result
+
+
+@flow(name="spectrum-pipeline")
+def pipeline_flow(
+    config_path: str, only: str | None = None, from_stage: str | None = None, force: list[str] | None = None, run: str | None = None
+) -> dict[str, Any]:
+    """The whole pipeline for one config (a deployment's parameters are these arguments)."""
+    result = run_pipeline(load_pipeline_config(config_path), only=only, from_stage=from_stage, force=force or [], run=run)
+    return {
+        "run_id": result.run_id,
+        "stages": {s: m.run_id for s, m in result.manifests.items()},  # the run that did each stage's work
+        "ran": result.ran,
+        "cached": result.cached,
+        "report": str(result.report) if result.report else None,
+        "lines": result.lines,
+    }
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    only: str | None = None,
+    from_stage: str | None = None,
+    force: list[str] | tuple[str, ...] = (),
+    run: str | None = None,
+    work_dir: Path | None = None,
+    progress: bool | None = None,
+    execute: Callable[[str, StageConfig, StageContext], StageResult] | None = None,
+) -> PipelineResult:
+    """Run the stages of `config` in order (see the module docstring); `execute` runs one stage (default: the Prefect task)."""
+    stages = config.stages
+    for name, flag in ((only, "--only"), (from_stage, "--from"), *((f, "--force") for f in force)):
+        if name is not None and name not in stages:
+            raise InputError(f"{flag} {name}: not a stage of this pipeline; its stages are {', '.join(stages)}")
+    if only and from_stage:
+        raise InputError("pass --only or --from, not both")
+    if (only or from_stage) and not run:
+        raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
+    store = _open_store(config)
+    run_id = run or config.run_id or new_run_id()
+    first = only or from_stage or stages[0]
+    selected = [only] if only else stages[stages.index(first) :]
+    result = PipelineResult(run_id=run_id, store=store.root_uri)
+    execute = execute or run_stage
+    for name in stages:
+        if name not in selected:
+            if stages.index(name) < stages.index(first):
+                result.manifests[name] = _committed(store, run_id, name)
+            continue
+        stage_config = _config_for(name, config, result.manifests, store)
+        context = StageContext(store, run_id=run_id, force=name in force, work_dir=work_dir, progress=progress)
+        outcome = execute(name, stage_config, context)
+        result.manifests[name] = outcome.manifest
+        result.ran.append(name)
+        if outcome.cached:
+            result.cached.append(name)
+        result.lines += [f"[{name}] {line}" for line in outcome.lines]
+        if name == SFT:  # the sft model is evaluated too, as the step evaluate.sft (domain numbers come from cpt's evaluation)
+            evaluation = execute(EVALUATE, _evaluate_config(config, sft_run=_ref(outcome.manifest)), replace(context, step=SFT))
+            result.lines += [f"[{EVALUATE}.{SFT}] {line}" for line in evaluation.lines]
+    if config.report and EVALUATE in result.ran:
+        from stages.report import build_report
+
+        result.report = config.source.parent / REPORT_FILE
+        build_report(store, run_id, result.report, overwrite=True)
+        result.lines.append(f"report: {result.report}")
+    return result
+
+
+def _open_store(config: PipelineConfig) -> ArtifactStore:
+    from stages.core import settings
+
+    uri = config.store or settings.default_store()
+    if not uri:
+        raise InputError(f"{config.source}: store: missing, and ${settings.STORE_ENV} is not set; name the artifact store")
+    if "://" not in uri and not Path(uri).is_absolute():
+        uri = str((config.source.parent / uri).resolve())  # relative to the config file, not the working directory
+    return open_store(uri)
+
+
+def _committed(store: ArtifactStore, run_id: str, stage: str) -> Manifest:
+    try:
+        return load_manifest(store, run_id, stage)
+    except ArtifactNotFoundError as exc:
+        raise InputError(
+            f"run {run_id} has no committed {stage} stage to build on; run the pipeline from {stage} (--from {stage}) or in full"
+        ) from exc
+
+
+def _ref(manifest: Manifest) -> str:
+    return f"{manifest.run_id}/{manifest.stage}"
+
+
+def _config_for(name: str, config: PipelineConfig, upstream: dict[str, Manifest], store: ArtifactStore) -> StageConfig:
+    """The stage's config: its options from the pipeline config, and what the stages before it produced."""
+    options = dict(config.options.get(name, {}))
+    if name == DOWNLOAD:
+        return download.DownloadConfig(model=config.model, revision=config.revision, data=config.data, **options)
+    stored = download.read_summary(store, upstream[DOWNLOAD])
+    model, data = stored["model"]["uri"], stored["data"]["uri"]
+    if name == SNR_SCAN:
+        return snr_scan.ScanConfig(model_dir=model, **options)
+    if name == LAYER_SELECT:
+        return layer_select.SelectConfig(snr_run=_ref(upstream[SNR_SCAN]), **options)
+    if name == CPT:
+        return cpt.CptConfig(model=model, data=data, selection_run=_ref(upstream[LAYER_SELECT]), **options)
+    if name == SFT:
+        trained = upstream[CPT]
+        model_uri = f"store:runs/{trained.run_id}/{trained.stage}/model"
+        return sft.SftConfig(model=model_uri, selection_run=_ref(upstream[LAYER_SELECT]), **options)
+    if name == EVALUATE:
+        return _evaluate_config(config, cpt_run=_ref(upstream[CPT]))
+    raise InputError(f"unknown pipeline stage {name}")
+
+
+def _evaluate_config(config: PipelineConfig, **run: str) -> evaluate.EvaluateConfig:
+    options = dict(config.options.get(EVALUATE, {}))
+    if "sft_run" in run:
+        options.pop("data", None)  # the domain data is cpt's held-out split, evaluated with the cpt run
+    return evaluate.EvaluateConfig(**run, **options)

@@ -1,0 +1,182 @@
+"""The pipeline config (YAML): what to train, where, and each stage's options, checked before anything runs.
+
+    model: HuggingFaceTB/SmolLM2-135M-Instruct   # a hub id (with revision), a folder or a store URI
+    revision: <commit>                           # hub ids only
+    data: drops/2026-11                          # the CPT drop: a folder or a store URI
+    store: s3://spectrum-artifacts/prod          # default: $SPECTRUM_STORE
+    stages:                                      # options of each stage, named as its config fields
+      layer_select: {top_percent: 25}
+      cpt: {max_steps: 200, seq_len: 1024}
+      sft: {data: chats/, max_steps: 100}        # leave sft out to skip it
+      evaluate: {max_tokens: 32768}
+    report: true                                 # write report.html beside the config (default true)
+
+Every stage runs, in pipeline order, except sft, which runs only when it is configured. The
+options a pipeline wires from one stage to the next (MODEL, --snr-run, --selection-run,
+--cpt-run …) cannot be set here. A mistake names the field: `stages.cpt.max_step: not an option
+of cpt (did you mean max_steps?)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages import cpt, download, evaluate, layer_select, sft, snr_scan
+from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.core.errors import InputError
+from stages.core.stage import Stage, options_of
+
+PIPELINE = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
+STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in PIPELINE}
+TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report")
+# Options the pipeline sets itself, from the stage before: setting them in the config is an error.
+WIRED = {
+    DOWNLOAD: {"model", "revision", "data"},
+    SNR_SCAN: {"model_dir", "output", "reference_json"},
+    LAYER_SELECT: {"snr_input", "snr_run", "out_dir", "overwrite"},
+    CPT: {"model", "data", "selection", "selection_run", "out_dir", "overwrite"},
+    SFT: {"model", "selection", "selection_run", "out_dir", "overwrite"},
+    EVALUATE: {"model", "cpt_run", "sft_run", "base_model", "out_dir", "overwrite"},
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: str
+    data: str
+    source: Path  # the config file (the report goes beside it)
+    revision: str | None = None
+    store: str | None = None
+    run_id: str | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its options as written
+    report: bool = True
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages this pipeline runs, in order (sft only when configured)."""
+        return [stage.name for stage in PIPELINE if stage.name != SFT or SFT in self.options]
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"the pipeline config {path} does not exist") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_pipeline_config(document, path)
+
+
+def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
+    where = str(source)
+    if not isinstance(document, dict):
+        raise InputError(f"{where}: a pipeline config is a mapping (model:, data:, stages: …), not {type(document).__name__}")
+    unknown = [k for k in document if k not in TOP_KEYS]
+    if unknown:
+        raise InputError(
+            f"{where}: {unknown[0]}: not a pipeline setting{_suggest(unknown[0], TOP_KEYS)}; the settings are {', '.join(TOP_KEYS)}"
+        )
+    for key in ("model", "data"):
+        if not isinstance(document.get(key), str) or not document[key].strip():
+            raise InputError(f"{where}: {key}: missing; name the {'base model' if key == 'model' else 'data drop'} (a folder or store URI)")
+    for key in ("revision", "store", "run_id"):
+        if document.get(key) is not None and not isinstance(document[key], str):
+            raise InputError(f"{where}: {key}: expected text, found {document[key]!r}")
+    if not isinstance(document.get("report", True), bool):
+        raise InputError(f"{where}: report: expected true or false, found {document['report']!r}")
+    stages = document.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise InputError(f"{where}: stages: expected a mapping of stage name to options")
+    options = {}
+    for name, values in stages.items():
+        if name not in STAGE_BY_NAME:
+            raise InputError(
+                f"{where}: stages.{name}: not a stage{_suggest(name, STAGE_BY_NAME)}; the stages are {', '.join(STAGE_BY_NAME)}"
+            )
+        options[name] = _stage_options(STAGE_BY_NAME[name], values or {}, f"{where}: stages.{name}")
+    if SFT in options and "data" not in options[SFT]:
+        raise InputError(f"{where}: stages.sft.data: missing; sft trains on chat data (a folder or store URI)")
+    for name, values in options.items():
+        _check(STAGE_BY_NAME[name], values, f"{where}: stages.{name}")
+    return PipelineConfig(
+        model=document["model"],
+        data=document["data"],
+        source=source,
+        revision=document.get("revision"),
+        store=document.get("store"),
+        run_id=document.get("run_id"),
+        options=options,
+        report=document.get("report", True),
+    )
+
+
+def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise InputError(f"{where}: expected a mapping of option to value, found {values!r}")
+    fields = {f.name: f for f, _ in options_of(stage.config)}
+    hints = typing.get_type_hints(stage.config)
+    checked = {}
+    for key, value in values.items():
+        if key in WIRED[stage.name]:
+            raise InputError(f"{where}.{key}: set by the pipeline from the stage before; leave it out")
+        if key not in fields:
+            allowed = sorted(set(fields) - WIRED[stage.name])
+            raise InputError(f"{where}.{key}: not an option of {stage.name}{_suggest(key, allowed)}; its options are {', '.join(allowed)}")
+        checked[key] = _typed(value, hints[key], f"{where}.{key}")
+    missing = [n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING and n not in WIRED[stage.name]]
+    if missing:
+        raise InputError(f"{where}.{missing[0]}: missing")
+    return checked
+
+
+# Stand-ins for the options the pipeline wires, so that a stage's own checks can run before anything exists.
+PLACEHOLDERS = {
+    DOWNLOAD: {"model": "model", "data": "data"},
+    SNR_SCAN: {"model_dir": "model"},
+    LAYER_SELECT: {"snr_run": "run/snr_scan"},
+    CPT: {"model": "model", "data": "data", "selection_run": "run/layer_select"},
+    SFT: {"model": "model", "selection_run": "run/layer_select"},
+    EVALUATE: {"cpt_run": "run/cpt"},
+}
+
+
+def _check(stage: Stage, values: dict[str, Any], where: str) -> None:
+    """The stage's own checks of its options (bad percent, unknown device, …), before anything runs."""
+    if stage.check is None:
+        return
+    try:
+        stage.check(stage.config(**{**PLACEHOLDERS[stage.name], **values}))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """The value if it has the option's type (int where a float is expected is fine); otherwise a clear error."""
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    if optional:
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise InputError(f"{where}: expected a list, found {value!r}")
+        return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise InputError(f"{where}: expected {hint.__name__}, found {value!r}")
+    return value
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -1,0 +1,155 @@
+"""The Prefect pipeline: real Prefect (ephemeral API), a real S3 server; one run id; cached and single-stage re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline_config import load_pipeline_config, parse_pipeline_config
+from stages.core.errors import InputError
+from stages.evaluation.corpus import python_docs
+from stages.store import list_runs, load_manifest, open_store
+from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.testing.tokenizer import EOS, domain_corpus, write_tokenizer
+
+from .helpers import TINY
+from .s3_server import fresh_bucket
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """An ephemeral Prefect API in a private PREFECT_HOME (its SQLite database lives there)."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    logs = domain_corpus(160, seed=4)
+    model = write_tokenizer(write_synthetic_model(root / "model", SyntheticSpec(**TINY)), logs, TINY["vocab_size"])
+    (model / "chat_template.jinja").write_text(TEMPLATE)
+    (root / "drop").mkdir()
+    (root / "drop" / "logs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in logs))
+    (root / "chats").mkdir()
+    rows = [{"prompt": "status?", "completion": t} for t in domain_corpus(40, seed=5)]
+    (root / "chats" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "general.txt").write_text("\n".join(python_docs().texts[:60]) + "\n")
+    return root
+
+
+def write_config(folder: Path, inputs: Path, store: str, **stages) -> Path:
+    document = {
+        "model": str(inputs / "model"),
+        "data": str(inputs / "drop"),
+        "store": store,
+        "stages": {
+            "layer_select": {"top_percent": 50},
+            "cpt": {"max_steps": 3, "seq_len": 64, "save_steps": 0, "learning_rate": 3e-3, "warmup_steps": 0},
+            "sft": {
+                "data": str(inputs / "chats"),
+                "max_steps": 2,
+                "seq_len": 64,
+                "save_steps": 0,
+                "heldout_percent": 25,
+                "learning_rate": 3e-3,
+                "warmup_steps": 0,
+            },
+            "evaluate": {"seq_len": 64, "max_tokens": 512, "general": str(inputs / "general.txt")},
+            **stages,
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(document))
+    return folder / "pipeline.yaml"
+
+
+@pytest.mark.integration
+def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached(prefect_api, s3_env, inputs, tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    store_uri = f"s3://{fresh_bucket()}/spectrum"
+    config = write_config(tmp_path, inputs, store_uri)
+    first = pipeline_flow(str(config), run="p1")
+    stages = ["download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"]
+    assert first["ran"] == stages and first["cached"] == [] and first["run_id"] == "p1"
+    store = open_store(store_uri)
+    runs = list_runs(store)
+    # evaluate.sft rescans the cpt model (its base) and the sft model; evaluate then finds both scans it needs done
+    assert runs["p1"] == [
+        "download", "snr_scan", "snr_scan.evaluate_sft", "snr_scan.evaluate_sft_base",
+        "layer_select", "cpt", "sft", "evaluate", "evaluate.sft",
+    ], " ".join(runs["p1"])  # fmt: skip
+    assert Path(first["report"]).is_file() and "Spectrum report: run" in Path(first["report"]).read_text()
+    sft_evaluation = load_manifest(store, "p1", "evaluate.sft")
+    assert sft_evaluation.parameters["sft_run"] == "p1/sft"
+
+    again = pipeline_flow(str(config), run="p2")  # a cached re-run skips every stage, and records where each came from
+    assert again["cached"] == stages and set(again["stages"].values()) == {"p1"}
+    assert load_manifest(store, "p2", "cpt").run_id == "p1"
+
+    # one stage again, on p1's committed upstream outputs: nothing upstream is recomputed
+    write_config(tmp_path, inputs, store_uri, evaluate={"seq_len": 64, "max_tokens": 256, "general": str(inputs / "general.txt")})
+    only = pipeline_flow(str(config), run="p1", only="evaluate")
+    assert only["ran"] == ["evaluate"] and only["cached"] == []
+    assert load_manifest(store, only["stages"]["evaluate"], "evaluate").parameters["max_tokens"] == 256
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": {"finetune": {}}}, r"stages.finetune: not a stage; the stages are download, snr_scan"),
+        ({"model": None}, r"model: missing; name the base model"),
+        ({"stages": {"layer_select": {"top_percent": 150}}}, r"stages.layer_select: --top-percent must be in \(0, 100\]"),
+        ({"stages": {"cpt": {"max_step": 3}}}, r"stages.cpt.max_step: not an option of cpt \(did you mean max_steps\?\)"),
+        ({"modle": "x"}, r"modle: not a pipeline setting \(did you mean model\?\)"),
+        ({"stages": {"cpt": {"selection_run": "r"}}}, r"stages.cpt.selection_run: set by the pipeline"),
+        ({"stages": {"cpt": {"max_steps": "many"}}}, r"stages.cpt.max_steps: expected int, found 'many'"),
+        ({"stages": {"sft": {"max_steps": 2}}}, r"stages.sft.data: missing"),
+        ({"stages": {"cpt": {"zero_stage": 5}}}, r"stages.cpt: unknown --zero-stage 5"),
+        ({"report": "yes"}, r"report: expected true or false"),
+    ],
+)
+def test_bad_pipeline_configs_name_the_field(tmp_path, change, message):
+    document = {"model": "m", "data": "d", "stages": {"cpt": {"max_steps": 3}}}
+    for key, value in change.items():
+        if key == "stages":
+            document["stages"] = {**document["stages"], **value}
+        elif value is None:
+            document.pop(key)
+        else:
+            document[key] = value
+    with pytest.raises(InputError, match=message):
+        parse_pipeline_config(document, tmp_path / "pipeline.yaml")
+
+
+def test_a_config_file_that_is_missing_or_not_yaml_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_pipeline_config(tmp_path / "nowhere.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(InputError, match="is not valid YAML"):
+        load_pipeline_config(tmp_path / "bad.yaml")
+
+
+def test_reruns_name_a_stage_of_the_pipeline_and_a_committed_run(tmp_path, inputs):
+    from flows.pipeline import run_pipeline
+
+    config = load_pipeline_config(write_config(tmp_path, inputs, str(tmp_path / "store")))
+    with pytest.raises(InputError, match="--only re-runs a stage of a committed run: name it with --run RUN"):
+        run_pipeline(config, only="evaluate")
+    with pytest.raises(InputError, match="--from report: not a stage of this pipeline"):
+        run_pipeline(config, from_stage="report", run="r")
+    with pytest.raises(InputError, match="run r has no committed download stage to build on"):
+        run_pipeline(config, only="evaluate", run="r")
