@@ -5,9 +5,13 @@ with the config built from the pipeline config and the manifests of the stages b
 stage whose inputs and parameters match a committed run is reused (the store's cache key) and
 the run records where it came from, so every stage of a pipeline run can be found under its id.
 
-Re-runs work on a committed run (`run=`): `only=STAGE` runs that stage alone against the run's
+Re-runs build on a committed run (`run=`): `only=STAGE` runs that stage alone against the run's
 committed upstream outputs, `from_stage=STAGE` runs it and everything after it, `force=[STAGE]`
-recomputes a stage even when its cache key is committed. Nothing upstream is recomputed.
+recomputes a stage even when its cache key is committed. Nothing upstream is recomputed. A
+re-run is a new run (runs are never overwritten) whose upstream stages are reuse records of
+the committed run's, so it is complete and auditable on its own. A pipeline that failed is run
+again the same way, or whole: committed stages are reused and training resumes from its last
+checkpoint in the store.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from stages import cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
 from stages.core.errors import InputError
 from stages.core.stage import StageConfig, StageContext, StageResult
-from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store
+from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store, record_reuse
 from stages.store.errors import ArtifactNotFoundError
 
 from .pipeline_config import STAGE_BY_NAME, PipelineConfig, load_pipeline_config
@@ -99,7 +103,8 @@ def run_pipeline(
     if (only or from_stage) and not run:
         raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
     store = _open_store(config)
-    run_id = run or config.run_id or new_run_id()
+    rerun = bool(only or from_stage)
+    run_id = new_run_id() if rerun else run or config.run_id or new_run_id()
     first = only or from_stage or stages[0]
     selected = [only] if only else stages[stages.index(first) :]
     result = PipelineResult(run_id=run_id, store=store.root_uri)
@@ -107,7 +112,9 @@ def run_pipeline(
     for name in stages:
         if name not in selected:
             if stages.index(name) < stages.index(first):
-                result.manifests[name] = _committed(store, run_id, name)
+                result.manifests[name] = upstream = _committed(store, run, name)
+                record_reuse(store, upstream, run_id, name)
+                result.lines.append(f"[{name}] from run {upstream.run_id}")
             continue
         stage_config = _config_for(name, config, result.manifests, store)
         context = StageContext(store, run_id=run_id, force=name in force, work_dir=work_dir, progress=progress)

@@ -13,6 +13,7 @@ reused through the stages' cache keys, so an interrupted comparison resumes wher
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, 
 COMPARISON_JSON_FILE = "comparison.json"
 COMPARISON_MARKDOWN_FILE = "comparison.md"
 WARMUP_STEPS = 2  # steps left out of the median step time
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,9 @@ def _in_own_process(stage: Stage, config: StageConfig, context: StageContext, la
     with context.scratch(f"{label}-record") as folder:
         record = folder / "manifest.json"
         command = [sys.executable, "-m", stage.module, *command_line(stage, config, context, record)]
-        code = subprocess.run(command, check=False).returncode
+        # A fresh single process: not a rank of this process's own DeepSpeed group (its port is taken).
+        environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+        code = subprocess.run(command, check=False, env=environment).returncode
         if code != 0 or not record.is_file():
             raise ArmFailedError(
                 f"the {stage.name} stage of arm {label} failed (exit {code}); committed arms are reused when the comparison "

@@ -178,7 +178,7 @@ def test_a_listing_for_another_tree_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "uri, message",
     [
-        ("store:runs/x/download/download.json", "not a stored model or data drop"),
+        ("store:runs/x/download/download.json", "run 'x' has no committed manifest for stage 'download'"),
         ("store:models/sha256-abc", "not a stored model or data drop"),
         ("http://example.com/models/x", "unsupported URI scheme"),
     ],

@@ -94,7 +94,7 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     ], " ".join(runs["p1"])  # fmt: skip
     assert Path(first["report"]).is_file() and "Spectrum report: run" in Path(first["report"]).read_text()
     sft_evaluation = load_manifest(store, "p1", "evaluate.sft")
-    assert sft_evaluation.parameters["sft_run"] == "p1/sft"
+    assert any(ref["uri"].endswith("runs/p1/sft/heldout.jsonl") for ref in sft_evaluation.inputs)
 
     again = pipeline_flow(str(config), run="p2")  # a cached re-run skips every stage, and records where each came from
     assert again["cached"] == stages and set(again["stages"].values()) == {"p1"}
@@ -104,7 +104,10 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     write_config(tmp_path, inputs, store_uri, evaluate={"seq_len": 64, "max_tokens": 256, "general": str(inputs / "general.txt")})
     only = pipeline_flow(str(config), run="p1", only="evaluate")
     assert only["ran"] == ["evaluate"] and only["cached"] == []
-    assert load_manifest(store, only["stages"]["evaluate"], "evaluate").parameters["max_tokens"] == 256
+    rerun = only["run_id"]  # a new run: its upstream stages are p1's, recorded; its evaluate is new
+    assert load_manifest(store, rerun, "evaluate").parameters["max_tokens"] == 256
+    assert load_manifest(store, rerun, "cpt").run_id == "p1" and load_manifest(store, "p1", "evaluate").parameters["max_tokens"] == 512
+    assert {s for s in list_runs(store)[rerun] if "." not in s} == {"download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"}
 
 
 @pytest.mark.parametrize(
