@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import snr_scan
 from .core.cli import stage_main
@@ -45,9 +46,18 @@ from .evaluation.drift import snr_drift
 from .evaluation.harness import require_tasks, run_tasks
 from .evaluation.perplexity import Likelihood, assistant_loss, likelihood, token_stream
 from .scan.spectra import resolve_device
-from .store import ArtifactStore, ObjectInfo, load_manifest, output_key, read_stage_output, resolve_run_reference, table_key
+from .store import (
+    ArtifactStore,
+    ObjectInfo,
+    load_manifest,
+    new_run_id,
+    output_key,
+    read_stage_output,
+    resolve_run_reference,
+    table_key,
+)
 from .store.trees import file_ref, local_copy
-from .training.chat import conversations, tokenize_conversation
+from .training.chat import conversations, read_chat_template, tokenize_conversation
 from .training.runner import load_tokenizer
 
 EVALUATION_SCHEMA = pa.schema(
@@ -122,7 +132,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
     model_inputs = [trained_refs.get(n) or file_ref(trained_dir / n) for n in all_files(trained_dir)]
     if base:
         model_inputs += [base[1].get(n) or file_ref(base[0] / n) for n in all_files(base[0])]
-    template = _read_template(config.chat_template)
+    template = read_chat_template(config.chat_template)
     parameters = {
         **config.cache_parameters(),
         "general_corpus": {"name": sources.general.name, "source": sources.general.source, "sha256": sources.general.sha256},
@@ -130,7 +140,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
         "has_base": base is not None,
     }
     results: list[EvaluationResult] = []
-    context = replace(context, run_id=context.run_id or _new_run_id())  # the rescans are steps of this run
+    context = replace(context, run_id=context.run_id or new_run_id())  # the rescans are steps of this run
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
         models = {"trained": trained_dir, **({"base": base[0]} if base else {})}
@@ -285,8 +295,6 @@ def _drift(config: EvaluateConfig, context: StageContext, sources: Sources) -> p
         scan = snr_scan.run(snr_scan.ScanConfig(model_dir=location, device=config.device), replace(context, step=qualifier))
         m = scan.manifest
         data, _ = read_stage_output(context.store, m.run_id, m.stage, table_key(SNR_TABLE, m.stage, m.run_id), "SNR table")
-        import pyarrow.parquet as pq
-
         tables.append(pq.read_table(pa.BufferReader(data), use_threads=False))
     return snr_drift(*tables)
 
@@ -338,23 +346,8 @@ def _report(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _read_template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError) as exc:
-        raise InputError(f"--chat-template {path} cannot be read as a UTF-8 Jinja template: {exc}") from exc
-
-
 def _json(document: dict) -> bytes:
     return (json.dumps(document, indent=2, allow_nan=False) + "\n").encode()
-
-
-def _new_run_id() -> str:
-    from .store import new_run_id
-
-    return new_run_id()
 
 
 STAGE = Stage(

@@ -26,7 +26,7 @@ from .core.errors import InputError
 from .core.execution import require_store_in
 from .core.stage import Stage, StageContext, StageResult, option, options_of
 from .store import new_run_id
-from .training.chat import prepare_chat
+from .training.chat import prepare_chat, read_chat_template
 from .training.runner import PreparedData, TrainingConfig, TrainingResult, check_heldout, run_training, validate_training
 from .training.selection import load_selection
 
@@ -44,7 +44,7 @@ class SftConfig(TrainingConfig):
 
 def run(config: SftConfig, context: StageContext) -> StageResult[TrainingResult]:
     check(config)
-    template = _read_template(config.chat_template)
+    template = read_chat_template(config.chat_template)
     rescan_lines: tuple[str, ...] = ()
     if config.rescan:
         config, context, rescan_lines = _rescan(config, context)
@@ -84,17 +84,6 @@ def _rescan(config: SftConfig, context: StageContext) -> tuple[SftConfig, StageC
     selected = layer_select.run(layer_select.SelectConfig(snr_run=scanned, **policy), as_steps)
     rescanned = replace(config, selection=None, selection_run=f"{selected.manifest.run_id}/{selected.manifest.stage}")
     return rescanned, context, (*scan.lines, *selected.lines)
-
-
-def _read_template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError(f"--chat-template {path} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise InputError(f"--chat-template {path} is not UTF-8 text (a Jinja template)") from exc
 
 
 def check(config: SftConfig) -> None:

@@ -130,3 +130,15 @@ def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: fl
     arrays = TrainingArrays(np.asarray(rows_ids, np.int64), np.asarray(rows_labels, np.int64), np.asarray(rows_mask, np.int64))
     record = {**heldout, "training_rows": len(rows_ids), "truncated_rows": truncated, "seq_len": seq_len}
     return ChatData(arrays, record)
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of a --chat-template file (a Jinja template), or None."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(f"--chat-template {path} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--chat-template {path} is not UTF-8 text (a Jinja template)") from exc
