@@ -132,7 +132,6 @@ def run_pipeline(
 
         result.report = config.source.parent / REPORT_FILE
         build_report(store, run_id, result.report, overwrite=True)
-        result.lines.append(f"report: {result.report}")
     return result
 
 

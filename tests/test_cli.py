@@ -168,42 +168,33 @@ def test_select_end_to_end_reproduces_the_reference_yaml(tmp_path):
     assert pq.read_table(out_dir / "selection.parquet").num_rows == 291
 
 
-def test_demo_publishes_runs_to_its_store(tmp_path, capsys):
-    from stages.store import open_store, read_table
-    from stages.store.lineage import audit_run, list_run_summaries
+@pytest.mark.integration
+def test_demo_runs_the_whole_pipeline_with_its_report_and_again_reuses_everything(tmp_path, capsys, monkeypatch):
+    from stages.store import list_runs, load_manifest, open_store
+    from stages.store.lineage import audit_run
 
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     workdir = tmp_path / "demo"
     code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
     assert code == 0, err
-    files = {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
-    for estimator in ("reference", "gavish-donoho"):
-        assert {f"selection-{estimator}/{name}" for name in ("selection.parquet", "unfrozen_parameters.yaml", "selection.json")} <= files
-        assert f"[{estimator}] scanned 16 matrices" in out
-        summary = json.loads((workdir / f"selection-{estimator}" / "selection.json").read_text())
-        assert summary["top_percent"] == 50 and summary["trainable_parameters"] > 0
-    assert any(name.startswith("model/") and name.endswith(".safetensors") for name in files)
-    assert not any(name.endswith((".partial.jsonl", ".tmp")) for name in files)
-    assert not (workdir / "work").exists() or not any((workdir / "work").iterdir())
-
+    report = workdir / "report.html"
+    assert f"report: {report}" in out and report.is_file() and (workdir / "report.md").is_file()
+    run_id = out.split("pipeline run ")[1].split()[0].rstrip(";")
     store = open_store(str(workdir / "store"))
-    runs = list_run_summaries(store)
-    assert [sorted(r["stages"]) for r in runs].count(["snr_scan"]) == 2
-    assert [sorted(r["stages"]) for r in runs].count(["layer_select"]) == 2
-    snr = read_table(store, "snr").to_pylist()
-    assert {r["model_id"] for r in snr} == {"demo-llama"}
-    assert {r["estimator"] for r in snr if r["scanned"]} == {"reference", "gavish-donoho"}
-    select_run = next(r["run_id"] for r in runs if "layer_select" in r["stages"])
-    assert audit_run(store, select_run)["selection"]["trainable"]
-    (cpt_run,) = [r["run_id"] for r in runs if "cpt" in r["stages"]]
-    assert audit_run(store, cpt_run)["training"]["changed"] and "[cpt] audit:" in out
+    stages = list_runs(store)[run_id]
+    assert {"download", "snr_scan", "layer_select", "cpt", "sft", "evaluate", "evaluate.sft"} <= set(stages)
+    assert audit_run(store, run_id)["training"]["changed"]
+    evaluation = json.loads(store.get_bytes(f"runs/{run_id}/evaluate/evaluation.json"))
+    heldout = next(m for m in evaluation["metrics"] if m["metric"] == "perplexity" and m["dataset"] == "heldout")
+    assert heldout["trained"] < heldout["base"]
+    assert not any(p.name.endswith((".partial", ".tmp")) for p in workdir.rglob("*"))
 
-    # a second demo reuses the committed runs; --overwrite recomputes them as new runs
+    # again: every stage is reused, recorded under the new run
     code, out, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2")
     assert code == 0, err
-    assert out.count("reusing run") == 5 and len(list_run_summaries(store)) == 5
-    code, _, err = cli(capsys, "demo", "--workdir", str(workdir), "--layers", "2", "--overwrite")
-    assert code == 0, err
-    assert len(list_run_summaries(store)) == 10
+    assert "(6 of 6 stages reused)" in out
+    again = out.split("pipeline run ")[1].split()[0].rstrip(";")
+    assert again != run_id and load_manifest(store, again, "cpt").run_id == run_id
 
 
 def test_the_command_line_of_a_config_parses_back_to_the_same_config_and_context(tmp_path):
