@@ -31,7 +31,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_spectrum_help_lists_the_subcommands():
     done = run_command(venv_bin("spectrum"), "--help")
     assert done.returncode == 0, done.stderr
-    for command in ("download", "scan", "select", "cpt", "runs", "audit", "demo"):
+    for command in ("download", "scan", "select", "cpt", "sft", "evaluate", "compare", "report", "pipeline", "runs", "audit", "demo"):
         assert command in done.stdout
 
 
@@ -44,7 +44,11 @@ def test_spectrum_help_lists_the_subcommands():
         ),
         ("select", ["--out-dir", "--policy", "--top-percent", "--budget-percent", "--include-type", "--always-train", "--no-always-train"]),
         ("cpt", ["--data", "--selection", "--selection-run", "--full", "--max-steps", "--seq-len", "--zero-stage", "--save-steps"]),
-        ("demo", ["--workdir", "--top-percent", "--layers", "--overwrite"]),
+        ("demo", ["--workdir", "--top-percent", "--layers", "--real", "--overwrite"]),
+        ("evaluate", ["--cpt-run", "--sft-run", "--base-model", "--general", "--max-tokens", "--task", "--tasks-dir", "--no-snr-drift"]),
+        ("compare", ["--data", "--method", "--max-steps", "--lora-rank", "--eval-max-tokens", "--record"]),
+        ("report", ["--out", "--overwrite", "--store"]),
+        ("sft", ["--chat-template", "--rescan", "--selection-run"]),
     ],
 )
 def test_subcommand_help(capsys, command, options):
@@ -55,6 +59,14 @@ def test_subcommand_help(capsys, command, options):
     assert out.startswith(f"usage: spectrum {command}")
     for option in options:
         assert option in out
+
+
+def test_pipeline_run_help(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["pipeline", "run", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: spectrum pipeline run") and all(o in out for o in ("--only", "--from", "--force", "--run"))
 
 
 def test_version(capsys):
