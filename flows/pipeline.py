@@ -27,6 +27,7 @@ from prefect.cache_policies import NONE
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
 from stages.core.errors import InputError
+from stages.core.process import run_in_own_process
 from stages.core.stage import StageConfig, StageContext, StageResult
 from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store, record_reuse
 from stages.store.errors import ArtifactNotFoundError
@@ -61,6 +62,15 @@ def _transient(task, task_run, state) -> bool:
 @task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
 def run_stage(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     result = STAGE_BY_NAME[stage_name].run(config, context)
+    for line in result.lines:
+        get_run_logger().info("%s", line)
+    return result
+
+
+@task(name="stage-process", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+def run_stage_process(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
+    """The stage as its container runs it: `python -m stages.<stage> …` in a process of its own."""
+    result = run_in_own_process(STAGE_BY_NAME[stage_name], config, context, stage_name)
     for line in result.lines:
         get_run_logger().info("%s", line)
     return result
@@ -108,7 +118,9 @@ def run_pipeline(
     first = only or from_stage or stages[0]
     selected = [only] if only else stages[stages.index(first) :]
     result = PipelineResult(run_id=run_id, store=store.root_uri)
-    execute = execute or run_stage
+
+    def runner(name: str) -> Callable[[str, StageConfig, StageContext], StageResult]:
+        return execute or (run_stage_process if config.execution_of(name) == "subprocess" else run_stage)
     for name in stages:
         if name not in selected:
             if stages.index(name) < stages.index(first):
@@ -118,14 +130,15 @@ def run_pipeline(
             continue
         stage_config = _config_for(name, config, result.manifests, store)
         context = StageContext(store, run_id=run_id, force=name in force, work_dir=work_dir, progress=progress)
-        outcome = execute(name, stage_config, context)
+        outcome = runner(name)(name, stage_config, context)
         result.manifests[name] = outcome.manifest
         result.ran.append(name)
         if outcome.cached:
             result.cached.append(name)
         result.lines += [f"[{name}] {line}" for line in outcome.lines]
         if name == SFT:  # the sft model is evaluated too, as the step evaluate.sft (domain numbers come from cpt's evaluation)
-            evaluation = execute(EVALUATE, _evaluate_config(config, sft_run=_ref(outcome.manifest)), replace(context, step=SFT))
+            sft_evaluation = _evaluate_config(config, sft_run=_ref(outcome.manifest))
+            evaluation = runner(EVALUATE)(EVALUATE, sft_evaluation, replace(context, step=SFT))
             result.lines += [f"[{EVALUATE}.{SFT}] {line}" for line in evaluation.lines]
     if config.report and EVALUATE in result.ran:
         from stages.report import build_report

@@ -10,11 +10,13 @@
       sft: {data: chats/, max_steps: 100}        # leave sft out to skip it
       evaluate: {max_tokens: 32768}
     report: true                                 # write report.html beside the config (default true)
+    execution: in-process                        # or subprocess, or per stage: {cpt: subprocess, sft: subprocess}
 
 Every stage runs, in pipeline order, except sft, which runs only when it is configured. The
 options a pipeline wires from one stage to the next (MODEL, --snr-run, --selection-run,
 --cpt-run …) cannot be set here. A mistake names the field: `stages.cpt.max_step: not an option
-of cpt (did you mean max_steps?)`.
+of cpt (did you mean max_steps?)`. `execution: subprocess` runs a stage as
+`python -m stages.<stage> …` in a process of its own, exactly the command its container runs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from stages.core.stage import Stage, options_of
 
 PIPELINE = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
 STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in PIPELINE}
-TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report")
+TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution")
+EXECUTIONS = ("in-process", "subprocess")
 # Options the pipeline sets itself, from the stage before: setting them in the config is an error.
 WIRED = {
     DOWNLOAD: {"model", "revision", "data"},
@@ -57,6 +60,10 @@ class PipelineConfig:
     run_id: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its options as written
     report: bool = True
+    execution: dict[str, str] = field(default_factory=dict)  # stage -> how it runs (default in-process)
+
+    def execution_of(self, stage: str) -> str:
+        return self.execution.get(stage, "in-process")
 
     @property
     def stages(self) -> list[str]:
@@ -107,6 +114,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
     for name, values in options.items():
         _check(STAGE_BY_NAME[name], values, f"{where}: stages.{name}")
     return PipelineConfig(
+        execution=_execution(document.get("execution", "in-process"), where),
         model=document["model"],
         data=document["data"],
         source=source,
@@ -116,6 +124,19 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         options=options,
         report=document.get("report", True),
     )
+
+
+def _execution(value: Any, where: str) -> dict[str, str]:
+    """`execution: MODE` (every stage) or `execution: {stage: MODE}` -> stage -> mode."""
+    modes = {name: value for name in STAGE_BY_NAME} if isinstance(value, str) else value
+    if not isinstance(modes, dict):
+        raise InputError(f"{where}: execution: expected {' or '.join(EXECUTIONS)}, or a mapping of stage to one of them")
+    for name, mode in modes.items():
+        if name not in STAGE_BY_NAME:
+            raise InputError(f"{where}: execution.{name}: not a stage{_suggest(name, STAGE_BY_NAME)}")
+        if mode not in EXECUTIONS:
+            raise InputError(f"{where}: execution.{name}: {mode!r} is not one of {', '.join(EXECUTIONS)}")
+    return dict(modes)
 
 
 def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:

@@ -13,10 +13,7 @@ reused through the stages' cache keys, so an interrupted comparison resumes wher
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import cpt, evaluate, layer_select, snr_scan
-from .core.cli import command_line, stage_main
+from .core.cli import stage_main
 from .core.contracts import (
     COMPARE,
     COMPARISON_TABLE,
@@ -33,16 +30,16 @@ from .core.contracts import (
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
-from .core.errors import InputError, SpectrumError
+from .core.errors import InputError
 from .core.execution import StageRun, execute_stage, require_store_in
 from .core.files import ensure_writable, write_atomic
+from .core.process import run_in_own_process
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, read_stage_output, read_table
 
 COMPARISON_JSON_FILE = "comparison.json"
 COMPARISON_MARKDOWN_FILE = "comparison.md"
 WARMUP_STEPS = 2  # steps left out of the median step time
-RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -118,12 +115,6 @@ class Arm:
     method: Method
     training: Manifest
     evaluation: Manifest
-
-
-class ArmFailedError(SpectrumError):
-    """An arm's training process failed; the arms before it stay committed and are reused next time."""
-
-    exit_code = 4
 
 
 def run(config: CompareConfig, context: StageContext) -> StageResult[list[dict[str, Any]]]:
@@ -207,7 +198,7 @@ def _arm(method: Method, config: CompareConfig, context: StageContext, scans: di
         heldout_percent=config.heldout_percent,
         text_field=config.text_field,
     )
-    training = _in_own_process(cpt.STAGE, training_config, arm_context, method.name)
+    training = run_in_own_process(cpt.STAGE, training_config, arm_context, method.name).manifest  # its peak memory is its own
     evaluate_config = evaluate.EvaluateConfig(
         cpt_run=f"{training.run_id}/{training.stage}",
         general=config.general,
@@ -218,22 +209,6 @@ def _arm(method: Method, config: CompareConfig, context: StageContext, scans: di
     )
     evaluation = evaluate.run(evaluate_config, arm_context).manifest
     return Arm(method, training, evaluation)
-
-
-def _in_own_process(stage: Stage, config: StageConfig, context: StageContext, label: str) -> Manifest:
-    """Run the stage as `python -m stages.<stage> …` (its container's command) and return the manifest it committed or reused."""
-    with context.scratch(f"{label}-record") as folder:
-        record = folder / "manifest.json"
-        command = [sys.executable, "-m", stage.module, *command_line(stage, config, context, record)]
-        # A fresh single process: not a rank of this process's own DeepSpeed group (its port is taken).
-        environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
-        code = subprocess.run(command, check=False, env=environment).returncode
-        if code != 0 or not record.is_file():
-            raise ArmFailedError(
-                f"the {stage.name} stage of arm {label} failed (exit {code}); committed arms are reused when the comparison "
-                f"runs again. Command: {' '.join(command)}"
-            )
-        return Manifest.from_json(record.read_bytes(), str(record))
 
 
 def _rows(store: ArtifactStore, arms: list[Arm]) -> list[dict[str, Any]]:

@@ -219,7 +219,7 @@ def test_the_command_line_of_a_config_parses_back_to_the_same_config_and_context
     from stages.store import open_store
 
     store = open_store(str(tmp_path / "store"))
-    context = StageContext(store, run_id="r-1", force=True, work_dir=tmp_path / "work", progress=False)
+    context = StageContext(store, run_id="r-1", force=True, work_dir=tmp_path / "work", progress=False, step="sft")
     configs = [
         (cpt.STAGE, cpt.CptConfig(model="m", data="d", selection_run="r/layer_select.sft", learning_rate=3e-4, seed=3)),
         (layer_select.STAGE, layer_select.SelectConfig(snr_run="r", top_percent=25.0, depth_aware=True, include_types=["mlp", "attn"])),
@@ -231,7 +231,7 @@ def test_the_command_line_of_a_config_parses_back_to_the_same_config_and_context
         args = stage_parser(stage, argparse.ArgumentParser()).parse_args(argv)
         assert config_from_args(stage.config, args) == config, argv
         parsed = context_from_args(args)
-        assert (parsed.store.root_uri, parsed.run_id, parsed.force, parsed.work_dir, parsed.progress) == (
-            store.root_uri, "r-1", True, tmp_path / "work", False,
+        assert (parsed.store.root_uri, parsed.run_id, parsed.force, parsed.work_dir, parsed.progress, parsed.step) == (
+            store.root_uri, "r-1", True, tmp_path / "work", False, "sft",
         )  # fmt: skip
         assert args.record == str(tmp_path / "m.json")

@@ -50,8 +50,9 @@ def inputs(tmp_path_factory) -> Path:
     return root
 
 
-def write_config(folder: Path, inputs: Path, store: str, **stages) -> Path:
+def write_config(folder: Path, inputs: Path, store: str, execution: str | dict = "in-process", **stages) -> Path:
     document = {
+        "execution": execution,
         "model": str(inputs / "model"),
         "data": str(inputs / "drop"),
         "store": store,
@@ -110,6 +111,27 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     assert {s for s in list_runs(store)[rerun] if "." not in s} == {"download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"}
 
 
+@pytest.mark.integration
+def test_stages_configured_as_subprocesses_run_their_container_command(prefect_api, inputs, tmp_path, monkeypatch):
+    """cpt, sft and both evaluations run as `python -m stages.<stage> …`; the pipeline's own process never runs them."""
+    from dataclasses import replace
+
+    from flows import pipeline_config
+    from flows.pipeline import pipeline_flow
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("ran in the pipeline's own process")
+
+    for name in ("cpt", "sft", "evaluate"):
+        monkeypatch.setitem(pipeline_config.STAGE_BY_NAME, name, replace(pipeline_config.STAGE_BY_NAME[name], run=not_here))
+    execution = {"cpt": "subprocess", "sft": "subprocess", "evaluate": "subprocess"}
+    outcome = pipeline_flow(str(write_config(tmp_path, inputs, str(tmp_path / "store"), execution=execution)), run="sp")
+    assert outcome["ran"] == ["download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"]
+    assert any(line.startswith("[cpt] trained ") for line in outcome["lines"])
+    store = open_store(str(tmp_path / "store"))
+    assert {"cpt", "sft", "evaluate", "evaluate.sft"} <= set(list_runs(store)["sp"])  # --step sft reached the child
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -123,6 +145,8 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
         ({"stages": {"sft": {"max_steps": 2}}}, r"stages.sft.data: missing"),
         ({"stages": {"cpt": {"zero_stage": 5}}}, r"stages.cpt: unknown --zero-stage 5"),
         ({"report": "yes"}, r"report: expected true or false"),
+        ({"execution": "docker"}, r"execution.download: 'docker' is not one of in-process, subprocess"),
+        ({"execution": {"cpt": "subprocess", "trian": "subprocess"}}, r"execution.trian: not a stage"),
     ],
 )
 def test_bad_pipeline_configs_name_the_field(tmp_path, change, message):

@@ -47,6 +47,9 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every stage has: where it publishes and how it runs."""
     add_store_location_arguments(parser)
     parser.add_argument("--run-id", help="run to record this stage under (default: a new run id)")
+    parser.add_argument(
+        "--step", metavar="QUALIFIER", help="record the stage as the step <stage>.QUALIFIER of the run (a second scan, say)"
+    )
     parser.add_argument("--force", action="store_true", help="run even when a committed run has the same inputs and parameters")
     parser.add_argument(
         "--work-dir", help=f"where outputs are built before they are stored (default: ${settings.WORK_DIR_ENV} or ~/.cache/spectrum/work)"
@@ -129,12 +132,13 @@ def require_store(args: argparse.Namespace, writable: bool = True) -> ArtifactSt
 
 def context_from_args(args: argparse.Namespace) -> StageContext:
     if not args.store:
-        given = [flag for flag, value in (("--run-id", args.run_id), ("--force", args.force)) if value]
+        given = [flag for flag, value in (("--run-id", args.run_id), ("--step", args.step), ("--force", args.force)) if value]
         if given:
             raise InputError(f"{' and '.join(given)} apply to runs in an artifact store: pass --store (or set ${settings.STORE_ENV})")
     return StageContext(
         store=store_from_args(args),
         run_id=args.run_id,
+        step=args.step,
         force=args.force,
         work_dir=Path(args.work_dir) if args.work_dir else None,
         progress=args.progress,
@@ -174,6 +178,7 @@ def command_line(stage: Stage, config: StageConfig, context: StageContext, recor
         endpoint = getattr(context.store, "endpoint_url", None)
         flags += ["--s3-endpoint-url", endpoint] if endpoint else []
     flags += ["--run-id", context.run_id] if context.run_id else []
+    flags += ["--step", context.step] if context.step else []
     flags += ["--force"] if context.force else []
     flags += ["--work-dir", str(context.work_dir)] if context.work_dir else []
     flags += [] if context.progress is None else ["--progress" if context.progress else "--no-progress"]

@@ -1,0 +1,43 @@
+"""A stage in a process of its own: exactly the command line its container runs, `python -m stages.<stage> …`.
+
+The arguments come from the config and context (cli.command_line); the child writes the
+manifest it committed or reused to a file (`--record`), which is how the caller learns the
+outcome. The child starts as a fresh single process: the caller's own DeepSpeed rendezvous
+variables (which name a port the caller's process group holds) are not passed on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ..store import Manifest
+from .cli import command_line
+from .errors import SpectrumError
+from .stage import Stage, StageConfig, StageContext, StageResult
+
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class StageProcessError(SpectrumError):
+    """The stage's process failed; what it committed before stays committed and is reused next time."""
+
+    exit_code = 4
+
+
+def run_in_own_process(stage: Stage, config: StageConfig, context: StageContext, label: str) -> StageResult:
+    """Run the stage as a child process; its stdout becomes the result's lines, its stderr passes through."""
+    with context.scratch(f"{label}-record") as folder:
+        record = folder / "manifest.json"
+        command = [sys.executable, "-m", stage.module, *command_line(stage, config, context, record)]
+        environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+        done = subprocess.run(command, check=False, env=environment, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not record.is_file():
+            raise StageProcessError(
+                f"the {stage.name} stage ({label}) failed in its own process (exit {done.returncode}); what it committed is "
+                f"reused when it runs again. Command: {' '.join(command)}"
+            )
+        manifest = Manifest.from_json(record.read_bytes(), str(record))
+    cached = manifest.run_id != context.run_id if context.run_id else "reusing run" in done.stdout
+    return StageResult(stage.name, tuple(done.stdout.splitlines()), manifest, cached)
