@@ -1,0 +1,92 @@
+"""prefect.yaml against a real `prefect server`: `prefect deploy --all` succeeds, and a process worker runs one stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from .helpers import REPO_ROOT, venv_bin
+from .s3_server import free_ports
+
+pytestmark = pytest.mark.integration
+STAGE_DEPLOYMENTS = ["download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"]
+
+
+@contextmanager
+def background(command: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
+    """A server or worker in its own process group, stopped (SIGTERM, then SIGKILL) afterwards."""
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if process.poll() is None:
+                    os.killpg(process.pid, sig)
+                    try:
+                        process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        continue
+
+
+def wait_healthy(url: str, log: Path, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"prefect server did not become healthy: {log.read_text()[-2000:]}")
+
+
+def test_deploy_all_and_a_process_worker_runs_a_stage_deployment(tmp_path, tiny_model):
+    (port,) = free_ports(1)
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "SPECTRUM_HOME": str(REPO_ROOT),
+        "SPECTRUM_CUDA_IMAGE": "spectrum-cuda:test",
+    }
+    prefect = venv_bin("prefect")
+
+    def cli(*args: str, timeout: float = 180) -> str:
+        done = subprocess.run([prefect, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    server_command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with background(server_command, env, tmp_path / "server.log"):
+        wait_healthy(api, tmp_path / "server.log")
+        cli("work-pool", "create", "spectrum-process", "--type", "process")
+        cli("work-pool", "create", "spectrum-gpu", "--type", "docker")
+        out = cli("--no-prompt", "deploy", "--all")
+        assert "spectrum-pipeline/pipeline" in out
+        listed = cli("deployment", "ls")
+        for name in STAGE_DEPLOYMENTS:
+            assert f"spectrum-stage/{name}" in listed
+        pipeline = cli("deployment", "inspect", "spectrum-pipeline/pipeline")
+        assert "0 2 * * *" in pipeline and "spectrum-process" in pipeline
+        assert "spectrum-gpu" in cli("deployment", "inspect", "spectrum-stage/cpt")
+
+        store = tmp_path / "store"
+        parameters = {"options": {"model_dir": str(tiny_model)}, "store": str(store), "run_id": "deployed"}
+        worker_command = [prefect, "worker", "start", "--pool", "spectrum-process"]
+        with background(worker_command, env, tmp_path / "worker.log"):
+            cli("deployment", "run", "spectrum-stage/snr_scan", "--params", json.dumps(parameters), "--watch", timeout=300)
+    manifest = json.loads((store / "runs" / "deployed" / "snr_scan" / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["parameters"]["estimator"] == "reference"
