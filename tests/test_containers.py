@@ -65,3 +65,29 @@ def test_the_entrypoint_runs_real_stage_modules(dockerfile):
     assert module in {stage.module for stage in STAGES} and importlib.util.find_spec(module) is not None
     for mentioned in re.findall(r"\bstages\.([a-z_]+)\b", dockerfile.read_text()):
         assert importlib.util.find_spec(f"stages.{mentioned}") is not None, mentioned
+
+
+def test_infra_files_agree_with_prefect_yaml():
+    """The compose file, the Kubernetes GPU pool and prefect.yaml name the same pools, images and services."""
+    import json
+
+    import yaml
+
+    deployments = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    pools = {d["work_pool"]["name"] for d in deployments}
+    assert pools == {"spectrum-process", "spectrum-gpu"}
+    assert {d["name"] for d in deployments if d["work_pool"]["name"] == "spectrum-gpu"} == {"cpt", "sft", "evaluate"}
+
+    compose = yaml.safe_load((REPO_ROOT / "infra" / "compose.yaml").read_text())["services"]
+    assert set(compose) == {"postgres", "prefect-server", "s3", "worker"}
+    assert "postgresql+asyncpg://" in compose["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert compose["worker"]["entrypoint"][:5] == ["prefect", "worker", "start", "--pool", "spectrum-process"]
+    assert compose["worker"]["build"]["dockerfile"] == "containers/cpu.Dockerfile"
+
+    manifests = list(yaml.safe_load_all((REPO_ROOT / "infra" / "kubernetes" / "gpu-work-pool.yaml").read_text()))
+    worker = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", "spectrum-gpu"]
+    template = json.loads((REPO_ROOT / "infra" / "kubernetes" / "gpu-job-template.json").read_text())
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert template["variables"]["properties"]["image"]["default"] == "spectrum-cuda:latest"
