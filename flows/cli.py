@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("audit", audit.AUDIT_HELP, audit.AUDIT_DESCRIPTION, audit.add_audit_arguments, audit.audit_command),
         ("report", report.HELP, report.DESCRIPTION, report.add_arguments, report.run),
         ("pipeline", pipeline_command.HELP, pipeline_command.DESCRIPTION, pipeline_command.add_arguments, None),
+        (
+            "watch",
+            pipeline_command.WATCH_HELP,
+            pipeline_command.WATCH_DESCRIPTION,
+            pipeline_command.add_watch_arguments,
+            pipeline_command.watch_command,
+        ),
         ("demo", demo.HELP, demo.__doc__, demo.add_arguments, demo.run),
     ):
         sub = commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -112,7 +112,7 @@ def run_pipeline(
         raise InputError("pass --only or --from, not both")
     if (only or from_stage) and not run:
         raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
-    store = _open_store(config)
+    store = open_pipeline_store(config)
     rerun = bool(only or from_stage)
     run_id = new_run_id() if rerun else run or config.run_id or new_run_id()
     first = only or from_stage or stages[0]
@@ -148,7 +148,7 @@ def run_pipeline(
     return result
 
 
-def _open_store(config: PipelineConfig) -> ArtifactStore:
+def open_pipeline_store(config: PipelineConfig) -> ArtifactStore:
     from stages.core import settings
 
     uri = config.store or settings.default_store()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stages.core.errors import InputError
+
 HELP = "run the pipeline of a config file (download → snr_scan → layer_select → cpt → sft → evaluate + report)"
 DESCRIPTION = """Run the pipeline a YAML config describes (see flows/pipeline_config.py) as one Prefect flow
 run under one run id. Stages whose inputs and parameters were committed before are reused.
@@ -39,3 +41,46 @@ def run_command(args: argparse.Namespace) -> str:
     if outcome["report"]:
         lines.append(f"report: {outcome['report']}")
     return "\n".join(lines)
+
+
+WATCH_HELP = "start one pipeline run per new data drop under a store prefix (exactly once, however many watchers)"
+WATCH_DESCRIPTION = """Watch PREFIX in the config's store for data drops: a drop is <prefix>/<drop>/…, ready once
+<drop>/_SUCCESS exists. Each ready drop is claimed with a conditional create in the store (one
+of two racing watchers wins), copied locally and run through the pipeline with the drop as its
+data; done.json marks it processed. A claim without a heartbeat for --claim-timeout seconds is
+taken over (its committed stages are reused, training resumes from its checkpoint).
+
+  spectrum watch pipeline.yaml --prefix incoming           # poll every minute
+  spectrum watch pipeline.yaml --prefix incoming --once    # one pass (cron, a scheduled deployment)"""
+
+
+def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the pipeline config (YAML); each drop replaces its data")
+    parser.add_argument("--prefix", required=True, help="store prefix of the drops: <prefix>/<drop>/…, ready once <drop>/_SUCCESS exists")
+    parser.add_argument("--once", action="store_true", help="one pass, then exit (for cron or a scheduled deployment)")
+    parser.add_argument("--interval", type=float, default=60.0, help="seconds between passes (default 60)")
+    parser.add_argument(
+        "--claim-timeout", type=float, default=3600.0, help="seconds without a heartbeat after which a claim is taken over (default 3600)"
+    )
+    parser.add_argument("--watcher", help="this watcher's name in its claims (default: host and a random suffix)")
+
+
+def watch_command(args: argparse.Namespace) -> str:
+    import time
+
+    from .pipeline_config import load_pipeline_config
+    from .watch import watch_once
+
+    if args.interval <= 0 or args.claim_timeout <= 0:
+        raise InputError("--interval and --claim-timeout must be positive")
+    config = load_pipeline_config(args.config)
+    lines: list[str] = []
+    while True:
+        report = watch_once(config, args.prefix, args.claim_timeout, args.watcher)
+        lines += [f"drop {drop}: pipeline run {run_id}" for drop, run_id in report.started]
+        lines += [f"drop {drop}: skipped ({why})" for drop, why in report.skipped.items()]
+        if args.once:
+            return "\n".join(lines) or f"no ready drop under {args.prefix}"
+        print("\n".join(lines), flush=True)
+        lines = []
+        time.sleep(args.interval)

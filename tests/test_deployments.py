@@ -75,7 +75,7 @@ def test_deploy_all_and_a_process_worker_runs_a_stage_deployment(tmp_path, tiny_
         cli("work-pool", "create", "spectrum-process", "--type", "process")
         cli("work-pool", "create", "spectrum-gpu", "--type", "docker")
         out = cli("--no-prompt", "deploy", "--all")
-        assert "spectrum-pipeline/pipeline" in out
+        assert "spectrum-pipeline/pipeline" in out and "spectrum-watch/watch" in out
         listed = cli("deployment", "ls")
         for name in STAGE_DEPLOYMENTS:
             assert f"spectrum-stage/{name}" in listed
