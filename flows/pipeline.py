@@ -81,8 +81,13 @@ def pipeline_flow(
     config_path: str, only: str | None = None, from_stage: str | None = None, force: list[str] | None = None, run: str | None = None
 ) -> dict[str, Any]:
     """The whole pipeline for one config (a deployment's parameters are these arguments)."""
-    result = run_pipeline(load_pipeline_config(config_path), only=only, from_stage=from_stage, force=force or [], run=run)
+    config = load_pipeline_config(config_path)
+    result = run_pipeline(config, only=only, from_stage=from_stage, force=force or [], run=run)
+    from .artifacts import publish_artifacts
+
+    artifacts = publish_artifacts(open_pipeline_store(config), result)
     return {
+        "artifacts": artifacts,
         "run_id": result.run_id,
         "stages": {s: m.run_id for s, m in result.manifests.items()},  # the run that did each stage's work
         "ran": result.ran,

@@ -94,6 +94,13 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
         "layer_select", "cpt", "sft", "evaluate", "evaluate.sft",
     ], " ".join(runs["p1"])  # fmt: skip
     assert Path(first["report"]).is_file() and "Spectrum report: run" in Path(first["report"]).read_text()
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+    for name in ("snr", "selection", "trained-tensors", "evaluation", "report"):
+        assert f"{name}-p1" in first["artifacts"] and f"{name}-p1" in artifacts
+    assert artifacts["report-p1"].type == "markdown" or "report.html" in str(artifacts["report-p1"].data)
     sft_evaluation = load_manifest(store, "p1", "evaluate.sft")
     assert any(ref["uri"].endswith("runs/p1/sft/heldout.jsonl") for ref in sft_evaluation.inputs)
 
