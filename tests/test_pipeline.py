@@ -72,6 +72,7 @@ def write_config(folder: Path, inputs: Path, store: str, execution: str | dict =
             **stages,
         },
     }
+    document["stages"] = {name: options for name, options in document["stages"].items() if options is not None}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(document))
     return folder / "pipeline.yaml"
@@ -116,6 +117,45 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     assert load_manifest(store, rerun, "evaluate").parameters["max_tokens"] == 256
     assert load_manifest(store, rerun, "cpt").run_id == "p1" and load_manifest(store, "p1", "evaluate").parameters["max_tokens"] == 512
     assert {s for s in list_runs(store)[rerun] if "." not in s} == {"download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"}
+
+
+@pytest.mark.integration
+def test_a_pipeline_killed_during_cpt_resumes_from_its_checkpoint(inputs, tmp_path):
+    """SIGTERM (how Prefect, Docker and Kubernetes stop a run) mid-training; the next pipeline run continues from the checkpoint."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .helpers import venv_bin
+
+    store_dir = tmp_path / "store"
+    cpt_options = {"max_steps": 300, "seq_len": 64, "micro_batch_size": 4, "save_steps": 2, "learning_rate": 3e-3}
+    config = write_config(tmp_path, inputs, str(store_dir), sft=None, cpt=cpt_options)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [venv_bin("spectrum"), "pipeline", "run", str(config), "--run", "killed"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (store_dir / "runs/killed/cpt/checkpoints/step-4/complete.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # the pipeline process only: its temporary Prefect server must outlive the stage
+    try:
+        out, err = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    store = open_store(str(store_dir))
+    assert load_manifest(store, "killed", "cpt").status == "failed"
+
+    again = [venv_bin("spectrum"), "pipeline", "run", str(config), "--run", "resumed"]
+    done = subprocess.run(again, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = json.loads((store_dir / "runs/resumed/cpt/training.json").read_text())
+    assert training["resumed_from_step"] >= 4 and training["steps"] == 300
+    assert {"download", "snr_scan", "layer_select"} <= set(list_runs(store)["resumed"])  # reused, recorded
 
 
 @pytest.mark.integration
