@@ -27,8 +27,8 @@ from prefect.cache_policies import NONE
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
 from stages.core.errors import InputError
-from stages.core.process import run_in_own_process
-from stages.core.stage import StageConfig, StageContext, StageResult
+from stages.core.process import StageProcessError, run_in_own_process
+from stages.core.stage import StageConfig, StageContext, StageResult, options_of
 from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store, record_reuse
 from stages.store.errors import ArtifactNotFoundError
 
@@ -74,6 +74,33 @@ def run_stage_process(stage_name: str, config: StageConfig, context: StageContex
     for line in result.lines:
         get_run_logger().info("%s", line)
     return result
+
+
+@task(name="stage-deployment", cache_policy=NONE)
+def run_stage_deployment(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
+    """A flow run of the stage's deployment (`spectrum-stage/<stage>`) on its work pool; its manifest is read from the store.
+
+    run_deployment does not return the child's result, so the outcome is what the store holds
+    for the run afterwards (the stage's own manifest, or the reuse record of a committed one).
+    """
+    from prefect.deployments import run_deployment
+
+    parameters = {
+        "stage": stage_name,
+        "options": {f.name: getattr(config, f.name) for f, _ in options_of(type(config))},
+        "store": context.store.root_uri,
+        "run_id": context.run_id,
+        "step": context.step,
+        "force": context.force,
+    }
+    flow_run = run_deployment(f"spectrum-stage/{stage_name}", parameters=parameters, poll_interval=1)
+    if not flow_run.state or not flow_run.state.is_completed():
+        raise StageProcessError(
+            f"the {stage_name} deployment's flow run {flow_run.name} ended {flow_run.state.name if flow_run.state else 'unknown'}"
+        )
+    manifest = load_manifest(context.store, context.run_id, context.step_name(STAGE_BY_NAME[stage_name].name))
+    line = f"{manifest.stage}: flow run {flow_run.name} of deployment spectrum-stage/{stage_name} -> run {manifest.run_id}"
+    return StageResult(stage_name, (line,), manifest, cached=manifest.run_id != context.run_id)
 
 
 @flow(name="spectrum-pipeline")
@@ -124,8 +151,11 @@ def run_pipeline(
     selected = [only] if only else stages[stages.index(first) :]
     result = PipelineResult(run_id=run_id, store=store.root_uri)
 
+    modes = {"in-process": run_stage, "subprocess": run_stage_process, "deployment": run_stage_deployment}
+
     def runner(name: str) -> Callable[[str, StageConfig, StageContext], StageResult]:
-        return execute or (run_stage_process if config.execution_of(name) == "subprocess" else run_stage)
+        return execute or modes[config.execution_of(name)]
+
     for name in stages:
         if name not in selected:
             if stages.index(name) < stages.index(first):

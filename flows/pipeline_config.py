@@ -10,13 +10,15 @@
       sft: {data: chats/, max_steps: 100}        # leave sft out to skip it
       evaluate: {max_tokens: 32768}
     report: true                                 # write report.html beside the config (default true)
-    execution: in-process                        # or subprocess, or per stage: {cpt: subprocess, sft: subprocess}
+    execution: in-process                        # subprocess, deployment, or per stage: {cpt: deployment}
 
 Every stage runs, in pipeline order, except sft, which runs only when it is configured. The
 options a pipeline wires from one stage to the next (MODEL, --snr-run, --selection-run,
 --cpt-run …) cannot be set here. A mistake names the field: `stages.cpt.max_step: not an option
 of cpt (did you mean max_steps?)`. `execution: subprocess` runs a stage as
-`python -m stages.<stage> …` in a process of its own, exactly the command its container runs.
+`python -m stages.<stage> …` in a process of its own, exactly the command its container runs;
+`execution: deployment` runs it as a flow run of its `spectrum-stage/<stage>` deployment, on
+that deployment's work pool (the GPU pool for cpt, sft and evaluate).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from stages.core.stage import Stage, options_of
 PIPELINE = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
 STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in PIPELINE}
 TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution")
-EXECUTIONS = ("in-process", "subprocess")
+EXECUTIONS = ("in-process", "subprocess", "deployment")
 # Options the pipeline sets itself, from the stage before: setting them in the config is an error.
 WIRED = {
     DOWNLOAD: {"model", "revision", "data"},

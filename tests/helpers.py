@@ -76,3 +76,13 @@ def hub_cache_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, 
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     return snapshot
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a `spectrum` child process: this test process's own DeepSpeed rendezvous
+    variables (set by in-process training, naming a port its process group holds) are left out."""
+    import os
+
+    from stages.core.process import RENDEZVOUS_VARIABLES
+
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}, **extra}

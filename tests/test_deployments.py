@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO_ROOT, venv_bin
+from .helpers import REPO_ROOT, child_env, venv_bin
 from .s3_server import free_ports
 
 pytestmark = pytest.mark.integration
@@ -53,15 +53,14 @@ def wait_healthy(url: str, log: Path, seconds: float = 90) -> None:
 def test_deploy_all_and_a_process_worker_runs_a_stage_deployment(tmp_path, tiny_model):
     (port,) = free_ports(1)
     api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "SPECTRUM_HOME": str(REPO_ROOT),
-        "SPECTRUM_CUDA_IMAGE": "spectrum-cuda:test",
-    }
+    env = child_env(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        SPECTRUM_HOME=str(REPO_ROOT),
+        SPECTRUM_CUDA_IMAGE="spectrum-cuda:test",
+    )
     prefect = venv_bin("prefect")
 
     def cli(*args: str, timeout: float = 180) -> str:
@@ -88,5 +87,39 @@ def test_deploy_all_and_a_process_worker_runs_a_stage_deployment(tmp_path, tiny_
         worker_command = [prefect, "worker", "start", "--pool", "spectrum-process"]
         with background(worker_command, env, tmp_path / "worker.log"):
             cli("deployment", "run", "spectrum-stage/snr_scan", "--params", json.dumps(parameters), "--watch", timeout=300)
-    manifest = json.loads((store / "runs" / "deployed" / "snr_scan" / "manifest.json").read_text())
-    assert manifest["status"] == "succeeded" and manifest["parameters"]["estimator"] == "reference"
+            manifest = json.loads((store / "runs" / "deployed" / "snr_scan" / "manifest.json").read_text())
+            assert manifest["status"] == "succeeded" and manifest["parameters"]["estimator"] == "reference"
+
+            # a pipeline whose snr_scan and layer_select run as flow runs of their deployments, on the worker
+            config = pipeline_config(tmp_path, store)
+            done = subprocess.run(
+                [venv_bin("spectrum"), "pipeline", "run", str(config), "--run", "dispatched"],
+                env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+    assert "snr_scan: flow run" in done.stdout or "snr_scan: flow run" in done.stderr
+    layer_select = json.loads((store / "runs" / "dispatched" / "layer_select" / "manifest.json").read_text())
+    assert layer_select["status"] == "succeeded" and layer_select["parameters"]["top_percent"] == 50.0
+    assert (store / "runs" / "dispatched" / "evaluate" / "manifest.json").is_file()
+
+
+def pipeline_config(folder: Path, store: Path) -> Path:
+    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.testing.tokenizer import domain_corpus, write_tokenizer
+
+    from .helpers import TINY
+
+    logs = domain_corpus(120, seed=8)
+    model = write_tokenizer(write_synthetic_model(folder / "model", SyntheticSpec(**TINY)), logs, TINY["vocab_size"])
+    (folder / "drop").mkdir()
+    (folder / "drop" / "logs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in logs))
+    document = {
+        "model": str(model),
+        "data": str(folder / "drop"),
+        "store": str(store),
+        "execution": {"snr_scan": "deployment", "layer_select": "deployment"},
+        "stages": {"cpt": {"max_steps": 2, "seq_len": 64, "save_steps": 0}, "evaluate": {"max_tokens": 256, "seq_len": 64}},
+        "report": False,
+    }
+    (folder / "pipeline.yaml").write_text(json.dumps(document))
+    return folder / "pipeline.yaml"

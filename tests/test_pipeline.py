@@ -128,12 +128,12 @@ def test_a_pipeline_killed_during_cpt_resumes_from_its_checkpoint(inputs, tmp_pa
     import subprocess
     import time
 
-    from .helpers import venv_bin
+    from .helpers import child_env, venv_bin
 
     store_dir = tmp_path / "store"
     cpt_options = {"max_steps": 300, "seq_len": 64, "micro_batch_size": 4, "save_steps": 2, "learning_rate": 3e-3}
     config = write_config(tmp_path, inputs, str(store_dir), sft=None, cpt=cpt_options)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = [venv_bin("spectrum"), "pipeline", "run", str(config), "--run", "killed"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300

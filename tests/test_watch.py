@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from stages.store import list_runs, open_store
 from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.testing.tokenizer import domain_corpus, write_tokenizer
 
-from .helpers import TINY, venv_bin
+from .helpers import TINY, child_env, venv_bin
 from .s3_server import fresh_bucket
 
 pytestmark = pytest.mark.integration
@@ -61,7 +60,7 @@ def test_two_racing_watchers_process_a_drop_exactly_once(s3_env, model, tmp_path
     config = write_config(tmp_path, model, store_uri)
     watchers = []
     for name in ("watcher-a", "watcher-b"):
-        env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{name}"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env = child_env(PREFECT_HOME=str(tmp_path / f"prefect-{name}"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
         command = [venv_bin("spectrum"), "watch", str(config), "--prefix", "incoming", "--once", "--watcher", name]
         watchers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [w.communicate(timeout=600) for w in watchers]
