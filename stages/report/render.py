@@ -270,7 +270,10 @@ def _evaluation(data: ReportData) -> Section:
                     f"{row['tokens']:,}" if row["tokens"] is not None else "—",
                 ]
             )
-    text = "Lower is better for every metric. Delta = trained − base; relative change = delta / base."
+    text = (
+        "Perplexity and losses: lower is better (lm-evaluation-harness scores such as lm_eval:acc: higher is better). "
+        "Delta = trained − base; relative change = delta / base."
+    )
     section.blocks += [Text(text), Table(headers, rows, [TEXT] * (len(headers) - 5) + [NUM] * 5)]
     return section
 
