@@ -59,21 +59,25 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+def _logged(result: StageResult) -> StageResult:
+    for line in result.lines:
+        get_run_logger().info("%s", line)
+    return result
+
+
 @task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
 def run_stage(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
-    result = STAGE_BY_NAME[stage_name].run(config, context)
-    for line in result.lines:
-        get_run_logger().info("%s", line)
-    return result
+    return _logged(STAGE_BY_NAME[stage_name].run(config, context))
 
 
-@task(name="stage-process", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+@task(name="stage-process", cache_policy=NONE)
 def run_stage_process(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
-    """The stage as its container runs it: `python -m stages.<stage> …` in a process of its own."""
-    result = run_in_own_process(STAGE_BY_NAME[stage_name], config, context, stage_name)
-    for line in result.lines:
-        get_run_logger().info("%s", line)
-    return result
+    """The stage as its container runs it: `python -m stages.<stage> …` in a process of its own.
+
+    Not retried here: the child's own failure is all the parent sees (StageProcessError), so it
+    cannot tell a store outage from a bad input; running the pipeline again reuses what it committed.
+    """
+    return _logged(run_in_own_process(STAGE_BY_NAME[stage_name], config, context, stage_name))
 
 
 @task(name="stage-deployment", cache_policy=NONE)
@@ -100,7 +104,7 @@ def run_stage_deployment(stage_name: str, config: StageConfig, context: StageCon
         )
     manifest = load_manifest(context.store, context.run_id, context.step_name(STAGE_BY_NAME[stage_name].name))
     line = f"{manifest.stage}: flow run {flow_run.name} of deployment spectrum-stage/{stage_name} -> run {manifest.run_id}"
-    return StageResult(stage_name, (line,), manifest, cached=manifest.run_id != context.run_id)
+    return _logged(StageResult(stage_name, (line,), manifest, cached=manifest.run_id != context.run_id))
 
 
 @flow(name="spectrum-pipeline")

@@ -35,7 +35,7 @@ from .core.execution import StageRun, execute_stage, require_store_in
 from .core.files import ensure_writable, write_atomic
 from .core.process import run_in_own_process
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
-from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, read_stage_output, read_table
+from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, read_output, read_table
 
 COMPARISON_JSON_FILE = "comparison.json"
 COMPARISON_MARKDOWN_FILE = "comparison.md"
@@ -222,13 +222,7 @@ def _rows(store: ArtifactStore, arms: list[Arm]) -> list[dict[str, Any]]:
 
 def _row(store: ArtifactStore, arm: Arm) -> dict[str, Any]:
     training_manifest, evaluation_manifest = arm.training, arm.evaluation
-    record, _ = read_stage_output(
-        store,
-        training_manifest.run_id,
-        training_manifest.stage,
-        output_key(training_manifest.run_id, training_manifest.stage, TRAINING_FILE),
-        "training record",
-    )
+    record, _ = read_output(store, training_manifest, TRAINING_FILE)
     training = json.loads(record)
     metrics = _rows_of(store, TRAINING_METRICS_TABLE, training_manifest)
     metrics.sort(key=lambda m: m["step"])

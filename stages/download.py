@@ -32,7 +32,7 @@ from .core.execution import StageRun, execute_stage, require_store_in
 from .core.files import all_files, check_links, link_roots
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .data.drops import DATA_SUFFIXES, count_file_records, count_saved_dataset_records, is_saved_dataset
-from .store import ArtifactStore, Manifest, ObjectInfo, output_key
+from .store import ArtifactStore, Manifest, ObjectInfo, read_output
 from .store.trees import Listing, StoreLocation, as_tree, materialize_tree, publish_tree, resolve_uri
 from .weights.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ModelWeights
 from .weights.hub import HubSettings, fetch_snapshot, hub_errors, is_hub_id, repo_files, retrying
@@ -136,8 +136,7 @@ def run(config: DownloadConfig, context: StageContext) -> StageResult:
 
 def read_summary(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
     """download.json of a committed download: {"model": {"uri", "tree", "commit", …}, "data": {…}}."""
-    recorded = manifest.recorded_output(output_key(manifest.run_id, DOWNLOAD, DOWNLOAD_SUMMARY_FILE))
-    data, _ = store.read_recorded(recorded)  # the version the manifest recorded, checked against its sha256
+    data, _ = read_output(store, manifest, DOWNLOAD_SUMMARY_FILE)  # the version the manifest recorded, sha256 checked
     return json.loads(data)
 
 

@@ -34,7 +34,6 @@ from .core.contracts import (
     SFT,
     SNR_DRIFT_TABLE,
     SNR_TABLE,
-    SUCCEEDED,
     TRAINING_FILE,
 )
 from .core.errors import InputError
@@ -49,12 +48,12 @@ from .scan.spectra import resolve_device
 from .store import (
     ArtifactStore,
     ObjectInfo,
-    load_manifest,
     new_run_id,
     output_key,
-    read_stage_output,
+    read_output,
+    read_table_output,
     resolve_run_reference,
-    table_key,
+    succeeded_manifest,
 )
 from .store.trees import file_ref, local_copy
 from .training.chat import conversations, read_chat_template, tokenize_conversation
@@ -160,9 +159,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
 
     outcome = execute_stage(EVALUATE, context, parameters, [*model_inputs, *sources.inputs], produce)
     manifest = outcome.manifest
-    data, _ = read_stage_output(
-        store, manifest.run_id, manifest.stage, output_key(manifest.run_id, manifest.stage, EVALUATION_JSON_FILE), "evaluation summary"
-    )
+    data, _ = read_output(store, manifest, EVALUATION_JSON_FILE)
     if config.out_dir:
         write_atomic(Path(config.out_dir) / EVALUATION_JSON_FILE, data, overwrite=config.overwrite)
     summary = json.loads(data)
@@ -186,17 +183,14 @@ def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
     trained, base, domain, chats, inputs = config.model, config.base_model, None, [], []
     if config.cpt_run or config.sft_run:
         stage, reference = (CPT, config.cpt_run) if config.cpt_run else (SFT, config.sft_run)
-        run_id, step = resolve_run_reference(reference, stage, f"--{stage}-run")
-        manifest = load_manifest(store, run_id, step)
-        if manifest.status != SUCCEEDED:
-            raise InputError(f"the {step} stage of run {run_id} {manifest.status}: there is no trained model to evaluate")
-        record, _ = read_stage_output(store, run_id, step, output_key(run_id, step, TRAINING_FILE), "training record")
+        manifest = succeeded_manifest(store, *resolve_run_reference(reference, stage, f"--{stage}-run"), "trained model to evaluate")
+        run_id, step = manifest.run_id, manifest.stage  # the run that trained it (a reuse record is followed)
+        record, _ = read_output(store, manifest, TRAINING_FILE)
         trained = trained or f"store:runs/{run_id}/{step}/{MODEL_FOLDER}"
         base = base or json.loads(record).get("model")
-        key = output_key(run_id, step, HELDOUT_DATA_FILE)
-        if not any(o["key"] == key for o in manifest.outputs):
+        if not any(o["key"] == output_key(run_id, step, HELDOUT_DATA_FILE) for o in manifest.outputs):
             raise InputError(f"run {run_id} has no held-out split ({HELDOUT_DATA_FILE}; trained by an older version): pass --data")
-        held, info = read_stage_output(store, run_id, step, key, "held-out split")
+        held, info = read_output(store, manifest, HELDOUT_DATA_FILE)
         lines = [json.loads(line) for line in held.decode("utf-8").splitlines() if line.strip()]
         if stage == CPT and not config.data:
             if not lines:
@@ -293,8 +287,7 @@ def _drift(config: EvaluateConfig, context: StageContext, sources: Sources) -> p
     own = "_".join(filter(None, (EVALUATE, context.step)))  # evaluate.sft scans as snr_scan.evaluate_sft(_base)
     for qualifier, location in ((f"{own}_base", sources.base), (own, sources.trained)):
         scan = snr_scan.run(snr_scan.ScanConfig(model_dir=location, device=config.device), replace(context, step=qualifier))
-        m = scan.manifest
-        data, _ = read_stage_output(context.store, m.run_id, m.stage, table_key(SNR_TABLE, m.stage, m.run_id), "SNR table")
+        data, _ = read_table_output(context.store, scan.manifest, SNR_TABLE)
         tables.append(pq.read_table(pa.BufferReader(data), use_threads=False))
     return snr_drift(*tables)
 

@@ -39,7 +39,7 @@ from .core.execution import StageRun, execute_stage
 from .core.files import ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
-from .store import ArtifactStore, ObjectInfo, read_stage_output, resolve_run_reference, table_key
+from .store import ArtifactStore, ObjectInfo, read_table_output, resolve_run_reference, succeeded_manifest
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index
@@ -185,7 +185,7 @@ def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[Snr
         if store is None:
             raise InputError("--snr-run reads the SNR table of a run from the artifact store: pass --store too")
         run_id, step = resolve_run_reference(config.snr_run, SNR_SCAN, "--snr-run")
-        data, info = read_stage_output(store, run_id, step, table_key(SNR_TABLE, step, run_id), "SNR table to select from")
+        data, info = read_table_output(store, succeeded_manifest(store, run_id, step, "SNR table to select from"), SNR_TABLE)
         return _source_from_table(read_snr_table(data, info.uri)), info.to_dict()
     if config.snr_input is None:
         raise InputError("no SNR input: pass a table/JSON file or --snr-run RUN_ID")

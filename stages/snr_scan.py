@@ -29,7 +29,7 @@ from .scan.estimators import ESTIMATORS
 from .scan.journal import ScanJournal
 from .scan.spectra import SVD_METHODS, resolve_device
 from .scan.table import reference_json, rows_to_table, write_parquet
-from .store import ArtifactStore, ObjectInfo, output_key, table_key
+from .store import ArtifactStore, ObjectInfo, read_output, read_table_output
 from .store.trees import file_ref, local_copy, materialize
 from .weights.checkpoint import ModelWeights
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
@@ -114,13 +114,10 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
     outcome = execute_stage(SNR_SCAN, context, config.cache_parameters(), inputs, produce)
     # Local copies asked for come from the committed run (this one or a reused one), verified.
     manifest = outcome.manifest
-    for path, key in (
-        (config.output, table_key(SNR_TABLE, manifest.stage, manifest.run_id)),
-        (config.reference_json, output_key(manifest.run_id, manifest.stage, REFERENCE_JSON_FILE)),
-    ):
-        if path:
-            data, _ = store.read_recorded(manifest.recorded_output(key))
-            write_atomic(Path(path), data, overwrite=config.overwrite)
+    if config.output:
+        write_atomic(Path(config.output), read_table_output(store, manifest, SNR_TABLE)[0], overwrite=config.overwrite)
+    if config.reference_json:
+        write_atomic(Path(config.reference_json), read_output(store, manifest, REFERENCE_JSON_FILE)[0], overwrite=config.overwrite)
     result = results[0] if results else None
     lines = [report(result, destination=config.output)] if result is not None else []
     return StageResult(SNR_SCAN, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)

@@ -11,7 +11,8 @@ import yaml
 from flows.pipeline_config import load_pipeline_config, parse_pipeline_config
 from stages.core.errors import InputError
 from stages.evaluation.corpus import python_docs
-from stages.store import list_runs, load_manifest, open_store
+from stages.store import list_runs, load_manifest, open_store, read_stage_output
+from stages.store.trees import local_copy
 from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.testing.tokenizer import EOS, domain_corpus, write_tokenizer
 
@@ -108,6 +109,10 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     again = pipeline_flow(str(config), run="p2")  # a cached re-run skips every stage, and records where each came from
     assert again["cached"] == stages and set(again["stages"].values()) == {"p1"}
     assert load_manifest(store, "p2", "cpt").run_id == "p1"
+    # p2's stages are read where p1 wrote them: its model, its records
+    folder, refs = local_copy("store:runs/p2/cpt/model", store)
+    assert (folder / "model.safetensors").is_file() and refs["model.safetensors"]["uri"].endswith("runs/p1/cpt/model/model.safetensors")
+    assert read_stage_output(store, "p2", "cpt", "training.json", "training record")[1].uri.endswith("runs/p1/cpt/training.json")
 
     # one stage again, on p1's committed upstream outputs: nothing upstream is recomputed
     write_config(tmp_path, inputs, store_uri, evaluate={"seq_len": 64, "max_tokens": 256, "general": str(inputs / "general.txt")})

@@ -34,7 +34,7 @@ from ..core.contracts import (
     step_name,
 )
 from ..core.errors import InputError
-from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, read_stage_output, read_table
+from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, read_output, read_table
 from ..store.manifest import committed_manifests
 
 Key = tuple[str, str]  # (run id, stage or step)
@@ -303,12 +303,12 @@ def _evaluations(data: ReportData, rows: dict[Key, list[dict[str, Any]]], drift:
 
 
 def _training_record(store: ArtifactStore, node: StageNode) -> dict[str, Any] | None:
-    run, stage = node.key
-    key = output_key(run, stage, TRAINING_FILE)
-    if not any(output.get("key") == key for output in node.manifest.outputs):
+    manifest = node.manifest
+    key = output_key(manifest.run_id, manifest.stage, TRAINING_FILE)
+    if not any(output.get("key") == key for output in manifest.outputs):
         return None
     try:
-        data, _ = read_stage_output(store, run, stage, key, "training record")
+        data, _ = read_output(store, manifest, TRAINING_FILE)
         record = json.loads(data)
     except (InputError, ArtifactNotFoundError, ValueError):
         return None

@@ -28,13 +28,15 @@ from .manifest import (
     manifest_key,
     new_run_id,
     output_key,
+    read_output,
     read_stage_output,
     record_reuse,
     resolve_run_reference,
     start_manifest,
+    succeeded_manifest,
 )
 from .s3_backend import S3Store
-from .tables import TableFiles, read_table, table_files, table_key, write_table
+from .tables import TableFiles, read_table, read_table_output, table_files, table_key, write_table
 from .uri import FileLocation, parse_store_uri
 
 
@@ -74,11 +76,14 @@ __all__ = [
     "open_store",
     "output_key",
     "parse_store_uri",
+    "read_output",
     "read_stage_output",
     "read_table",
+    "read_table_output",
     "record_reuse",
     "resolve_run_reference",
     "start_manifest",
+    "succeeded_manifest",
     "table_files",
     "table_key",
     "write_table",

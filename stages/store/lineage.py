@@ -18,7 +18,7 @@ from ..core.errors import InputError
 from .base import ArtifactStore
 from .errors import ArtifactNotFoundError
 from .manifest import Manifest, committed_manifests
-from .tables import read_table, table_key
+from .tables import read_table, read_table_output
 
 
 def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
@@ -98,7 +98,7 @@ class _ProducerIndex:
 
 
 def _selection(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
-    data, _ = store.read_recorded(manifest.recorded_output(table_key(SELECTION_TABLE, manifest.stage, manifest.run_id)))
+    data, _ = read_table_output(store, manifest, SELECTION_TABLE)
     table = pq.read_table(pa.BufferReader(data), use_threads=False)
     rows = table.to_pylist()
     trainable = [r for r in rows if r["selected"]]

@@ -246,15 +246,29 @@ def find_manifest(store: ArtifactStore, stage: str, cache_key: str) -> Manifest 
     return max(found, key=lambda m: m.finished_at or "", default=None)
 
 
-def read_stage_output(store: ArtifactStore, run_id: str, stage: str, key: str, what: str) -> tuple[bytes, ObjectInfo]:
-    """An output of a run's succeeded stage, read as its manifest recorded it (version and sha256 checked).
+def succeeded_manifest(store: ArtifactStore, run_id: str, stage: str, what: str) -> Manifest:
+    """The committed manifest of a run's stage (a reuse record followed), which must have succeeded.
 
-    `what` names the output for the error when the stage did not succeed ("an SNR table to select from").
+    `what` names what the caller wants from it, for the error otherwise ("an SNR table to select from").
     """
     manifest = load_manifest(store, run_id, stage)
     if manifest.status != SUCCEEDED:
         raise InputError(f"the {stage} stage of run {run_id!r} {manifest.status}; it has no {what}")
-    return store.read_recorded(manifest.recorded_output(key))
+    return manifest
+
+
+def read_output(store: ArtifactStore, manifest: Manifest, name: str) -> tuple[bytes, ObjectInfo]:
+    """The output file `name` of a committed stage, read as its manifest recorded it (version and sha256 checked).
+
+    The key comes from the manifest itself, so a stage found through a reuse record is read where
+    the run that did the work wrote it.
+    """
+    return store.read_recorded(manifest.recorded_output(output_key(manifest.run_id, manifest.stage, name)))
+
+
+def read_stage_output(store: ArtifactStore, run_id: str, stage: str, name: str, what: str) -> tuple[bytes, ObjectInfo]:
+    """The output file `name` of a run's succeeded stage (see succeeded_manifest and read_output)."""
+    return read_output(store, succeeded_manifest(store, run_id, stage, what), name)
 
 
 def load_manifest_or_none(store: ArtifactStore, run_id: str, stage: str) -> Manifest | None:

@@ -35,6 +35,11 @@ def table_key(table_name: str, stage: str, run_id: str) -> str:
     )
 
 
+def read_table_output(store: ArtifactStore, manifest: Manifest, table_name: str) -> tuple[bytes, ObjectInfo]:
+    """The Parquet partition of `table_name` a committed stage wrote, read as its manifest recorded it."""
+    return store.read_recorded(manifest.recorded_output(table_key(table_name, manifest.stage, manifest.run_id)))
+
+
 def write_table(store: ArtifactStore, table_name: str, table: pa.Table, *, stage: str, run_id: str) -> ObjectInfo:
     """Store `table` as this run's and stage's partition; list the returned info in the manifest's outputs."""
     clashing = [name for name in PARTITION_COLUMNS if name in table.column_names]

@@ -36,7 +36,7 @@ from ..core.contracts import SUCCEEDED
 from ..core.errors import InputError
 from . import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
 from .base import sha256_file
-from .manifest import load_manifest
+from .manifest import load_manifest, output_key
 from .uri import uri_scheme
 
 KINDS = ("models", "data")
@@ -301,8 +301,9 @@ def _run_output_copy(
     manifest = load_manifest(location.store, match["run"], match["step"])
     if manifest.status != SUCCEEDED:
         raise InputError(f"the {manifest.stage} stage of run {manifest.run_id} {manifest.status}; {location.uri} holds nothing to use")
-    prefix = f"{match['run']}/{match['step']}/{match['folder']}/"
-    recorded = {o["key"].split(prefix, 1)[1]: o for o in manifest.outputs if o["key"].startswith(f"runs/{prefix}")}
+    # the folder as the manifest recorded it: under the run that did the work, when `run` only reused it
+    prefix = output_key(manifest.run_id, manifest.stage, f"{match['folder']}/")
+    recorded = {o["key"].removeprefix(prefix): o for o in manifest.outputs if o["key"].startswith(prefix)}
     if not recorded:
         raise InputError(f"{location.uri} names no output of the {manifest.stage} stage of run {manifest.run_id}")
     listing = Listing("models", tuple(ListedFile(path, o["sha256"], o["size"]) for path, o in recorded.items()))

@@ -17,7 +17,7 @@ import yaml
 
 from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE
 from ..core.errors import InputError
-from ..store import ArtifactStore, output_key, read_stage_output, resolve_run_reference
+from ..store import ArtifactStore, read_stage_output, resolve_run_reference
 from ..store.base import sha256_bytes
 
 
@@ -43,7 +43,7 @@ def load_selection(source: str | None, run: str | None, store: ArtifactStore | N
         if store is None:
             raise InputError("--selection-run reads a layer_select run from the artifact store: pass --store too")
         run_id, step = resolve_run_reference(run, LAYER_SELECT, "--selection-run")
-        data, info = read_stage_output(store, run_id, step, output_key(run_id, step, SELECTION_JSON_FILE), "selection to train")
+        data, info = read_stage_output(store, run_id, step, SELECTION_JSON_FILE, "selection to train")
         return _from_json(data, f"run {run}", info.to_dict())
     path = Path(source)
     if not path.is_file():
