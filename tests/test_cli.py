@@ -235,3 +235,29 @@ def test_the_command_line_of_a_config_parses_back_to_the_same_config_and_context
             store.root_uri, "r-1", True, tmp_path / "work", False, "sft",
         )  # fmt: skip
         assert args.record == str(tmp_path / "m.json")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["scan", "m", "--out", "x.parquet", "--step", "sft"], "--step apply to runs in an artifact store"),
+        (["scan", "m", "--store", "STORE", "--step", "a.b"], "invalid step qualifier 'a.b'"),
+        (
+            ["watch", "pipeline.yaml", "--prefix", "incoming", "--once", "--interval", "0"],
+            "--interval and --claim-timeout must be positive",
+        ),
+    ],
+)
+def test_bad_orchestration_options_are_clear_errors(capsys, tmp_path, argv, message):
+    argv = [str(tmp_path / "store") if a == "STORE" else a for a in argv]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and message in err and not (tmp_path / "store" / "runs").exists()
+
+
+def test_a_stage_flow_names_a_stage_and_its_options(tmp_path):
+    from flows.stage_flow import stage_flow
+    from stages.core.errors import InputError
+
+    for stage, options, message in (("train", {}, "unknown stage 'train'"), ("snr_scan", {"modeldir": "m"}, "options of snr_scan:")):
+        with pytest.raises(InputError, match=message):
+            stage_flow.fn(stage, options, str(tmp_path / "store"))

@@ -192,3 +192,17 @@ def test_uris_that_name_no_tree(tmp_path, uri, message):
 def test_store_form_needs_a_store():
     with pytest.raises(InputError, match="no store was given"):
         resolve_uri("store:models/x", None)
+
+
+def test_a_run_folder_that_the_stage_did_not_write_or_that_failed_is_a_clear_error(tmp_path):
+    from stages.store import commit_manifest, output_key, start_manifest
+
+    store = open_store((tmp_path / "store").as_uri())
+    model = store.put_bytes(output_key("done", "cpt", "model/model.safetensors"), b"weights")
+    commit_manifest(store, start_manifest("cpt", "1", "done", {}, [model]).finish([model]))
+    commit_manifest(store, start_manifest("cpt", "1", "broken", {}, [model]).finish([], status="failed"))
+    with pytest.raises(InputError, match="names no output of the cpt stage of run done"):
+        materialize("store:runs/done/cpt/checkpoints", store)
+    with pytest.raises(InputError, match="the cpt stage of run broken failed; .* holds nothing to use"):
+        materialize("store:runs/broken/cpt/model", store)
+    assert (materialize("store:runs/done/cpt/model", store) / "model.safetensors").read_bytes() == b"weights"
