@@ -30,10 +30,9 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.core.documents import clip, load_yaml_file, shown
 from stages.core.errors import InputError
 from stages.core.stage import Stage, options_of
 
@@ -41,6 +40,8 @@ PIPELINE = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.S
 STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in PIPELINE}
 TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution")
 EXECUTIONS = ("in-process", "subprocess", "deployment")
+MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline config is a page of YAML
+MAX_CONFIG_VALUES = 100_000  # values with every YAML alias expanded
 # Options the pipeline sets itself, from the stage before: setting them in the config is an error.
 WIRED = {
     DOWNLOAD: {"model", "revision", "data"},
@@ -75,12 +76,9 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputError(f"the pipeline config {path} does not exist") from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid YAML: {exc}") from exc
+    if not path.exists():
+        raise InputError(f"the pipeline config {path} does not exist")
+    document = load_yaml_file(path, max_bytes=MAX_CONFIG_BYTES, max_nodes=MAX_CONFIG_VALUES)
     return parse_pipeline_config(document, path)
 
 
@@ -91,16 +89,16 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
     unknown = [k for k in document if k not in TOP_KEYS]
     if unknown:
         raise InputError(
-            f"{where}: {unknown[0]}: not a pipeline setting{_suggest(unknown[0], TOP_KEYS)}; the settings are {', '.join(TOP_KEYS)}"
+            f"{where}: {_name(unknown[0])}: not a pipeline setting{_suggest(unknown[0], TOP_KEYS)}; the settings are {', '.join(TOP_KEYS)}"
         )
     for key in ("model", "data"):
         if not isinstance(document.get(key), str) or not document[key].strip():
             raise InputError(f"{where}: {key}: missing; name the {'base model' if key == 'model' else 'data drop'} (a folder or store URI)")
     for key in ("revision", "store", "run_id"):
         if document.get(key) is not None and not isinstance(document[key], str):
-            raise InputError(f"{where}: {key}: expected text, found {document[key]!r}")
+            raise InputError(f"{where}: {key}: expected text, found {shown(document[key])}")
     if not isinstance(document.get("report", True), bool):
-        raise InputError(f"{where}: report: expected true or false, found {document['report']!r}")
+        raise InputError(f"{where}: report: expected true or false, found {shown(document['report'])}")
     stages = document.get("stages") or {}
     if not isinstance(stages, dict):
         raise InputError(f"{where}: stages: expected a mapping of stage name to options")
@@ -108,7 +106,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
     for name, values in stages.items():
         if name not in STAGE_BY_NAME:
             raise InputError(
-                f"{where}: stages.{name}: not a stage{_suggest(name, STAGE_BY_NAME)}; the stages are {', '.join(STAGE_BY_NAME)}"
+                f"{where}: stages.{_name(name)}: not a stage{_suggest(name, STAGE_BY_NAME)}; the stages are {', '.join(STAGE_BY_NAME)}"
             )
         options[name] = _stage_options(STAGE_BY_NAME[name], values or {}, f"{where}: stages.{name}")
     if SFT in options and "data" not in options[SFT]:
@@ -135,15 +133,15 @@ def _execution(value: Any, where: str) -> dict[str, str]:
         raise InputError(f"{where}: execution: expected {' or '.join(EXECUTIONS)}, or a mapping of stage to one of them")
     for name, mode in modes.items():
         if name not in STAGE_BY_NAME:
-            raise InputError(f"{where}: execution.{name}: not a stage{_suggest(name, STAGE_BY_NAME)}")
-        if mode not in EXECUTIONS:
-            raise InputError(f"{where}: execution.{name}: {mode!r} is not one of {', '.join(EXECUTIONS)}")
+            raise InputError(f"{where}: execution.{_name(name)}: not a stage{_suggest(name, STAGE_BY_NAME)}")
+        if not isinstance(mode, str) or mode not in EXECUTIONS:
+            raise InputError(f"{where}: execution.{name}: {shown(mode)} is not one of {', '.join(EXECUTIONS)}")
     return dict(modes)
 
 
 def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:
     if not isinstance(values, dict):
-        raise InputError(f"{where}: expected a mapping of option to value, found {values!r}")
+        raise InputError(f"{where}: expected a mapping of option to value, found {shown(values)}")
     fields = {f.name: f for f, _ in options_of(stage.config)}
     hints = typing.get_type_hints(stage.config)
     checked = {}
@@ -152,7 +150,9 @@ def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:
             raise InputError(f"{where}.{key}: set by the pipeline from the stage before; leave it out")
         if key not in fields:
             allowed = sorted(set(fields) - WIRED[stage.name])
-            raise InputError(f"{where}.{key}: not an option of {stage.name}{_suggest(key, allowed)}; its options are {', '.join(allowed)}")
+            raise InputError(
+                f"{where}.{_name(key)}: not an option of {stage.name}{_suggest(key, allowed)}; its options are {', '.join(allowed)}"
+            )
         checked[key] = _typed(value, hints[key], f"{where}.{key}")
     missing = [n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING and n not in WIRED[stage.name]]
     if missing:
@@ -178,7 +178,7 @@ def _check(stage: Stage, values: dict[str, Any], where: str) -> None:
     try:
         stage.check(stage.config(**{**PLACEHOLDERS[stage.name], **values}))
     except InputError as exc:
-        raise InputError(f"{where}: {exc}") from exc
+        raise InputError(f"{where}: {clip(str(exc), 400)}") from exc
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
@@ -191,15 +191,22 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise InputError(f"{where}: expected a list, found {value!r}")
+            raise InputError(f"{where}: expected a list, found {shown(value)}")
         return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise InputError(f"{where}: expected {hint.__name__}, found {value!r}")
+        raise InputError(f"{where}: expected {hint.__name__}, found {shown(value)}")
     return value
 
 
-def _suggest(word: str, choices) -> str:
+def _suggest(word: Any, choices) -> str:
+    if not isinstance(word, str) or len(word) > 100:  # difflib is quadratic in the word's length
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _name(key: Any) -> str:
+    """A key as a message shows it: as written if short text, else bounded."""
+    return key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else shown(key, 60)
