@@ -31,6 +31,8 @@ from ..store import (
     start_manifest,
     write_table,
 )
+from ..store.lease import LeaseHeldError, acquire_lease, holder_identity
+from ..store.manifest import lease_folder
 from .contracts import FAILED
 from .environment import runtime_environment
 from .errors import InputError, OutputExistsError
@@ -79,21 +81,53 @@ def execute_stage(
     """Publish one stage of a run in `context.store` (see the module docstring).
 
     With `context.step` set, the stage runs as the step `<stage>.<step>` of the run (contracts.step_name).
+    One process at a time runs a run's stage: it holds the stage's lease (store.lease) from before
+    the cache lookup until the commit, renewing it while it works; a second process with the same
+    run id fails at once (LeaseHeldError, exit 4) and writes nothing.
     """
     store = require_store_in(context, stage)
     step = context.step_name(stage)
     manifest = start_manifest(step, __version__, context.run_id or new_run_id(), parameters, inputs, runtime_environment())
+    # What needs no writing is decided before the lease (a reuse that records nothing, a refusal leave the store as it was);
+    # _execute_leased decides again under the lease.
+    if not context.force:
+        earlier = find_manifest(store, stage, manifest.cache_key)
+        if earlier is not None and (context.run_id in (None, earlier.run_id) or store.exists(manifest_key(context.run_id, step))):
+            return StageOutcome(earlier, cached=True)
+    _refuse_committed(store, manifest.run_id, step)
+    holder = holder_identity(run_id=manifest.run_id, stage=step, cache_key=manifest.cache_key)
+    try:
+        lease = acquire_lease(store, lease_folder(manifest.run_id, step), holder)
+    except LeaseHeldError as exc:
+        raise LeaseHeldError(
+            f"the {step} stage of run {manifest.run_id!r} is being run by another process ({exc}); nothing was done: "
+            "wait for it (`spectrum runs` shows it), or pass another --run-id (or none, for a fresh one)"
+        ) from None
+    outcome = FAILED
+    try:
+        with lease.heartbeat():
+            result = _execute_leased(store, step, stage, context, manifest, produce)
+        outcome = "reused" if result.cached else result.manifest.status
+        return result
+    finally:
+        lease.release(outcome)
+
+
+def _execute_leased(
+    store: ArtifactStore,
+    step: str,
+    stage: str,
+    context: StageContext,
+    manifest: Manifest,
+    produce: Callable[[StageRun], Sequence[ObjectInfo]],
+) -> StageOutcome:
     if not context.force:
         earlier = find_manifest(store, stage, manifest.cache_key)
         if earlier is not None:
             if context.run_id and context.run_id != earlier.run_id:  # a named run records what it reused
                 record_reuse(store, earlier, context.run_id, step)
             return StageOutcome(earlier, cached=True)
-    if store.exists(manifest_key(manifest.run_id, step)):
-        raise OutputExistsError(
-            f"run {manifest.run_id!r} already has a committed {step} stage in {store.root_uri}; "
-            "runs are never overwritten: pick a new --run-id (or leave it out for a fresh one)"
-        )
+    _refuse_committed(store, manifest.run_id, step)
     try:
         committed = manifest.finish(produce(StageRun(store, step, manifest.run_id, manifest.cache_key)))
         commit_manifest(store, committed)
@@ -104,6 +138,14 @@ def execute_stage(
             commit_manifest(store, manifest.finish([], status=FAILED))
         raise
     return StageOutcome(committed, cached=False)
+
+
+def _refuse_committed(store: ArtifactStore, run_id: str, step: str) -> None:
+    if store.exists(manifest_key(run_id, step)):
+        raise OutputExistsError(
+            f"run {run_id!r} already has a committed {step} stage in {store.root_uri}; "
+            "runs are never overwritten: pick a new --run-id (or leave it out for a fresh one)"
+        )
 
 
 def require_store_in(context: StageContext, stage: str) -> ArtifactStore:

@@ -157,10 +157,18 @@ def manifest_key(run_id: str, stage: str) -> str:
     return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{MANIFEST_FILE}"
 
 
+LEASE_FOLDER = "lease"
+
+
+def lease_folder(run_id: str, stage: str) -> str:
+    """Where the lease of a run's stage (or step, or `pipeline`) lives: one live process runs it (store.lease)."""
+    return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{LEASE_FOLDER}"
+
+
 def output_key(run_id: str, stage: str, name: str) -> str:
     """Where a stage's output `name` (may contain '/') lives; the manifest's own name is refused."""
-    if name == MANIFEST_FILE:
-        raise InputError(f"{MANIFEST_FILE!r} is reserved for the stage's manifest; name the output differently")
+    if name == MANIFEST_FILE or name.split("/")[0] == LEASE_FOLDER:
+        raise InputError(f"{name!r} is reserved for the stage's manifest and lease; name the output differently")
     return f"runs/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}/{name}"
 
 

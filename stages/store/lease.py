@@ -1,0 +1,244 @@
+"""Leases: at most one live holder of something (a run's stage, a data drop, a pipeline run) in a store.
+
+A lease folder F holds generations of claims, created with the store's conditional create (S3
+`If-None-Match: *`, an exclusive link on a file store), so of two processes racing for the same
+generation exactly one wins:
+
+    F/<generation>.json             the claim: {holder, acquired_at, timeout}
+    F/<generation>.beat-<unix>      heartbeats of the holder (empty objects)
+    F/<generation>.released.json    the holder ended: {outcome, reason, at}
+
+A generation is live while it is not released and its last sign of life (claim or heartbeat)
+is younger than its timeout. A holder that dies (kill -9, a lost machine) stops beating; once
+its timeout has passed the next claimant takes generation + 1 (conditionally again). A holder
+that cannot renew (the store is down) stops its own work before the lease can expire
+(`Lease.heartbeat`'s `on_lost`), so a taker never duplicates a live holder's work. Times are the
+holders' clocks: machines sharing a store must keep their clocks roughly in sync (NTP).
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.errors import InputError, OutputExistsError
+from .base import ArtifactStore
+from .errors import ArtifactNotFoundError, StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+CLAIM_SUFFIX = ".json"
+BEAT_MARK = ".beat-"
+RELEASED_SUFFIX = ".released.json"
+LEASE_SECONDS_ENV = "SPECTRUM_LEASE_SECONDS"
+DEFAULT_LEASE_SECONDS = 600.0
+
+
+class LeaseHeldError(OutputExistsError):
+    """Another live holder has the lease (exit 4, like any output that exists)."""
+
+
+class LeaseLostError(StoreUnavailableError):
+    """The holder could not renew its lease in time and stopped its work (another may now take over)."""
+
+
+def lease_timeout() -> float:
+    """$SPECTRUM_LEASE_SECONDS, else 600 s: how long a silent holder keeps its lease."""
+    raw = os.environ.get(LEASE_SECONDS_ENV)
+    if not raw:
+        return DEFAULT_LEASE_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise InputError(f"${LEASE_SECONDS_ENV} must be a positive number of seconds, got {raw!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """The latest generation of a lease folder as a reader sees it now."""
+
+    folder: str
+    generation: int
+    holder: dict[str, Any]
+    acquired_at: float
+    timeout: float
+    last_sign_of_life: float
+    released: dict[str, Any] | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self.released is None and time.time() - self.last_sign_of_life >= self.timeout
+
+    @property
+    def live(self) -> bool:
+        return self.released is None and not self.expired
+
+    def describe(self) -> str:
+        who = ", ".join(f"{k} {v}" for k, v in self.holder.items() if k in ("host", "pid", "watcher", "run_id"))
+        age = time.time() - self.last_sign_of_life
+        return f"held by {who or 'another process'} (generation {self.generation}, last heartbeat {age:.0f} s ago)"
+
+
+def holder_identity(**fields: Any) -> dict[str, Any]:
+    """Who holds a lease: host and pid, plus what the caller adds (run id, cache key, ...)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), **fields}
+
+
+def lease_state(store: ArtifactStore, folder: str, default_timeout: float = DEFAULT_LEASE_SECONDS) -> LeaseState | None:
+    """The latest generation in `folder`, or None when nobody ever claimed it.
+
+    `default_timeout` applies to claims that record none (written before leases recorded theirs).
+    """
+    return _state(store, folder.rstrip("/"), store.list(f"{folder.rstrip('/')}/"), default_timeout)
+
+
+def acquire_lease(store: ArtifactStore, folder: str, holder: Mapping[str, Any], timeout: float | None = None) -> Lease:
+    """Claim `folder` for `holder`, or raise LeaseHeldError naming the live holder.
+
+    A released or expired generation is followed by the next one, created conditionally: of two
+    processes taking over at once, one wins and the other gets LeaseHeldError.
+    """
+    folder = folder.rstrip("/")
+    timeout = lease_timeout() if timeout is None else timeout
+    state = lease_state(store, folder, timeout)
+    if state is not None and state.live:
+        raise LeaseHeldError(f"{store.uri(folder)} is {state.describe()}")
+    generation = 0 if state is None else state.generation + 1
+    claim = {"holder": dict(holder), "acquired_at": time.time(), "timeout": timeout}
+    try:
+        store.put_bytes(f"{folder}/{generation}{CLAIM_SUFFIX}", json.dumps(claim, sort_keys=True).encode())
+    except OutputExistsError as exc:
+        raise LeaseHeldError(f"{store.uri(folder)} was claimed (generation {generation}) by another process a moment ago") from exc
+    return Lease(store, folder, generation, dict(holder), timeout)
+
+
+@dataclass
+class Lease:
+    """A lease this process holds (see the module docstring)."""
+
+    store: ArtifactStore
+    folder: str
+    generation: int
+    holder: dict[str, Any]
+    timeout: float
+    last_renewed: float = field(default_factory=time.time)
+    released: bool = False
+
+    def renew(self) -> None:
+        """One heartbeat (raises what the store raises)."""
+        now = time.time()
+        self.store.put_bytes(f"{self.folder}/{self.generation}{BEAT_MARK}{now:.3f}", b"")
+        self.last_renewed = now
+
+    def release(self, outcome: str, reason: str = "") -> None:
+        """End the lease with its outcome; another holder may claim at once. Never raises: if the store is
+        unreachable the lease simply expires."""
+        if self.released:
+            return
+        self.released = True
+        record = {"outcome": outcome, "reason": reason[:2000], "at": time.time()}
+        try:
+            self.store.put_bytes(f"{self.folder}/{self.generation}{RELEASED_SUFFIX}", json.dumps(record, sort_keys=True).encode())
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself; the holder's own outcome matters more
+            log.warning("could not release the lease %s (%s); it expires after %.0f s", self.store.uri(self.folder), exc, self.timeout)
+
+    @contextmanager
+    def heartbeat(self, on_lost: Callable[[], None] | None = None) -> Iterator[Lease]:
+        """Renew the lease from a daemon thread while inside.
+
+        Store errors are retried (every few seconds) and never end the thread. If no renewal has
+        succeeded for half the timeout, `on_lost()` runs once (default: interrupt the main thread)
+        so the holder stops well before its lease expires and another may take over.
+        """
+        stop = threading.Event()
+        lost = threading.Event()
+        interval = self.timeout / 4
+        retry = max(min(interval / 4, 5.0), 0.01)
+
+        def beat() -> None:
+            wait = interval
+            while not stop.wait(wait):
+                try:
+                    self.renew()
+                    wait = interval
+                except Exception as exc:  # noqa: BLE001 - a store outage must not kill the heartbeat
+                    silent = time.time() - self.last_renewed
+                    log.warning("cannot renew the lease %s (%s); retrying (silent for %.0f s)", self.store.uri(self.folder), exc, silent)
+                    wait = retry
+                    if silent >= self.timeout / 2 and not lost.is_set():
+                        lost.set()
+                        log.warning(
+                            "the lease %s could not be renewed for %.0f s: stopping this work before another process takes it over",
+                            self.store.uri(self.folder),
+                            silent,
+                        )
+                        (on_lost or _thread.interrupt_main)()
+
+        def lost_error() -> LeaseLostError:
+            return LeaseLostError(
+                f"the lease {self.store.uri(self.folder)} could not be renewed for over {self.timeout / 2:.0f} s (is the store "
+                "reachable?); the work was stopped so that no other process duplicates it: run it again once the store is back"
+            )
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"lease-{self.folder}")
+        thread.start()
+        try:
+            yield self
+        except KeyboardInterrupt:
+            if lost.is_set():  # our own on_lost interrupted the work
+                raise lost_error() from None
+            raise
+        finally:
+            stop.set()
+            thread.join()
+        if lost.is_set():
+            raise lost_error()
+
+
+def _state(store: ArtifactStore, folder: str, keys: list[str], default_timeout: float) -> LeaseState | None:
+    generations: dict[int, list[str]] = {}
+    for key in keys:
+        name = key[len(folder) + 1 :]
+        head = name.split(".", 1)[0]
+        if "/" not in name and head.isdigit():
+            generations.setdefault(int(head), []).append(name)
+    claimed = sorted(g for g, names in generations.items() if f"{g}{CLAIM_SUFFIX}" in names)
+    if not claimed:
+        return None
+    generation = claimed[-1]
+    names = generations[generation]
+    try:
+        claim = json.loads(store.get_bytes(f"{folder}/{generation}{CLAIM_SUFFIX}"))
+        acquired_at = float(claim.get("claimed_at", claim.get("acquired_at")))
+    except (ArtifactNotFoundError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{store.uri(f'{folder}/{generation}{CLAIM_SUFFIX}')} is not a lease claim ({exc}); remove it") from exc
+    holder = claim.get("holder") or {k: v for k, v in claim.items() if k in ("watcher", "run_id", "host", "pid")}
+    beats = [float(n.split(BEAT_MARK, 1)[1]) for n in names if BEAT_MARK in n and _is_number(n.split(BEAT_MARK, 1)[1])]
+    released = None
+    if f"{generation}{RELEASED_SUFFIX}" in names:
+        try:
+            released = json.loads(store.get_bytes(f"{folder}/{generation}{RELEASED_SUFFIX}"))
+        except (ArtifactNotFoundError, ValueError):
+            released = {"outcome": "unknown"}
+    timeout = float(claim.get("timeout") or default_timeout)
+    return LeaseState(folder, generation, holder, acquired_at, timeout, max([acquired_at, *beats]), released)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
