@@ -9,12 +9,23 @@ cached like any scan: a tensor whose bytes did not change must show none), and o
 lm-evaluation-harness tasks from a local folder, offline (--task, --tasks-dir). Perplexity follows
 one convention (stages/evaluation/perplexity.py). Results: the `evaluation` and `snr_drift`
 tables and evaluation.json in the store (and in --out-dir).
+
+Deltas subtract per-token numbers, so both models must predict the same tokens: evaluate refuses a
+base whose tokenizer has a different vocabulary or tokenizes the evaluated text differently (it
+compares the token ids of every dataset, not the tokenizer files). Spectrum training never changes
+the tokenizer, so such a pair is not a model and its training; a per-byte measure would hide that
+and would not be the perplexity the rest of the pipeline (cpt's loss) reports.
+Every dataset has a role (domain, general, chat, task) and a name unique within the evaluation
+(stages/evaluation/corpus.py). A model with non-finite weights or losses (a diverged training) is
+refused before anything is committed (exit 3).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,11 +47,11 @@ from .core.contracts import (
     SNR_TABLE,
     TRAINING_FILE,
 )
-from .core.errors import InputError
+from .core.errors import CorruptWeightsError, InputError
 from .core.execution import StageRun, execute_stage, require_store_in
 from .core.files import all_files, ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
-from .evaluation.corpus import Corpus, from_path, python_docs
+from .evaluation.corpus import CHAT, DOMAIN, GENERAL, TASK, Corpus, dataset_name, from_path, python_docs
 from .evaluation.drift import snr_drift
 from .evaluation.harness import require_tasks, run_tasks
 from .evaluation.perplexity import Likelihood, assistant_loss, likelihood, token_stream
@@ -63,12 +74,17 @@ EVALUATION_SCHEMA = pa.schema(
     [
         ("model", pa.string()),  # base, trained, or delta (trained - base)
         ("metric", pa.string()),  # perplexity, nll_per_token, sft_eval_loss
-        ("dataset", pa.string()),  # heldout, python-docs, chat-heldout, or the name of a --data/--general file
+        # unique within an evaluation: heldout, python-docs, chat-heldout, <role>:<file name> of a --data/--general/--chat-data
+        # file or folder, or an lm-evaluation-harness task
+        ("dataset", pa.string()),
         ("value", pa.float64()),
         ("tokens", pa.int64()),  # predicted tokens the value is computed over
+        ("role", pa.string()),  # domain, general, chat or task
+        ("dataset_sha256", pa.string()),  # of the dataset's documents or chat rows (None for a task)
     ]
 )
-MODELS = ("base", "trained")
+MODELS = ("trained", "base")  # measured in this order: a diverged trained model is refused before the base is measured
+CHAT_HELDOUT = "chat-heldout"  # the dataset name of a run's held-out chat rows
 
 
 @dataclass
@@ -109,8 +125,34 @@ class Sources:
     base: str | None  # location of the base model (None: no deltas, no drift)
     domain: Corpus | None
     general: Corpus
-    chats: list[tuple[str, list[dict]]]  # (where, messages) held-out chat rows
+    chats: ChatSet | None
     inputs: list[dict]  # manifest inputs of the data (the models' are added when they are fetched)
+
+    @property
+    def corpora(self) -> list[Corpus]:
+        return [c for c in (self.domain, self.general) if c is not None]
+
+
+@dataclass(frozen=True)
+class ChatSet:
+    """Held-out chat rows for the SFT eval loss, named like a corpus."""
+
+    name: str  # chat-heldout, or chat:<file name> of --chat-data
+    rows: list[tuple[str, list[dict]]]  # (where, messages)
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps([m for _, m in self.rows], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One model's tokens of everything evaluated: what its per-token numbers are computed over."""
+
+    vocab: dict[str, int]
+    streams: dict[str, list[int]]  # dataset name -> the token stream of its documents (token_stream)
+    chats: list[tuple[list[int], list[int]]]  # (ids, labels) of each chat row, cut to --seq-len
 
 
 @dataclass
@@ -132,6 +174,10 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
     if base:
         model_inputs += [base[1].get(n) or file_ref(base[0] / n) for n in all_files(base[0])]
     template = read_chat_template(config.chat_template)
+    tokens = {"trained": _tokenize("trained", trained_dir, sources, config, template)}
+    if base:
+        tokens["base"] = _tokenize("base", base[0], sources, config, template)
+        _require_same_tokens(sources, tokens["base"], tokens["trained"])
     parameters = {
         **config.cache_parameters(),
         "general_corpus": {"name": sources.general.name, "source": sources.general.source, "sha256": sources.general.sha256},
@@ -146,7 +192,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
         rows = []
         for label in MODELS:
             if label in models:
-                rows += _measure(label, models[label], sources, config, template, context.progress)
+                rows += _measure(label, models[label], tokens[label], sources, config, context.progress)
         rows += _deltas(rows)
         drift = _drift(config, context, sources) if config.snr_drift and base else None
         summary = _summary(rows, drift, sources, config)
@@ -180,7 +226,7 @@ def _validate(config: EvaluateConfig) -> None:
 
 
 def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
-    trained, base, domain, chats, inputs = config.model, config.base_model, None, [], []
+    trained, base, domain, chats, inputs = config.model, config.base_model, None, None, []
     if config.cpt_run or config.sft_run:
         stage, reference = (CPT, config.cpt_run) if config.cpt_run else (SFT, config.sft_run)
         manifest = succeeded_manifest(store, *resolve_run_reference(reference, stage, f"--{stage}-run"), "trained model to evaluate")
@@ -195,24 +241,25 @@ def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
         if stage == CPT and not config.data:
             if not lines:
                 raise InputError(f"the held-out split of run {run_id} is empty (no document fell in its --heldout-percent): pass --data")
-            domain = Corpus("heldout", [line["text"] for line in lines], f"run {run_id} {step} held-out split")
+            domain = Corpus("heldout", [line["text"] for line in lines], f"run {run_id} {step} held-out split", DOMAIN)
             inputs.append(info.to_dict())
         if stage == SFT and not config.chat_data:
             if not lines:
                 raise InputError(
                     f"the held-out chat rows of run {run_id} are empty (no row fell in its --heldout-percent): pass --chat-data"
                 )
-            chats = [(f"run {run_id} held-out row {n}", line["messages"]) for n, line in enumerate(lines, start=1)]
+            rows = [(f"run {run_id} held-out row {n}", line["messages"]) for n, line in enumerate(lines, start=1)]
+            chats = ChatSet(CHAT_HELDOUT, rows, f"run {run_id} {step} held-out chat rows")
             inputs.append(info.to_dict())
     if config.data:
-        domain = from_path(Path(config.data), Path(config.data).stem, config.text_field)
+        domain = from_path(Path(config.data), DOMAIN, config.text_field)
         inputs += _file_refs(Path(config.data))
     if config.chat_data:
-        chats = list(conversations(Path(config.chat_data)))
-        if not chats:
+        chats = ChatSet(dataset_name(CHAT, Path(config.chat_data)), list(conversations(Path(config.chat_data))), config.chat_data)
+        if not chats.rows:
             raise InputError(f"{config.chat_data} holds no chat rows: the evaluation set is empty")
         inputs += _file_refs(Path(config.chat_data))
-    general = from_path(Path(config.general), Path(config.general).stem, config.text_field) if config.general else python_docs()
+    general = from_path(Path(config.general), GENERAL, config.text_field) if config.general else python_docs()
     if config.general:
         inputs += _file_refs(Path(config.general))
     if config.tasks:
@@ -235,40 +282,103 @@ def _file_refs(path: Path) -> list[dict]:
     return [file_ref(path)] if path.is_file() else [file_ref(path / name) for name in all_files(path)]
 
 
-def _measure(label: str, folder: Path, sources: Sources, config: EvaluateConfig, template: str | None, progress) -> list[dict]:
+def _tokenize(label: str, folder: Path, sources: Sources, config: EvaluateConfig, template: str | None) -> Tokenized:
+    """The model's token ids of every dataset and chat row, as its perplexities and losses count them."""
+    tokenizer = load_tokenizer(folder)
+    if template is not None:
+        tokenizer.chat_template = template
+    streams = {corpus.name: token_stream(corpus.texts, tokenizer, config.max_tokens) for corpus in sources.corpora}
+    chats = []
+    if sources.chats is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"the {label} model's tokenizer has no chat template; pass --chat-template FILE")
+        tokenized = [tokenize_conversation(tokenizer, messages, where) for where, messages in sources.chats.rows]
+        chats = [(ids[: config.seq_len], labels[: config.seq_len]) for ids, labels in tokenized]
+    return Tokenized(dict(tokenizer.get_vocab()), streams, chats)
+
+
+def _require_same_tokens(sources: Sources, base: Tokenized, trained: Tokenized) -> None:
+    """Refuse deltas of per-token numbers over different tokenizations (see the module docstring)."""
+    difference = _token_difference(base, trained)
+    if difference:
+        raise InputError(
+            f"the base model {sources.base} and the model {sources.trained} have different tokenizers ({difference}): "
+            "their per-token perplexities and losses cannot be compared; pass as --base-model the model it was trained from"
+        )
+
+
+def _token_difference(base: Tokenized, trained: Tokenized) -> str | None:
+    """What first differs between two models' tokens of the same data, or None."""
+    if base.vocab != trained.vocab:
+        differing = sorted(t for t in base.vocab.keys() | trained.vocab.keys() if base.vocab.get(t) != trained.vocab.get(t))
+        examples = ", ".join(repr(t) for t in differing[:3])
+        return f"their vocabularies differ in {len(differing):,} tokens, e.g. {examples}"
+    for name, ids in base.streams.items():
+        if ids != trained.streams[name]:
+            return f"they tokenize {name} differently from token {_first_difference(ids, trained.streams[name]):,} on"
+    for row, (ids, other) in enumerate(zip(base.chats, trained.chats, strict=True), start=1):
+        if ids != other:
+            return f"they tokenize chat row {row} differently"
+    return None
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _measure(label: str, folder: Path, tokens: Tokenized, sources: Sources, config: EvaluateConfig, progress) -> list[dict]:
     """Every metric of one model: perplexity on each corpus, the SFT eval loss."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(folder)
-    if template is not None:
-        tokenizer.chat_template = template
     device = resolve_device(config.device)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
+    _require_finite_weights(label, folder, model)
     rows = []
-    for corpus in (c for c in (sources.domain, sources.general) if c is not None):
-        ids = token_stream(corpus.texts, tokenizer, config.max_tokens)
-        measured = likelihood(model, ids, config.seq_len, config.batch_size, f"{label} {corpus.name}", progress)
-        rows += _rows(label, corpus.name, measured)
-    if sources.chats:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InputError(f"the {label} model's tokenizer has no chat template; pass --chat-template FILE")
-        tokenized = [tokenize_conversation(tokenizer, messages, where) for where, messages in sources.chats]
-        rows_in = [(ids[: config.seq_len], labels[: config.seq_len]) for ids, labels in tokenized]
-        loss = assistant_loss(model, rows_in, config.batch_size, progress)
-        rows.append({"model": label, "metric": "sft_eval_loss", "dataset": "chat-heldout", "value": loss.mean, "tokens": loss.tokens})
+    for corpus in sources.corpora:
+        measured = likelihood(model, tokens.streams[corpus.name], config.seq_len, config.batch_size, f"{label} {corpus.name}", progress)
+        rows += _rows(label, corpus.name, corpus.role, corpus.sha256, _finite(label, corpus.name, measured))
+    if sources.chats is not None:
+        loss = _finite(label, sources.chats.name, assistant_loss(model, tokens.chats, config.batch_size, progress))
+        rows.append(_row(label, "sft_eval_loss", sources.chats.name, CHAT, sources.chats.sha256, loss.mean, loss.tokens))
     del model
     gc.collect()
     if config.tasks:
-        rows += [{"model": label, **row} for row in run_tasks(folder, config.tasks, Path(config.tasks_dir), str(device), config.batch_size)]
+        tasks = run_tasks(folder, config.tasks, Path(config.tasks_dir), str(device), config.batch_size)
+        rows += [{"model": label, "role": TASK, "dataset_sha256": None, **row} for row in tasks]
     return rows
 
 
-def _rows(label: str, dataset: str, measured: Likelihood) -> list[dict]:
+def _require_finite_weights(label: str, folder: Path, model) -> None:
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise CorruptWeightsError(
+                f"the {label} model {folder} has NaN or Inf values in {name}: it diverged in training or is damaged, so it has "
+                "no perplexity; train again (e.g. with a lower --learning-rate) or evaluate an earlier checkpoint"
+            )
+
+
+def _finite(label: str, dataset: str, measured: Likelihood) -> Likelihood:
+    """A loss that is NaN or infinite (finite weights that overflow) is refused like non-finite weights."""
+    if not math.isfinite(measured.perplexity):
+        raise CorruptWeightsError(
+            f"the {label} model's loss on {dataset} is not finite ({measured.mean} nats per token): the model has diverged, "
+            "so it has no perplexity; train again (e.g. with a lower --learning-rate) or evaluate an earlier checkpoint"
+        )
+    return measured
+
+
+def _rows(label: str, dataset: str, role: str, sha256: str, measured: Likelihood) -> list[dict]:
     return [
-        {"model": label, "metric": "perplexity", "dataset": dataset, "value": measured.perplexity, "tokens": measured.tokens},
-        {"model": label, "metric": "nll_per_token", "dataset": dataset, "value": measured.mean, "tokens": measured.tokens},
+        _row(label, "perplexity", dataset, role, sha256, measured.perplexity, measured.tokens),
+        _row(label, "nll_per_token", dataset, role, sha256, measured.mean, measured.tokens),
     ]
+
+
+def _row(label: str, metric: str, dataset: str, role: str, sha256: str | None, value: float, tokens: int) -> dict:
+    return {"model": label, "metric": metric, "dataset": dataset, "value": value, "tokens": tokens, "role": role, "dataset_sha256": sha256}
 
 
 def _deltas(rows: list[dict]) -> list[dict]:
@@ -305,9 +415,7 @@ def _summary(rows: list[dict], drift: pa.Table | None, sources: Sources, config:
         "base_model": sources.base,
         "seq_len": config.seq_len,
         "max_tokens": config.max_tokens,
-        "datasets": {
-            c.name: {"source": c.source, "documents": len(c.texts), "sha256": c.sha256} for c in (sources.domain, sources.general) if c
-        },
+        "datasets": _datasets(sources),
         "metrics": list(metrics.values()),
     }
     if drift is not None:
@@ -321,6 +429,15 @@ def _summary(rows: list[dict], drift: pa.Table | None, sources: Sources, config:
     return summary
 
 
+def _datasets(sources: Sources) -> dict[str, dict[str, Any]]:
+    """Every dataset evaluated, by its unique name: role, where it came from, size and sha256."""
+    found = {c.name: {"role": c.role, "source": c.source, "documents": len(c.texts), "sha256": c.sha256} for c in sources.corpora}
+    if sources.chats is not None:
+        chats = sources.chats
+        found[chats.name] = {"role": CHAT, "source": chats.source, "rows": len(chats.rows), "sha256": chats.sha256}
+    return found
+
+
 def _report(summary: dict[str, Any]) -> list[str]:
     lines = []
     for entry in summary.get("metrics", []):
@@ -329,9 +446,10 @@ def _report(summary: dict[str, Any]) -> list[str]:
         base, trained = entry.get("base"), entry.get("trained")
         text = f"{entry['metric']} on {entry['dataset']}: "
         if base is not None and trained is not None:
-            text += f"{base:.4g} -> {trained:.4g} ({100 * entry.get('relative_change', 0):+.1f}%)"
+            change = entry.get("relative_change")
+            text += f"{_g(base)} -> {_g(trained)}" + (f" ({100 * change:+.1f}%)" if change is not None else "")
         else:
-            text += f"{trained:.4g}"
+            text += _g(trained)
         lines.append(f"{text} over {entry['tokens']:,} tokens")
     drift = summary.get("snr_drift")
     if drift:
@@ -339,8 +457,23 @@ def _report(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _g(value: float | None) -> str:
+    return "not computed" if value is None else f"{value:.4g}"
+
+
 def _json(document: dict) -> bytes:
-    return (json.dumps(document, indent=2, allow_nan=False) + "\n").encode()
+    return (json.dumps(_plain(document), indent=2, allow_nan=False) + "\n").encode()
+
+
+def _plain(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite number (an lm-evaluation-harness score it could not compute) is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 STAGE = Stage(

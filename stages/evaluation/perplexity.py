@@ -33,7 +33,11 @@ class Likelihood:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean)
+        """exp(mean NLL); infinite when that overflows a float (a diverged model), never an OverflowError."""
+        try:
+            return math.exp(self.mean)
+        except OverflowError:
+            return math.inf
 
 
 def token_stream(texts: Iterable[str], tokenizer: Any, max_tokens: int) -> list[int]:
