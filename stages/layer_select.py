@@ -11,6 +11,7 @@ its rank and the reason it was or was not selected, an Axolotl `unfrozen_paramet
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import math
@@ -37,6 +38,7 @@ from .core.contracts import (
 from .core.errors import InputError
 from .core.execution import StageRun, execute_stage
 from .core.files import ensure_writable, write_atomic
+from .core.patterns import compile_pattern
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
 from .store import ArtifactStore, ObjectInfo, read_table_output, resolve_run_reference, succeeded_manifest
@@ -66,10 +68,17 @@ class Entry:
     rank: int | None = None
     group_size: int | None = None
     reason: str = ""
+    trained_with: str | None = None  # a bias (or another parameter) trained because this selected tensor's YAML line matches it
+
+    @property
+    def chosen(self) -> bool:
+        """Chosen for its own sake, by the policy or as always-train."""
+        return self.picked or self.always_train
 
     @property
     def selected(self) -> bool:
-        return self.picked or self.always_train
+        """Trained: chosen, or a parameter of a chosen module (its bias)."""
+        return self.chosen or self.trained_with is not None
 
 
 @dataclass
@@ -80,6 +89,7 @@ class SnrSource:
     sort_key: Callable[[Entry], float]  # reference JSON keeps Python's own ordering, NaN included
     structure: str | None = None  # structure_fingerprint of the scanned model (None: a reference JSON has no shapes)
     estimator: str | None = None  # the SNR estimator of the scan (None: a reference JSON, the reference formula)
+    every_tensor: bool = True  # lists every tensor of the model (a scan's table); a reference JSON lists the scanned weights only
 
 
 @dataclass
@@ -201,12 +211,12 @@ def select(config: SelectConfig, source: SnrSource) -> SelectResult:
     always_lines = _apply_always_train(entries, source.roles, config.always_train)
     groups = _eligible_groups(entries, config)
     _apply_policy(groups, config, source.sort_key, entries)
-    selected = [e for e in entries if e.selected]
-    if not selected:
+    if not any(e.chosen for e in entries):
         raise InputError(
             f"the selection would train nothing: {config.policy} at {_percent_text(config)} keeps no tensor and no always-train "
             "entry is set; raise the percentage or add --always-train"
         )
+    always_lines += _train_module_parameters(entries)
     yaml_text = unfrozen_parameters_yaml(always_lines, groups)
     summary = _summary(config, source, entries, groups, always_lines)
     return SelectResult(out_dir=None, entries=entries, summary=summary, yaml_text=yaml_text, table=_selection_table(entries, config))
@@ -232,10 +242,7 @@ def _validate(config: SelectConfig) -> None:
     regex_options = {"--include-type": config.include_types, "--exclude-type": config.exclude_types, "--always-train": config.always_train}
     for flag, patterns in regex_options.items():
         for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise InputError(f"{flag} {pattern!r} is not a valid regular expression: {exc}") from exc
+            compile_pattern(pattern, flag)
 
 
 def _check_percent(flag: str, value: float) -> None:
@@ -257,7 +264,7 @@ def _source_from_reference_json(path: Path) -> SnrSource:
         for e in load_reference_json(path)
     ]
     roles = roles_from_conventional_names([e.tensor_name for e in entries])
-    return SnrSource(entries, roles, model_id=None, sort_key=lambda e: e.snr)
+    return SnrSource(entries, roles, model_id=None, sort_key=lambda e: e.snr, every_tensor=False)
 
 
 def _source_from_table(table: pa.Table) -> SnrSource:
@@ -424,7 +431,13 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
         raise InputError("the budget policy needs parameter counts, which a reference JSON lacks; use an SNR table from `spectrum scan`")
     total = sum(e.parameter_count for e in entries)
     budget = total * percent / 100
-    used = sum(e.parameter_count for e in entries if e.always_train)
+    biases = _module_biases(entries)
+
+    def cost(entry: Entry) -> int:  # a module trains its weight and its bias
+        bias = biases.get(entry.tensor_name)
+        return entry.parameter_count + (bias.parameter_count if bias is not None and not bias.always_train else 0)
+
+    used = sum(cost(e) for e in entries if e.always_train)
     if used > budget:
         raise InputError(
             f"the always-train tensors alone hold {used:,} parameters, more than the {percent:g}% budget ({int(budget):,} of {total:,}); "
@@ -435,12 +448,65 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
         entry.rank, entry.group_size = rank, len(ranked)
         if entry.always_train:
             continue
-        if used + entry.parameter_count <= budget:
-            used += entry.parameter_count
+        if used + cost(entry) <= budget:
+            used += cost(entry)
             entry.picked = True
             entry.reason = f"selected: rank {rank} of {len(ranked)} by snr, fits the {percent:g}% parameter budget"
         else:
             entry.reason = f"frozen: rank {rank} of {len(ranked)} by snr, would exceed the {percent:g}% parameter budget"
+
+
+def _module_biases(entries: list[Entry]) -> dict[str, Entry]:
+    """`<module>.weight` -> the entry of `<module>.bias`, for the modules that have one."""
+    by_name = {e.tensor_name: e for e in entries}
+    pairs = ((e.tensor_name, by_name.get(f"{e.tensor_name.removesuffix('.weight')}.bias")) for e in entries)
+    return {name: bias for name, bias in pairs if name.endswith(".weight") and bias is not None}
+
+
+def _train_module_parameters(entries: list[Entry]) -> list[str]:
+    """Mark what the YAML trains beyond the chosen tensors, so that the selection has one meaning; return lines to add.
+
+    Axolotl applies each line with `re.match`: a policy pick's line is its module's name, which
+    matches the module's `.weight` and its `.bias` (and any name it is a prefix of). A module
+    line that would also match another module's tensor (`…mlp.gate` of `…mlp.gate_proj.weight`)
+    is written `^<module>\\.` instead. An always-train tensor's line names it alone, so its
+    module's bias gets an exact line of its own.
+    """
+    by_name = {e.tensor_name: e for e in entries}
+    names = sorted(by_name)
+    biases = _module_biases(entries)
+    lines: list[str] = []
+    for entry in [e for e in entries if e.chosen]:
+        module = entry.tensor_name.removesuffix(".weight") if entry.tensor_name.endswith(".weight") else None
+        if entry.picked:
+            prefixed = _names_with_prefix(names, entry.yaml_name)
+            if module is not None and any(n != module and not n.startswith(f"{module}.") for n in prefixed):
+                entry.yaml_name = f"^{re.escape(module)}\\."
+                prefixed = _names_with_prefix(names, f"{module}.")
+        else:
+            bias = biases.get(entry.tensor_name)
+            prefixed = [bias.tensor_name] if bias is not None and not bias.chosen else []
+            lines.extend(f"^{re.escape(name)}$" for name in prefixed)
+        for name in prefixed:
+            other = by_name[name]
+            if other.selected:
+                continue
+            other.trained_with = entry.tensor_name
+            if module is not None and name == f"{module}.bias":
+                other.reason = f"trained with its module {module}: its weight is {entry.reason}"
+            else:
+                line = entry.yaml_name if entry.picked else f"^{re.escape(name)}$"
+                other.reason = f"trained: the unfrozen_parameters line {line!r} of {entry.tensor_name} matches it (re.match, as Axolotl)"
+    return lines
+
+
+def _names_with_prefix(names: list[str], prefix: str) -> list[str]:
+    """The names (sorted) that start with `prefix`."""
+    start = bisect.bisect_left(names, prefix)
+    end = start
+    while end < len(names) and names[end].startswith(prefix):
+        end += 1
+    return names[start:end]
 
 
 def unfrozen_parameters_yaml(always_lines: list[str], groups: dict[str, list[Entry]]) -> str:
@@ -504,7 +570,10 @@ def _summary(
         "depth_aware": config.depth_aware,
         "always_train": config.always_train,
         "roles_source": source.roles.source,
-        "trainable_tensors": [e.tensor_name for e in selected],
+        "trainable_tensors": [e.tensor_name for e in entries if e.chosen],
+        # What training updates: the chosen tensors and their modules' biases, exactly the names the YAML's lines match.
+        # A reference JSON lists the scanned weights only, so the biases are not known: null (trainers add each module's bias).
+        "parameters": [e.tensor_name for e in selected] if source.every_tensor else None,
         "unfrozen_parameters": always_lines + [e.yaml_name for members in groups.values() for e in members if e.picked],
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -527,6 +596,7 @@ def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
             ("rank", pa.int64()),
             ("group_size", pa.int64()),
             ("reason", pa.string()),
+            ("trained_with", pa.string()),
             ("policy", pa.string()),
             ("top_percent", pa.float64()),
             ("budget_percent", pa.float64()),
@@ -545,6 +615,7 @@ def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
             "rank": e.rank,
             "group_size": e.group_size,
             "reason": e.reason,
+            "trained_with": e.trained_with,
             "policy": config.policy,
             "top_percent": config.top_percent if config.policy != "budget" else None,
             "budget_percent": config.budget_percent if config.policy == "budget" else None,
@@ -559,7 +630,9 @@ def report(result: SelectResult) -> str:
     params = ""
     if s["trainable_parameters"] is not None:
         params = f", {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters ({100 * s['trainable_fraction']:.1f}%)"
-    return f"selected {len(s['trainable_tensors'])} tensors{params}" + (f" -> {result.out_dir}" if result.out_dir else "")
+    extra = len(s["parameters"]) - len(s["trainable_tensors"]) if s["parameters"] is not None else 0
+    with_modules = f" (and {extra} bias{'es' if extra != 1 else ''} of their modules)" if extra else ""
+    return f"selected {len(s['trainable_tensors'])} tensors{with_modules}{params}" + (f" -> {result.out_dir}" if result.out_dir else "")
 
 
 STAGE = Stage(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.documents import shown
 from ..core.errors import InputError
 from .selection import Selection
 
@@ -32,29 +33,25 @@ def apply_selection(model: torch.nn.Module, selection: Selection | None) -> Free
     """Freeze everything but `selection` (None: train everything, the full fine-tuning baseline)."""
     canonical = _canonical_names(model)
     parameters = dict(model.named_parameters())  # tied weights appear once, under their canonical name
+    unmatched: tuple[str, ...] = ()
     if selection is None:
         chosen = set(parameters)
-        unmatched: tuple[str, ...] = ()
     else:
-        chosen = {canonical[name] for name in canonical if selection.matches(name)}
-        if selection.exact_names:
-            missing = [name for name in selection.exact_names if name not in canonical]
-            if missing:
-                raise InputError(
-                    f"the selection {selection.source} names {len(missing)} tensor(s) this model does not have "
-                    f"({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); it was made for another model: "
-                    "scan and select this model, or pass the selection made for it"
-                )
-        unmatched = tuple(p for p in selection.patterns if not any(_match(p, name) for name in canonical))
-        if unmatched:
+        _require_named_tensors(selection, canonical)
+        matched = {name for name in canonical if selection.matches(name)}
+        if selection.module_biases:  # a selected module trains its weight and its bias
+            matched |= {bias for name in matched if name.endswith(".weight") and (bias := f"{name[: -len('.weight')]}.bias") in canonical}
+        chosen = {canonical[name] for name in matched}
+        unmatched = tuple(regex.pattern for regex in selection.regexes if not any(regex.match(name) for name in canonical))
+        if unmatched and chosen:
             log.warning(
-                "selection %s: %d pattern(s) match no parameter and are ignored: %s", selection.source, len(unmatched), ", ".join(unmatched)
+                "selection %s: %d pattern(s) match no parameter and are ignored: %s",
+                selection.source,
+                len(unmatched),
+                ", ".join(shown(p) for p in unmatched[:10]) + (" …" if len(unmatched) > 10 else ""),
             )
-    if not chosen:
-        raise InputError(
-            f"nothing would be trained: the selection {selection.source if selection else ''} matches no parameter of this model; "
-            "check that it was made for this model"
-        )
+        if not chosen:
+            raise InputError(_nothing_matched(selection, unmatched, list(parameters)))
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in chosen)
     trainable = tuple(name for name in parameters if name in chosen)
@@ -68,6 +65,34 @@ def apply_selection(model: torch.nn.Module, selection: Selection | None) -> Free
         total_parameters=sum(p.numel() for p in parameters.values()),
         unmatched_patterns=unmatched,
     )
+
+
+def _require_named_tensors(selection: Selection, canonical: dict[str, str]) -> None:
+    """A selection.json's exact names must all exist: a missing one means it was made for another model."""
+    if not selection.patterns:
+        raise InputError(f"the selection {selection.source} lists no tensor to train; make it again with `spectrum select`, or pass --full")
+    missing = [name for name in selection.exact_names if name not in canonical]
+    if missing:
+        raise InputError(
+            f"the selection {selection.source} names {len(missing)} tensor(s) this model does not have "
+            f"({', '.join(shown(n) for n in missing[:5])}{' …' if len(missing) > 5 else ''}); this model's parameters are named like "
+            f"{_examples(list(canonical))}: it was made for another model: scan and select this model, or pass the selection made for it"
+        )
+
+
+def _nothing_matched(selection: Selection, unmatched: tuple[str, ...], names: list[str]) -> str:
+    listed = ", ".join(shown(p) for p in unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+    return (
+        f"nothing would be trained: no pattern of the selection {selection.source} matches a parameter of this model "
+        f"(matching nothing: {listed or 'every pattern'}); this model's {len(names)} parameters are named like {_examples(names)} "
+        "and each pattern is matched from the start of a name (re.match): pass the selection made for this model"
+    )
+
+
+def _examples(names: list[str]) -> str:
+    """A few parameter names from the start, the middle and the end of the model, for messages."""
+    picks = list(dict.fromkeys([*names[:2], *names[len(names) // 2 : len(names) // 2 + 1], *names[-1:]]))
+    return ", ".join(shown(n) for n in picks) + (" …" if len(names) > len(picks) else "")
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -86,9 +111,3 @@ def _canonical_names(model: torch.nn.Module) -> dict[str, str]:
     """Every parameter name, aliases of tied weights included, mapped to the name named_parameters() uses."""
     by_identity = {id(p): name for name, p in model.named_parameters()}
     return {name: by_identity[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
-
-
-def _match(pattern: str, name: str) -> bool:
-    import re
-
-    return re.match(pattern, name) is not None

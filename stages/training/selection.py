@@ -1,8 +1,12 @@
 """Which tensors to train: our selection.json, an Axolotl `unfrozen_parameters` YAML, or a layer_select run.
 
-A selection is a list of patterns matched against parameter names with `re.match`, as Axolotl
-applies `unfrozen_parameters`: our selection.json gives exact names (each becomes `^name$`), a
-YAML gives the regexes as written (the reference tool's module names match their `.weight`).
+One meaning everywhere: a selected module trains its weight and its bias. A YAML's lines are
+regular expressions applied with `re.match`, as Axolotl applies `unfrozen_parameters` (a module
+name such as `model.layers.0.self_attn.q_proj` matches its `.weight` and its `.bias`). A
+selection.json lists the parameters that YAML trains (`parameters`, exact names); one written
+before that field existed (or made from a reference SNR JSON, which does not know the model's
+biases) lists the chosen weights in `trainable_tensors`, and each one's module bias is trained
+with it. Exact names stay exact: they are escaped, never read as regular expressions.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE
+from ..core.documents import load_yaml, shown
 from ..core.errors import InputError
+from ..core.patterns import compile_pattern
+from ..data.drops import decode_utf8
 from ..store import ArtifactStore, read_stage_output, resolve_run_reference
 from ..store.base import sha256_bytes
+
+MAX_SELECTION_BYTES = 64 * 1024 * 1024  # a selection.json of every tensor of a 100k-tensor model is well below this
 
 
 @dataclass(frozen=True)
@@ -27,12 +34,25 @@ class Selection:
     source: str  # where it came from, for messages
     ref: dict[str, Any]  # manifest input: uri, sha256, size (and version_id)
     model_id: str | None = None  # the model the selection was made for, when known
-    exact_names: tuple[str, ...] = field(default_factory=tuple)  # selection.json: the names it lists
+    exact_names: tuple[str, ...] = field(default_factory=tuple)  # selection.json: the names it lists (each must exist)
     model_structure: str | None = None  # structure_fingerprint of the model it was made for, when known
     document: dict[str, Any] | None = None  # selection.json as written (its policy and estimator); None for a YAML
+    module_biases: bool = False  # also train the bias of every selected `<module>.weight` (a selection.json without `parameters`)
+
+    def __post_init__(self) -> None:
+        # Exact names are looked up (a selection of a large model lists 100k of them); the rest are checked regexes.
+        exact = {f"^{re.escape(n)}$": n for n in self.exact_names}
+        regexes = tuple(compile_pattern(p, f"selection {self.source}: pattern") for p in self.patterns if p not in exact)
+        object.__setattr__(self, "_exact", frozenset(exact[p] for p in self.patterns if p in exact))
+        object.__setattr__(self, "_regexes", regexes)
 
     def matches(self, name: str) -> bool:
-        return any(re.match(pattern, name) for pattern in self.patterns)
+        return name in self._exact or any(regex.match(name) for regex in self._regexes)  # type: ignore[attr-defined]
+
+    @property
+    def regexes(self) -> tuple[re.Pattern[str], ...]:
+        """The patterns that are not exact names (a YAML's lines)."""
+        return self._regexes  # type: ignore[attr-defined]
 
 
 def load_selection(source: str | None, run: str | None, store: ArtifactStore | None) -> Selection:
@@ -48,37 +68,85 @@ def load_selection(source: str | None, run: str | None, store: ArtifactStore | N
     path = Path(source)
     if not path.is_file():
         raise InputError(f"selection {path} does not exist; pass selection.json or unfrozen_parameters.yaml from `spectrum select`")
-    data = path.read_bytes()
+    data = _read_bounded(path)
     ref = {"uri": path.resolve().as_uri(), "sha256": sha256_bytes(data), "size": len(data)}
     if path.suffix.lower() in (".yaml", ".yml"):
         return _from_yaml(data, str(path), ref)
     return _from_json(data, str(path), ref)
 
 
+def _read_bounded(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        data = handle.read(MAX_SELECTION_BYTES + 1)
+    if len(data) > MAX_SELECTION_BYTES:
+        raise InputError(f"selection {path} is more than {MAX_SELECTION_BYTES // 2**20} MiB, more than any selection: the right file?")
+    return data
+
+
 def _from_json(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
+    if len(data) > MAX_SELECTION_BYTES:
+        raise InputError(f"{where} is more than {MAX_SELECTION_BYTES // 2**20} MiB, far more than a selection of any model")
+    text = decode_utf8(data, where)
     try:
-        document = json.loads(data)
-        names = document["trainable_tensors"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{where} is not a selection.json from `spectrum select` (no trainable_tensors list): {exc}") from exc
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise InputError(f"{where}: trainable_tensors must be a list of tensor names")
-    model_id = document.get("model_id")
-    structure = document.get("model_structure")
-    return Selection(tuple(f"^{re.escape(n)}$" for n in names), where, ref, model_id, tuple(names), structure, document)
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise InputError(f"{where} is nested too deeply to be a selection.json") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{where} holds a JSON {_json_type(document)}, not a selection.json object from `spectrum select`")
+    names = _name_list(document, "trainable_tensors", where, required=True)
+    parameters = _name_list(document, "parameters", where, required=False)
+    model_id = document.get("model_id") if isinstance(document.get("model_id"), str) else None
+    structure = document.get("model_structure") if isinstance(document.get("model_structure"), str) else None
+    exact = tuple(parameters) if parameters is not None else tuple(names)
+    return Selection(
+        tuple(f"^{re.escape(n)}$" for n in exact), where, ref, model_id, exact, structure, document, module_biases=parameters is None
+    )
+
+
+def _name_list(document: dict[str, Any], key: str, where: str, required: bool) -> list[str] | None:
+    names = document.get(key)
+    if names is None and not required:
+        return None
+    if names is None:
+        raise InputError(f"{where} is not a selection.json from `spectrum select`: it has no {key!r} list")
+    if not isinstance(names, list):
+        raise InputError(f"{where}: {key!r} is a JSON {_json_type(names)}, not a list of tensor names")
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            raise InputError(f"{where}: {key!r} item {index + 1} is a JSON {_json_type(name)} ({shown(name)}), not a tensor name")
+    return names
 
 
 def _from_yaml(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
-    try:
-        document = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{where} is not valid YAML: {exc}") from exc
+    document = load_yaml(decode_utf8(data, where), where)
     patterns = document.get("unfrozen_parameters") if isinstance(document, dict) else None
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise InputError(f"{where} has no `unfrozen_parameters` list of strings (the Axolotl layout)")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise InputError(f"{where}: {pattern!r} is not a valid regular expression: {exc}") from exc
+    if not isinstance(patterns, list):
+        found = f"a YAML {_json_type(document)}" if not isinstance(document, dict) else f"keys {shown(sorted(map(str, document)))}"
+        raise InputError(f"{where} has no `unfrozen_parameters` list (the Axolotl layout); it has {found}")
+    for index, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise InputError(
+                f"{where}: unfrozen_parameters item {index + 1} is {shown(pattern)} ({_json_type(pattern)}), not a pattern; "
+                "quote it to make it a string"
+            )
+        compile_pattern(pattern, f"{where}: unfrozen_parameters item {index + 1}")
     return Selection(tuple(patterns), where, ref)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON (or YAML) name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
