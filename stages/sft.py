@@ -26,7 +26,7 @@ from .core.errors import InputError
 from .core.execution import require_store_in
 from .core.stage import Stage, StageContext, StageResult, option, options_of
 from .store import new_run_id
-from .training.chat import prepare_chat, read_chat_template
+from .training.chat import MODEL_TEMPLATE, prepare_chat, read_chat_template
 from .training.runner import PreparedData, TrainingConfig, TrainingResult, check_heldout, run_training, validate_training
 from .training.selection import load_selection
 
@@ -53,7 +53,8 @@ def run(config: SftConfig, context: StageContext) -> StageResult[TrainingResult]
         if template is not None:
             tokenizer.chat_template = template
         heldout_file = work_root / f"heldout-{data_digest[:16]}.jsonl"
-        chat = prepare_chat(data_dir, tokenizer, config.seq_len, config.heldout_percent, heldout_file)
+        source = f"the chat template {config.chat_template}" if template is not None else MODEL_TEMPLATE
+        chat = prepare_chat(data_dir, tokenizer, config.seq_len, config.heldout_percent, heldout_file, source)
         return PreparedData(chat.arrays, chat.record, heldout_file)
 
     # The template decides the labels, so its text (not its path) is a parameter of the run.

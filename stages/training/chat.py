@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from .loop import TrainingArrays
 from .packing import is_heldout
 
 IGNORE = -100
+MODEL_TEMPLATE = "the model's chat template"
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -66,15 +69,17 @@ def _messages(record: object, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and their labels (-100 outside assistant turns)."""
-    ids = _render(tokenizer, messages, where, generation_prompt=False)
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], where: str, template: str = MODEL_TEMPLATE
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and their labels (-100 outside assistant turns); `template` names the template."""
+    ids = _render(tokenizer, messages, where, False, template)
     labels = [IGNORE] * len(ids)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:index], where, generation_prompt=True) if index else []
-        upto = _render(tokenizer, messages[: index + 1], where, generation_prompt=False)
+        prefix = _render(tokenizer, messages[:index], where, True, template) if index else []
+        upto = _render(tokenizer, messages[: index + 1], where, False, template)
         if upto[: len(prefix)] != prefix or ids[: len(upto)] != upto:
             raise InputError(
                 f"{where}: the chat template does not render each turn as a prefix of the conversation, so the assistant "
@@ -84,16 +89,57 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], where:
     return ids, labels
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, generation_prompt: bool) -> list[int]:
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, generation_prompt: bool, template: str) -> list[int]:
+    budget = _StepBudget(MAX_TEMPLATE_STEPS)
+    previous = sys.gettrace()
+    sys.settrace(budget)
     try:
         rendered = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+    except _TemplateTooLong as exc:
+        raise InputError(
+            f"{where}: {template} ran more than {MAX_TEMPLATE_STEPS:,} template steps rendering one conversation "
+            "(loops within loops?); fix the template so a conversation renders in proportion to its length"
+        ) from exc
     except Exception as exc:  # jinja and template errors come in many kinds
-        raise InputError(f"{where}: the chat template failed to render this conversation: {exc}") from exc
+        raise InputError(f"{where}: {template} failed to render this conversation: {exc}") from exc
+    finally:
+        sys.settrace(previous)
     return list(rendered)
 
 
-def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: float, heldout_file: Path | None = None) -> ChatData:
-    """Training rows of the chat data; the held-out conversations go to `heldout_file` as {"messages": …} lines."""
+# Lines of template code one rendering may run: a real template runs a few per message, so this is
+# ample for any conversation and stops a template whose loops never end (the sandbox bounds each
+# range, not loops nested in loops) within seconds.
+MAX_TEMPLATE_STEPS = 2_000_000
+
+
+class _TemplateTooLong(Exception):
+    pass
+
+
+class _StepBudget:
+    """A trace function counting the lines run in Jinja's compiled template code (only there: other frames are not traced)."""
+
+    def __init__(self, steps: int):
+        self.left = steps
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> Callable | None:
+        return self._line if frame.f_code.co_filename == "<template>" else None
+
+    def _line(self, frame: FrameType, event: str, arg: object) -> Callable:
+        self.left -= 1
+        if self.left < 0:
+            raise _TemplateTooLong
+        return self._line
+
+
+def prepare_chat(
+    folder: Path, tokenizer: Any, seq_len: int, heldout_percent: float, heldout_file: Path | None = None, template: str = MODEL_TEMPLATE
+) -> ChatData:
+    """Training rows of the chat data; the held-out conversations go to `heldout_file` as {"messages": …} lines.
+
+    `template` names the chat template in errors (the --chat-template file, or the model's own).
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("the model's tokenizer has no chat template; pass --chat-template FILE (a Jinja template)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -113,7 +159,7 @@ def prepare_chat(folder: Path, tokenizer: Any, seq_len: int, heldout_percent: fl
             heldout["row_sha256"].append(hashlib.sha256(canonical.encode("utf-8")).hexdigest())
             held.append(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
             continue
-        ids, labels = tokenize_conversation(tokenizer, messages, where)
+        ids, labels = tokenize_conversation(tokenizer, messages, where, template)
         if len(ids) > seq_len:
             truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]

@@ -2,82 +2,168 @@
 
 Every checkpoint DeepSpeed writes to the local work folder is copied to
 `runs/<run>/<stage>/checkpoints/step-<N>/…`, and a `complete.json` listing each file with its
-sha256 is written last: a checkpoint without it is incomplete and never used. A new run with the
-same cache key as a run that failed (killed, stopped, crashed) restores the latest complete
-checkpoint of those runs into its work folder, every file verified, before training starts.
+sha256 (and the run's cache key) is written last, in the store and beside the local copy: a
+checkpoint without it is incomplete and never used. A new run with the same cache key as a run
+that did not succeed — one that failed (stopped, crashed) or never committed at all (killed with
+SIGKILL, an OOM kill, a lost node) — resumes from the latest usable checkpoint: this machine's own
+when its files still match their marker, else the store's copy, else an earlier complete one.
+Every file is verified; a checkpoint that is not usable is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import logging
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.contracts import FAILED
+from ..core.contracts import MANIFEST_FILE, SUCCEEDED, base_stage
+from ..core.errors import SpectrumError
 from ..core.execution import StageRun
-from ..core.files import all_files
-from ..store import ArtifactStore, ObjectInfo, list_runs, output_key
+from ..core.files import all_files, write_atomic
+from ..store import ArtifactStore, ObjectInfo, output_key
+from ..store.base import sha256_file
 from ..store.manifest import load_manifest_or_none
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 LATEST = "latest"  # DeepSpeed's pointer to the newest tag in a checkpoint folder
-_TAG = re.compile(r"step-(\d+)")
+_PREFIX = "step-"
 
 
 def publish_checkpoint(stage: StageRun, checkpoint_dir: Path, step: int) -> list[ObjectInfo]:
-    """Copy the local checkpoint of `step` into the run's outputs; its completion marker last."""
-    tag = f"step-{step}"
+    """Copy the local checkpoint of `step` into the run's outputs; its completion marker last (in the store, then locally)."""
+    tag = f"{_PREFIX}{step}"
     folder = checkpoint_dir / tag
-    infos = [stage.put_file(f"{CHECKPOINTS}/{tag}/{name}", folder / name) for name in all_files(folder)]
+    infos = [stage.put_file(f"{CHECKPOINTS}/{tag}/{name}", folder / name) for name in all_files(folder) if name != COMPLETE]
     marker = {
         "step": step,
+        "cache_key": stage.cache_key,
         "files": [{"path": info.key.split(f"/{tag}/", 1)[1], "sha256": info.sha256, "size": info.size} for info in infos],
     }
-    infos.append(stage.put_bytes(f"{CHECKPOINTS}/{tag}/{COMPLETE}", (json.dumps(marker, indent=2) + "\n").encode()))
+    data = (json.dumps(marker, indent=2) + "\n").encode()
+    infos.append(stage.put_bytes(f"{CHECKPOINTS}/{tag}/{COMPLETE}", data))
+    write_atomic(folder / COMPLETE, data, overwrite=True)
     return infos
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """A complete checkpoint in the store: runs/<run_id>/<stage>/checkpoints/step-<step>/."""
+
+    run_id: str
+    stage: str
+    step: int
+    failed_with_key: bool = False  # its run's failed manifest has our cache key (markers before they recorded it)
+
+
 def restore_latest(store: ArtifactStore, stage_name: str, cache_key: str, checkpoint_dir: Path) -> dict[str, Any] | None:
-    """Bring the latest complete checkpoint of a failed run with this cache key into `checkpoint_dir`.
+    """Point `checkpoint_dir` at the latest usable checkpoint of an unfinished run with this cache key.
 
-    Returns {"run_id", "step"} of what was restored, or None. A local checkpoint at least as new
-    is kept (it is this machine's own work).
+    Returns {"run_id", "step"} of a checkpoint brought from the store, or None (this machine's own
+    checkpoint is used, or there is none: training starts at step 0).
     """
-    best: tuple[int, str] | None = None
-    for run_id, stages in list_runs(store).items():
-        if stage_name not in stages:
-            continue
-        manifest = load_manifest_or_none(store, run_id, stage_name)
-        if manifest is None or manifest.status != FAILED or manifest.cache_key != cache_key:
-            continue
-        for step in _complete_steps(store, run_id, stage_name):
-            if best is None or step > best[0]:
-                best = (step, run_id)
-    if best is None or best[0] <= _local_step(checkpoint_dir):
-        return None
-    step, run_id = best
-    tag = f"step-{step}"
-    marker = json.loads(store.get_bytes(output_key(run_id, stage_name, f"{CHECKPOINTS}/{tag}/{COMPLETE}")))
-    for entry in marker["files"]:
-        key = output_key(run_id, stage_name, f"{CHECKPOINTS}/{tag}/{entry['path']}")
-        store.download_file(key, checkpoint_dir / tag / entry["path"], sha256=entry["sha256"])
-    (checkpoint_dir / LATEST).write_text(tag)
-    return {"run_id": run_id, "step": step}
+    local = _local_steps(checkpoint_dir)
+    stored = _stored_checkpoints(store, stage_name, cache_key)
+    for step in sorted({*local, *(c.step for c in stored)}, reverse=True):
+        if step in local and _verified_locally(checkpoint_dir, step):
+            _point_latest(checkpoint_dir, step)
+            return None
+        for candidate in (c for c in stored if c.step == step):
+            if _download(store, candidate, cache_key, checkpoint_dir):
+                _point_latest(checkpoint_dir, step)
+                return {"run_id": candidate.run_id, "step": step}
+    (checkpoint_dir / LATEST).unlink(missing_ok=True)  # nothing usable: DeepSpeed starts afresh
+    return None
 
 
-def _complete_steps(store: ArtifactStore, run_id: str, stage_name: str) -> list[int]:
-    prefix = output_key(run_id, stage_name, f"{CHECKPOINTS}/")
-    steps = []
-    for key in store.list(prefix):
-        parts = key[len(prefix) :].split("/")
-        if len(parts) == 2 and parts[1] == COMPLETE and (match := _TAG.fullmatch(parts[0])):
-            steps.append(int(match[1]))
+def _stored_checkpoints(store: ArtifactStore, stage_name: str, cache_key: str) -> list[_Stored]:
+    """Complete checkpoints of runs of `stage_name` (or its steps) that did not succeed, newest first.
+
+    One listing of `runs/`: a run killed before its commit has checkpoints and no manifest at all.
+    Whether a checkpoint belongs to this cache key is read from its marker (or, for markers written
+    before they recorded it, from the run's failed manifest).
+    """
+    markers: list[_Stored] = []
+    manifests: set[tuple[str, str]] = set()
+    for key in store.list("runs/"):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == MANIFEST_FILE:
+            manifests.add((parts[1], parts[2]))
+        elif len(parts) == 6 and parts[3] == CHECKPOINTS and parts[5] == COMPLETE and base_stage(parts[2]) == stage_name:
+            step = parts[4].removeprefix(_PREFIX)
+            if parts[4].startswith(_PREFIX) and step.isdigit():
+                markers.append(_Stored(parts[1], parts[2], int(step)))
+    found = []
+    for candidate in markers:
+        committed = (candidate.run_id, candidate.stage) in manifests
+        manifest = load_manifest_or_none(store, candidate.run_id, candidate.stage) if committed else None
+        if manifest is not None and (manifest.status == SUCCEEDED or manifest.cache_key != cache_key):
+            continue
+        found.append(replace(candidate, failed_with_key=manifest is not None))
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def _download(store: ArtifactStore, candidate: _Stored, cache_key: str, checkpoint_dir: Path) -> bool:
+    """Bring a stored checkpoint into `checkpoint_dir`, every file verified; False (warned) when it is not usable."""
+    tag = f"{_PREFIX}{candidate.step}"
+    where = store.uri(output_key(candidate.run_id, candidate.stage, f"{CHECKPOINTS}/{tag}"))
+    folder = checkpoint_dir / tag
+    try:
+        data = store.get_bytes(output_key(candidate.run_id, candidate.stage, f"{CHECKPOINTS}/{tag}/{COMPLETE}"))
+        marker = _marker(data)
+        if marker.get("cache_key") != cache_key and not candidate.failed_with_key:
+            return False  # another configuration's checkpoint: not ours, nothing to warn about
+        shutil.rmtree(folder, ignore_errors=True)
+        for entry in marker["files"]:
+            key = output_key(candidate.run_id, candidate.stage, f"{CHECKPOINTS}/{tag}/{entry['path']}")
+            store.download_file(key, folder / entry["path"], sha256=entry["sha256"])
+        write_atomic(folder / COMPLETE, data, overwrite=True)
+        return True
+    except (SpectrumError, OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("skipping the stored checkpoint %s: %s; trying an earlier one", where, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+
+
+def _marker(data: bytes) -> dict[str, Any]:
+    marker = json.loads(data)
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        raise ValueError(f"{COMPLETE} does not list the checkpoint's files")
+    return marker
+
+
+def _local_steps(checkpoint_dir: Path) -> set[int]:
+    """Steps of the local checkpoints that carry a completion marker (published from this folder, or restored into it)."""
+    if not checkpoint_dir.is_dir():
+        return set()
+    steps = set()
+    for folder in checkpoint_dir.iterdir():
+        step = folder.name.removeprefix(_PREFIX)
+        if folder.name.startswith(_PREFIX) and step.isdigit() and (folder / COMPLETE).is_file():
+            steps.add(int(step))
     return steps
 
 
-def _local_step(checkpoint_dir: Path) -> int:
-    latest = checkpoint_dir / LATEST
-    match = _TAG.fullmatch(latest.read_text().strip()) if latest.is_file() else None
-    return int(match[1]) if match else 0
+def _verified_locally(checkpoint_dir: Path, step: int) -> bool:
+    """The local checkpoint's files match its marker byte for byte; a damaged one is removed (warned)."""
+    folder = checkpoint_dir / f"{_PREFIX}{step}"
+    try:
+        marker = _marker((folder / COMPLETE).read_bytes())
+        for entry in marker["files"]:
+            digest, size = sha256_file(folder / entry["path"])
+            if (digest, size) != (entry["sha256"], entry["size"]):
+                raise ValueError(f"{entry['path']} has {size} bytes with sha256 {digest[:12]}…, not the {entry['size']} recorded")
+        return True
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("skipping the local checkpoint %s: %s; using the store's copy or an earlier checkpoint", folder, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+
+
+def _point_latest(checkpoint_dir: Path, step: int) -> None:
+    write_atomic(checkpoint_dir / LATEST, f"{_PREFIX}{step}".encode(), overwrite=True)

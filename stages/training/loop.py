@@ -14,12 +14,15 @@ run resumed from a checkpoint therefore sees exactly the batches an uninterrupte
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import os
+import re
 import resource
-import socket
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.errors import InputError
+from ..core.errors import CorruptWeightsError, InputError
+
+
+class TrainingDivergedError(CorruptWeightsError):
+    """The loss or a trained tensor became non-finite: the weights are garbage and nothing is committed."""
 
 
 @dataclass(frozen=True)
@@ -129,16 +136,16 @@ def train(
     """Train `model` (already frozen as selected) on `data`; resume from `checkpoint_dir` when it holds a checkpoint."""
     import deepspeed
 
-    _single_process_defaults()
+    init_distributed()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(settings))
-    _destroy_process_group_at_exit()
     started = time.perf_counter()
     first_step = 0
     if (checkpoint_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
         first_step = int((client_state or {}).get("step", 0))
     metrics = _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progress, on_checkpoint)
+    require_finite_weights(_trainable_tensors(engine.module), settings.max_steps, settings)
     state = _gather_state_dict(engine)
     return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
 
@@ -168,6 +175,7 @@ def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progre
             for micro in range(settings.gradient_accumulation_steps):
                 batch = {k: v.to(engine.device) for k, v in data.batch(_batch_rows(data.rows, settings, step, micro)).items()}
                 loss = engine(**batch).loss
+                _require_finite_loss(float(loss.detach()), step + 1, settings)  # before the update it would make
                 engine.backward(loss)
                 engine.step()
                 losses.append(float(loss.detach()))
@@ -187,12 +195,100 @@ def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progre
             bar.update(1)
             done = step + 1
             if settings.save_steps and done % settings.save_steps == 0 and done < settings.max_steps:
-                engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{done}", client_state={"step": done})
+                require_finite_weights(_trainable_tensors(engine.module), done, settings)  # no checkpoint of garbage
+                with disk_errors(checkpoint_dir):
+                    engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{done}", client_state={"step": done})
                 if torch.distributed.is_initialized():
                     torch.distributed.barrier()  # every rank's shard is on disk before rank 0 copies the checkpoint
                 if on_checkpoint is not None:
                     on_checkpoint(done)
     return metrics
+
+
+@contextmanager
+def disk_errors(folder: Path) -> Iterator[None]:
+    """Writers that hide the file system's refusal raise it as the OSError it is (the CLI reports it, exit 5).
+
+    torch.save raises RuntimeError("[enforce fail at inline_container.cc] … unexpected pos …") on a
+    full disk, safetensors a SafetensorError("… No space left on device (os error 28)").
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        refused = _os_error_in(exc, folder)
+        if refused is None:
+            raise
+        raise refused from exc
+
+
+def _os_error_in(exc: BaseException, folder: Path) -> OSError | None:
+    cause: BaseException | None = exc
+    while cause is not None:  # an OSError wrapped by the writer
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if match := re.search(r"\(os error (\d+)\)", text):
+        code = int(match[1])
+        return OSError(code, os.strerror(code), str(folder))
+    if "inline_container" in text or "PytorchStreamWriter" in text:  # torch's zip writer says only that a write failed
+        free = shutil.disk_usage(_existing(folder)).free
+        code = errno.ENOSPC if free < _NEARLY_FULL else errno.EIO
+        return OSError(code, os.strerror(code), str(folder))
+    return None
+
+
+_NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write is taken for a full disk
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _require_finite_loss(loss: float, step: int, settings: TrainSettings) -> None:
+    """Every rank stops at the same step when any rank's loss is non-finite (no rank waits for the others forever)."""
+    if _any_rank(not np.isfinite(loss)):
+        raise TrainingDivergedError(
+            f"training diverged at step {step} of {settings.max_steps}: the loss is non-finite{_diverged_advice(settings)}"
+        )
+
+
+def require_finite_weights(tensors: dict[str, torch.Tensor], step: int, settings: TrainSettings) -> None:
+    """Raise naming the first trained tensor that holds NaN or infinity (checked on every rank together)."""
+    broken = [name for name, tensor in tensors.items() if tensor.numel() and not bool(torch.isfinite(tensor).all())]
+    if _any_rank(bool(broken)):
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        which = f"tensor {broken[0]}{more}" if broken else "a tensor on another rank"
+        raise TrainingDivergedError(
+            f"training diverged by step {step} of {settings.max_steps}: {which} holds NaN or infinite values"
+            f"{_diverged_advice(settings)}"
+        )
+
+
+def _diverged_advice(settings: TrainSettings) -> str:
+    return (
+        f" (--learning-rate {settings.learning_rate:g}); nothing was committed: lower --learning-rate"
+        " or lengthen --warmup-steps, and run again"
+    )
+
+
+def _any_rank(flag: bool) -> bool:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's values of the trained parameters (under ZeRO-3 its partition of each)."""
+    return {name: getattr(p, "ds_tensor", p).detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def _batch_rows(count: int, settings: TrainSettings, step: int, micro: int) -> list[int]:
@@ -222,15 +318,37 @@ def _peak_memory() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _single_process_defaults() -> None:
-    """Without a launcher, run as the only rank (DeepSpeed otherwise looks for MPI)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+def init_distributed() -> None:
+    """The process group, once per process: the launcher's rendezvous under `deepspeed`/`torchrun`, else one rank.
+
+    One process needs no rendezvous: its group is built on an in-memory store, so two runs on one
+    machine never race for a TCP port (a port picked free and bound later can be taken in between).
+    DeepSpeed adopts an initialised group.
+    """
+    if torch.distributed.is_initialized():
         return
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ[name] = value
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # DeepSpeed otherwise looks for MPI; the address and port are never used (no rendezvous).
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "0")):
+            os.environ[name] = value
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed()
+    _destroy_process_group_at_exit()
+
+
+def same_on_every_rank(value: Any) -> Any:
+    """Rank 0's `value`, on every rank of a multi-process launch (one decision, however the ranks timed it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return value
+    init_distributed()
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def memory_estimate(

@@ -10,12 +10,14 @@ audits every tensor from the files and publishes model, checkpoints, tables and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +33,28 @@ from ..core.contracts import (
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
-from ..core.errors import InputError
+from ..core.errors import InputError, OutputExistsError
 from ..core.execution import StageRun, execute_stage, require_store_in
-from ..core.files import all_files
-from ..core.stage import StageConfig, StageContext, StageResult, option
+from ..core.files import all_files, ensure_writable_folder
+from ..core.stage import StageConfig, StageContext, StageResult, option, options_of
 from ..store import ObjectInfo, cache_key, find_manifest
 from ..store.trees import file_ref, local_copy
 from ..weights.checkpoint import ModelWeights
 from .checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
 from .freezing import FreezeReport, apply_selection, enable_checkpointing
-from .loop import TrainingArrays, TrainSettings, deepspeed_config, memory_estimate, require_fits, train
+from .loop import (
+    TrainingArrays,
+    TrainSettings,
+    deepspeed_config,
+    disk_errors,
+    memory_estimate,
+    require_fits,
+    same_on_every_rank,
+    train,
+)
 from .selection import Selection, load_selection
 from .tensor_audit import audit_tensors
+from .worklock import work_folder_lock
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -122,65 +134,110 @@ def run_training(
     # The work folder is named by the cache key (execute_stage derives the same one): a failed run's
     # packed data and checkpoints are found there again, and it is removed once the run is committed.
     key = cache_key(stage_name, __version__, parameters, [ref["sha256"] for ref in inputs])
-    reused = not context.force and find_manifest(store, stage_name, key) is not None
     rank = int(os.environ.get("RANK", "0"))
-    if reused:  # every rank makes the same decision; execute_stage returns the committed run
-        data = None
-    else:
-        # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
-        _check_fit(model_dir, selection, config, settings)
-        data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
-        return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused)
-    results: list[TrainingResult] = []
+    # Rank 0 holds the work folder's lock until its commit: an identical run on this machine waits, then reuses it.
+    with work_folder_lock(context.work_root(), key) if rank == 0 else contextlib.nullcontext():
+        reused = same_on_every_rank(not context.force and find_manifest(store, stage_name, key) is not None)
+        if reused:  # execute_stage returns the committed run
+            data = None
+        else:
+            # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+            _check_fit(model_dir, selection, config, settings)
+            data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
+            return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused)
+        results: list[TrainingResult] = []
 
-    def produce(stage: StageRun) -> list[ObjectInfo]:
-        work = context.work_root() / stage.cache_key
-        checkpoints = work / CHECKPOINTS
-        restored = restore_latest(store, stage_name, stage.cache_key, checkpoints)  # a failed run's work, from any machine
-        model, freeze = _load_model(model_dir, selection, config)
-        published: list[ObjectInfo] = []
+        def produce(stage: StageRun) -> list[ObjectInfo]:
+            work = context.work_root() / stage.cache_key
+            checkpoints = work / CHECKPOINTS
+            restored = restore_latest(store, stage_name, stage.cache_key, checkpoints)  # an unfinished run's work, from any machine
+            model, freeze = _load_model(model_dir, selection, config)
+            published: list[ObjectInfo] = []
 
-        def on_checkpoint(step: int) -> None:
-            published.extend(publish_checkpoint(stage, checkpoints, step))
+            def on_checkpoint(step: int) -> None:
+                published.extend(publish_checkpoint(stage, checkpoints, step))
 
-        outcome = train(model, data.arrays, settings, checkpoints, context.progress, on_checkpoint)
-        trained_dir = work / MODEL_FOLDER
-        state = outcome.state_dict
-        if config.lora_rank:  # the adapters merged into the weights they adapt: a plain Hugging Face model again
-            model = model.merge_and_unload()
-            state = model.state_dict()
-        _save_model(model, state, model_dir, trained_dir, tokenizer)
-        audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
-        outputs = published + [stage.put_file(f"{MODEL_FOLDER}/{name}", trained_dir / name) for name in all_files(trained_dir)]
-        outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
-        outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
-        outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(data.record, indent=2) + "\n").encode()))
-        outputs.append(stage.put_file(HELDOUT_DATA_FILE, data.heldout_file))
-        training = {
-            "model": _location(config.model, model_refs),  # the base model, for evaluate (deltas, forgetting)
-            "data": _location(config.data, data_refs),
-            "resumed_from_step": outcome.resumed_from_step,
-            "restored_from": restored,  # {run_id, step} of a failed run's checkpoint in the store, or None
-            "steps": outcome.steps,
-            "seconds": round(outcome.seconds, 3),
-            "trainable_parameters": freeze.trainable_parameters,
-            "total_parameters": freeze.total_parameters,
-        }
-        outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
-        if config.out_dir:
-            shutil.copytree(trained_dir, config.out_dir, dirs_exist_ok=config.overwrite)
-        out_dir = Path(config.out_dir) if config.out_dir else None
-        results.append(TrainingResult(out_dir, freeze, data, outcome.metrics, outcome.resumed_from_step))
-        shutil.rmtree(work, ignore_errors=True)
-        return outputs
+            outcome = train(model, data.arrays, settings, checkpoints, context.progress, on_checkpoint)
+            trained_dir = work / MODEL_FOLDER
+            state = outcome.state_dict
+            if config.lora_rank:  # the adapters merged into the weights they adapt: a plain Hugging Face model again
+                model = model.merge_and_unload()
+                state = model.state_dict()
+            with disk_errors(trained_dir):
+                _save_model(model, state, model_dir, trained_dir, tokenizer)
+            audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
+            outputs = published + [stage.put_file(f"{MODEL_FOLDER}/{name}", trained_dir / name) for name in all_files(trained_dir)]
+            outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
+            outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
+            outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(data.record, indent=2) + "\n").encode()))
+            outputs.append(stage.put_file(HELDOUT_DATA_FILE, data.heldout_file))
+            training = {
+                "model": _location(config.model, model_refs),  # the base model, for evaluate (deltas, forgetting)
+                "data": _location(config.data, data_refs),
+                "resumed_from_step": outcome.resumed_from_step,
+                "restored_from": restored,  # {run_id, step} of an unfinished run's checkpoint in the store, or None
+                "steps": outcome.steps,
+                "seconds": round(outcome.seconds, 3),
+                "trainable_parameters": freeze.trainable_parameters,
+                "total_parameters": freeze.total_parameters,
+            }
+            outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
+            results.append(TrainingResult(None, freeze, data, outcome.metrics, outcome.resumed_from_step))
+            return outputs
 
-    outcome = execute_stage(stage_name, context, parameters, inputs, produce)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # the workers wait for the commit (or its failure) before they exit
-    result = results[0] if results else None
+        outcome = execute_stage(stage_name, context, parameters, inputs, produce)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the workers wait for the commit (or its failure) before they exit
+        work = context.work_root() / key
+        try:
+            if config.out_dir:  # after the commit: a model in --out-dir is always a committed one
+                trained = work / MODEL_FOLDER if results else _committed_model(store, outcome.manifest)
+                _write_out_dir(trained, Path(config.out_dir), config.overwrite)
+        finally:
+            if results:
+                shutil.rmtree(work, ignore_errors=True)
+    result = replace(results[0], model_dir=Path(config.out_dir) if config.out_dir else None) if results else None
     lines = [_summary_line(result)] if result else []
+    if config.out_dir:
+        lines.append(f"wrote the trained model to {config.out_dir}")
     return StageResult(stage_name, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
+
+
+def _committed_model(store, manifest) -> Path:
+    """The verified local copy of a committed run's model (a reused run's, for --out-dir)."""
+    folder, _ = local_copy(f"store:runs/{manifest.run_id}/{manifest.stage}/{MODEL_FOLDER}", store)
+    return folder
+
+
+def _write_out_dir(trained: Path, out_dir: Path, overwrite: bool) -> None:
+    """The model copied into `out_dir` beside it first, then swapped in: no mix of an old and a new model's files."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(trained, staging)
+    if out_dir.exists():
+        if not overwrite and any(out_dir.iterdir()):  # appeared while training
+            shutil.rmtree(staging)
+            raise OutputExistsError(f"--out-dir {out_dir} appeared during training; the run is committed, pass --overwrite to write it")
+        previous = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.previous")
+        os.replace(out_dir, previous)
+        os.replace(staging, out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def check_out_dir(config: TrainingConfig) -> None:
+    """--out-dir is checked before any work: not a file, not an existing model unless --overwrite, writable."""
+    if not config.out_dir:
+        return
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} is a file; give a folder for the trained model")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not config.overwrite:
+        raise OutputExistsError(f"--out-dir {out_dir} already exists and is not empty; choose another folder or pass --overwrite")
+    ensure_writable_folder(out_dir, f"--out-dir {out_dir}")
 
 
 def _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused) -> StageResult:
@@ -226,8 +283,19 @@ def validate_training(config: TrainingConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.save_steps < 0 or config.warmup_steps < 0:
         raise InputError("--save-steps and --warmup-steps must be 0 or more")
+    for name, value in _float_options(config).items():
+        if not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
     if not config.learning_rate > 0:
         raise InputError(f"--learning-rate must be positive, got {config.learning_rate:g}")
+    if config.weight_decay < 0:
+        raise InputError(f"--weight-decay must be 0 or more, got {config.weight_decay:g}")
+    check_out_dir(config)
+
+
+def _float_options(config: TrainingConfig) -> dict[str, float]:
+    """Every float option of the stage's config (cpt and sft add their own, e.g. --heldout-percent)."""
+    return {f.name: getattr(config, f.name) for f, _ in options_of(type(config)) if isinstance(getattr(config, f.name), float)}
 
 
 def _settings(config: TrainingConfig) -> TrainSettings:
