@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> str:
     config = write_inputs(workdir, args.layers, args.top_percent, args.real, args.overwrite)
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))  # Prefect's database, private to the demo
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from .prefect_api import start_prefect
+
+    start_prefect()  # the temporary server, tied to this process
     from .pipeline import pipeline_flow
 
     outcome = pipeline_flow(str(config))

@@ -26,15 +26,20 @@ from prefect.cache_policies import NONE
 
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.core.documents import clip
 from stages.core.errors import InputError
 from stages.core.process import StageProcessError, run_in_own_process
 from stages.core.stage import StageConfig, StageContext, StageResult, options_of
 from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store, record_reuse
 from stages.store.errors import ArtifactNotFoundError
+from stages.store.lease import LeaseHeldError, acquire_lease, holder_identity
+from stages.store.manifest import lease_folder
 
-from .pipeline_config import STAGE_BY_NAME, PipelineConfig, load_pipeline_config
+from .pipeline_config import STAGE_BY_NAME, PipelineConfig, check_rerun, load_pipeline_config
+from .prefect_api import install_scrubbing, redacted, scrub
 
 REPORT_FILE = "report.html"
+PIPELINE_LEASE = "pipeline"  # runs/<run>/pipeline/lease/: the live pipeline of a run
 
 
 @dataclass
@@ -61,16 +66,18 @@ def _transient(task, task_run, state) -> bool:
 
 def _logged(result: StageResult) -> StageResult:
     for line in result.lines:
-        get_run_logger().info("%s", line)
+        get_run_logger().info("%s", scrub(line))
     return result
 
 
 @task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+@redacted
 def run_stage(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     return _logged(STAGE_BY_NAME[stage_name].run(config, context))
 
 
 @task(name="stage-process", cache_policy=NONE)
+@redacted
 def run_stage_process(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     """The stage as its container runs it: `python -m stages.<stage> …` in a process of its own.
 
@@ -81,6 +88,7 @@ def run_stage_process(stage_name: str, config: StageConfig, context: StageContex
 
 
 @task(name="stage-deployment", cache_policy=NONE)
+@redacted
 def run_stage_deployment(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     """A flow run of the stage's deployment (`spectrum-stage/<stage>`) on its work pool; its manifest is read from the store.
 
@@ -97,6 +105,11 @@ def run_stage_deployment(stage_name: str, config: StageConfig, context: StageCon
         "step": context.step,
         "force": context.force,
     }
+    if scrub(repr(parameters)) != repr(parameters):  # flow run parameters are stored by the Prefect server and shown in its UI
+        raise InputError(
+            f"the {stage_name} stage's options or store name a credential; a deployment's parameters are stored by Prefect: "
+            "pass credentials through the worker's environment (AWS_ACCESS_KEY_ID, HF_TOKEN, …) instead"
+        )
     flow_run = run_deployment(f"spectrum-stage/{stage_name}", parameters=parameters, poll_interval=1)
     if not flow_run.state or not flow_run.state.is_completed():
         raise StageProcessError(
@@ -108,10 +121,12 @@ def run_stage_deployment(stage_name: str, config: StageConfig, context: StageCon
 
 
 @flow(name="spectrum-pipeline")
+@redacted
 def pipeline_flow(
     config_path: str, only: str | None = None, from_stage: str | None = None, force: list[str] | None = None, run: str | None = None
 ) -> dict[str, Any]:
     """The whole pipeline for one config (a deployment's parameters are these arguments)."""
+    install_scrubbing()
     config = load_pipeline_config(config_path)
     result = run_pipeline(config, only=only, from_stage=from_stage, force=force or [], run=run)
     from .artifacts import publish_artifacts
@@ -124,7 +139,7 @@ def pipeline_flow(
         "ran": result.ran,
         "cached": result.cached,
         "report": str(result.report) if result.report else None,
-        "lines": result.lines,
+        "lines": [scrub(line) for line in result.lines],
     }
 
 
@@ -139,22 +154,55 @@ def run_pipeline(
     progress: bool | None = None,
     execute: Callable[[str, StageConfig, StageContext], StageResult] | None = None,
 ) -> PipelineResult:
-    """Run the stages of `config` in order (see the module docstring); `execute` runs one stage (default: the Prefect task)."""
-    stages = config.stages
-    for name, flag in ((only, "--only"), (from_stage, "--from"), *((f, "--force") for f in force)):
-        if name is not None and name not in stages:
-            raise InputError(f"{flag} {name}: not a stage of this pipeline; its stages are {', '.join(stages)}")
-    if only and from_stage:
-        raise InputError("pass --only or --from, not both")
-    if (only or from_stage) and not run:
-        raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
+    """Run the stages of `config` in order (see the module docstring); `execute` runs one stage (default: the Prefect task).
+
+    The run holds the lease runs/<run>/pipeline/lease/ for its lifetime (one live pipeline per run id),
+    renewed while it works and released with its outcome: succeeded, failed (with the reason) or interrupted.
+    """
+    check_rerun(config, only, from_stage, force, run)
     store = open_pipeline_store(config)
     rerun = bool(only or from_stage)
-    run_id = new_run_id() if rerun else run or config.run_id or new_run_id()
+    result = PipelineResult(run_id=new_run_id() if rerun else run or config.run_id or new_run_id(), store=store.root_uri)
+    try:
+        lease = acquire_lease(
+            store, lease_folder(result.run_id, PIPELINE_LEASE), holder_identity(run_id=result.run_id, stage=PIPELINE_LEASE)
+        )
+    except LeaseHeldError as exc:
+        raise LeaseHeldError(
+            f"run {result.run_id!r} is being run by another pipeline ({exc}); nothing was done: wait for it (`spectrum runs` "
+            "shows it), or run under another run id"
+        ) from None
+    outcome, reason = "failed", ""
+    try:
+        with lease.heartbeat():
+            _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress, execute)
+        outcome = "succeeded"
+        return result
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    except Exception as exc:
+        reason = clip(scrub(str(exc)), 1000)
+        raise
+    finally:
+        lease.release(outcome, reason)
+
+
+def _run_stages(
+    config: PipelineConfig,
+    store: ArtifactStore,
+    result: PipelineResult,
+    only: str | None,
+    from_stage: str | None,
+    force: list[str] | tuple[str, ...],
+    run: str | None,
+    work_dir: Path | None,
+    progress: bool | None,
+    execute: Callable[[str, StageConfig, StageContext], StageResult] | None,
+) -> None:
+    stages, run_id = config.stages, result.run_id
     first = only or from_stage or stages[0]
     selected = [only] if only else stages[stages.index(first) :]
-    result = PipelineResult(run_id=run_id, store=store.root_uri)
-
     modes = {"in-process": run_stage, "subprocess": run_stage_process, "deployment": run_stage_deployment}
 
     def runner(name: str) -> Callable[[str, StageConfig, StageContext], StageResult]:
@@ -184,7 +232,6 @@ def run_pipeline(
 
         result.report = config.source.parent / REPORT_FILE
         build_report(store, run_id, result.report, overwrite=True)
-    return result
 
 
 def open_pipeline_store(config: PipelineConfig) -> ArtifactStore:
@@ -193,9 +240,7 @@ def open_pipeline_store(config: PipelineConfig) -> ArtifactStore:
     uri = config.store or settings.default_store()
     if not uri:
         raise InputError(f"{config.source}: store: missing, and ${settings.STORE_ENV} is not set; name the artifact store")
-    if "://" not in uri and not Path(uri).is_absolute():
-        uri = str((config.source.parent / uri).resolve())  # relative to the config file, not the working directory
-    return open_store(uri)
+    return open_store(uri)  # a relative store: in the config is already relative to the config's folder (pipeline_config)
 
 
 def _committed(store: ArtifactStore, run_id: str, stage: str) -> Manifest:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from stages.core.errors import InputError
+from stages.store import StoreUnavailableError
+
+from .prefect_api import PrefectUnavailableError, scrub, start_prefect
 
 HELP = "run the pipeline of a config file (download → snr_scan → layer_select → cpt → sft → evaluate + report)"
 DESCRIPTION = """Run the pipeline a YAML config describes (see flows/pipeline_config.py) as one Prefect flow
@@ -31,7 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> str:
-    from .pipeline import pipeline_flow  # Prefect is imported only when a pipeline runs
+    from .pipeline_config import check_rerun, load_pipeline_config
+
+    # The config, every stage's checks and the re-run options are checked before Prefect is imported or started:
+    # a mistake is one error line, with no temporary server started just to reject it.
+    check_rerun(load_pipeline_config(args.config), args.only, args.from_stage, args.force, args.run)
+    start_prefect()
+    from .pipeline import pipeline_flow
 
     outcome = pipeline_flow(args.config, only=args.only, from_stage=args.from_stage, force=args.force, run=args.run)
     lines = [*outcome["lines"], f"pipeline run {outcome['run_id']}:"]
@@ -69,18 +79,26 @@ def watch_command(args: argparse.Namespace) -> str:
     import time
 
     from .pipeline_config import load_pipeline_config
-    from .watch import watch_once
 
     if args.interval <= 0 or args.claim_timeout <= 0:
         raise InputError("--interval and --claim-timeout must be positive")
-    config = load_pipeline_config(args.config)
-    lines: list[str] = []
+    config = load_pipeline_config(args.config)  # before Prefect is imported: a bad config is one error line
+    from .watch import watch_once
+
     while True:
-        report = watch_once(config, args.prefix, args.claim_timeout, args.watcher)
-        lines += [f"drop {drop}: pipeline run {run_id}" for drop, run_id in report.started]
+        try:
+            report = watch_once(config, args.prefix, args.claim_timeout, args.watcher)
+        except (StoreUnavailableError, PrefectUnavailableError) as exc:
+            if args.once:
+                raise
+            print(f"warning: {scrub(str(exc))}; trying again in {args.interval:g} s", file=sys.stderr, flush=True)
+            time.sleep(args.interval)
+            continue
+        lines = [f"drop {drop}: pipeline run {run_id}" for drop, run_id in report.started]
+        lines += [f"drop {drop}: {why}" for drop, why in report.failed.items()]
         lines += [f"drop {drop}: skipped ({why})" for drop, why in report.skipped.items()]
         if args.once:
             return "\n".join(lines) or f"no ready drop under {args.prefix}"
-        print("\n".join(lines), flush=True)
-        lines = []
+        if lines:
+            print(scrub("\n".join(lines)), flush=True)
         time.sleep(args.interval)

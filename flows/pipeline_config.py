@@ -24,6 +24,8 @@ that deployment's work pool (the GPU pool for cpt, sft and evaluate).
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -35,6 +37,8 @@ from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SN
 from stages.core.documents import clip, load_yaml_file, shown
 from stages.core.errors import InputError
 from stages.core.stage import Stage, options_of
+from stages.store.uri import parse_store_uri, uri_scheme
+from stages.weights.hub import HUB_ID
 
 PIPELINE = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
 STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in PIPELINE}
@@ -42,6 +46,9 @@ TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", 
 EXECUTIONS = ("in-process", "subprocess", "deployment")
 MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline config is a page of YAML
 MAX_CONFIG_VALUES = 100_000  # values with every YAML alias expanded
+# Options that name a file or folder: relative ones are relative to the config's folder, like model:, data: and store:.
+PATH_OPTIONS = {SFT: {"data", "chat_template"}, EVALUATE: {"data", "general", "chat_data", "chat_template", "tasks_dir"}}
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URI (store:, s3://, https://, a mistyped one): not a path
 # Options the pipeline sets itself, from the stage before: setting them in the config is an error.
 WIRED = {
     DOWNLOAD: {"model", "revision", "data"},
@@ -111,19 +118,59 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         options[name] = _stage_options(STAGE_BY_NAME[name], values or {}, f"{where}: stages.{name}")
     if SFT in options and "data" not in options[SFT]:
         raise InputError(f"{where}: stages.sft.data: missing; sft trains on chat data (a folder or store URI)")
+    folder = source.parent
     for name, values in options.items():
-        _check(STAGE_BY_NAME[name], values, f"{where}: stages.{name}")
+        for key in PATH_OPTIONS.get(name, ()) & values.keys():
+            values[key] = _path_value(values[key], folder)
+    for stage in PIPELINE:  # every stage's own checks, the ones left at their defaults too
+        if stage.name != SFT or SFT in options:
+            _check(stage, options.get(stage.name, {}), f"{where}: stages.{stage.name}")
     return PipelineConfig(
         execution=_execution(document.get("execution", "in-process"), where),
-        model=document["model"],
-        data=document["data"],
+        model=_path_value(document["model"], folder, hub_id=True),
+        data=_path_value(document["data"], folder),
         source=source,
         revision=document.get("revision"),
-        store=document.get("store"),
+        store=_store_value(document.get("store"), folder, where),
         run_id=document.get("run_id"),
         options=options,
         report=document.get("report", True),
     )
+
+
+def _path_value(value: str | None, folder: Path, hub_id: bool = False) -> str | None:
+    """A relative path against the config's folder (not the working directory); URIs, absolute paths and hub ids as written."""
+    if value is None or _SCHEME.match(value) or Path(value).expanduser().is_absolute():
+        return os.path.expanduser(value) if value is not None and value.startswith("~") else value
+    if hub_id and HUB_ID.fullmatch(value) and not value.startswith(".") and not (folder / value).exists():
+        return value  # org/name: a Hugging Face hub id, unless the config's folder holds such a folder
+    return os.path.abspath(folder / value)
+
+
+def _store_value(value: str | None, folder: Path, where: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        if uri_scheme(value) is None:
+            value = os.path.abspath(folder / os.path.expanduser(value))
+        parse_store_uri(value)
+    except InputError as exc:
+        raise InputError(f"{where}: store: {clip(str(exc), 300)}") from None
+    return value
+
+
+def check_rerun(
+    config: PipelineConfig, only: str | None, from_stage: str | None, force: list[str] | tuple[str, ...], run: str | None
+) -> None:
+    """--only/--from/--force name stages of this pipeline, and re-runs name the committed run they build on."""
+    stages = config.stages
+    for name, flag in ((only, "--only"), (from_stage, "--from"), *((f, "--force") for f in force)):
+        if name is not None and name not in stages:
+            raise InputError(f"{flag} {_name(name)}: not a stage of this pipeline; its stages are {', '.join(stages)}")
+    if only and from_stage:
+        raise InputError("pass --only or --from, not both")
+    if (only or from_stage) and not run:
+        raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
 
 
 def _execution(value: Any, where: str) -> dict[str, str]:

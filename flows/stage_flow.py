@@ -16,13 +16,16 @@ from stages.store import open_store
 
 from .pipeline import run_stage
 from .pipeline_config import STAGE_BY_NAME
+from .prefect_api import install_scrubbing, redacted
 
 
 @flow(name="spectrum-stage")
+@redacted
 def stage_flow(
     stage: str, options: dict[str, Any], store: str, run_id: str | None = None, step: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Run `stage` with `options` in `store`; returns where its manifest is and whether it was reused."""
+    install_scrubbing()
     if stage not in STAGE_BY_NAME:
         raise InputError(f"unknown stage {stage!r}; the stages are {', '.join(STAGE_BY_NAME)}")
     definition = STAGE_BY_NAME[stage]

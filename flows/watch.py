@@ -1,69 +1,97 @@
 """Data drops: every new drop under a store prefix gets exactly one pipeline run, however many watchers race.
 
 A drop is a folder `<prefix>/<drop>/` whose files are complete once `_SUCCESS` exists (the
-marker Spark and Hadoop write last). A watcher claims a drop by creating
-`claims/<prefix>/<drop>/<generation>.json` with the store's conditional create (S3
-`If-None-Match: *`, an exclusive link on a file store): of two watchers racing, one creates it
-and the other gets OutputExistsError and moves on. The holder copies the drop to a local
-folder, runs the pipeline on it and, when it has finished, creates `done.json`. While it runs it
-writes a heartbeat (`<generation>.beat-<unix time>`) every third of the timeout; a claim whose
-last sign of life is older than the timeout belongs to a watcher that died, and the next
-generation is claimed (again conditionally: one taker). The taker's run reuses every stage the
-dead one committed, and training resumes from its last checkpoint.
+marker Spark and Hadoop write last). A watcher claims a drop with a lease (stages.store.lease)
+on `claims/<prefix>/<drop>/`: the claim `<generation>.json` is created with the store's
+conditional create (S3 `If-None-Match: *`, an exclusive link on a file store), so of two
+watchers racing one wins and the other moves on. The holder copies the drop to a local folder,
+runs the pipeline on it and, when it has finished, creates `done.json`.
+
+- The Prefect API is started (or checked) before anything is claimed: a watcher that could not
+  run never holds a drop.
+- While it runs, the holder renews its lease from a thread that retries store errors; if it
+  cannot renew for half the claim timeout it stops its own run (LeaseLostError) before the
+  lease can expire, so a taker never duplicates a live run.
+- A holder that fails releases its claim at once with the reason (`<generation>.released.json`,
+  outcome failed), and the watcher goes on to the next drop. A later pass tries again, up to
+  MAX_ATTEMPTS generations (failed runs, and holders that died without releasing); then
+  `failed.json` records the drop as failed with the last reason, and it is skipped like a done one.
+- A claim whose holder died (no heartbeat for the claim timeout) is taken over by the next
+  generation; the taker's run reuses every stage the dead one committed, and training resumes
+  from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
-import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
-from stages.core.errors import InputError, OutputExistsError
+from stages.core.documents import clip
+from stages.core.errors import InputError, OutputExistsError, SpectrumError
 from stages.store import ArtifactStore, new_run_id
+from stages.store.errors import ArtifactNotFoundError
+from stages.store.lease import RELEASED_SUFFIX, Lease, LeaseHeldError, LeaseLostError, acquire_lease, holder_identity, lease_state
 
 from .pipeline import PipelineResult, open_pipeline_store, run_pipeline
 from .pipeline_config import PipelineConfig, load_pipeline_config
+from .prefect_api import install_scrubbing, redacted, scrub, start_prefect
 
 READY_MARKER = "_SUCCESS"
 CLAIMS = "claims"
 DONE = "done.json"
-
-
-@dataclass(frozen=True)
-class Claim:
-    drop: str
-    generation: int
-    run_id: str
-    watcher: str
+FAILED = "failed.json"
+MAX_ATTEMPTS = 3  # generations of a drop that may fail (or die) before it is recorded as failed
 
 
 @dataclass
 class WatchReport:
     started: list[tuple[str, str]]  # (drop, run id) of the pipeline runs this pass started and finished
-    skipped: dict[str, str]  # drop -> why not (done, claimed by another watcher, ...)
+    skipped: dict[str, str]  # drop -> why not (done, failed, claimed by another watcher, ...)
+    failed: dict[str, str] = field(default_factory=dict)  # drop -> why this pass's run of it failed, and what happens next
 
 
 def watch_once(
     config: PipelineConfig, prefix: str, claim_timeout: float, watcher: str | None = None, work_dir: Path | None = None
 ) -> WatchReport:
-    """One pass over `prefix`: claim each ready, unprocessed drop and run the pipeline on it."""
+    """One pass over `prefix`: claim each ready, unprocessed drop and run the pipeline on it; a failed drop does not stop the pass."""
     store = open_pipeline_store(config)
     prefix = prefix.strip("/")
     watcher = watcher or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     report = WatchReport([], {})
-    for drop in ready_drops(store, prefix):
-        claim, why = try_claim(store, prefix, drop, watcher, claim_timeout)
-        if claim is None:
+    drops = ready_drops(store, prefix)
+    if drops:
+        start_prefect()  # before any claim: a watcher that cannot run must not hold a drop
+    for drop in drops:
+        lease, why = try_claim(store, prefix, drop, watcher, claim_timeout)
+        if lease is None:
             report.skipped[drop] = why
             continue
-        result = _process(store, config, prefix, claim, claim_timeout, work_dir)
-        report.started.append((drop, result.run_id))
+        run_id = lease.holder["run_id"]
+        try:
+            _process(store, config, prefix, drop, lease, work_dir)
+        except LeaseLostError as exc:
+            lease.release("lost", scrub(str(exc)))
+            report.failed[drop] = f"stopped, its claim could not be renewed: {clip(scrub(str(exc)))}"
+            continue
+        except KeyboardInterrupt:
+            lease.release("interrupted")
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad drop must not stop the others; the reason is recorded
+            reason = _reason(exc)
+            lease.release("failed", reason)
+            report.failed[drop] = _after_failure(store, prefix, drop, reason)
+            continue
+        lease.release("succeeded")
+        report.started.append((drop, run_id))
     return report
 
 
@@ -72,51 +100,36 @@ def ready_drops(store: ArtifactStore, prefix: str) -> list[str]:
     return sorted({key[len(prefix) + 1 :].split("/")[0] for key in store.list(f"{prefix}/") if key.endswith(f"/{READY_MARKER}")})
 
 
-def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeout: float) -> tuple[Claim | None, str]:
-    """(the claim this watcher now holds, "") or (None, why not)."""
+def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeout: float) -> tuple[Lease | None, str]:
+    """(the lease on the drop this watcher now holds, "") or (None, why not)."""
     folder = _claims(prefix, drop)
     keys = store.list(f"{folder}/")
     if f"{folder}/{DONE}" in keys:
         return None, "done"
-    generations = sorted(
-        int(k.rsplit("/", 1)[1].removesuffix(".json")) for k in keys if k.endswith(".json") and k.rsplit("/", 1)[1][0].isdigit()
-    )
-    generation = 0
-    if generations:
-        latest = generations[-1]
-        alive = _last_sign_of_life(store, folder, latest, keys)
-        if time.time() - alive < timeout:
-            return None, f"claimed (generation {latest}) by a watcher alive {time.time() - alive:.0f} s ago"
-        generation = latest + 1  # the holder died: take over, conditionally like any claim
-    claim = Claim(drop, generation, new_run_id(), watcher)
-    document = {"watcher": watcher, "run_id": claim.run_id, "claimed_at": time.time(), "generation": generation}
+    if f"{folder}/{FAILED}" in keys:
+        return None, _failed_note(store, folder)
+    state = lease_state(store, folder, timeout)
+    if state is not None and state.live:
+        return None, f"claimed (generation {state.generation}) by a watcher alive {time.time() - state.last_sign_of_life:.0f} s ago"
+    attempts = _failed_attempts(store, folder, keys, timeout)
+    if len(attempts) >= MAX_ATTEMPTS:
+        _record_failed(store, folder, attempts)
+        return None, _failed_note(store, folder)
     try:
-        store.put_bytes(f"{folder}/{generation}.json", json.dumps(document).encode())
-    except OutputExistsError:
-        return None, f"another watcher claimed generation {generation} first"
-    return claim, ""
+        return acquire_lease(store, folder, holder_identity(watcher=watcher, run_id=new_run_id(), drop=drop), timeout), ""
+    except LeaseHeldError:
+        return None, f"another watcher claimed generation {0 if state is None else state.generation + 1} first"
 
 
-def _process(
-    store: ArtifactStore, config: PipelineConfig, prefix: str, claim: Claim, timeout: float, work_dir: Path | None
-) -> PipelineResult:
-    folder = _claims(prefix, claim.drop)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(timeout / 3):
-            store.put_bytes(f"{folder}/{claim.generation}.beat-{time.time():.3f}", b"")
-
-    heartbeat = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{claim.drop}")
-    heartbeat.start()
-    try:
-        local = _copy_drop(store, prefix, claim.drop, (work_dir or Path(config.source).parent / "drops") / claim.drop)
-        result = run_pipeline(replace(config, data=str(local)), run=claim.run_id, work_dir=work_dir)
-    finally:
-        stop.set()
-        heartbeat.join()
-    done = {"run_id": claim.run_id, "generation": claim.generation, "watcher": claim.watcher, "finished_at": time.time()}
-    store.put_bytes(f"{folder}/{DONE}", json.dumps(done).encode())
+def _process(store: ArtifactStore, config: PipelineConfig, prefix: str, drop: str, lease: Lease, work_dir: Path | None) -> PipelineResult:
+    """The pipeline on the drop under the renewed lease, then done.json."""
+    run_id = lease.holder["run_id"]
+    with lease.heartbeat():
+        target = Path(os.path.abspath(work_dir or Path(config.source).parent / "drops")) / drop
+        local = _copy_drop(store, prefix, drop, target)
+        result = run_pipeline(replace(config, data=str(local)), run=run_id, work_dir=work_dir)
+    done = {"run_id": run_id, "generation": lease.generation, "watcher": lease.holder["watcher"], "finished_at": time.time()}
+    store.put_bytes(f"{_claims(prefix, drop)}/{DONE}", json.dumps(done).encode())
     return result
 
 
@@ -131,10 +144,59 @@ def _copy_drop(store: ArtifactStore, prefix: str, drop: str, target: Path) -> Pa
     return target
 
 
-def _last_sign_of_life(store: ArtifactStore, folder: str, generation: int, keys: list[str]) -> float:
-    beats = [float(k.rsplit(".beat-", 1)[1]) for k in keys if k.startswith(f"{folder}/{generation}.beat-")]
-    claimed = json.loads(store.get_bytes(f"{folder}/{generation}.json"))["claimed_at"]
-    return max([claimed, *beats])
+def _reason(exc: Exception) -> str:
+    """One bounded, scrubbed line: what the failure was."""
+    text = str(exc) if isinstance(exc, SpectrumError) else f"{type(exc).__name__}: {exc}"
+    return clip(scrub(text), 500)
+
+
+def _failed_attempts(store: ArtifactStore, folder: str, keys: list[str], timeout: float) -> list[dict[str, Any]]:
+    """The generations of the drop that failed: released as failed, or claimed by a holder that died (never released, silent)."""
+    generations = sorted({int(k[len(folder) + 1 :].split(".", 1)[0]) for k in keys if k[len(folder) + 1 :].split(".", 1)[0].isdigit()})
+    latest = lease_state(store, folder, timeout)
+    attempts = []
+    for generation in generations:
+        released_key = f"{folder}/{generation}{RELEASED_SUFFIX}"
+        if released_key in keys:
+            released = _read_json(store, released_key)
+            if released.get("outcome") == "failed":
+                attempts.append({"generation": generation, "reason": released.get("reason", "")})
+        elif latest is None or generation < latest.generation or latest.expired:
+            attempts.append({"generation": generation, "reason": "its watcher stopped without a word (killed, or its machine lost)"})
+    return attempts
+
+
+def _after_failure(store: ArtifactStore, prefix: str, drop: str, reason: str) -> str:
+    """Record the drop as failed once it has failed MAX_ATTEMPTS times; what the report says about this failure."""
+    folder = _claims(prefix, drop)
+    keys = store.list(f"{folder}/")
+    attempts = _failed_attempts(store, folder, keys, 0.0)
+    if len(attempts) >= MAX_ATTEMPTS:
+        _record_failed(store, folder, attempts)
+        return f"failed {len(attempts)} times, recorded as failed in {store.uri(f'{folder}/{FAILED}')}: {reason}"
+    return f"failed (attempt {len(attempts)} of {MAX_ATTEMPTS}; a later pass tries again): {reason}"
+
+
+def _record_failed(store: ArtifactStore, folder: str, attempts: list[dict[str, Any]]) -> None:
+    record = {"attempts": len(attempts), "reason": attempts[-1]["reason"], "generations": attempts, "failed_at": time.time()}
+    with contextlib.suppress(OutputExistsError):  # another watcher recorded it first
+        store.put_bytes(f"{folder}/{FAILED}", json.dumps(record).encode())
+
+
+def _failed_note(store: ArtifactStore, folder: str) -> str:
+    record = _read_json(store, f"{folder}/{FAILED}")
+    return (
+        f"failed after {record.get('attempts', MAX_ATTEMPTS)} attempts: {record.get('reason', 'unknown')} "
+        f"(remove {store.uri(f'{folder}/{FAILED}')} to try again)"
+    )
+
+
+def _read_json(store: ArtifactStore, key: str) -> dict[str, Any]:
+    try:
+        document = json.loads(store.get_bytes(key))
+    except (ArtifactNotFoundError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
 def _claims(prefix: str, drop: str) -> str:
@@ -142,7 +204,9 @@ def _claims(prefix: str, drop: str) -> str:
 
 
 @flow(name="spectrum-watch")
+@redacted
 def watch_flow(config_path: str, prefix: str, claim_timeout: float = 3600.0) -> dict:
     """One pass of the watcher (its deployment runs it on a schedule)."""
+    install_scrubbing()
     report = watch_once(load_pipeline_config(config_path), prefix, claim_timeout)
-    return {"started": report.started, "skipped": report.skipped}
+    return {"started": report.started, "skipped": report.skipped, "failed": report.failed}
