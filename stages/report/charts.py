@@ -1,13 +1,21 @@
-"""The report's figures, drawn with matplotlib's Agg backend (no display, no pyplot state) and returned as PNG bytes."""
+"""The report's figures, drawn with matplotlib's Agg backend (no display, no pyplot state) and returned as PNG bytes.
+
+Text from data (tensor and module names, run labels, methods) is drawn as it is: every such string
+goes through `literal` (a `$` would start mathtext, and `$\\foo$` in a tensor name was a traceback),
+and every figure is drawn with LaTeX off whatever the user's matplotlibrc says. Our own mathtext
+(the log axes' powers of ten) still renders.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -51,6 +59,23 @@ class DriftPanel:
     changed: list[bool]
 
 
+def literal(text: object) -> str:
+    """A string from data, shown by matplotlib exactly as it is (no mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
+def _no_latex(draw):
+    """Draw with LaTeX off (a matplotlibrc with text.usetex would send every name to a LaTeX that may not exist)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with rc_context({"text.usetex": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+@_no_latex
 def snr_heatmap(cells: Sequence[HeatCell], title: str, show_changed: bool) -> bytes:
     """Layers (rows) x module types (columns), colour = SNR; selected cells outlined, changed tensors dotted."""
     types = _unique([c.module_type for c in cells if c.layer is not None] + [c.module_type for c in cells if c.layer is None])
@@ -79,7 +104,7 @@ def snr_heatmap(cells: Sequence[HeatCell], title: str, show_changed: bool) -> by
     if show_changed and changed.any():
         rs, cs = np.nonzero(changed)
         ax.scatter(cs, rs, s=_dot_size(len(rows)), c="white", edgecolors="black", linewidths=0.8, zorder=4)
-    ax.set_xticks(range(len(types)), types, rotation=35, ha="right", fontsize=9)
+    ax.set_xticks(range(len(types)), [literal(t) for t in types], rotation=35, ha="right", fontsize=9)
     step = max(1, math.ceil(len(rows) / 40))
     ticks = [i for i in range(len(rows)) if i % step == 0 or rows[i] is None]
     ax.set_yticks(ticks, [NO_LAYER if rows[i] is None else f"layer {rows[i]}" for i in ticks], fontsize=9)
@@ -87,7 +112,7 @@ def snr_heatmap(cells: Sequence[HeatCell], title: str, show_changed: bool) -> by
     ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
     ax.grid(which="minor", color="white", linewidth=1.2)
     ax.tick_params(which="minor", length=0)
-    ax.set_title(title, fontsize=11, loc="left")
+    ax.set_title(literal(title), fontsize=11, loc="left")
     bar = figure.colorbar(image, ax=ax, label="SNR" + (" (log scale)" if isinstance(norm, LogNorm) else ""), shrink=0.9)
     if isinstance(norm, LogNorm):  # plain numbers at 1, 2, 5 x 10^k rather than powers of ten only
         bar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -103,14 +128,14 @@ def snr_heatmap(cells: Sequence[HeatCell], title: str, show_changed: bool) -> by
     return _png(figure)
 
 
+@_no_latex
 def loss_curves(curves: Sequence[Curve]) -> bytes:
     """Training loss per step (top) and the learning rate (bottom), one line per training."""
     figure = Figure(figsize=(9, 5.6), dpi=DPI, layout="constrained")
     loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
     for curve in curves:
-        line = loss_ax.plot(
-            curve.steps, _nan(curve.loss), label=curve.label, linewidth=1.6, marker="o" if len(curve.steps) <= 30 else None, markersize=3
-        )
+        marker = "o" if len(curve.steps) <= 30 else None
+        line = loss_ax.plot(curve.steps, _nan(curve.loss), label=literal(curve.label), linewidth=1.6, marker=marker, markersize=3)
         lr_ax.plot(curve.steps, _nan(curve.learning_rate), color=line[0].get_color(), linewidth=1.4)
     loss_ax.set_ylabel("training loss")
     loss_ax.grid(alpha=0.3)
@@ -123,9 +148,10 @@ def loss_curves(curves: Sequence[Curve]) -> bytes:
     return _png(figure)
 
 
+@_no_latex
 def comparison_bars(rows: Sequence[dict]) -> bytes:
     """Time per step, peak memory and perplexity of each method (ratios to full fine-tuning above the bars)."""
-    methods = [str(r.get("method")) for r in rows]
+    methods = [literal(r.get("method")) for r in rows]
     figure = Figure(figsize=(11, 4.2), dpi=DPI, layout="constrained")
     time_ax, memory_ax, ppl_ax = figure.subplots(1, 3)
     x = np.arange(len(methods))
@@ -174,6 +200,7 @@ def comparison_bars(rows: Sequence[dict]) -> bytes:
     return _png(figure)
 
 
+@_no_latex
 def drift_scatter(panels: Sequence[DriftPanel]) -> bytes:
     """SNR before vs after training per tensor: changed tensors in orange, frozen in grey (on the diagonal)."""
     columns = min(3, len(panels))
@@ -211,7 +238,7 @@ def drift_scatter(panels: Sequence[DriftPanel]) -> bytes:
         ax.set_aspect("equal")
         ax.set_xlabel("SNR before training")
         ax.set_ylabel("SNR after training")
-        ax.set_title(panel.label, fontsize=10, loc="left")
+        ax.set_title(literal(panel.label), fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", framealpha=0.85, edgecolor="none")
     for ax in axes[len(panels) :]:

@@ -3,6 +3,10 @@
 `compose` turns the gathered data into sections; `to_html` embeds every chart as a data URI and its
 CSS in a <style> tag (a Content-Security-Policy forbids any other request); `to_markdown` writes the
 same text and tables for a terminal or a pull request, pointing to the HTML for the charts.
+
+Text from data (tensor and module names, run ids, labels, paths) is escaped in both: HTML-escaped
+in the page, and in the Markdown escaped as Markdown (`_md`) so a name like `<img src=x>` or
+`*bold*` is shown as it is, never rendered; the charts draw it literally too (charts.literal).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from . import charts
 from .build import Evaluation, ReportData, Selection
@@ -25,6 +29,7 @@ MAX_CURVES = 8
 MAX_COLUMNS = 40  # module types on the SNR map before expert numbers are folded into one column
 MAX_INPUTS = 3  # inputs listed per stage in the lineage table (largest first)
 METRIC_ORDER = ("perplexity", "nll_per_token", "sft_eval_loss")
+ROLE_ORDER = ("domain", "general", "chat", "task")  # the evaluation table's dataset roles, in reading order
 DATASET_NAMES = {"heldout": "held-out", "general": "general", "python-docs": "Python docs", "chat-heldout": "held-out chats"}
 
 
@@ -411,7 +416,9 @@ def _metric_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     """One row per metric and dataset: base, trained, delta (stored, else computed) and relative change."""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for r in evaluation.rows:
-        entry = merged.setdefault((str(r["metric"]), str(r["dataset"])), {"metric": r["metric"], "dataset": r["dataset"], "tokens": None})
+        entry = merged.setdefault(
+            (str(r["metric"]), str(r["dataset"])), {"metric": r["metric"], "dataset": r["dataset"], "tokens": None, "role": r.get("role")}
+        )
         entry[str(r["model"])] = r.get("value")
         entry["tokens"] = entry["tokens"] if entry["tokens"] is not None else r.get("tokens")
     rows = []
@@ -428,10 +435,18 @@ def _metric_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
                 "delta": delta,
                 "relative": relative,
                 "tokens": entry["tokens"],
+                "role": entry["role"],
             }
         )
     order = {name: i for i, name in enumerate(METRIC_ORDER)}
-    return sorted(rows, key=lambda r: (order.get(r["metric"], len(order)), r["dataset"] != "heldout", r["dataset"]))
+    return sorted(rows, key=lambda r: (order.get(r["metric"], len(order)), _role_order(r), r["dataset"]))
+
+
+def _role_order(row: dict[str, Any]) -> int:
+    """Domain data first; an evaluation written before datasets had roles: its held-out split first."""
+    if row.get("role") in ROLE_ORDER:
+        return ROLE_ORDER.index(row["role"])
+    return 0 if row["dataset"] == "heldout" else len(ROLE_ORDER)
 
 
 def _candidate(row: dict[str, Any]) -> bool:
@@ -618,24 +633,42 @@ def _html_cell(text: str, breakable: bool) -> str:
 
 def to_markdown(document: Document, html_name: str) -> str:
     """The same report as Markdown: text and tables; the charts are in the HTML file beside it."""
-    lines = [f"# Spectrum report: run `{document.run_id}`", ""]
-    lines += [f"- {fact}" for fact in document.summary] + ([""] if document.summary else [])
-    lines += [" · ".join(document.meta), ""]
+    lines = [f"# Spectrum report: run {_md_code(document.run_id)}", ""]
+    lines += [f"- {_md(fact)}" for fact in document.summary] + ([""] if document.summary else [])
+    lines += [" · ".join(_md(item) for item in document.meta), ""]
+    link = f"[{_md(html_name)}]({quote(html_name)})"
     for section in document.sections:
-        lines += [f"## {section.title}", ""]
+        lines += [f"## {_md(section.title)}", ""]
         for block in section.blocks:
             if isinstance(block, Text):
-                lines += [f"_{block.text}_" if block.missing else block.text, ""]
+                lines += [f"_{_md(block.text)}_" if block.missing else _md(block.text), ""]
             elif isinstance(block, Image):
-                lines += [f"_Chart: {block.alt} (in [{html_name}]({html_name}))._", ""]
+                lines += [f"_Chart: {_md(block.alt)} (in {link})._", ""]
             else:
                 lines += [*_markdown_table(block), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
+MD_SPECIAL = re.compile(r"[\\`*\[\]|~$#]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # `_` inside a word never emphasises
+
+
+def _md(text: str) -> str:
+    """Text shown as it is in Markdown: HTML characters as entities, Markdown's punctuation backslash-escaped, one line."""
+    text = " ".join(str(text).splitlines())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return MD_SPECIAL.sub(lambda match: "\\" + match.group(0), text)
+
+
+def _md_code(text: str) -> str:
+    """A code span that holds any text: a fence longer than any run of backticks in it."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
+
+
 def _markdown_table(table: Table) -> list[str]:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", "<br>")
+        return "<br>".join(_md(line) for line in text.split("\n"))
 
     rows = [[cell(h) for h in table.headers], *([cell(c) for c in row] for row in table.rows)]
     widths = [max(3, *(len(row[i]) for row in rows)) for i in range(len(table.headers))]
