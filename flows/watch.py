@@ -138,7 +138,9 @@ def _copy_drop(store: ArtifactStore, prefix: str, drop: str, target: Path) -> Pa
     base = f"{prefix}/{drop}/"
     keys = [k for k in store.list(base) if not k.endswith(f"/{READY_MARKER}")]
     if not keys:
-        raise InputError(f"the drop {store.uri(base)} holds no files besides {READY_MARKER}")
+        raise InputError(
+            f"the drop {store.uri(base.rstrip('/'))} holds no files besides {READY_MARKER}; add its data or remove its {READY_MARKER}"
+        )
     for key in keys:
         store.download_file(key, target / key[len(base) :])
     return target
