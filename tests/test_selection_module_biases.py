@@ -154,3 +154,43 @@ def test_the_reference_yaml_is_unchanged_for_a_model_without_biases(tiny_snr_tab
     result = select(tiny_snr_table, out, top_percent=50)
     assert result.summary["parameters"] == result.summary["trainable_tensors"]
     assert not any(line.startswith("^") for line in result.summary["unfrozen_parameters"][2:])
+
+
+@pytest.mark.integration
+def test_cpt_with_selection_json_trains_the_selected_modules_biases(tmp_path):
+    """Real DeepSpeed training (2 steps) of a Qwen2 from selection.json: the selected modules' biases change, the rest do not."""
+    from safetensors.torch import load_file
+
+    from stages import cpt
+    from stages.core.contracts import TRAINED_TENSORS_TABLE
+    from stages.store import open_store, read_table
+    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.testing.tokenizer import domain_corpus, write_tokenizer
+
+    from .helpers import TINY
+
+    corpus = domain_corpus(120)
+    model = write_tokenizer(write_synthetic_model(tmp_path / "model", SyntheticSpec(**{**TINY, "architecture": "qwen2"})), corpus, 512)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "part.txt").write_text("\n".join(corpus) + "\n")
+    table = tmp_path / "snr.parquet"
+    run_scan(ScanConfig(model_dir=str(model), output=str(table)), QUIET)
+    select(table, tmp_path / "sel", top_percent=50, always_train=[])
+    summary = json.loads((tmp_path / "sel" / SELECTION_JSON_FILE).read_text())
+    options = dict(max_steps=2, seq_len=64, micro_batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-3, warmup_steps=0)
+    config = cpt.CptConfig(model=str(model), data=str(drop), selection=str(tmp_path / "sel" / SELECTION_JSON_FILE), save_steps=0, **options)
+    store = open_store(str(tmp_path / "store"))
+    result = cpt.run(config, StageContext(store, work_dir=tmp_path / "work", progress=False))
+    trained = set(summary["parameters"])
+    assert any(name.endswith(".bias") for name in trained)
+    assert set(result.detail.freeze.trainable) == trained
+    before = load_file(str(model / "model.safetensors"))
+    after = load_file(str(tmp_path / "store" / "runs" / result.run_id / "cpt" / "model" / "model.safetensors"))
+    assert {name for name in before if not torch.equal(before[name], after[name])} == trained
+    rows = read_table(store, TRAINED_TENSORS_TABLE, run_id=result.run_id).to_pylist()
+    assert {r["tensor_name"] for r in rows if r["changed"]} == trained
+    assert (
+        json.loads((tmp_path / "store" / "runs" / result.run_id / "cpt" / "training.json").read_text())["trainable_parameters"]
+        == (summary["trainable_parameters"])
+    )
