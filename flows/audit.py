@@ -13,6 +13,9 @@ RUNS_HELP = "list the runs in an artifact store with their stages and status"
 RUNS_DESCRIPTION = """List every run in the artifact store: its stages, their status, when it started.
 
 A run is a set of stages committed under one run id (runs/<run>/<stage>/manifest.json).
+A run whose pipeline or stage is still held by a live process is `running`; one whose holder
+was killed (its lease expired unreleased) is `crashed`; a failed or interrupted pipeline says so.
+A re-run's stages reused from an earlier run start when the re-run recorded them.
 The store is only read, never created or changed."""
 AUDIT_HELP = "a run's inputs, outputs, selection and training changes"
 AUDIT_DESCRIPTION = """Show what one run did: for each stage its parameters, code version, host and time,
@@ -36,7 +39,15 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
 def format_audit(report: dict[str, Any]) -> str:
     lines = [f"run {report['run_id']} in {report['store']}"]
     for stage in report["stages"]:
-        lines.append(f"\n[{stage['stage']}] {stage['status']}, code {stage['code_version']}, {stage['seconds']} s on {stage['host']}")
+        work = f"code {stage['code_version']}, {stage['seconds']} s on {stage['host']}"
+        reused = stage.get("reused_from")
+        if reused:
+            lines.append(
+                f"\n[{stage['stage']}] reused from {reused['run_id']}/{reused['stage']} at {stage['recorded_at']} "
+                f"({stage['status']} there: {work})"
+            )
+        else:
+            lines.append(f"\n[{stage['stage']}] {stage['status']}, {work}")
         lines.append(f"  parameters: {json.dumps(stage['parameters'], sort_keys=True)}")
         lines.extend(f"  input  {ref['sha256'][:16]}  {ref['uri']}" for ref in stage["inputs"])
         lines.extend(
@@ -55,11 +66,23 @@ def format_audit(report: dict[str, Any]) -> str:
         )
         lines.append(f"  {'TRAINABLE TENSOR':60} {'SNR':>12}  WHY")
         lines.extend(f"  {r['tensor_name']:60} {_snr(r['snr']):>12}  {r['reason']}" for r in selection["trainable"])
-    training = report.get("training")
-    lines.append(
-        "\ntraining: no training stage in this run" if training is None else f"\ntraining: {len(training['changed'])} tensors changed"
-    )
+    lines += _training_lines(report.get("training"))
     return "\n".join(lines)
+
+
+def _training_lines(training: dict[str, Any] | None) -> list[str]:
+    """Each training stage apart (cpt and sft are never summed), then the tensors changed by any of them."""
+    if training is None:
+        return ["\ntraining: none in this run or in the runs its inputs came from"]
+    lines = [f"\ntraining: {len(training['changed'])} distinct tensors changed in all"]
+    for stage in training["stages"]:
+        where = {
+            "run": "",
+            "reused": f" (reused from run {stage['run_id']}/{stage['trained_as']})",
+            "input": f" of run {stage['run_id']} (not in this run: its inputs came from it)",
+        }[stage["via"]]
+        lines.append(f"  {stage['stage']}{where}: {len(stage['changed'])} of {stage['tensors']} tensors changed")
+    return lines
 
 
 def _snr(value: float | None) -> str:

@@ -152,7 +152,7 @@ def test_audit_shows_tensors_changed_by_training(pipeline):
     training = report["training"]
     assert [r["tensor_name"] for r in training["changed"]] == ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"]
     assert training["unchanged"] == 1
-    assert "training: 2 tensors changed" in format_audit(report)
+    assert "training: 2 distinct tensors changed in all\n  cpt: 2 of 3 tensors changed" in format_audit(report)
 
 
 def test_run_summaries_show_stages_and_statuses(pipeline, write_checkpoint, tmp_path):
@@ -208,7 +208,7 @@ def test_runs_and_audit_cli_json_and_text(pipeline, capsys):
     for name in result.detail.summary["trainable_tensors"]:
         assert re.search(rf"^  {re.escape(name)}\s", text, re.MULTILINE), name
     assert f"selection: {len(result.detail.summary['trainable_tensors'])} trainable tensors" in text
-    assert "training: no training stage in this run" in text
+    assert "training: none in this run or in the runs its inputs came from" in text
 
 
 def test_runs_of_an_empty_store(tmp_path, capsys):
