@@ -165,3 +165,28 @@ def test_names_the_model_lacks_are_listed_with_the_names_it_has(tmp_path, llama)
     missing = r"names 1 tensor\(s\) this model does not have \('transformer.h.0.attn.c_attn.weight'\)"
     with pytest.raises(InputError, match=missing + r"; .*named like 'model.embed_tokens.weight'"):
         apply_selection(llama, load_selection(str(path), None, None))
+
+
+def test_indexed_module_lines_match_exactly_as_re_match_does():
+    """Plain lines are looked up, not scanned, yet mean what Axolotl's re.match makes of them (every `.` matches anything)."""
+    import re
+
+    lines = ("model.layers.1.mlp", "model.layers.1.self_attn.q_proj", "lm_head", "model.norm", r"^model\.layers\.0\.", "a-b_c")
+    names = [
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.10.mlp.up_proj.weight",  # `1.` of the line: `.` meets `0`, then `mlp` meets `.mlp`: no match
+        "model.layers.1Xmlp.weight",  # `.` matches `X`
+        "model.layers.1.self_attn.q_proj.bias",
+        "model.layers.1.self_attn.q_projection.weight",  # a prefix: re.match matches it too
+        "model.layers.0.mlp.up_proj.weight",
+        "lm_head.weight",
+        "model_norm.weight",
+        "model.embed_tokens.weight",
+        "a-b_c",
+    ]
+    selection = Selection(lines, "s.yaml", {})
+    for name in names:
+        assert selection.matches(name) == any(re.match(line, name) for line in lines), name
+        assert sorted(selection.matching_patterns(name)) == sorted(line for line in lines if re.match(line, name)), name
+    assert selection.unmatched(names) == ()
+    assert selection.unmatched(names[:2]) == ("model.layers.1.self_attn.q_proj", "lm_head", "model.norm", r"^model\.layers\.0\.", "a-b_c")

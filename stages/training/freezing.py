@@ -42,7 +42,7 @@ def apply_selection(model: torch.nn.Module, selection: Selection | None) -> Free
         if selection.module_biases:  # a selected module trains its weight and its bias
             matched |= {bias for name in matched if name.endswith(".weight") and (bias := f"{name[: -len('.weight')]}.bias") in canonical}
         chosen = {canonical[name] for name in matched}
-        unmatched = tuple(regex.pattern for regex in selection.regexes if not any(regex.match(name) for name in canonical))
+        unmatched = selection.unmatched(list(canonical))
         if unmatched and chosen:
             log.warning(
                 "selection %s: %d pattern(s) match no parameter and are ignored: %s",

@@ -40,19 +40,55 @@ class Selection:
     module_biases: bool = False  # also train the bias of every selected `<module>.weight` (a selection.json without `parameters`)
 
     def __post_init__(self) -> None:
-        # Exact names are looked up (a selection of a large model lists 100k of them); the rest are checked regexes.
+        # Exact names are looked up and plain module lines (`model.layers.0.mlp.up_proj`, the reference tool's) are
+        # indexed, so a selection of a 100k-tensor model costs a few lookups per name; the rest are checked regexes.
         exact = {f"^{re.escape(n)}$": n for n in self.exact_names}
-        regexes = tuple(compile_pattern(p, f"selection {self.source}: pattern") for p in self.patterns if p not in exact)
+        plain: dict[tuple[int, tuple[int, ...]], dict[str, str]] = {}
+        regexes = []
+        for pattern in self.patterns:
+            if pattern in exact:
+                continue
+            if _PLAIN_LINE.fullmatch(pattern):
+                dots = tuple(i for i, c in enumerate(pattern) if c == ".")
+                plain.setdefault((len(pattern), dots), {})[_masked(pattern, dots)] = pattern
+            else:
+                regexes.append(compile_pattern(pattern, f"selection {self.source}: pattern"))
         object.__setattr__(self, "_exact", frozenset(exact[p] for p in self.patterns if p in exact))
-        object.__setattr__(self, "_regexes", regexes)
+        object.__setattr__(self, "_plain", plain)
+        object.__setattr__(self, "_regexes", tuple(regexes))
+
+    def matching_patterns(self, name: str) -> list[str]:
+        """The patterns that re.match `name` (an exact name is its `^name$` pattern)."""
+        found = [f"^{re.escape(name)}$"] if name in self._exact else []  # type: ignore[attr-defined]
+        for (length, dots), lines in self._plain.items():  # type: ignore[attr-defined]
+            if length <= len(name) and (line := lines.get(_masked(name[:length], dots))) is not None:
+                found.append(line)
+        found.extend(regex.pattern for regex in self._regexes if regex.match(name))  # type: ignore[attr-defined]
+        return found
 
     def matches(self, name: str) -> bool:
-        return name in self._exact or any(regex.match(name) for regex in self._regexes)  # type: ignore[attr-defined]
+        return bool(self.matching_patterns(name))
 
-    @property
-    def regexes(self) -> tuple[re.Pattern[str], ...]:
-        """The patterns that are not exact names (a YAML's lines)."""
-        return self._regexes  # type: ignore[attr-defined]
+    def unmatched(self, names: list[str]) -> tuple[str, ...]:
+        """The regex patterns (not exact names) that match none of `names`, in the selection's order."""
+        used = {pattern for name in names for pattern in self.matching_patterns(name)}
+        exact = {f"^{re.escape(n)}$" for n in self.exact_names}
+        return tuple(p for p in self.patterns if p not in used and p not in exact)
+
+
+_PLAIN_LINE = re.compile(r"[A-Za-z0-9_\-.]+")  # a module name as a regex: every `.` matches any character, the rest itself
+
+
+def _masked(text: str, dots: tuple[int, ...]) -> str:
+    """`text` without the characters at `dots` (the positions where a plain line's `.` matches anything)."""
+    if not dots:
+        return text
+    parts, start = [], 0
+    for index in dots:
+        parts.append(text[start:index])
+        start = index + 1
+    parts.append(text[start:])
+    return "\0".join(parts)
 
 
 def load_selection(source: str | None, run: str | None, store: ArtifactStore | None) -> Selection:
