@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -58,7 +59,10 @@ def test_a_credential_in_the_config_never_reaches_prefects_database(prefect_api,
     with pytest.raises(InputError) as caught:
         pipeline_flow(str(tmp_path / "pipeline.yaml"), run="leaky")
     assert SECRET not in str(caught.value) and "https://***@data.example.invalid" in str(caught.value)
-    APILogHandler.flush()
+    for logger in [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]:
+        for handler in logger.handlers:
+            if isinstance(handler, APILogHandler):
+                handler.flush()  # the log lines reach the server
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs()
         task_runs = client.read_task_runs()
