@@ -144,7 +144,11 @@ def train(
     if (checkpoint_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
         first_step = int((client_state or {}).get("step", 0))
-    metrics = _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progress, on_checkpoint)
+    elif scheduler is not None:
+        # DeepSpeed's scheduler starts before its first iteration, at rate 0: step 1 would not train at all
+        # (with no warm-up, not at the full rate). Step s trains at the rate of iteration s - 1.
+        scheduler.step(0)
+    metrics = _steps(engine, data, settings, first_step, checkpoint_dir, progress, on_checkpoint)
     require_finite_weights(_trainable_tensors(engine.module), settings.max_steps, settings)
     state = _gather_state_dict(engine)
     return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
@@ -162,7 +166,7 @@ def _destroy_process_group_at_exit() -> None:
     atexit.register(destroy)
 
 
-def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progress, on_checkpoint) -> list[dict[str, Any]]:
+def _steps(engine, data, settings, first_step, checkpoint_dir, progress, on_checkpoint) -> list[dict[str, Any]]:
     tokens_per_step = settings.micro_batch_size * settings.gradient_accumulation_steps * data.tokens_per_row
     metrics: list[dict[str, Any]] = []
     engine.train()
@@ -171,6 +175,7 @@ def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progre
     ) as bar:
         for step in range(first_step, settings.max_steps):
             started = time.perf_counter()
+            rate = float(engine.get_lr()[0])  # the rate this step trains at (the optimizer's, restored on resume)
             losses = []
             for micro in range(settings.gradient_accumulation_steps):
                 batch = {k: v.to(engine.device) for k, v in data.batch(_batch_rows(data.rows, settings, step, micro)).items()}
@@ -184,7 +189,7 @@ def _steps(engine, scheduler, data, settings, first_step, checkpoint_dir, progre
             row = {
                 "step": step + 1,
                 "loss": float(np.mean(losses)),
-                "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler is not None else settings.learning_rate,
+                "learning_rate": rate,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_second": tokens_per_step / seconds if seconds > 0 else None,
                 "step_seconds": seconds,
