@@ -148,3 +148,18 @@ def test_a_chat_template_that_never_ends_is_stopped_naming_it(chat_model, tmp_pa
         sft.run(options, context(tmp_path / "store", tmp_path / "work"))
     assert no_runs(tmp_path)
     assert not isinstance(sys.gettrace(), _StepBudget)  # the step counter is gone with the rendering
+
+
+def test_trained_values_beyond_the_saved_dtype_are_refused_from_the_files(tmp_path):
+    """A trained fp16 tensor that grew past 65504 is infinite once saved in the base model's dtype."""
+    from safetensors.torch import save_file
+
+    from stages.training.tensor_audit import audit_tensors
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder, value in ((before, 1.0), (after, 70000.0)):
+        folder.mkdir()
+        weights = {"w.weight": torch.full((2, 2), value).to(torch.float16), "frozen.weight": torch.ones(2, dtype=torch.float16)}
+        save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(loop.TrainingDivergedError, match=r"NaN or infinite values in 1 tensor\(s\) \(w.weight \(F16\)\)"):
+        audit_tensors(before, after, {"w.weight"})

@@ -1,7 +1,9 @@
 """Proof of what training changed, read from the safetensors files before and after (not from memory).
 
 One row per tensor of the base checkpoint: trainable, parameter count, sha256 of its bytes before
-and after, changed, and the relative change ‖ΔW‖/‖W‖. A frozen tensor that changed is an error.
+and after, changed, and the relative change ‖ΔW‖/‖W‖. A frozen tensor that changed is an error, and
+so is a changed tensor that holds NaN or infinity in the saved files (not only in memory: a value
+beyond the range of fp16 becomes infinite when saved in the base model's dtype).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from ..core.errors import SpectrumError
 from ..weights.checkpoint import ModelWeights
+from .loop import TrainingDivergedError
 
 TRAINED_TENSORS_SCHEMA = pa.schema(
     [
@@ -40,6 +43,7 @@ def audit_tensors(before_dir: Path, after_dir: Path, trainable: set[str]) -> pa.
     before, after = ModelWeights.open(before_dir), ModelWeights.open(after_dir)
     after_infos = {info.name: info for info in after.tensors}
     rows = []
+    non_finite: list[str] = []
     for info in before.tensors:
         old = before.read(info)
         new_info = after_infos.get(info.name)
@@ -64,6 +68,13 @@ def audit_tensors(before_dir: Path, after_dir: Path, trainable: set[str]) -> pa.
                 "relative_change": relative,
             }
         )
+        if changed and new is not None and _finite(old) and not _finite(new):
+            non_finite.append(f"{info.name} ({info.dtype})")
+    if non_finite:  # e.g. trained values beyond the range of the base model's fp16
+        raise TrainingDivergedError(
+            f"the trained model's files hold NaN or infinite values in {len(non_finite)} tensor(s) ({', '.join(non_finite[:5])}); "
+            "nothing was committed: lower --learning-rate, or train a base model whose dtype holds the trained values"
+        )
     table = pa.Table.from_pylist(rows, schema=TRAINED_TENSORS_SCHEMA)
     broken = [r["tensor_name"] for r in rows if r["changed"] and not r["trainable"]]
     if broken:
@@ -76,3 +87,7 @@ def audit_tensors(before_dir: Path, after_dir: Path, trainable: set[str]) -> pa.
 
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
