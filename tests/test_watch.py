@@ -67,7 +67,8 @@ def test_two_racing_watchers_process_a_drop_exactly_once(s3_env, model, tmp_path
     assert [w.returncode for w in watchers] == [0, 0], [err[-2000:] for _, err in outputs]
 
     claims = sorted(k.rsplit("/", 1)[1] for k in store.list(f"{CLAIMS}/incoming/2026-12-01/") if ".beat-" not in k)
-    assert claims == ["0.json", "done.json"]  # one claim, one completion
+    assert claims == ["0.json", "0.released.json", "done.json"]  # one claim, released, one completion
+    assert json.loads(store.get_bytes(f"{CLAIMS}/incoming/2026-12-01/0.released.json"))["outcome"] == "succeeded"
     done = json.loads(store.get_bytes(f"{CLAIMS}/incoming/2026-12-01/done.json"))
     started = [line for out, _ in outputs for line in out.splitlines() if "pipeline run" in line]
     assert started == [f"drop 2026-12-01: pipeline run {done['run_id']}"]
