@@ -163,3 +163,21 @@ def test_trained_values_beyond_the_saved_dtype_are_refused_from_the_files(tmp_pa
         save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(loop.TrainingDivergedError, match=r"NaN or infinite values in 1 tensor\(s\) \(w.weight \(F16\)\)"):
         audit_tensors(before, after, {"w.weight"})
+
+
+def test_a_damaged_packed_data_cache_is_packed_again(base_model, drop, tmp_path, caplog):  # noqa: F811
+    import logging
+    import os
+
+    from transformers import AutoTokenizer
+
+    from stages.training.packing import pack
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    first = pack(drop, tokenizer, 64, 5.0, "text", tmp_path / "work", "digest")
+    expected = first.blocks.copy()
+    (blocks,) = (tmp_path / "work").glob("blocks-*.u32")
+    os.truncate(blocks, 100)
+    with caplog.at_level(logging.WARNING):
+        again = pack(drop, tokenizer, 64, 5.0, "text", tmp_path / "work", "digest")
+    assert (again.blocks == expected).all() and "packing the data again" in caplog.text

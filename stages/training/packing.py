@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..data.drops import iter_texts
+
+log = logging.getLogger(__name__)
 
 HELDOUT_RULE = "int.from_bytes(sha256(text)[:8], 'big') % 10000 < heldout_percent * 100"
 
@@ -73,15 +76,31 @@ def pack(
     blocks_path = cache_dir / f"blocks-{key}.u32"
     meta_path = cache_dir / f"blocks-{key}.json"
     heldout_path = cache_dir / f"blocks-{key}.heldout.jsonl"
-    if not (blocks_path.is_file() and meta_path.is_file() and heldout_path.is_file()):
+    meta = _cached_meta(blocks_path, meta_path, heldout_path, seq_len)
+    if meta is None:
         _write_blocks(data_dir, tokenizer, eos, seq_len, heldout_percent, text_field, blocks_path, meta_path, heldout_path)
-    meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     blocks = (
         np.memmap(blocks_path, dtype=np.uint32, mode="r", shape=(meta["blocks"], seq_len))
         if meta["blocks"]
         else np.zeros((0, seq_len), np.uint32)
     )
     return PackedData(blocks, meta["documents"], meta["tokens"], meta["heldout"], heldout_path)
+
+
+def _cached_meta(blocks_path: Path, meta_path: Path, heldout_path: Path, seq_len: int) -> dict[str, Any] | None:
+    """The record of blocks packed before, or None when they must be packed (absent; a damaged cache is warned about)."""
+    if not (blocks_path.is_file() and meta_path.is_file() and heldout_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = int(meta["blocks"]) * seq_len * np.dtype(np.uint32).itemsize
+        if blocks_path.stat().st_size != expected:
+            raise ValueError(f"{blocks_path.name} has {blocks_path.stat().st_size} bytes, not the {expected} its record says")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("packing the data again: the packed copy in %s is damaged (%s)", blocks_path.parent, exc)
+        return None
 
 
 def _write_blocks(
