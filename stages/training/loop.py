@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import CorruptWeightsError, InputError
+from .opbuild import build_ops
 
 
 class TrainingDivergedError(CorruptWeightsError):
@@ -332,6 +333,7 @@ def init_distributed() -> None:
     """
     if torch.distributed.is_initialized():
         return
+    build_ops()  # before any rendezvous: a rank waiting for a build holds up no collective
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # DeepSpeed otherwise looks for MPI; the address and port are never used (no rendezvous).
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "0")):
