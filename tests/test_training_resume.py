@@ -59,3 +59,18 @@ def test_sft_resumed_after_step_6_of_12_is_bit_identical(chat_model, template, t
     reference = sft.run(options, context(tmp_path / "reference", tmp_path / "work-reference"))
     expected = sha(tmp_path / "reference" / "runs" / reference.run_id / SFT / "model" / "model.safetensors")
     assert resumed_weights(sft.run, options, tmp_path / "a", monkeypatch, [6], SFT) == (expected, 6)
+
+
+@pytest.mark.integration
+def test_the_first_step_trains_at_its_scheduled_rate(base_model, drop, selection, tmp_path):  # noqa: F811
+    """DeepSpeed's scheduler starts at rate 0 before its first iteration: without care, step 1 changes nothing."""
+    from stages.core.contracts import TRAINED_TENSORS_TABLE
+    from stages.store import open_store, read_table
+
+    result = cpt.run(
+        config(base_model, drop, selection=str(selection), max_steps=1, warmup_steps=0, save_steps=0),
+        context(tmp_path / "store", tmp_path / "work"),
+    )
+    assert [row["learning_rate"] for row in result.detail.metrics] == [pytest.approx(2e-3)]
+    table = read_table(open_store(str(tmp_path / "store")), TRAINED_TENSORS_TABLE, run_id=result.run_id).to_pylist()
+    assert all(row["changed"] for row in table if row["trainable"])

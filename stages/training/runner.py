@@ -3,7 +3,7 @@
 A training stage supplies only how its data becomes token arrays (`prepare`); this module
 resolves the model, data and selection (local folders or stored trees), checks everything that
 can be wrong with them before the stage starts (selection against the model built on the meta
-device, the memory estimate, the data), then inside `execute_stage` restores a failed run's
+device, the memory estimate, the data), then inside `execute_stage` restores an unfinished run's
 checkpoint, trains with DeepSpeed, saves a Hugging Face model in the base model's dtypes,
 audits every tensor from the files and publishes model, checkpoints, tables and records.
 """
