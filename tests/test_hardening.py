@@ -275,7 +275,7 @@ def test_sigterm_records_a_failed_stage_and_keeps_the_work_for_resuming(syntheti
             process.kill()
             process.wait()
     assert process.returncode == 128 + signal.SIGTERM
-    assert err.startswith("terminated (SIGTERM)"), err
+    assert err.startswith("terminated (SIGTERM): the snr_scan stage of run "), err
     store = open_store(str(store_dir))
     (stopped,) = list_runs(store)
     assert load_manifest(store, stopped, SNR_SCAN).status == FAILED

@@ -23,7 +23,7 @@ from typing import Any
 from ..store import ArtifactStore, open_store
 from ..store.scrub import redact
 from . import settings
-from .errors import InputError, SpectrumError
+from .errors import InputError, SpectrumError, recorded_failure
 from .files import write_atomic
 from .stage import Option, Stage, StageConfig, StageContext, options_of
 
@@ -226,30 +226,36 @@ def execute(action: Action, args: argparse.Namespace) -> int:
     """Run an action; every failure the user can act on becomes one `error:` line on stderr and an exit code.
 
     SIGTERM is treated like Ctrl-C (the stage records a failed manifest, partial work is kept
-    for resuming); credentials in URLs are never printed.
+    for resuming); credentials in URLs are never printed; a message is cut to MAX_ERROR_CHARS.
     """
     configure_logging()
     try:
         with sigterm_as_interrupt():
             message = action(args)
     except SpectrumError as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        print(f"error: {bounded(redact(str(exc)))}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print(
-            "terminated (SIGTERM): the stage was recorded as failed; partial results are kept and the next run resumes them",
-            file=sys.stderr,
-        )
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("interrupted: partial results are kept and the next run resumes them", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        recorded = recorded_failure(exc)
+        what = f"the {recorded} was recorded as failed; " if recorded else "nothing was recorded as failed (no stage had started); "
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{how}: {what}partial results are kept and the next run resumes them", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
     except OSError as exc:
-        print(f"error: {redact(describe_os_error(exc))}", file=sys.stderr)
+        print(f"error: {bounded(redact(describe_os_error(exc)))}", file=sys.stderr)
         return OS_ERROR_EXIT
     if message:
         print(redact(message))
     return 0
+
+
+MAX_ERROR_CHARS = 4000
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """At most `limit` characters of a message, saying how much was left out (an input can make messages huge)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters left out)"
 
 
 OS_ERROR_EXIT = 5

@@ -21,3 +21,11 @@ class OutputExistsError(SpectrumError):
     """Writing would replace an existing artifact."""
 
     exit_code = 4
+
+
+RECORDED_FAILURE = "spectrum_recorded_failure"  # set on an exception by execute_stage once its failed manifest is stored
+
+
+def recorded_failure(exc: BaseException) -> str | None:
+    """'<step> stage of run <id>' when a failed manifest was stored for the failure that `exc` ended, else None."""
+    return getattr(exc, RECORDED_FAILURE, None)

@@ -35,7 +35,7 @@ from ..store.lease import LeaseHeldError, acquire_lease, holder_identity
 from ..store.manifest import lease_folder
 from .contracts import FAILED
 from .environment import runtime_environment
-from .errors import InputError, OutputExistsError
+from .errors import RECORDED_FAILURE, InputError, OutputExistsError
 from .settings import STORE_ENV
 from .stage import StageContext
 
@@ -131,11 +131,12 @@ def _execute_leased(
     try:
         committed = manifest.finish(produce(StageRun(store, step, manifest.run_id, manifest.cache_key)))
         commit_manifest(store, committed)
-    except BaseException:
+    except BaseException as exc:
         # Record the failure (of the work or of the commit itself); if even that cannot be
         # stored (server down), the original error matters more.
         with contextlib.suppress(Exception):
             commit_manifest(store, manifest.finish([], status=FAILED))
+            setattr(exc, RECORDED_FAILURE, f"{step} stage of run {manifest.run_id}")
         raise
     return StageOutcome(committed, cached=False)
 

@@ -21,9 +21,11 @@ _SECRET_VALUES = [
     ("a GitHub token", re.compile(r"\b(ghp|gho|ghs|ghu|github_pat)_[A-Za-z0-9_]{20,}\b")),
     ("a bearer token", re.compile(r"\bbearer\s+\S{8,}", re.IGNORECASE)),
     ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
-    ("a URL with a password", re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)),
+    ("a URL with a password", re.compile(r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)),
 ]
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+# A scheme starts where no scheme character precedes it: without the look-behind every position
+# inside a long run of letters would start a match attempt, quadratic in the text's length.
+_URL_CREDENTIALS = re.compile(r"(?<![a-z0-9+.-])(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
 # 40 random base64 characters: the shape of an AWS secret access key. Requiring both cases and
 # a digit or '/+' keeps hex digests (git commits, sha1) and plain words from matching.
 _AWS_SECRET = re.compile(r"(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9/+])[A-Za-z0-9/+]{40}")
