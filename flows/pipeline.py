@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
-from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, PIPELINE_LEASE, SFT, SNR_SCAN
 from stages.core.documents import clip
 from stages.core.errors import InputError
 from stages.core.process import StageProcessError, run_in_own_process
@@ -39,7 +39,6 @@ from .pipeline_config import STAGE_BY_NAME, PipelineConfig, check_rerun, load_pi
 from .prefect_api import install_scrubbing, redacted, scrub
 
 REPORT_FILE = "report.html"
-PIPELINE_LEASE = "pipeline"  # runs/<run>/pipeline/lease/: the live pipeline of a run
 
 
 @dataclass

@@ -227,8 +227,9 @@ def _row(store: ArtifactStore, arm: Arm) -> dict[str, Any]:
     metrics = _rows_of(store, TRAINING_METRICS_TABLE, training_manifest)
     metrics.sort(key=lambda m: m["step"])
     timed = metrics[WARMUP_STEPS:] or metrics
-    values = {(r["model"], r["metric"], r["dataset"]): r["value"] for r in _rows_of(store, EVALUATION_TABLE, evaluation_manifest)}
-    general = next((d for (_, metric, d) in values if metric == "perplexity" and d != "heldout"), None)
+    evaluation = _rows_of(store, EVALUATION_TABLE, evaluation_manifest)
+    values = {(r["model"], r["metric"], r["dataset"]): r["value"] for r in evaluation}
+    general = next((r["dataset"] for r in evaluation if r["metric"] == "perplexity" and r.get("role") == "general"), None)
     return {
         "method": arm.method.name,
         "cpt_run": training_manifest.run_id,

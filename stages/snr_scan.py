@@ -8,7 +8,6 @@ end and the partial file removed: a Parquet file at the output path is always co
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from .core.contracts import REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
 from .core.errors import InputError
 from .core.execution import StageRun, execute_stage
 from .core.files import ensure_distinct, ensure_writable, write_atomic
+from .core.patterns import compile_pattern
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.engine import plan_scan, scan_concurrently, skipped_row
 from .scan.estimators import ESTIMATORS
@@ -207,10 +207,7 @@ def _validate(config: ScanConfig) -> None:
         raise InputError(f"--workers must be at least 1, got {config.workers}")
     for flag, patterns in (("--include", config.include), ("--exclude", config.exclude)):
         for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise InputError(f"{flag} {pattern!r} is not a valid regular expression: {exc}") from exc
+            compile_pattern(pattern, flag)  # invalid, or able to backtrack without bound: an error before any work
 
 
 def report(result: ScanResult, destination: str | None = None) -> str:

@@ -21,7 +21,7 @@ from .helpers import child_env
 
 
 def test_a_live_lease_refuses_a_second_holder_and_names_the_first(store):
-    lease = acquire_lease(store, "locks/a", {"host": "h1", "pid": 11}, timeout=60)
+    acquire_lease(store, "locks/a", {"host": "h1", "pid": 11}, timeout=60)
     with pytest.raises(LeaseHeldError, match="pid 11") as caught:
         acquire_lease(store, "locks/a", {"host": "h2", "pid": 22}, timeout=60)
     assert caught.value.exit_code == 4

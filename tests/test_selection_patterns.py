@@ -190,3 +190,14 @@ def test_indexed_module_lines_match_exactly_as_re_match_does():
         assert sorted(selection.matching_patterns(name)) == sorted(line for line in lines if re.match(line, name)), name
     assert selection.unmatched(names) == ()
     assert selection.unmatched(names[:2]) == ("model.layers.1.self_attn.q_proj", "lm_head", "model.norm", r"^model\.layers\.0\.", "a-b_c")
+
+
+@pytest.mark.parametrize("option", ["include", "exclude"])
+def test_the_scan_refuses_pathological_type_regexes_before_any_work(tiny_model, tmp_path, option):
+    from stages.snr_scan import ScanConfig
+    from stages.snr_scan import run as run_scan
+
+    config = ScanConfig(model_dir=str(tiny_model), output=str(tmp_path / "snr.parquet"), **{option: ["^(a+)+$"]})
+    with pytest.raises(InputError, match=rf"--{option} '\^\(a\+\)\+\$' .*catastrophic backtracking"):
+        run_scan(config, StageContext(progress=False))
+    assert not (tmp_path / "snr.parquet").exists()

@@ -14,6 +14,7 @@ CPT = "cpt"
 SFT = "sft"
 EVALUATE = "evaluate"
 STAGE_ORDER = (DOWNLOAD, SNR_SCAN, LAYER_SELECT, CPT, SFT, EVALUATE)
+PIPELINE_LEASE = "pipeline"  # runs/<run>/pipeline/lease/: the lease of a run's live pipeline (not a stage)
 COMPARE = "compare"  # not a pipeline stage: the comparison of training methods, each arm a run of the stages above
 
 # Parquet tables in the store (tables/<table>/stage=<stage>/run_id=<run>/part-0.parquet).

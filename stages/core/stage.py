@@ -44,6 +44,7 @@ from ..store.scrub import check_values
 from . import settings
 from .contracts import STEP_SEPARATOR, step_name
 from .errors import InputError
+from .library_output import follow_progress
 
 OPTION = "spectrum_option"
 
@@ -110,6 +111,7 @@ class StageContext:
             check_values({"run_id": self.run_id}, "--run-id")
         if self.step is not None and (STEP_SEPARATOR in self.step or not NAME.fullmatch(self.step)):
             raise InputError(f"invalid step qualifier {self.step!r}: letters, digits, '_' or '-'")
+        follow_progress(self.progress)  # the libraries' own bars (loading weights, writing shards) follow ours
 
     def step_name(self, stage: str) -> str:
         """Where `stage` writes in the run: its own name, or `<stage>.<step>`."""

@@ -27,6 +27,7 @@ from ..core.contracts import (
     FAILED,
     LAYER_SELECT,
     MANIFEST_FILE,
+    PIPELINE_LEASE,
     RUNNING,
     SELECTION_TABLE,
     SFT,
@@ -45,7 +46,6 @@ from .tables import read_table_output, table_key
 
 log = logging.getLogger(__name__)
 CRASHED = "crashed"  # a holder that stopped beating without releasing its lease: killed (kill -9, OOM, a lost node)
-PIPELINE = "pipeline"  # runs/<run>/pipeline/lease/: the lease of a run's pipeline (flows/pipeline.py)
 TRAINING_STAGES = (CPT, SFT)
 
 
@@ -62,10 +62,10 @@ def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
         records = _records(store, run_id, keys.stages)
         stages = {m.stage: m.status for m in records}
         leases = {step: state for step in sorted(keys.leased - set(stages)) if (state := _lease(store, run_id, step))}
-        stages.update((step, _lease_status(state)) for step, state in leases.items() if step != PIPELINE)
-        if not stages and PIPELINE not in leases:
+        stages.update((step, _lease_status(state)) for step, state in leases.items() if step != PIPELINE_LEASE)
+        if not stages and PIPELINE_LEASE not in leases:
             continue
-        pipeline = leases.get(PIPELINE)
+        pipeline = leases.get(PIPELINE_LEASE)
         started = [m.started_at for m in records] + [_iso(state.acquired_at) for state in leases.values()]
         summaries.append(
             {
