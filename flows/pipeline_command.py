@@ -98,6 +98,12 @@ def watch_command(args: argparse.Namespace) -> str:
         lines += [f"drop {drop}: {why}" for drop, why in report.failed.items()]
         lines += [f"drop {drop}: skipped ({why})" for drop, why in report.skipped.items()]
         if args.once:
+            if report.failed:  # a scheduler (cron, a deployment) must see that the pass did not do its job
+                print(scrub("\n".join(lines)), flush=True)
+                raise InputError(
+                    f"{len(report.failed)} drop(s) failed in this pass ({', '.join(sorted(report.failed))}); "
+                    "each claim was released with its reason and the next pass retries it"
+                )
             return "\n".join(lines) or f"no ready drop under {args.prefix}"
         if lines:
             print(scrub("\n".join(lines)), flush=True)

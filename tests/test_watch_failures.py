@@ -123,3 +123,16 @@ def test_a_dead_holder_counts_as_an_attempt(setup, tmp_path):
         store.put_bytes(f"{CLAIMS}/incoming/d1/{generation}.json", json.dumps(claim).encode())
     report = watch_once(config, "incoming", claim_timeout=60, watcher="w", work_dir=tmp_path / "work")
     assert report.skipped["d1"].startswith(f"failed after {MAX_ATTEMPTS} attempts: its watcher stopped") and runs == []
+
+
+def test_watch_once_exits_non_zero_when_a_drop_failed_and_names_it(setup, tmp_path, capsys):
+    from flows.cli import main
+
+    _, store, runs = setup
+    land(store, "a-empty", files=False)
+    land(store, "b-good")
+    code = main(["watch", str(tmp_path / "pipeline.yaml"), "--prefix", "incoming", "--once"])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(runs) == 1
+    assert "drop b-good: pipeline run" in out and "drop a-empty:" in out
+    assert err.startswith("error: 1 drop(s) failed in this pass (a-empty)")
