@@ -21,8 +21,34 @@ from .test_cpt import base_model, config, context, corpus, drop, selection, sha 
 DEADLINE = 900  # seconds: a hang guard sized for a loaded machine and DeepSpeed's first op build
 
 
-def start(base_model: Path, drop: Path, selection: Path, tmp_path: Path, run_id: str, work: str, *extra: str) -> subprocess.Popen:  # noqa: F811
-    command = [sys.executable, "-m", "stages.cpt", str(base_model), "--data", str(drop), "--selection", str(selection)]
+# `python -m stages.cpt`, except that the process stops itself (SIGSTOP) once it has published its first checkpoint,
+# so the test acts on a run that is certainly mid-training.
+STOPS_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from stages import cpt
+from stages.core.cli import stage_main
+from stages.training import runner
+
+publish = runner.publish_checkpoint
+stopped = []
+
+def publish_then_stop(stage, folder, step):
+    infos = publish(stage, folder, step)
+    if not stopped:
+        stopped.append(step)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return infos
+
+runner.publish_checkpoint = publish_then_stop
+sys.exit(stage_main(cpt.STAGE, sys.argv[1:]))
+"""
+
+
+def start(
+    base_model: Path, drop: Path, selection: Path, tmp_path: Path, run_id: str, work: str, *extra: str, stops: bool = False  # noqa: F811
+) -> subprocess.Popen:
+    program = ["-c", STOPS_AFTER_FIRST_CHECKPOINT] if stops else ["-m", "stages.cpt"]
+    command = [sys.executable, *program, str(base_model), "--data", str(drop), "--selection", str(selection)]
     command += ["--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / work), "--run-id", run_id, "--seq-len", "64"]
     command += ["--micro-batch-size", "2", "--gradient-accumulation-steps", "2", "--learning-rate", "2e-3", "--warmup-steps", "1"]
     command += ["--no-progress", *extra]
@@ -51,9 +77,8 @@ def checkpoint_published(tmp_path: Path, run_id: str, step: int):
 @pytest.mark.integration
 def test_a_second_identical_run_waits_for_the_first_and_reuses_it(base_model, drop, selection, tmp_path):  # noqa: F811
     options = ("--max-steps", "6", "--save-steps", "2")
-    first = start(base_model, drop, selection, tmp_path, "first", "work", *options)
-    wait_for(checkpoint_published(tmp_path, "first", 2), first, "the first checkpoint")
-    first.send_signal(signal.SIGSTOP)  # frozen mid-training, holding the work folder
+    first = start(base_model, drop, selection, tmp_path, "first", "work", *options, stops=True)
+    wait_for(checkpoint_published(tmp_path, "first", 2), first, "the first checkpoint")  # then it stops, holding the work folder
     try:
         second = start(base_model, drop, selection, tmp_path, "second", "work", *options)
         wait_for(lambda: "waiting for it to finish" in (tmp_path / "second.log").read_text(), second, "the second run waiting")
@@ -70,7 +95,7 @@ def test_a_second_identical_run_waits_for_the_first_and_reuses_it(base_model, dr
 @pytest.mark.integration
 def test_a_run_killed_before_its_commit_is_resumed_by_a_new_run_on_another_machine(base_model, drop, selection, tmp_path):  # noqa: F811
     options = ("--max-steps", "8", "--save-steps", "4")
-    killed = start(base_model, drop, selection, tmp_path, "killed", "work-1", *options)
+    killed = start(base_model, drop, selection, tmp_path, "killed", "work-1", *options, stops=True)
     wait_for(checkpoint_published(tmp_path, "killed", 4), killed, "the checkpoint of step 4")
     killed.kill()  # SIGKILL: no failed manifest, nothing but the published checkpoints
     killed.wait(DEADLINE)
