@@ -2,7 +2,7 @@
 
 transformers and huggingface_hub draw their own progress bars ("Loading weights", "Writing model
 shards", downloads) whatever our --progress says; DeepSpeed logs info lines to stdout, where the
-stage's result goes. Both are brought in line here, without importing either library.
+stage's result goes. Both are brought in line here, without importing transformers or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import logging
 import os
 import sys
 
-HUB_PROGRESS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"  # read once, when huggingface_hub is imported
+HUB_PROGRESS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"  # a user's own setting wins over --progress
 
 
 def follow_progress(progress: bool | None) -> None:
-    """Library progress bars on exactly when ours are (None: when stderr is a terminal)."""
+    """Library progress bars on exactly when ours are (None: when stderr is a terminal).
+
+    huggingface_hub keeps the switch (a small import); transformers reads it when imported and is
+    switched directly when it already is.
+    """
     enabled = sys.stderr.isatty() if progress is None else progress
-    os.environ[HUB_PROGRESS_ENV] = "0" if enabled else "1"  # for a library imported later
-    hub = sys.modules.get("huggingface_hub.utils")
-    if hub is not None:
-        (hub.enable_progress_bars if enabled else hub.disable_progress_bars)()
+    if enabled and os.environ.get(HUB_PROGRESS_ENV):
+        return
+    from huggingface_hub import utils as hub
+
+    (hub.enable_progress_bars if enabled else hub.disable_progress_bars)()
     transformers_logging = sys.modules.get("transformers.utils.logging")
     if transformers_logging is not None:
         (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
