@@ -110,7 +110,7 @@ def test_selective_training_changes_exactly_the_selected_tensors(base_model, dro
     assert {r["tensor_name"] for r in report["training"]["changed"]} == TRAINABLE
     manifest = result.manifest
     assert manifest.parameters["deepspeed_config"]["zero_optimization"]["stage"] == zero_stage
-    assert manifest.parameters["deepspeed_config"]["optimizer"]["torch_adam"] is True
+    assert manifest.parameters["deepspeed_config"]["optimizer"]["params"]["torch_adam"] is True
 
     # the held-out documents themselves, for the evaluate stage: the texts whose sha256 heldout.json lists
     split = json.loads((run_dir.parent / "heldout.json").read_text())

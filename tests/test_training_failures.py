@@ -28,6 +28,11 @@ def cli_args(base_model: Path, drop: Path, selection: Path, tmp_path: Path, *ext
     return args
 
 
+def test_a_learning_rate_beyond_fp32_is_refused(base_model, drop, selection, tmp_path):  # noqa: F811
+    with pytest.raises(InputError, match=r"^--learning-rate 1e\+300 is beyond the optimizer's fp32 range \(3.4e\+38\); lower it$"):
+        cpt.run(config(base_model, drop, selection=str(selection), learning_rate=1e300), context(tmp_path / "store", tmp_path / "work"))
+
+
 def no_runs(tmp_path: Path) -> bool:
     return not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
 
@@ -64,10 +69,10 @@ def test_an_existing_out_dir_is_refused_before_any_work(base_model, drop, select
 
 @pytest.mark.integration
 def test_a_diverged_run_fails_at_its_first_non_finite_loss_and_is_never_reused(base_model, drop, selection, tmp_path, capsys):  # noqa: F811
-    args = cli_args(base_model, drop, selection, tmp_path, "--learning-rate", "1e300", "--max-steps", "6", "--save-steps", "2")
+    args = cli_args(base_model, drop, selection, tmp_path, "--learning-rate", "1e30", "--max-steps", "6", "--save-steps", "2")
     assert main(args) == 3
     err = capsys.readouterr().err
-    assert "error: training diverged at step 2 of 6: the loss is non-finite (--learning-rate 1e+300)" in err
+    assert "error: training diverged at step 2 of 6: the loss is non-finite (--learning-rate 1e+30)" in err
     assert "lower --learning-rate" in err
     assert main(args) == 3  # not cached: trained again, and failed again
     store = open_store(str(tmp_path / "store"))

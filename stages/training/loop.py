@@ -3,7 +3,8 @@
 One process by default (the distributed variables are filled in when no launcher set them); with
 `deepspeed` or `torchrun` every rank runs the same loop. DeepSpeed picks its accelerator: CUDA
 on a GPU node, its CPU accelerator (gloo) elsewhere. The optimizer is a torch AdamW over the
-trainable parameters only (`torch_adam`, so no fused-Adam compile), with DeepSpeed's warm-up +
+trainable parameters only (`torch_adam`, in every ZeRO and offload mode, so no Adam op is compiled and a
+resumed run computes exactly what an uninterrupted one does), with DeepSpeed's warm-up +
 cosine schedule and gradient clipping at 1.0.
 
 Batches are a pure function of the step: optimizer step s, micro-batch m reads samples
@@ -69,8 +70,15 @@ def deepspeed_config(settings: TrainSettings) -> dict[str, Any]:
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": settings.learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": settings.weight_decay},
-            "torch_adam": True,
+            # torch_adam is read from the params: beside them DeepSpeed ignored it and used its FusedAdam, or with
+            # --offload-optimizer its CPU Adam, whose bias correction after a resume differs in the last bits.
+            "params": {
+                "lr": settings.learning_rate,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": settings.weight_decay,
+                "torch_adam": True,
+            },
         },
         "scheduler": {
             "type": "WarmupCosineLR",

@@ -57,6 +57,7 @@ from .tensor_audit import audit_tensors
 from .worklock import work_folder_lock
 
 ZERO_STAGES = (0, 1, 2, 3)
+FP32_MAX = 3.4028234663852886e38
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -290,6 +291,8 @@ def validate_training(config: TrainingConfig) -> None:
         raise InputError(f"--learning-rate must be positive, got {config.learning_rate:g}")
     if config.weight_decay < 0:
         raise InputError(f"--weight-decay must be 0 or more, got {config.weight_decay:g}")
+    if config.learning_rate > FP32_MAX:  # torch's AdamW refuses it with a traceback
+        raise InputError(f"--learning-rate {config.learning_rate:g} is beyond the optimizer's fp32 range ({FP32_MAX:.1e}); lower it")
     check_out_dir(config)
 
 
