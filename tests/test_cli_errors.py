@@ -46,3 +46,19 @@ def test_a_stopped_stage_names_the_failure_it_recorded(tmp_path, capsys, signal_
     err = capsys.readouterr().err
     assert "the snr_scan stage of run r1 was recorded as failed" in err, err
     assert load_manifest(store, "r1", "snr_scan").status == "failed"
+
+
+@pytest.mark.parametrize("code, exit_code", [(28, 5), (30, 5), (13, 5), (5, 2)])  # ENOSPC, EROFS, EACCES refused; EIO a store error
+def test_a_file_store_refused_by_its_file_system_exits_5_naming_the_object(tmp_path, monkeypatch, capsys, code, exit_code):
+    import os
+
+    store = FileStore(tmp_path / "store")
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "store" / ".spectrum-tmp-x"))
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    assert execute(lambda args: store.put_bytes("runs/r/s/out.txt", b"x"), argparse.Namespace()) == exit_code
+    err = capsys.readouterr().err
+    assert f"{os.strerror(code)}" in err and "runs/r/s/out.txt" in err and ".spectrum-tmp" not in err
+    assert not store.exists("runs/r/s/out.txt")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import signal
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 from ..store import ArtifactStore, open_store
 from ..store.scrub import redact
 from . import settings
-from .errors import InputError, SpectrumError, recorded_failure
+from .errors import OS_ERROR_EXIT, InputError, SpectrumError, describe_os_error, recorded_failure
 from .files import write_atomic
 from .stage import Option, Stage, StageConfig, StageContext, options_of
 
@@ -256,26 +255,6 @@ MAX_ERROR_CHARS = 4000
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """At most `limit` characters of a message, saying how much was left out (an input can make messages huge)."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters left out)"
-
-
-OS_ERROR_EXIT = 5
-
-
-def describe_os_error(exc: OSError) -> str:
-    """What the filesystem (or network) refused, where, and what to do."""
-    where = f" {exc.filename}" if exc.filename else ""
-    advice = {
-        errno.ENOSPC: "free some space or choose another location (--out, --work-dir, $SPECTRUM_CACHE)",
-        errno.EDQUOT: "free some space or choose another location (--out, --work-dir, $SPECTRUM_CACHE)",
-        errno.EACCES: "choose a location you may write to, or fix its permissions",
-        errno.EPERM: "choose a location you may write to, or fix its permissions",
-        errno.EROFS: "the file system is read-only: choose another location",
-        errno.EISDIR: "give a file path, not a folder",
-        errno.ENOTDIR: "a parent of the path is a file, not a folder",
-        errno.ENOENT: "check the path",
-    }.get(exc.errno, "check the path and try again")
-    reason = exc.strerror or type(exc).__name__
-    return f"{reason}:{where}; {advice}"
 
 
 def stage_parser(stage: Stage, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

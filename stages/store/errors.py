@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.errors import InputError, SpectrumError
+from ..core.errors import OS_ERROR_EXIT, InputError, SpectrumError
 
 
 class StoreError(SpectrumError):
@@ -11,6 +11,12 @@ class StoreError(SpectrumError):
 
 class StoreUnavailableError(StoreError):
     """The store's server could not be reached, even after bounded retries."""
+
+
+class StoreRefusedError(StoreError):
+    """The file system under a file store refused a write or read (disk full, read-only, no permission)."""
+
+    exit_code = OS_ERROR_EXIT
 
 
 class CredentialsRejectedError(StoreError):

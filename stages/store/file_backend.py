@@ -12,7 +12,7 @@ from typing import IO
 
 import pyarrow.fs as pafs
 
-from ..core.errors import InputError
+from ..core.errors import REFUSALS, InputError, describe_os_error
 from .base import (
     CHUNK,
     ArtifactStore,
@@ -25,7 +25,7 @@ from .base import (
     sha256_file,
     source_file,
 )
-from .errors import ArtifactNotFoundError, StoreError
+from .errors import ArtifactNotFoundError, StoreError, StoreRefusedError
 from .keys import RESERVED_PREFIX, validate_key, validate_prefix
 
 
@@ -132,7 +132,7 @@ class FileStore(ArtifactStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ArtifactNotFoundError(f"{self.uri(key)} does not exist in the store") from exc
         except OSError as exc:
-            raise StoreError(f"reading {self.uri(key)} failed: {exc}") from exc
+            raise _store_error(exc, "reading", self.uri(key)) from exc
 
     def _publish(
         self, key: str, fill: Callable[[IO[bytes]], tuple[str, int]], expected_sha256: str | None
@@ -161,10 +161,17 @@ class FileStore(ArtifactStore):
                 return refuse_overwrite(self.info(key), digest)
             _fsync_folder(path.parent)
         except OSError as exc:
-            raise StoreError(f"writing {uri} failed: {exc}") from exc
+            raise _store_error(exc, "writing", uri) from exc
         finally:
             Path(temporary).unlink(missing_ok=True)
         return ObjectInfo(key, uri, digest, size)
+
+
+def _store_error(exc: OSError, doing: str, uri: str) -> StoreError:
+    """A refusal of the file system (disk full, read-only, no permission) exits 5; anything else is a store error."""
+    if exc.errno in REFUSALS:
+        return StoreRefusedError(f"{doing} failed: {describe_os_error(exc, uri)}")
+    return StoreError(f"{doing} {uri} failed: {exc.strerror or exc}")
 
 
 def _fsync_folder(folder: Path) -> None:
