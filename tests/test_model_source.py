@@ -206,3 +206,42 @@ def test_a_run_folder_that_the_stage_did_not_write_or_that_failed_is_a_clear_err
     with pytest.raises(InputError, match="the cpt stage of run broken failed; .* holds nothing to use"):
         materialize("store:runs/broken/cpt/model", store)
     assert (materialize("store:runs/done/cpt/model", store) / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_good_copy_installed_by_another_process_is_never_moved_away(store, tmp_path, monkeypatch):
+    """B judged the cache damaged, then A installed a whole copy: B, holding the tree's lock now, keeps A's copy."""
+    import threading
+
+    from stages.store import trees
+
+    _, stored = published(store, tmp_path)
+    cache = tmp_path / "cache"
+    local = materialize(stored.uri, store, cache_dir=cache)
+    (local / "model.safetensors").write_bytes(b"short")  # damaged: both A and B fetch
+    a_installing, b_judged = threading.Event(), threading.Event()
+    real_install = trees._install_locked
+
+    def install(staging, target, listing):
+        if threading.current_thread().name == "A":
+            a_installing.set()
+            assert b_judged.wait(30)  # B has found the damage and now asks for the lock A holds
+        real_install(staging, target, listing)
+
+    def slow_materialize(name):
+        if name == "B":
+            assert a_installing.wait(30)
+            b_judged.set()
+        results[name] = materialize(stored.uri, store, cache_dir=cache)
+        folder = results[name]
+        results[name + "-files"] = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    results: dict = {}
+    monkeypatch.setattr(trees, "_install_locked", install)
+    threads = [threading.Thread(target=slow_materialize, args=(n,), name=n) for n in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results["A"] == results["B"] == local
+    assert results["A-files"] == results["B-files"] == FILES
+    assert not list(cache.glob(".damaged-*")) and not list(cache.glob(".partial-*"))

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ..core import settings
 from ..core.contracts import SUCCEEDED
 from ..core.errors import InputError
+from ..core.locks import exclusive_lock
 from . import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
 from .base import sha256_file
 from .manifest import load_manifest, output_key
@@ -340,7 +341,16 @@ def _fetch(store: ArtifactStore, listing: Listing, sources: dict[str, dict], fol
 
 
 def _install(staging: Path, target: Path, listing: Listing) -> None:
-    """Rename the finished copy into place; replace a damaged cache folder, keep one a concurrent run finished."""
+    """Rename the finished copy into place; replace a damaged cache folder, keep one a concurrent run finished.
+
+    Under the tree's lock: without it, a process judging the folder damaged while another renames
+    its good copy into place would move that good copy away while its stage reads it.
+    """
+    with exclusive_lock(target.with_name(f".{target.name}.lock")):
+        _install_locked(staging, target, listing)
+
+
+def _install_locked(staging: Path, target: Path, listing: Listing) -> None:
     if target.exists():
         if _complete(target, listing):
             return

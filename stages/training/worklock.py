@@ -8,30 +8,19 @@ a fresh folder). The lock is the kernel's: a killed holder releases it at once.
 
 from __future__ import annotations
 
-import fcntl
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from ..core.locks import exclusive_lock
 
 
 @contextmanager
 def work_folder_lock(root: Path, key: str) -> Iterator[None]:
     """Hold the lock of the work folder `root / key` while inside."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{key}.lock", "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning(
-                "another run with the same inputs and parameters is training on this machine (work folder %s); "
-                "waiting for it to finish, then its committed run is reused",
-                root / key,
-            )
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    waiting = (
+        f"another run with the same inputs and parameters is training on this machine (work folder {root / key}); "
+        "waiting for it to finish, then its committed run is reused"
+    )
+    with exclusive_lock(root / f".{key}.lock", waiting):
+        yield
