@@ -7,9 +7,12 @@ stage's result goes. Both are brought in line here, without importing transforme
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 HUB_PROGRESS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"  # a user's own setting wins over --progress
 
@@ -31,9 +34,48 @@ def follow_progress(progress: bool | None) -> None:
         (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
 
 
+def import_deepspeed():
+    """`import deepspeed`, quietly: on a machine without CUDA its accelerator is named (DeepSpeed would detect the
+    same CPU accelerator and print a warning about it on stdout), and its log lines go to stderr."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    deepspeed_to_stderr()
+    return deepspeed
+
+
+# What DeepSpeed says on every start that tells a user nothing: its shared-memory op "built successfully"
+# (printed, even when only loaded) and its scheduler asked for a rate before step 0 during initialize.
+ROUTINE_DEEPSPEED = ("built successfully", "Attempting to get learning rate from scheduler before it has started")
+
+
+class _DropRoutine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in ROUTINE_DEEPSPEED)
+
+
+@contextlib.contextmanager
+def deepspeed_start() -> Iterator[None]:
+    """Around deepspeed.initialize: what it prints on stdout goes to stderr, its routine lines nowhere."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip() and not any(text in line for text in ROUTINE_DEEPSPEED):
+                print(line, file=sys.stderr)
+
+
 def deepspeed_to_stderr() -> None:
-    """DeepSpeed's logger prints to stdout: its lines (warnings and worse) go to stderr."""
+    """DeepSpeed's logger prints to stdout: its lines (warnings and worse) go to stderr, its routine ones nowhere."""
     logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropRoutine) for f in logger.filters):
+        logger.addFilter(_DropRoutine())
     for handler in logger.handlers:
         if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.__stdout__):
             handler.setStream(sys.stderr)

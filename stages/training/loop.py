@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import CorruptWeightsError, InputError
+from ..core.library_output import deepspeed_start, import_deepspeed
 from .opbuild import build_ops
 
 
@@ -143,11 +144,11 @@ def train(
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainOutcome:
     """Train `model` (already frozen as selected) on `data`; resume from `checkpoint_dir` when it holds a checkpoint."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()  # stdout carries the stage's result alone
     init_distributed()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(settings))
+    with deepspeed_start():  # its communication backend prints op builds on stdout
+        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(settings))
     started = time.perf_counter()
     first_step = 0
     if (checkpoint_dir / "latest").is_file():
@@ -317,7 +318,7 @@ def _batch_rows(count: int, settings: TrainSettings, step: int, micro: int) -> l
 
 
 def _gather_state_dict(engine) -> dict[str, torch.Tensor]:
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -350,9 +351,7 @@ def init_distributed() -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     else:
-        import deepspeed
-
-        deepspeed.init_distributed()
+        import_deepspeed().init_distributed()
     _destroy_process_group_at_exit()
 
 

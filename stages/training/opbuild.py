@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..core.library_output import import_deepspeed
+
 log = logging.getLogger(__name__)
 
 OPS = ("ShareMemCommBuilder",)  # what DeepSpeed compiles when a process group starts on the CPU
@@ -76,6 +78,7 @@ def _clear(baton: Path) -> None:
 
 def build_ops() -> None:
     """Build (or load, when built) the ops DeepSpeed will load, before any process group exists."""
+    import_deepspeed()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
