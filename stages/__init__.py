@@ -1,3 +1,3 @@
 """Spectrum pipeline stages: plain functions with no orchestrator dependency."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
