@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..core.documents import clip, shown
+from ..core.documents import clip, kind_of, shown
 from ..core.errors import InputError
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -184,22 +184,3 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     if not isinstance(value, str):
         raise InputError(f"{where}: field {text_field!r} is {kind_of(value)} ({shown(value)}), not text; make it a string")
     return value
-
-
-def kind_of(value: object) -> str:
-    """What a JSON (or Parquet) value is, for messages: `a number`, `null`, `a list`, …"""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, (bytes, bytearray)):
-        return "binary data"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"

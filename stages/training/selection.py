@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE
-from ..core.documents import load_yaml, shown
+from ..core.documents import kind_of, load_yaml, shown
 from ..core.errors import InputError
 from ..core.patterns import compile_pattern
 from ..data.drops import decode_utf8
@@ -130,7 +130,7 @@ def _from_json(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
     except RecursionError:
         raise InputError(f"{where} is nested too deeply to be a selection.json") from None
     if not isinstance(document, dict):
-        raise InputError(f"{where} holds a JSON {_json_type(document)}, not a selection.json object from `spectrum select`")
+        raise InputError(f"{where} holds {kind_of(document)}, not a selection.json object from `spectrum select`")
     names = _name_list(document, "trainable_tensors", where, required=True)
     parameters = _name_list(document, "parameters", where, required=False)
     model_id = document.get("model_id") if isinstance(document.get("model_id"), str) else None
@@ -148,10 +148,10 @@ def _name_list(document: dict[str, Any], key: str, where: str, required: bool) -
     if names is None:
         raise InputError(f"{where} is not a selection.json from `spectrum select`: it has no {key!r} list")
     if not isinstance(names, list):
-        raise InputError(f"{where}: {key!r} is a JSON {_json_type(names)}, not a list of tensor names")
+        raise InputError(f"{where}: {key!r} is {kind_of(names)}, not a list of tensor names")
     for index, name in enumerate(names):
         if not isinstance(name, str):
-            raise InputError(f"{where}: {key!r} item {index + 1} is a JSON {_json_type(name)} ({shown(name)}), not a tensor name")
+            raise InputError(f"{where}: {key!r} item {index + 1} is {kind_of(name)} ({shown(name)}), not a tensor name")
     return names
 
 
@@ -159,30 +159,13 @@ def _from_yaml(data: bytes, where: str, ref: dict[str, Any]) -> Selection:
     document = load_yaml(decode_utf8(data, where), where)
     patterns = document.get("unfrozen_parameters") if isinstance(document, dict) else None
     if not isinstance(patterns, list):
-        found = f"a YAML {_json_type(document)}" if not isinstance(document, dict) else f"keys {shown(sorted(map(str, document)))}"
+        found = kind_of(document) if not isinstance(document, dict) else f"keys {shown(sorted(map(str, document)))}"
         raise InputError(f"{where} has no `unfrozen_parameters` list (the Axolotl layout); it has {found}")
     for index, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
             raise InputError(
-                f"{where}: unfrozen_parameters item {index + 1} is {shown(pattern)} ({_json_type(pattern)}), not a pattern; "
+                f"{where}: unfrozen_parameters item {index + 1} is {shown(pattern)} ({kind_of(pattern)}), not a pattern; "
                 "quote it to make it a string"
             )
         compile_pattern(pattern, f"{where}: unfrozen_parameters item {index + 1}")
     return Selection(tuple(patterns), where, ref)
-
-
-def _json_type(value: Any) -> str:
-    """The JSON (or YAML) name of a value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
