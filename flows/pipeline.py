@@ -69,13 +69,18 @@ def _logged(result: StageResult) -> StageResult:
     return result
 
 
-@task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+def _stage_run_name(parameters: dict[str, Any]) -> str:
+    """A task run is named after the stage or step it runs (`cpt`, `evaluate.sft`), so Prefect's UI shows which failed."""
+    return parameters["context"].step_name(parameters["stage_name"])
+
+
+@task(name="stage", task_run_name=_stage_run_name, cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
 @redacted
 def run_stage(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     return _logged(STAGE_BY_NAME[stage_name].run(config, context))
 
 
-@task(name="stage-process", cache_policy=NONE)
+@task(name="stage-process", task_run_name=_stage_run_name, cache_policy=NONE)
 @redacted
 def run_stage_process(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     """The stage as its container runs it: `python -m stages.<stage> …` in a process of its own.
@@ -86,7 +91,7 @@ def run_stage_process(stage_name: str, config: StageConfig, context: StageContex
     return _logged(run_in_own_process(STAGE_BY_NAME[stage_name], config, context, stage_name))
 
 
-@task(name="stage-deployment", cache_policy=NONE)
+@task(name="stage-deployment", task_run_name=_stage_run_name, cache_policy=NONE)
 @redacted
 def run_stage_deployment(stage_name: str, config: StageConfig, context: StageContext) -> StageResult:
     """A flow run of the stage's deployment (`spectrum-stage/<stage>`) on its work pool; its manifest is read from the store.

@@ -71,6 +71,7 @@ def test_a_credential_in_the_config_never_reaches_prefects_database(prefect_api,
         stored += [state for run in task_runs for state in client.read_task_run_states(run.id)]
     text = "\n".join(item.model_dump_json() for item in stored)
     assert any(run.state.is_failed() for run in task_runs) and "https://***@data.example.invalid" in text  # the failure is there
+    assert {run.name for run in task_runs if run.state.is_failed()} == {"download"}  # named after the stage that failed
     assert SECRET not in text
 
 
