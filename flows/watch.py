@@ -39,7 +39,17 @@ from stages.core.documents import clip
 from stages.core.errors import InputError, OutputExistsError, SpectrumError
 from stages.store import ArtifactStore, new_run_id
 from stages.store.errors import ArtifactNotFoundError
-from stages.store.lease import RELEASED_SUFFIX, Lease, LeaseHeldError, LeaseLostError, acquire_lease, holder_identity, lease_state
+from stages.store.lease import (
+    RELEASED_SUFFIX,
+    Lease,
+    LeaseHeldError,
+    LeaseLostError,
+    LeaseState,
+    acquire_lease,
+    generations,
+    holder_identity,
+    lease_state,
+)
 
 from .pipeline import PipelineResult, open_pipeline_store, run_pipeline
 from .pipeline_config import PipelineConfig, load_pipeline_config
@@ -108,10 +118,10 @@ def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeou
         return None, "done"
     if f"{folder}/{FAILED}" in keys:
         return None, _failed_note(store, folder)
-    state = lease_state(store, folder, timeout)
+    state = lease_state(store, folder, timeout, keys)
     if state is not None and state.live:
         return None, f"claimed (generation {state.generation}) by a watcher alive {time.time() - state.last_sign_of_life:.0f} s ago"
-    attempts = _failed_attempts(store, folder, keys, timeout)
+    attempts = _failed_attempts(store, folder, keys, state)
     if len(attempts) >= MAX_ATTEMPTS:
         _record_failed(store, folder, attempts)
         return None, _failed_note(store, folder)
@@ -152,12 +162,13 @@ def _reason(exc: Exception) -> str:
     return clip(scrub(text), 500)
 
 
-def _failed_attempts(store: ArtifactStore, folder: str, keys: list[str], timeout: float) -> list[dict[str, Any]]:
-    """The generations of the drop that failed: released as failed, or claimed by a holder that died (never released, silent)."""
-    generations = sorted({int(k[len(folder) + 1 :].split(".", 1)[0]) for k in keys if k[len(folder) + 1 :].split(".", 1)[0].isdigit()})
-    latest = lease_state(store, folder, timeout)
+def _failed_attempts(store: ArtifactStore, folder: str, keys: list[str], latest: LeaseState | None) -> list[dict[str, Any]]:
+    """The generations of the drop that failed: released as failed, or claimed by a holder that died (never released, silent).
+
+    `latest` is the folder's lease state, read from the same listing `keys`.
+    """
     attempts = []
-    for generation in generations:
+    for generation in sorted(generations(folder, keys)):
         released_key = f"{folder}/{generation}{RELEASED_SUFFIX}"
         if released_key in keys:
             released = _read_json(store, released_key)
@@ -172,7 +183,7 @@ def _after_failure(store: ArtifactStore, prefix: str, drop: str, reason: str) ->
     """Record the drop as failed once it has failed MAX_ATTEMPTS times; what the report says about this failure."""
     folder = _claims(prefix, drop)
     keys = store.list(f"{folder}/")
-    attempts = _failed_attempts(store, folder, keys, 0.0)
+    attempts = _failed_attempts(store, folder, keys, lease_state(store, folder, 0.0, keys))
     if len(attempts) >= MAX_ATTEMPTS:
         _record_failed(store, folder, attempts)
         return f"failed {len(attempts)} times, recorded as failed in {store.uri(f'{folder}/{FAILED}')}: {reason}"

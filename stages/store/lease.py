@@ -96,12 +96,29 @@ def holder_identity(**fields: Any) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), **fields}
 
 
-def lease_state(store: ArtifactStore, folder: str, default_timeout: float = DEFAULT_LEASE_SECONDS) -> LeaseState | None:
+def lease_state(
+    store: ArtifactStore, folder: str, default_timeout: float = DEFAULT_LEASE_SECONDS, keys: list[str] | None = None
+) -> LeaseState | None:
     """The latest generation in `folder`, or None when nobody ever claimed it.
 
     `default_timeout` applies to claims that record none (written before leases recorded theirs).
+    `keys`: a listing the caller already made that covers the folder (it is not listed again).
     """
-    return _state(store, folder.rstrip("/"), store.list(f"{folder.rstrip('/')}/"), default_timeout)
+    folder = folder.rstrip("/")
+    return _state(store, folder, store.list(f"{folder}/") if keys is None else keys, default_timeout)
+
+
+def generations(folder: str, keys: list[str]) -> dict[int, list[str]]:
+    """Generation -> the names of its files (claim, heartbeats, release) among `keys` directly in `folder`."""
+    found: dict[int, list[str]] = {}
+    for key in keys:
+        if not key.startswith(f"{folder}/"):
+            continue
+        name = key[len(folder) + 1 :]
+        head = name.split(".", 1)[0]
+        if "/" not in name and head.isdigit():
+            found.setdefault(int(head), []).append(name)
+    return found
 
 
 def acquire_lease(store: ArtifactStore, folder: str, holder: Mapping[str, Any], timeout: float | None = None) -> Lease:
@@ -208,17 +225,12 @@ class Lease:
 
 
 def _state(store: ArtifactStore, folder: str, keys: list[str], default_timeout: float) -> LeaseState | None:
-    generations: dict[int, list[str]] = {}
-    for key in keys:
-        name = key[len(folder) + 1 :]
-        head = name.split(".", 1)[0]
-        if "/" not in name and head.isdigit():
-            generations.setdefault(int(head), []).append(name)
-    claimed = sorted(g for g, names in generations.items() if f"{g}{CLAIM_SUFFIX}" in names)
+    files = generations(folder, keys)
+    claimed = sorted(g for g, names in files.items() if f"{g}{CLAIM_SUFFIX}" in names)
     if not claimed:
         return None
     generation = claimed[-1]
-    names = generations[generation]
+    names = files[generation]
     try:
         claim = json.loads(store.get_bytes(f"{folder}/{generation}{CLAIM_SUFFIX}"))
         acquired_at = float(claim.get("claimed_at", claim.get("acquired_at")))

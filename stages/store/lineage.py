@@ -52,7 +52,7 @@ TRAINING_STAGES = (CPT, SFT)
 @dataclass
 class _RunKeys:
     stages: list[str] = field(default_factory=list)  # steps with a manifest
-    leased: set[str] = field(default_factory=set)  # steps (and `pipeline`) with a lease folder
+    leased: dict[str, list[str]] = field(default_factory=dict)  # step (or `pipeline`) -> the keys of its lease folder
 
 
 def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
@@ -61,7 +61,8 @@ def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
     for run_id, keys in sorted(_scan_runs(store).items()):
         records = _records(store, run_id, keys.stages)
         stages = {m.stage: m.status for m in records}
-        leases = {step: state for step in sorted(keys.leased - set(stages)) if (state := _lease(store, run_id, step))}
+        unresolved = sorted(set(keys.leased) - set(stages))
+        leases = {step: state for step in unresolved if (state := _lease(store, run_id, step, keys.leased[step]))}
         stages.update((step, _lease_status(state)) for step, state in leases.items() if step != PIPELINE_LEASE)
         if not stages and PIPELINE_LEASE not in leases:
             continue
@@ -90,7 +91,7 @@ def _scan_runs(store: ArtifactStore) -> dict[str, _RunKeys]:
         if named and len(parts) == 4 and parts[3] == MANIFEST_FILE:
             runs.setdefault(parts[1], _RunKeys()).stages.append(parts[2])
         elif named and len(parts) > 4 and parts[3] == LEASE_FOLDER:
-            runs.setdefault(parts[1], _RunKeys()).leased.add(parts[2])
+            runs.setdefault(parts[1], _RunKeys()).leased.setdefault(parts[2], []).append(key)
         elif parts[-1] == MANIFEST_FILE:
             log.warning("skipping %s: not a manifest of the runs/<run>/<stage>/ layout", store.uri(key))
     return runs
@@ -110,10 +111,10 @@ def _records(store: ArtifactStore, run_id: str, stages: list[str]) -> list[Manif
     return records
 
 
-def _lease(store: ArtifactStore, run_id: str, step: str) -> LeaseState | None:
-    """The lease of a run's step (or pipeline); one that cannot be read is warned about, not a failure of the listing."""
+def _lease(store: ArtifactStore, run_id: str, step: str, keys: list[str]) -> LeaseState | None:
+    """The lease of a run's step (or pipeline), from the listing's `keys`; one that cannot be read is warned about."""
     try:
-        return lease_state(store, lease_folder(run_id, step))
+        return lease_state(store, lease_folder(run_id, step), keys=keys)
     except InputError as exc:
         log.warning("%s", exc)
         return None
