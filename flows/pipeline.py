@@ -176,20 +176,9 @@ def run_pipeline(
             f"run {result.run_id!r} is being run by another pipeline ({exc}); nothing was done: wait for it (`spectrum runs` "
             "shows it), or run under another run id"
         ) from None
-    outcome, reason = "failed", ""
-    try:
-        with lease.heartbeat():
-            _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress, execute)
-        outcome = "succeeded"
-        return result
-    except KeyboardInterrupt:
-        outcome = "interrupted"
-        raise
-    except Exception as exc:
-        reason = clip(scrub(str(exc)), 1000)
-        raise
-    finally:
-        lease.release(outcome, reason)
+    with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
+        _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress, execute)
+    return result
 
 
 def _run_stages(

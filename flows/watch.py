@@ -85,23 +85,16 @@ def watch_once(
         if lease is None:
             report.skipped[drop] = why
             continue
-        run_id = lease.holder["run_id"]
         try:
-            _process(store, config, prefix, drop, lease, work_dir)
+            with lease.held(reason=_reason):
+                _process(store, config, prefix, drop, lease, work_dir)
         except LeaseLostError as exc:
-            lease.release("lost", scrub(str(exc)))
             report.failed[drop] = f"stopped, its claim could not be renewed: {clip(scrub(str(exc)))}"
             continue
-        except KeyboardInterrupt:
-            lease.release("interrupted")
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad drop must not stop the others; the reason is recorded
-            reason = _reason(exc)
-            lease.release("failed", reason)
-            report.failed[drop] = _after_failure(store, prefix, drop, reason)
+        except Exception as exc:  # noqa: BLE001 - one bad drop must not stop the others; its claim was released with the reason
+            report.failed[drop] = _after_failure(store, prefix, drop, _reason(exc))
             continue
-        lease.release("succeeded")
-        report.started.append((drop, run_id))
+        report.started.append((drop, lease.holder["run_id"]))
     return report
 
 
@@ -132,12 +125,11 @@ def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeou
 
 
 def _process(store: ArtifactStore, config: PipelineConfig, prefix: str, drop: str, lease: Lease, work_dir: Path | None) -> PipelineResult:
-    """The pipeline on the drop under the renewed lease, then done.json."""
+    """The pipeline on the drop (the caller holds the lease), then done.json."""
     run_id = lease.holder["run_id"]
-    with lease.heartbeat():
-        target = Path(os.path.abspath(work_dir or Path(config.source).parent / "drops")) / drop
-        local = _copy_drop(store, prefix, drop, target)
-        result = run_pipeline(replace(config, data=str(local)), run=run_id, work_dir=work_dir)
+    target = Path(os.path.abspath(work_dir or Path(config.source).parent / "drops")) / drop
+    local = _copy_drop(store, prefix, drop, target)
+    result = run_pipeline(replace(config, data=str(local)), run=run_id, work_dir=work_dir)
     done = {"run_id": run_id, "generation": lease.generation, "watcher": lease.holder["watcher"], "finished_at": time.time()}
     store.put_bytes(f"{_claims(prefix, drop)}/{DONE}", json.dumps(done).encode())
     return result

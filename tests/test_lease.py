@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -185,3 +186,26 @@ def test_a_second_cli_process_with_the_same_run_id_exits_4_before_any_work(tmp_p
     finally:
         gate.write_text("go")
         assert holder.wait(300) == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome", "reason"),
+    [(None, "succeeded", None), (RuntimeError("boom"), "failed", "boom"), (KeyboardInterrupt(), "interrupted", ""),
+     (LeaseLostError("gone"), "lost", "gone")],
+)  # fmt: skip
+def test_work_held_under_a_lease_releases_it_with_its_outcome(tmp_path, error, outcome, reason):
+    store = FileStore(tmp_path / "store")
+    lease = acquire_lease(store, "locks/g", {"pid": 1}, timeout=60)
+    with pytest.raises(type(error)) if error else contextlib.nullcontext(), lease.held(reason=str):
+        if error:
+            raise error
+    released = lease_state(store, "locks/g").released
+    assert released["outcome"] == outcome and (reason is None or released["reason"] == reason)
+
+
+def test_work_that_releases_the_lease_itself_keeps_its_outcome(tmp_path):
+    store = FileStore(tmp_path / "store")
+    lease = acquire_lease(store, "locks/h", {"pid": 1}, timeout=60)
+    with lease.held():
+        lease.release("reused")
+    assert lease_state(store, "locks/h").released["outcome"] == "reused"

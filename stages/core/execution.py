@@ -103,14 +103,11 @@ def execute_stage(
             f"the {step} stage of run {manifest.run_id!r} is being run by another process ({exc}); nothing was done: "
             "wait for it (`spectrum runs` shows it), or pass another --run-id (or none, for a fresh one)"
         ) from None
-    outcome = FAILED
-    try:
-        with lease.heartbeat():
-            result = _execute_leased(store, step, stage, context, manifest, produce)
-        outcome = "reused" if result.cached else result.manifest.status
-        return result
-    finally:
-        lease.release(outcome)
+    with lease.held():
+        result = _execute_leased(store, step, stage, context, manifest, produce)
+        if result.cached:
+            lease.release("reused")
+    return result
 
 
 def _execute_leased(

@@ -172,6 +172,28 @@ class Lease:
             log.warning("could not release the lease %s (%s); it expires after %.0f s", self.store.uri(self.folder), exc, self.timeout)
 
     @contextmanager
+    def held(self, reason: Callable[[Exception], str] = lambda exc: "") -> Iterator[Lease]:
+        """Work under the renewed lease (heartbeat), then release it with the outcome: `succeeded` (unless the
+        work released it itself, e.g. as `reused`), `interrupted` (Ctrl-C, SIGTERM), `lost` (LeaseLostError), or
+        `failed` with `reason(error)`; the error is re-raised."""
+        try:
+            with self.heartbeat():
+                yield self
+        except KeyboardInterrupt:
+            self.release("interrupted")
+            raise
+        except LeaseLostError as exc:
+            self.release("lost", reason(exc))
+            raise
+        except Exception as exc:
+            self.release("failed", reason(exc))
+            raise
+        except BaseException:  # SystemExit and the like: still released, not left to expire
+            self.release("failed")
+            raise
+        self.release("succeeded")
+
+    @contextmanager
     def heartbeat(self, on_lost: Callable[[], None] | None = None) -> Iterator[Lease]:
         """Renew the lease from a daemon thread while inside.
 
