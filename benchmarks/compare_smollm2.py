@@ -46,10 +46,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from stages import compare
-    from stages.core.contracts import SELECTION_TABLE
+    from stages.base.contracts import SELECTION_TABLE
     from stages.core.stage import StageContext
+    from stages.sample_models.smollm2 import write_smollm2
     from stages.store import open_store, read_table
-    from stages.testing.smollm2 import write_smollm2
 
     work = Path(args.workdir)
     model = write_smollm2(work / "smollm2-135m-instruct")

@@ -61,7 +61,7 @@ def worst_difference(a: dict[str, float], b: dict[str, float]) -> float:
 def main() -> None:
     import torch
 
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(ROOT / "gpu-run"))

@@ -90,10 +90,10 @@ def main() -> None:
         return
 
     from stages import layer_select
-    from stages.core.contracts import SELECTION_JSON_FILE
+    from stages.base.contracts import SELECTION_JSON_FILE
     from stages.core.stage import StageContext
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
     from stages.scan.table import load_reference_json
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
     from stages.weights.checkpoint import ModelWeights
 
     work = Path(args.workdir)

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from stages import layer_select, snr_scan
     from stages.core.stage import StageContext
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-    from stages.testing.tokenizer import domain_corpus, write_tokenizer
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

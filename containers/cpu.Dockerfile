@@ -8,6 +8,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt ./
 COPY stages ./stages
 COPY flows ./flows
+COPY spectrum_cli ./spectrum_cli
 RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0 \
  && pip install --no-cache-dir -c constraints.txt .
 ENTRYPOINT ["python", "-m"]

@@ -12,6 +12,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt ./
 COPY stages ./stages
 COPY flows ./flows
+COPY spectrum_cli ./spectrum_cli
 # torch==2.13.0 from the default index is the CUDA build on Linux x86_64.
 RUN uv pip install --no-cache -c constraints.txt torch==2.13.0 \
  && uv pip install --no-cache -c constraints.txt .

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from stages.core.contracts import (
+from stages.base.contracts import (
     CPT,
     EVALUATE,
     EVALUATION_TABLE,

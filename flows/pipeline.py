@@ -25,9 +25,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
-from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, PIPELINE_LEASE, SFT, SNR_SCAN
-from stages.core.documents import clip
-from stages.core.errors import InputError
+from stages.base.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, PIPELINE_LEASE, SFT, SNR_SCAN
+from stages.base.documents import clip
+from stages.base.errors import InputError
 from stages.core.process import StageProcessError, run_in_own_process
 from stages.core.stage import StageConfig, StageContext, StageResult, options_of
 from stages.store import ArtifactStore, Manifest, StoreUnavailableError, load_manifest, new_run_id, open_store, record_reuse
@@ -228,7 +228,7 @@ def _run_stages(
 
 
 def open_pipeline_store(config: PipelineConfig) -> ArtifactStore:
-    from stages.core import settings
+    from stages.base import settings
 
     uri = config.store or settings.default_store()
     if not uri:

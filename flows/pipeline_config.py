@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from stages import cpt, download, evaluate, layer_select, sft, snr_scan
-from stages.core.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
-from stages.core.documents import clip, load_yaml_file, shown
-from stages.core.errors import InputError
+from stages.base.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.base.documents import clip, load_yaml_file, shown
+from stages.base.errors import InputError
 from stages.core.stage import Stage, options_of
 from stages.store.uri import parse_store_uri, uri_scheme
 from stages.weights.hub import HUB_ID

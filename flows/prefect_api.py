@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from stages.core.documents import clip
-from stages.core.errors import SpectrumError
+from stages.base.documents import clip
+from stages.base.errors import SpectrumError
 from stages.store.scrub import looks_secret_name, redact
 
 STARTUP_SECONDS = 300  # Prefect's default (20 s) is too short for a 2-core machine starting three watchers at once

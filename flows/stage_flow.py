@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 from stages.core.stage import StageContext
 from stages.store import open_store
 

@@ -35,8 +35,8 @@ from typing import Any
 
 from prefect import flow
 
-from stages.core.documents import clip
-from stages.core.errors import InputError, OutputExistsError, SpectrumError
+from stages.base.documents import clip
+from stages.base.errors import InputError, OutputExistsError, SpectrumError
 from stages.store import ArtifactStore, new_run_id
 from stages.store.errors import ArtifactNotFoundError
 from stages.store.lease import (

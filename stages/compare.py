@@ -21,8 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import cpt, evaluate, layer_select, snr_scan
-from .core.cli import stage_main
-from .core.contracts import (
+from .base.contracts import (
     COMPARE,
     COMPARISON_TABLE,
     EVALUATION_JSON_FILE,
@@ -30,9 +29,10 @@ from .core.contracts import (
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
-from .core.errors import InputError
+from .base.errors import InputError
+from .base.files import ensure_writable, write_atomic
+from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage, require_store_in
-from .core.files import ensure_writable, write_atomic
 from .core.process import run_in_own_process
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, read_output, read_table

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .base.contracts import CPT
 from .core.cli import stage_main
-from .core.contracts import CPT
 from .core.stage import Stage, StageContext, StageResult, option
 from .training.loop import TrainingArrays
 from .training.packing import pack

@@ -25,11 +25,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from .base.contracts import DOWNLOAD, DOWNLOAD_SUMMARY_FILE
+from .base.errors import InputError
+from .base.files import all_files, check_links, link_roots
 from .core.cli import stage_main
-from .core.contracts import DOWNLOAD, DOWNLOAD_SUMMARY_FILE
-from .core.errors import InputError
 from .core.execution import StageRun, execute_stage, require_store_in
-from .core.files import all_files, check_links, link_roots
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .data.drops import DATA_SUFFIXES, count_file_records, count_saved_dataset_records, is_saved_dataset
 from .store import ArtifactStore, Manifest, ObjectInfo, read_output
@@ -270,7 +270,7 @@ def _check_links(folder: Path, where: str) -> None:
 
     Whatever a link points to would be copied into the shared store as if it were part of the
     source. Links inside the folder are fine; a Hugging Face hub-cache snapshot may link into
-    its own cache repository (stages.core.files.link_roots).
+    its own cache repository (stages.base.files.link_roots).
     """
     check_links(
         folder,

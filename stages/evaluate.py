@@ -34,8 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import snr_scan
-from .core.cli import stage_main
-from .core.contracts import (
+from .base.contracts import (
     CPT,
     EVALUATE,
     EVALUATION_JSON_FILE,
@@ -47,9 +46,10 @@ from .core.contracts import (
     SNR_TABLE,
     TRAINING_FILE,
 )
-from .core.errors import CorruptWeightsError, InputError
+from .base.errors import CorruptWeightsError, InputError
+from .base.files import all_files, ensure_writable, write_atomic
+from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage, require_store_in
-from .core.files import all_files, ensure_writable, write_atomic
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .evaluation.corpus import CHAT, DOMAIN, GENERAL, TASK, Corpus, dataset_name, from_path, python_docs
 from .evaluation.drift import snr_drift

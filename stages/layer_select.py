@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from . import __version__
-from .core.cli import stage_main
-from .core.contracts import (
+from .base.contracts import (
     LAYER_SELECT,
     SELECTION_JSON_FILE,
     SELECTION_TABLE,
@@ -35,10 +34,11 @@ from .core.contracts import (
     SNR_TABLE,
     UNFROZEN_YAML_FILE,
 )
-from .core.errors import InputError
+from .base.errors import InputError
+from .base.files import ensure_writable, write_atomic
+from .base.patterns import compile_pattern
+from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage
-from .core.files import ensure_writable, write_atomic
-from .core.patterns import compile_pattern
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
 from .store import ArtifactStore, ObjectInfo, read_table_output, resolve_run_reference, succeeded_manifest

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import layer_select, snr_scan
+from .base.contracts import SFT
+from .base.errors import InputError
 from .core.cli import stage_main
-from .core.contracts import SFT
-from .core.errors import InputError
 from .core.execution import require_store_in
 from .core.stage import Stage, StageContext, StageResult, option, options_of
 from .store import new_run_id

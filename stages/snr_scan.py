@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import __version__
+from .base.contracts import REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
+from .base.errors import InputError
+from .base.files import ensure_distinct, ensure_writable, write_atomic
+from .base.patterns import compile_pattern
 from .core.cli import stage_main
-from .core.contracts import REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
-from .core.errors import InputError
 from .core.execution import StageRun, execute_stage
-from .core.files import ensure_distinct, ensure_writable, write_atomic
-from .core.patterns import compile_pattern
 from .core.stage import Stage, StageConfig, StageContext, StageResult, option
 from .scan.engine import plan_scan, scan_concurrently, skipped_row
 from .scan.estimators import ESTIMATORS

@@ -34,7 +34,7 @@ def synthetic_model(tmp_path_factory):
 
     The folders are shared between tests: treat them as read-only (copy before changing).
     """
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
 
     cache: dict[SyntheticSpec, Path] = {}
 

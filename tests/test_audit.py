@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flows.audit import format_audit
-from flows.cli import main
-from stages.core.errors import CorruptWeightsError, InputError
+from spectrum_cli.audit import format_audit
+from spectrum_cli.main import main
+from stages.base.errors import CorruptWeightsError, InputError
 from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as select_run

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 import stages.store.lease as lease_module
-from flows.audit import format_audit, format_runs
+from spectrum_cli.audit import format_audit, format_runs
 from stages.store import commit_manifest, open_store, record_reuse, start_manifest, write_table
 from stages.store.lease import acquire_lease, holder_identity
 from stages.store.lineage import audit_run, list_run_summaries

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
+from spectrum_cli.main import main
 
 from .helpers import LLAMA_JSON, LLAMA_YAML_50, REPO_ROOT, venv_bin
 
@@ -256,7 +256,7 @@ def test_bad_orchestration_options_are_clear_errors(capsys, tmp_path, argv, mess
 
 def test_a_stage_flow_names_a_stage_and_its_options(tmp_path):
     from flows.stage_flow import stage_flow
-    from stages.core.errors import InputError
+    from stages.base.errors import InputError
 
     for stage, options, message in (("train", {}, "unknown stage 'train'"), ("snr_scan", {"modeldir": "m"}, "options of snr_scan:")):
         with pytest.raises(InputError, match=message):

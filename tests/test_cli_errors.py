@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
+from stages.base.errors import InputError
 from stages.core.cli import MAX_ERROR_CHARS, Terminated, execute
-from stages.core.errors import InputError
 from stages.core.execution import execute_stage
 from stages.core.stage import StageContext
 from stages.store import FileStore, load_manifest

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from stages import compare
-from stages.core.contracts import COMPARISON_TABLE
-from stages.core.errors import InputError
+from stages.base.contracts import COMPARISON_TABLE
+from stages.base.errors import InputError
 from stages.core.stage import StageContext
 from stages.evaluation.corpus import python_docs
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 from stages.store import list_runs, load_manifest, open_store, read_table
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import domain_corpus, write_tokenizer
 
 from .helpers import TINY
 

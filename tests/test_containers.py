@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flows.cli import STAGES
+from spectrum_cli.main import STAGES
 
 from .helpers import REPO_ROOT
 

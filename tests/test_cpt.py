@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.cli import main
+from spectrum_cli.main import main
 from stages import cpt, layer_select
-from stages.core.contracts import CPT, TRAINED_TENSORS_TABLE
-from stages.core.errors import InputError
+from stages.base.contracts import CPT, TRAINED_TENSORS_TABLE
+from stages.base.errors import InputError
 from stages.core.stage import StageContext
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 from stages.store import list_runs, load_manifest, open_store, read_table
 from stages.store.lineage import audit_run
 from stages.store.trees import local_copy
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import domain_corpus, write_tokenizer
 from stages.training import loop
 
 from .helpers import TINY

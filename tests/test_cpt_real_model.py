@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from stages import cpt, evaluate
-from stages.core.contracts import CPT
+from stages.base.contracts import CPT
 from stages.core.stage import StageContext
+from stages.sample_models.smollm2 import gguf_path, write_smollm2
+from stages.sample_models.tokenizer import domain_corpus
 from stages.store import open_store
-from stages.testing.smollm2 import gguf_path, write_smollm2
-from stages.testing.tokenizer import domain_corpus
 
 pytestmark = pytest.mark.integration
 

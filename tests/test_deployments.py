@@ -104,8 +104,8 @@ def test_deploy_all_and_a_process_worker_runs_a_stage_deployment(tmp_path, tiny_
 
 
 def pipeline_config(folder: Path, store: Path) -> Path:
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-    from stages.testing.tokenizer import domain_corpus, write_tokenizer
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 
     from .helpers import TINY
 

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.base.errors import CorruptWeightsError, InputError
 from stages.core.cli import stage_main
-from stages.core.errors import CorruptWeightsError, InputError
 from stages.core.stage import StageContext
 from stages.download import STAGE, DownloadConfig, read_summary, run
 from stages.snr_scan import ScanConfig

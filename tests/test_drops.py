@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 from stages.data import drops
 from stages.data.drops import count_file_records, iter_records, iter_texts
 

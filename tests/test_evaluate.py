@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from stages import cpt, evaluate
-from stages.core.contracts import EVALUATION_TABLE, SNR_DRIFT_TABLE, TRAINED_TENSORS_TABLE
-from stages.core.errors import InputError
+from stages.base.contracts import EVALUATION_TABLE, SNR_DRIFT_TABLE, TRAINED_TENSORS_TABLE
+from stages.base.errors import InputError
 from stages.core.stage import StageContext
 from stages.evaluation.corpus import python_docs
 from stages.evaluation.perplexity import likelihood, token_stream
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 from stages.store import list_runs, open_store, read_table
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import domain_corpus, write_tokenizer
 
 from .helpers import TINY
 

@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages import evaluate
-from stages.core.contracts import EVALUATION_TABLE
-from stages.core.errors import CorruptWeightsError, InputError
+from stages.base.contracts import EVALUATION_TABLE
+from stages.base.errors import CorruptWeightsError, InputError
 from stages.core.stage import StageContext
 from stages.evaluation.corpus import python_docs
 from stages.evaluation.perplexity import Likelihood
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 from stages.store import list_runs, open_store, read_table
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import domain_corpus, write_tokenizer
 
 from .helpers import TINY
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
+from spectrum_cli.main import main
 from stages import layer_select, snr_scan
+from stages.base.contracts import FAILED, SNR_SCAN, SUCCEEDED
+from stages.base.errors import InputError, SpectrumError
 from stages.core.cli import execute
-from stages.core.contracts import FAILED, SNR_SCAN, SUCCEEDED
-from stages.core.errors import InputError, SpectrumError
 from stages.core.execution import StageRun
 from stages.core.stage import StageContext
 from stages.scan import engine

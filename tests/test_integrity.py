@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import __version__, snr_scan
-from stages.core.contracts import SNR_SCAN, SNR_TABLE
-from stages.core.errors import InputError
+from stages.base.contracts import SNR_SCAN, SNR_TABLE
+from stages.base.errors import InputError
 from stages.core.stage import StageContext
 from stages.download import DownloadConfig, read_summary
 from stages.download import run as download_run

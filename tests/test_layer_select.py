@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from stages.core.contracts import SELECTION_JSON_FILE, SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE
-from stages.core.errors import InputError, OutputExistsError
+from stages.base.contracts import SELECTION_JSON_FILE, SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE
+from stages.base.errors import InputError, OutputExistsError
 from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig, run
 from stages.scan.table import load_reference_json

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from stages.core.errors import OutputExistsError
+from stages.base.errors import OutputExistsError
 from stages.core.execution import execute_stage
 from stages.core.stage import StageContext
 from stages.store import FileStore, list_runs, manifest_key

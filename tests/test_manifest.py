@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from stages.core.contracts import FAILED
-from stages.core.errors import InputError, OutputExistsError
+from stages.base.contracts import FAILED
+from stages.base.errors import InputError, OutputExistsError
 from stages.store import (
     ArtifactNotFoundError,
     Manifest,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 from stages.store import IntegrityError, open_store
 from stages.store.trees import (
     ListedFile,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.core.errors import CorruptWeightsError, InputError, SpectrumError
+from stages.base.errors import CorruptWeightsError, InputError, SpectrumError
 from stages.snr_scan import ScanConfig, run
 from stages.weights.checkpoint import INDEX_FILE, ModelWeights
 

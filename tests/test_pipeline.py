@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from flows.pipeline_config import load_pipeline_config, parse_pipeline_config
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 from stages.evaluation.corpus import python_docs
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import EOS, domain_corpus, write_tokenizer
 from stages.store import list_runs, load_manifest, open_store, read_stage_output
 from stages.store.trees import local_copy
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import EOS, domain_corpus, write_tokenizer
 
 from .helpers import TINY
 from .s3_server import fresh_bucket

@@ -7,8 +7,8 @@ import resource
 import pytest
 
 from flows.pipeline_config import load_pipeline_config, parse_pipeline_config
-from stages.core.documents import MAX_SHOWN, load_yaml, load_yaml_file, shown
-from stages.core.errors import InputError
+from stages.base.documents import MAX_SHOWN, load_yaml, load_yaml_file, shown
+from stages.base.errors import InputError
 
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:

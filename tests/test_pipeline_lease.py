@@ -12,7 +12,7 @@ import yaml
 from flows import pipeline
 from flows.pipeline import PIPELINE_LEASE, run_pipeline
 from flows.pipeline_config import load_pipeline_config
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 from stages.store import open_store
 from stages.store.lease import LeaseHeldError, acquire_lease, lease_state
 from stages.store.manifest import lease_folder
@@ -98,7 +98,7 @@ BAD_CONFIGS = {
 def test_a_bad_pipeline_config_is_one_error_line_before_prefect_is_imported(tmp_path, change):
     config = config_in(tmp_path, **change)
     probe = (
-        "import sys; from flows.cli import main; code = main(['pipeline', 'run', sys.argv[1]]); "
+        "import sys; from spectrum_cli.main import main; code = main(['pipeline', 'run', sys.argv[1]]); "
         "print('prefect imported' if 'prefect' in sys.modules else 'prefect not imported'); sys.exit(code)"
     )
     env = child_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -112,7 +112,7 @@ def test_a_bad_pipeline_config_is_one_error_line_before_prefect_is_imported(tmp_
 def test_rerun_options_are_checked_before_prefect_starts(tmp_path):
     config = config_in(tmp_path)
     env = child_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    command = [sys.executable, "-m", "flows.cli", "pipeline", "run", str(config), "--only", "evaluate"]
+    command = [sys.executable, "-m", "spectrum_cli.main", "pipeline", "run", str(config), "--only", "evaluate"]
     done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and done.stderr == "error: --only re-runs a stage of a committed run: name it with --run RUN\n"
     assert not (tmp_path / "prefect").exists() and os.listdir(tmp_path) == ["pipeline.yaml"]

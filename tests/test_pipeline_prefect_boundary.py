@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from flows.prefect_api import PrefectUnavailableError, scrub, scrubbed
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 
 from .helpers import REPO_ROOT, child_env
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from stages.core.contracts import (
+from stages.base.contracts import (
     COMPARISON_TABLE,
     EVALUATION_TABLE,
     SELECTION_TABLE,
@@ -21,7 +21,7 @@ from stages.core.contracts import (
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
-from stages.core.errors import InputError, OutputExistsError
+from stages.base.errors import InputError, OutputExistsError
 from stages.report import build_report, gather
 from stages.report.charts import HeatCell, snr_heatmap
 from stages.store import ObjectInfo, commit_manifest, load_manifest, open_store, output_key, start_manifest, write_table
@@ -281,8 +281,8 @@ def real_store(tmp_path_factory):
     from stages import cpt, evaluate, layer_select, snr_scan
     from stages.core.stage import StageContext
     from stages.evaluation.corpus import python_docs
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-    from stages.testing.tokenizer import domain_corpus, write_tokenizer
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 
     root = tmp_path_factory.mktemp("report")
     domain, general = domain_corpus(160, seed=1), python_docs().texts[:120]
@@ -391,7 +391,7 @@ def test_the_report_of_a_real_comparison_loads_in_a_browser(real_store, tmp_path
 
 
 def test_spectrum_report_writes_the_page_and_says_where(pipeline, tmp_path, capsys):
-    from flows.cli import main
+    from spectrum_cli.main import main
 
     assert main(["report", "eval", "--store", pipeline.root_uri, "--out", str(tmp_path / "r.html")]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from stages.core.contracts import SELECTION_JSON_FILE, SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE
+from stages.base.contracts import SELECTION_JSON_FILE, SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE
 from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as run_select
@@ -162,10 +162,10 @@ def test_cpt_with_selection_json_trains_the_selected_modules_biases(tmp_path):
     from safetensors.torch import load_file
 
     from stages import cpt
-    from stages.core.contracts import TRAINED_TENSORS_TABLE
+    from stages.base.contracts import TRAINED_TENSORS_TABLE
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
     from stages.store import open_store, read_table
-    from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-    from stages.testing.tokenizer import domain_corpus, write_tokenizer
 
     from .helpers import TINY
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from stages.core.errors import InputError
-from stages.core.patterns import compile_pattern
+from stages.base.errors import InputError
+from stages.base.patterns import compile_pattern
 from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as run_select

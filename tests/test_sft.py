@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from stages import sft
-from stages.core.contracts import SFT
-from stages.core.errors import InputError
+from stages.base.contracts import SFT
+from stages.base.errors import InputError
 from stages.core.stage import StageContext
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import EOS, domain_corpus, write_tokenizer
 from stages.store import open_store
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import EOS, domain_corpus, write_tokenizer
 from stages.training.chat import IGNORE, prepare_chat, tokenize_conversation
 
 from .helpers import TINY

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.core.errors import CorruptWeightsError, InputError, OutputExistsError
+from stages.base.errors import CorruptWeightsError, InputError, OutputExistsError
 from stages.core.stage import StageContext
 from stages.scan.estimators import reference_snr
 from stages.scan.spectra import singular_values
@@ -668,7 +668,7 @@ def test_killed_scan_subprocess_resumes(synthetic_model, tmp_path):
 
 
 def test_a_decomposition_that_does_not_converge_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
-    from stages.core.errors import SpectrumError
+    from stages.base.errors import SpectrumError
     from stages.scan import engine
 
     def failing(*args, **kwargs):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.core.errors import InputError
+from stages.base.errors import InputError
 from stages.scan import spectra
 from stages.scan.estimators import estimate
 from stages.scan.spectra import resolve_device, singular_values

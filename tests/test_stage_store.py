@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
+from spectrum_cli.main import main
 from stages import snr_scan
-from stages.core.errors import CorruptWeightsError, InputError, OutputExistsError
-from stages.core.settings import WORK_DIR_ENV
+from stages.base.errors import CorruptWeightsError, InputError, OutputExistsError
+from stages.base.settings import WORK_DIR_ENV
 from stages.core.stage import StageContext
 from stages.layer_select import SelectConfig
 from stages.layer_select import run as select_run

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.errors import InputError, OutputExistsError
+from stages.base.errors import InputError, OutputExistsError
 from stages.store import (
     ArtifactNotFoundError,
     CredentialsRejectedError,

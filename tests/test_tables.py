@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from stages.core.errors import InputError, OutputExistsError
+from stages.base.errors import InputError, OutputExistsError
 from stages.store import (
     ArtifactNotFoundError,
     commit_manifest,

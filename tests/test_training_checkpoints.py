@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.contracts import CPT
+from stages.base.contracts import CPT
 from stages.core.execution import StageRun
 from stages.store import commit_manifest, open_store, start_manifest
 from stages.training.checkpoints import LATEST, publish_checkpoint, restore_latest

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stages import cpt
-from stages.core.contracts import CPT
+from stages.base.contracts import CPT
 from stages.store import list_runs, load_manifest, open_store
 
 from .helpers import REPO_ROOT

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
+from spectrum_cli.main import main
 from stages import cpt, sft
-from stages.core.contracts import CPT
-from stages.core.errors import InputError, OutputExistsError
+from stages.base.contracts import CPT
+from stages.base.errors import InputError, OutputExistsError
 from stages.store import list_runs, load_manifest, open_store
 from stages.training import loop
 from stages.training.chat import _StepBudget

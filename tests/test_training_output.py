@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import domain_corpus, write_tokenizer
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 
 from .helpers import REPO_ROOT, TINY, child_env
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from stages import cpt, sft
-from stages.core.contracts import CPT, SFT
+from stages.base.contracts import CPT, SFT
 from stages.training import loop
 
 from .test_cpt import base_model, config, context, corpus, drop, selection, sha  # noqa: F401  (fixtures)
@@ -77,7 +77,7 @@ def test_sft_resumed_after_step_6_of_12_is_bit_identical(chat_model, template, t
 @pytest.mark.integration
 def test_the_first_step_trains_at_its_scheduled_rate(base_model, drop, selection, tmp_path):  # noqa: F811
     """DeepSpeed's scheduler starts at rate 0 before its first iteration: without care, step 1 changes nothing."""
-    from stages.core.contracts import TRAINED_TENSORS_TABLE
+    from stages.base.contracts import TRAINED_TENSORS_TABLE
     from stages.store import open_store, read_table
 
     result = cpt.run(

@@ -12,9 +12,9 @@ import yaml
 
 from flows.pipeline_config import load_pipeline_config
 from flows.watch import CLAIMS, ready_drops, try_claim, watch_once
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 from stages.store import list_runs, open_store
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import domain_corpus, write_tokenizer
 
 from .helpers import TINY, child_env, venv_bin
 from .s3_server import fresh_bucket

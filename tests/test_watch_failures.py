@@ -126,7 +126,7 @@ def test_a_dead_holder_counts_as_an_attempt(setup, tmp_path):
 
 
 def test_watch_once_exits_non_zero_when_a_drop_failed_and_names_it(setup, tmp_path, capsys):
-    from flows.cli import main
+    from spectrum_cli.main import main
 
     _, store, runs = setup
     land(store, "a-empty", files=False)

@@ -1,1 +1,2 @@
-"""Stage contract, command-line plumbing, errors, settings and the names shared across stages."""
+"""The stage framework: the stage contract (stage), its command line (cli),
+publishing through the store (execution) and a stage in its own process (process)."""

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..base import settings
+from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError, describe_os_error, recorded_failure
+from ..base.files import write_atomic
 from ..store import ArtifactStore, open_store
 from ..store.scrub import redact
-from . import settings
-from .errors import OS_ERROR_EXIT, InputError, SpectrumError, describe_os_error, recorded_failure
-from .files import write_atomic
 from .stage import Option, Stage, StageConfig, StageContext, options_of
 
 Action = Callable[[argparse.Namespace], str]

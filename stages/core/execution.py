@@ -18,6 +18,10 @@ from typing import Any
 import pyarrow as pa
 
 from .. import __version__
+from ..base.contracts import FAILED
+from ..base.environment import runtime_environment
+from ..base.errors import RECORDED_FAILURE, InputError, OutputExistsError
+from ..base.settings import STORE_ENV
 from ..store import (
     ArtifactStore,
     Manifest,
@@ -33,10 +37,6 @@ from ..store import (
 )
 from ..store.lease import LeaseHeldError, acquire_lease, holder_identity
 from ..store.manifest import lease_folder
-from .contracts import FAILED
-from .environment import runtime_environment
-from .errors import RECORDED_FAILURE, InputError, OutputExistsError
-from .settings import STORE_ENV
 from .stage import StageContext
 
 

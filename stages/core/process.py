@@ -12,9 +12,9 @@ import os
 import subprocess
 import sys
 
+from ..base.errors import SpectrumError
 from ..store import Manifest
 from .cli import command_line
-from .errors import SpectrumError
 from .stage import Stage, StageConfig, StageContext, StageResult
 
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from ..base import settings
+from ..base.contracts import STEP_SEPARATOR, step_name
+from ..base.errors import InputError
+from ..base.library_output import follow_progress
 from ..store import ArtifactStore, Manifest
 from ..store.keys import NAME, validate_name
 from ..store.scrub import check_values
-from . import settings
-from .contracts import STEP_SEPARATOR, step_name
-from .errors import InputError
-from .library_output import follow_progress
 
 OPTION = "spectrum_option"
 
@@ -158,7 +158,7 @@ ConfigT = TypeVar("ConfigT", bound=StageConfig)
 class Stage(Generic[ConfigT]):
     """A stage as the CLI and the flows see it."""
 
-    name: str  # the stage's name in the store (stages.core.contracts)
+    name: str  # the stage's name in the store (stages.base.contracts)
     command: str  # `spectrum <command>`
     config: type[ConfigT]
     run: Callable[[ConfigT, StageContext], StageResult]

@@ -9,8 +9,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..core.documents import clip, kind_of, shown
-from ..core.errors import InputError
+from ..base.documents import clip, kind_of, shown
+from ..base.errors import InputError
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 MAX_LINE_BYTES = 64 * 1024 * 1024  # one line of a .txt/.jsonl file: far more than any document, less than memory
@@ -114,7 +114,7 @@ def iter_texts(folder: Path, text_field: str = "text") -> Iterator[tuple[str, st
     of a datasets save_to_disk folder, whose `text_field` holds a string (a JSON string record is
     its own text). Anything else is an InputError naming the file and the line or row.
     """
-    from ..core.files import all_files
+    from ..base.files import all_files
 
     if is_saved_dataset(folder):
         yield from _saved_dataset_texts(folder, text_field)

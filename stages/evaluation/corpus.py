@@ -20,7 +20,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import InputError
+from ..base.errors import InputError
 from ..data.drops import iter_texts
 
 GENERAL_CORPUS = "python-docs"  # the name of the default general corpus in the evaluation table

@@ -10,7 +10,7 @@ import math
 
 import pyarrow as pa
 
-from ..core.errors import InputError, SpectrumError
+from ..base.errors import InputError, SpectrumError
 
 SNR_DRIFT_SCHEMA = pa.schema(
     [

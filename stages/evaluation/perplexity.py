@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..core.errors import InputError
+from ..base.errors import InputError
 
 
 @dataclass(frozen=True)

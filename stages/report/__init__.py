@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import InputError
-from ..core.files import ensure_writable, write_atomic
+from ..base.errors import InputError
+from ..base.files import ensure_writable, write_atomic
 from ..store import ArtifactStore
 from .build import ReportData, gather
 from .render import compose, to_html, to_markdown

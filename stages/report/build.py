@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.contracts import (
+from ..base.contracts import (
     COMPARE,
     COMPARISON_TABLE,
     CPT,
@@ -33,7 +33,7 @@ from ..core.contracts import (
     base_stage,
     step_name,
 )
-from ..core.errors import InputError
+from ..base.errors import InputError
 from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, read_output, read_table
 from ..store.manifest import committed_manifests
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import __version__
-from ..core.errors import CorruptWeightsError, InputError, SpectrumError
+from ..base.errors import CorruptWeightsError, InputError, SpectrumError
 from ..weights.checkpoint import FLOAT_DTYPES, ModelWeights, TensorInfo
 from ..weights.naming import layer_index, module_name, module_type
 from .estimators import SpectrumStats, estimate

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import torch
 
-from ..core.errors import InputError
+from ..base.errors import InputError
 
 SVD_METHODS = ("gram", "svd")
 BLOCK_ELEMENTS = 1 << 22  # float64 elements cast at a time (32 MiB)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.errors import InputError
-from ..core.files import write_atomic
+from ..base.errors import InputError
+from ..base.files import write_atomic
 
 SNR_SCHEMA = pa.schema(
     [

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import pyarrow.fs as pafs
 
-from ..core.errors import InputError, OutputExistsError
+from ..base.errors import InputError, OutputExistsError
 from .errors import IntegrityError
 from .keys import RESERVED_PREFIX
 

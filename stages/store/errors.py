@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.errors import OS_ERROR_EXIT, InputError, SpectrumError
+from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError
 
 
 class StoreError(SpectrumError):

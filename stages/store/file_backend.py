@@ -12,7 +12,7 @@ from typing import IO
 
 import pyarrow.fs as pafs
 
-from ..core.errors import REFUSALS, InputError, describe_os_error
+from ..base.errors import REFUSALS, InputError, describe_os_error
 from .base import (
     CHUNK,
     ArtifactStore,

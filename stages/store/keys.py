@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..core.errors import InputError
+from ..base.errors import InputError
 
 # Components starting with this are the store's own (temporary files, S3 staging objects).
 RESERVED_PREFIX = ".spectrum-"

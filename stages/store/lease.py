@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import InputError, OutputExistsError
+from ..base.errors import InputError, OutputExistsError
 from .base import ArtifactStore
 from .errors import ArtifactNotFoundError, StoreUnavailableError
 

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.contracts import (
+from ..base.contracts import (
     CPT,
     FAILED,
     LAYER_SELECT,
@@ -36,7 +36,7 @@ from ..core.contracts import (
     base_stage,
     stage_sort_key,
 )
-from ..core.errors import InputError
+from ..base.errors import InputError
 from .base import ArtifactStore
 from .errors import ArtifactNotFoundError
 from .keys import NAME

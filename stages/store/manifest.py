@@ -23,8 +23,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from ..core.contracts import FAILED, MANIFEST_FILE, RUNNING, STEP_SEPARATOR, SUCCEEDED, base_stage, stage_sort_key
-from ..core.errors import InputError
+from ..base.contracts import FAILED, MANIFEST_FILE, RUNNING, STEP_SEPARATOR, SUCCEEDED, base_stage, stage_sort_key
+from ..base.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError
 from .keys import NAME, validate_name

@@ -33,8 +33,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
-from ..core import settings
-from ..core.errors import InputError
+from ..base import settings
+from ..base.errors import InputError
 from .base import (
     CHUNK,
     ArtifactStore,

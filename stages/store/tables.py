@@ -16,8 +16,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..core.contracts import SUCCEEDED
-from ..core.errors import InputError
+from ..base.contracts import SUCCEEDED
+from ..base.errors import InputError
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name

@@ -31,10 +31,10 @@ from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
-from ..core import settings
-from ..core.contracts import SUCCEEDED
-from ..core.errors import InputError
-from ..core.locks import exclusive_lock
+from ..base import settings
+from ..base.contracts import SUCCEEDED
+from ..base.errors import InputError
+from ..base.locks import exclusive_lock
 from . import ArtifactNotFoundError, ArtifactStore, IntegrityError, ObjectInfo, open_store
 from .base import sha256_file
 from .manifest import load_manifest, output_key

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import InputError
-from ..core.files import all_files, write_atomic
+from ..base.errors import InputError
+from ..base.files import all_files, write_atomic
 from ..data.drops import iter_records
 from .loop import TrainingArrays
 from .packing import is_heldout

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.contracts import MANIFEST_FILE, SUCCEEDED, base_stage
-from ..core.errors import SpectrumError
+from ..base.contracts import MANIFEST_FILE, SUCCEEDED, base_stage
+from ..base.errors import SpectrumError
+from ..base.files import all_files, write_atomic
 from ..core.execution import StageRun
-from ..core.files import all_files, write_atomic
 from ..store import ArtifactStore, ObjectInfo, output_key
 from ..store.base import sha256_file
 from ..store.manifest import load_manifest_or_none

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.documents import shown
-from ..core.errors import InputError
+from ..base.documents import shown
+from ..base.errors import InputError
 from .selection import Selection
 
 log = logging.getLogger(__name__)

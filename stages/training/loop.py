@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.errors import CorruptWeightsError, InputError
-from ..core.library_output import deepspeed_start, import_deepspeed
+from ..base.errors import CorruptWeightsError, InputError
+from ..base.library_output import deepspeed_start, import_deepspeed
 from .opbuild import build_ops
 
 

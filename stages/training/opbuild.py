@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..core.library_output import import_deepspeed
+from ..base.library_output import import_deepspeed
 
 log = logging.getLogger(__name__)
 

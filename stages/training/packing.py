@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..core.errors import InputError
+from ..base.errors import InputError
 from ..data.drops import iter_texts
 
 log = logging.getLogger(__name__)

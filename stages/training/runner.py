@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from .. import __version__
-from ..core.contracts import (
+from ..base.contracts import (
     HELDOUT_DATA_FILE,
     HELDOUT_FILE,
     MODEL_FOLDER,
@@ -33,9 +33,9 @@ from ..core.contracts import (
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
-from ..core.errors import InputError, OutputExistsError
+from ..base.errors import InputError, OutputExistsError
+from ..base.files import all_files, ensure_writable_folder
 from ..core.execution import StageRun, execute_stage, require_store_in
-from ..core.files import all_files, ensure_writable_folder
 from ..core.stage import StageConfig, StageContext, StageResult, option, options_of
 from ..store import ObjectInfo, cache_key, find_manifest
 from ..store.trees import file_ref, local_copy

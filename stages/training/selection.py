@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.contracts import LAYER_SELECT, SELECTION_JSON_FILE
-from ..core.documents import kind_of, load_yaml, shown
-from ..core.errors import InputError
-from ..core.patterns import compile_pattern
+from ..base.contracts import LAYER_SELECT, SELECTION_JSON_FILE
+from ..base.documents import kind_of, load_yaml, shown
+from ..base.errors import InputError
+from ..base.patterns import compile_pattern
 from ..data.drops import decode_utf8
 from ..store import ArtifactStore, read_stage_output, resolve_run_reference
 from ..store.base import sha256_bytes

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from ..core.errors import SpectrumError
+from ..base.errors import SpectrumError
 from ..weights.checkpoint import ModelWeights
 from .loop import TrainingDivergedError
 

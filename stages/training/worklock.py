@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..core.locks import exclusive_lock
+from ..base.locks import exclusive_lock
 
 
 @contextmanager

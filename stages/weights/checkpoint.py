@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.errors import CorruptWeightsError, InputError
-from ..core.files import link_roots, require_inside
+from ..base.errors import CorruptWeightsError, InputError
+from ..base.files import link_roots, require_inside
 from .naming import natural_key
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ..core import settings
-from ..core.errors import InputError, SpectrumError
-from ..core.files import all_files
+from ..base import settings
+from ..base.errors import InputError, SpectrumError
+from ..base.files import all_files
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_DEFAULT_ENDPOINT = "https://huggingface.co"

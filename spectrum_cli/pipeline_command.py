@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stages.core.errors import InputError
+from flows.prefect_api import PrefectUnavailableError, scrub, start_prefect
+from stages.base.errors import InputError
 from stages.store import StoreUnavailableError
-
-from .prefect_api import PrefectUnavailableError, scrub, start_prefect
 
 HELP = "run the pipeline of a config file (download → snr_scan → layer_select → cpt → sft → evaluate + report)"
 DESCRIPTION = """Run the pipeline a YAML config describes (see flows/pipeline_config.py) as one Prefect flow
@@ -35,13 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> str:
-    from .pipeline_config import check_rerun, load_pipeline_config
+    from flows.pipeline_config import check_rerun, load_pipeline_config
 
     # The config, every stage's checks and the re-run options are checked before Prefect is imported or started:
     # a mistake is one error line, with no temporary server started just to reject it.
     check_rerun(load_pipeline_config(args.config), args.only, args.from_stage, args.force, args.run)
     start_prefect()
-    from .pipeline import pipeline_flow
+    from flows.pipeline import pipeline_flow
 
     outcome = pipeline_flow(args.config, only=args.only, from_stage=args.from_stage, force=args.force, run=args.run)
     lines = [*outcome["lines"], f"pipeline run {outcome['run_id']}:"]
@@ -78,12 +77,12 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
 def watch_command(args: argparse.Namespace) -> str:
     import time
 
-    from .pipeline_config import load_pipeline_config
+    from flows.pipeline_config import load_pipeline_config
 
     if args.interval <= 0 or args.claim_timeout <= 0:
         raise InputError("--interval and --claim-timeout must be positive")
     config = load_pipeline_config(args.config)  # before Prefect is imported: a bad config is one error line
-    from .watch import watch_once
+    from flows.watch import watch_once
 
     while True:
         try:

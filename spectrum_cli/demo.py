@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from stages.core.errors import InputError
-from stages.testing.synthetic_model import SyntheticSpec, write_synthetic_model
-from stages.testing.tokenizer import EOS, domain_corpus, write_tokenizer
+from stages.base.errors import InputError
+from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+from stages.sample_models.tokenizer import EOS, domain_corpus, write_tokenizer
 
 HELP = "run the whole pipeline on a generated model and data drop (the embedded default), with its report"
 CHAT_TEMPLATE = (
@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> str:
     config = write_inputs(workdir, args.layers, args.top_percent, args.real, args.overwrite)
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))  # Prefect's database, private to the demo
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from .prefect_api import start_prefect
+    from flows.prefect_api import start_prefect
 
     start_prefect()  # the temporary server, tied to this process
-    from .pipeline import pipeline_flow
+    from flows.pipeline import pipeline_flow
 
     outcome = pipeline_flow(str(config))
     reused = f" ({len(outcome['cached'])} of {len(outcome['ran'])} stages reused)" if outcome["cached"] else ""
@@ -67,7 +67,7 @@ def write_inputs(workdir: Path, layers: int, top_percent: float, real: bool, ove
     model = workdir / ("smollm2" if real else "model")
     corpus = domain_corpus(400)
     if real:
-        from stages.testing.smollm2 import write_smollm2
+        from stages.sample_models.smollm2 import write_smollm2
 
         write_smollm2(model)
     elif overwrite or not (model / "tokenizer.json").exists():

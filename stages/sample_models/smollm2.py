@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..core.errors import InputError
+from ..base.errors import InputError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

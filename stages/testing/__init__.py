@@ -1,1 +1,0 @@
-"""Test and demo fixtures that ship with the package: the synthetic model generator."""
