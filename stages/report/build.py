@@ -9,7 +9,6 @@ manifests, the stages' tables and their training records; nothing from Prefect.
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,6 @@ from ..base.contracts import (
     SNR_DRIFT_TABLE,
     SNR_SCAN,
     SNR_TABLE,
-    SUCCEEDED,
     TRAINED_TENSORS_TABLE,
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
@@ -34,26 +32,13 @@ from ..base.contracts import (
     step_name,
 )
 from ..base.errors import InputError
-from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, read_output, read_table
+from ..store import ArtifactNotFoundError, ArtifactStore, output_key, read_output, read_table
+from ..store.lineage import Key, LineageNode, Producers, ancestors
 from ..store.manifest import committed_manifests
 
-Key = tuple[str, str]  # (run id, stage or step)
 TRAINING_STAGES = (CPT, SFT)
 BASE_SCAN_STEP = step_name(SNR_SCAN, "evaluate_base")  # evaluate's scan of the base model: the SNR map when no scan stage exists
 TABLES = (SNR_TABLE, SELECTION_TABLE, TRAINED_TENSORS_TABLE, TRAINING_METRICS_TABLE, EVALUATION_TABLE, SNR_DRIFT_TABLE, COMPARISON_TABLE)
-
-
-@dataclass(frozen=True)
-class StageNode:
-    """A committed stage the report covers: one of the run's own, or one its inputs came from."""
-
-    manifest: Manifest
-    own: bool  # a stage of the reported run itself
-    parents: tuple[Key, ...]  # the stages that produced its inputs
-
-    @property
-    def key(self) -> Key:
-        return (self.manifest.run_id, self.manifest.stage)
 
 
 @dataclass
@@ -114,7 +99,7 @@ class ReportData:
 
     run_id: str
     store_uri: str
-    stages: list[StageNode]
+    stages: list[LineageNode]
     labels: dict[Key, str]
     snr: list[dict[str, Any]] | None = None  # the scanned rows of the base model's SNR table
     snr_key: Key | None = None
@@ -139,7 +124,7 @@ class ReportData:
     @property
     def primary_training(self) -> Training | None:
         """The training the run is about: its own (the last), else the only one not trained on further."""
-        own = [t for t in self.trainings if self._own(t.key)]
+        own = [t for t in self.trainings if self.own(t.key)]
         if own:
             return own[-1]
         leaves = [t for t in self.trainings if not any(t.key in self.ancestors(o.key) for o in self.trainings if o is not t)]
@@ -149,17 +134,10 @@ class ReportData:
         return bool(self.snr or self.selections or self.trainings or self.evaluations or self.comparison)
 
     def ancestors(self, key: Key) -> set[Key]:
-        nodes = {node.key: node for node in self.stages}
-        found: set[Key] = set()
-        pending = list(nodes[key].parents) if key in nodes else []
-        while pending:
-            parent = pending.pop()
-            if parent not in found:
-                found.add(parent)
-                pending.extend(nodes[parent].parents if parent in nodes else ())
-        return found
+        return ancestors(self.stages, key)
 
-    def _own(self, key: Key) -> bool:
+    def own(self, key: Key) -> bool:
+        """A stage of the reported run itself (not one its inputs came from)."""
         return key[0] == self.run_id
 
 
@@ -171,7 +149,7 @@ def gather(store: ArtifactStore, run_id: str) -> ReportData:
             f"run {run_id!r} has no committed stage in {store.root_uri}, so there is nothing to report; "
             f"`spectrum runs --store {store.root_uri}` lists the runs"
         )
-    stages = lineage(everything, run_id)
+    stages = Producers(everything).walk(everything[run_id])  # the run's stages, then those its inputs came from
     tables = _read_tables(store, stages)
     data = ReportData(run_id=run_id, store_uri=store.root_uri, stages=stages, labels={})
     data.comparison_key, data.comparison = _first(tables[COMPARISON_TABLE], stages, lambda s: base_stage(s) == COMPARE)
@@ -203,29 +181,7 @@ def gather(store: ArtifactStore, run_id: str) -> ReportData:
     return data
 
 
-def lineage(everything: dict[str, list[Manifest]], run_id: str) -> list[StageNode]:
-    """The run's stages (pipeline order), then the stages that produced their inputs, nearest first."""
-    producers: dict[str, Manifest] = {}
-    for manifests in everything.values():
-        for manifest in manifests:
-            if manifest.status == SUCCEEDED:
-                producers.update((output["uri"], manifest) for output in manifest.outputs if output.get("uri"))
-    nodes: dict[Key, StageNode] = {}
-    pending = deque(everything[run_id])
-    while pending:
-        manifest = pending.popleft()
-        key = (manifest.run_id, manifest.stage)
-        if key in nodes:
-            continue
-        parents = _unique(
-            (p.run_id, p.stage) for ref in manifest.inputs if (p := producers.get(ref.get("uri", ""))) and (p.run_id, p.stage) != key
-        )
-        nodes[key] = StageNode(manifest, own=manifest.run_id == run_id, parents=tuple(parents))
-        pending.extend(producers_of for ref in manifest.inputs if (producers_of := producers.get(ref.get("uri", ""))))
-    return list(nodes.values())
-
-
-def _read_tables(store: ArtifactStore, stages: list[StageNode]) -> dict[str, dict[Key, list[dict[str, Any]]]]:
+def _read_tables(store: ArtifactStore, stages: list[LineageNode]) -> dict[str, dict[Key, list[dict[str, Any]]]]:
     """table -> (run, stage) -> rows, for the stages the report covers (committed partitions only)."""
     keys = {node.key for node in stages}
     runs = _unique(node.manifest.run_id for node in stages)
@@ -244,14 +200,14 @@ def _read_tables(store: ArtifactStore, stages: list[StageNode]) -> dict[str, dic
     return found
 
 
-def _first(rows: dict[Key, list[dict[str, Any]]], stages: list[StageNode], wanted) -> tuple[Key | None, list[dict[str, Any]] | None]:
+def _first(rows: dict[Key, list[dict[str, Any]]], stages: list[LineageNode], wanted) -> tuple[Key | None, list[dict[str, Any]] | None]:
     for node in stages:
         if wanted(node.manifest.stage) and rows.get(node.key):
             return node.key, rows[node.key]
     return None, None
 
 
-def _snr_source(rows: dict[Key, list[dict[str, Any]]], stages: list[StageNode]) -> tuple[Key | None, list[dict[str, Any]] | None]:
+def _snr_source(rows: dict[Key, list[dict[str, Any]]], stages: list[LineageNode]) -> tuple[Key | None, list[dict[str, Any]] | None]:
     """The base model's scan: a `snr_scan` stage (the run's own first), else evaluate's scan of the base model, else any step."""
     for wanted in (lambda stage: stage == SNR_SCAN, lambda stage: stage == BASE_SCAN_STEP, lambda stage: base_stage(stage) == SNR_SCAN):
         key, found = _first(rows, stages, wanted)
@@ -270,7 +226,7 @@ def _methods(comparison: list[dict[str, Any]]) -> dict[str, str]:
     return methods
 
 
-def _labels(stages: list[StageNode], run_id: str, methods: dict[str, str]) -> dict[Key, str]:
+def _labels(stages: list[LineageNode], run_id: str, methods: dict[str, str]) -> dict[Key, str]:
     """How the report names a stage: the comparison's method for an arm's run, else `run/stage` (just `stage` in the run itself)."""
     labels = {}
     for node in stages:
@@ -282,7 +238,7 @@ def _labels(stages: list[StageNode], run_id: str, methods: dict[str, str]) -> di
 def _selections(data: ReportData, rows: dict[Key, list[dict[str, Any]]], scans: dict[Key, list[dict[str, Any]]]) -> list[Selection]:
     """The run's own selections, else those in its lineage; each with what changed in the trainings built on it."""
     candidates = [n for n in data.stages if base_stage(n.manifest.stage) == LAYER_SELECT and rows.get(n.key)]
-    own = [n for n in candidates if n.own]
+    own = [n for n in candidates if data.own(n.key)]
     selections = []
     for node in own or candidates:
         trained = [t for t in data.trainings if node.key in data.ancestors(t.key) and t.tensors is not None]
@@ -298,11 +254,11 @@ def _selections(data: ReportData, rows: dict[Key, list[dict[str, Any]]], scans: 
 
 def _evaluations(data: ReportData, rows: dict[Key, list[dict[str, Any]]], drift: dict[Key, list[dict[str, Any]]]) -> list[Evaluation]:
     candidates = [n for n in data.stages if base_stage(n.manifest.stage) == EVALUATE and rows.get(n.key)]
-    own = [n for n in candidates if n.own]
+    own = [n for n in candidates if data.own(n.key)]
     return [Evaluation(n.key, data.labels[n.key], rows[n.key], drift.get(n.key)) for n in own or candidates]
 
 
-def _training_record(store: ArtifactStore, node: StageNode) -> dict[str, Any] | None:
+def _training_record(store: ArtifactStore, node: LineageNode) -> dict[str, Any] | None:
     manifest = node.manifest
     key = output_key(manifest.run_id, manifest.stage, TRAINING_FILE)
     if not any(output.get("key") == key for output in manifest.outputs):

@@ -3,7 +3,8 @@
 `list_run_summaries` backs `spectrum runs`; `audit_run` backs `spectrum audit RUN`: each
 stage's inputs and outputs with hashes, the selection (which tensors were trainable and why,
 with their SNR), the lineage of the SNR table it selected from, and the tensors each training
-changed (per training stage: cpt and sft apart).
+changed (per training stage: cpt and sft apart). `Producers.walk` is the one lineage walk: the
+audit's and the report's (stages/report) follow inputs back to the stages that wrote them.
 
 A run's stages are listed as the run recorded them: a stage it reused from an earlier run (a
 re-run's upstream, a cached step) is its reuse record, with its own start time, shown as
@@ -15,6 +16,8 @@ it (killed) is `crashed`; a pipeline released as failed or interrupted is that.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -148,7 +151,7 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
         raise InputError(
             f"run {run_id!r} has no committed stage in {store.root_uri}; `spectrum runs --store {store.root_uri}` lists the runs"
         )
-    producers = _ProducerIndex(committed_manifests(store))  # read once: the producers of the run's inputs
+    producers = Producers(committed_manifests(store))  # read once: the producers of the run's inputs
     report: dict[str, Any] = {"run_id": run_id, "store": store.root_uri, "stages": [], "lineage": []}
     work: list[Manifest] = []  # the manifest of each stage's work: its own, or the one its reuse record names
     upstream: list[Manifest] = []
@@ -171,7 +174,8 @@ def audit_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
                 "outputs": manifest.outputs,
             }
         )
-        found = [m for m in producers.lineage(manifest.inputs, exclude_run=run_id) if m not in upstream]
+        walked = producers.walk(producers.of(manifest.inputs), exclude_run=run_id)
+        found = [node.manifest for node in walked if node.manifest not in upstream]
         upstream += found
         report["lineage"] += [{"run_id": m.run_id, "stage": m.stage, "parameters": m.parameters, "inputs": m.inputs} for m in found]
         if base_stage(manifest.stage) == LAYER_SELECT and manifest.status == SUCCEEDED:
@@ -196,30 +200,65 @@ def _resolved(store: ArtifactStore, record: Manifest) -> Manifest:
     return load_manifest_or_none(store, record.reused_from["run_id"], record.reused_from["stage"]) or record
 
 
-class _ProducerIndex:
-    """Which committed stage wrote each stored object: the audit follows inputs back to their runs."""
+Key = tuple[str, str]  # (run id, stage or step)
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    """A committed stage met on a lineage walk, with the stages that produced its inputs."""
+
+    manifest: Manifest
+    parents: tuple[Key, ...]
+
+    @property
+    def key(self) -> Key:
+        return (self.manifest.run_id, self.manifest.stage)
+
+
+class Producers:
+    """Which succeeded stage wrote each stored object (by URI): lineage follows inputs back to the runs that made them."""
 
     def __init__(self, manifests: dict[str, list[Manifest]]):
         self._by_uri: dict[str, Manifest] = {}
         for run_manifests in manifests.values():
             for manifest in run_manifests:
                 if manifest.status == SUCCEEDED:
-                    for output in manifest.outputs:
-                        self._by_uri[output["uri"]] = manifest
+                    self._by_uri.update((output["uri"], manifest) for output in manifest.outputs if output.get("uri"))
 
-    def lineage(self, inputs: list[dict[str, Any]], exclude_run: str) -> list[Manifest]:
-        """Earlier stages that produced these inputs, transitively, each listed once."""
-        found: list[Manifest] = []
-        seen: set[tuple[str, str]] = set()
-        pending = list(inputs)
+    def of(self, inputs: Iterable[dict[str, Any]]) -> list[Manifest]:
+        """The producers of `inputs`, in their order (inputs that no stage wrote, e.g. local files, have none)."""
+        return [producer for ref in inputs if (producer := self._by_uri.get(ref.get("uri", "")))]
+
+    def walk(self, start: Iterable[Manifest], exclude_run: str | None = None) -> list[LineageNode]:
+        """`start`, then the stages that produced their inputs, transitively, nearest first, each once.
+
+        Stages of `exclude_run` are neither listed nor followed.
+        """
+        nodes: dict[Key, LineageNode] = {}
+        pending = deque(start)
         while pending:
-            manifest = self._by_uri.get(pending.pop(0)["uri"])
-            if manifest is None or (manifest.run_id, manifest.stage) in seen or manifest.run_id == exclude_run:
+            manifest = pending.popleft()
+            key = (manifest.run_id, manifest.stage)
+            if key in nodes or manifest.run_id == exclude_run:
                 continue
-            seen.add((manifest.run_id, manifest.stage))
-            found.append(manifest)
-            pending.extend(manifest.inputs)
-        return found
+            producers = self.of(manifest.inputs)
+            parents = dict.fromkeys(p_key for p in producers if (p_key := (p.run_id, p.stage)) != key)
+            nodes[key] = LineageNode(manifest, tuple(parents))
+            pending.extend(producers)
+        return list(nodes.values())
+
+
+def ancestors(nodes: Iterable[LineageNode], key: Key) -> set[Key]:
+    """Every stage among `nodes` that `key` descends from (its parents, theirs, and so on)."""
+    parents = {node.key: node.parents for node in nodes}
+    found: set[Key] = set()
+    pending = list(parents.get(key, ()))
+    while pending:
+        parent = pending.pop()
+        if parent not in found:
+            found.add(parent)
+            pending.extend(parents.get(parent, ()))
+    return found
 
 
 def _selection(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
