@@ -6,6 +6,8 @@ Artifact keys are lowercase letters, digits and dashes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_table_artifact
@@ -22,8 +24,6 @@ from stages.base.contracts import (
 )
 from stages.store import ArtifactStore, Manifest, read_table
 
-from .pipeline import PipelineResult
-
 TABLES = (
     (SNR_SCAN, SNR_TABLE, "snr", ("tensor_name", "module_type", "layer_index", "snr", "parameter_count")),
     (LAYER_SELECT, SELECTION_TABLE, "selection", ("tensor_name", "module_type", "snr", "selected", "reason")),
@@ -32,20 +32,20 @@ TABLES = (
 )
 
 
-def publish_artifacts(store: ArtifactStore, result: PipelineResult) -> list[str]:
+def publish_artifacts(store: ArtifactStore, run_id: str, manifests: Mapping[str, Manifest], report: Path | None) -> list[str]:
     """Create the artifacts (call inside the flow run); returns their keys."""
     keys = []
     for stage, table, name, columns in TABLES:
-        manifest = result.manifests.get(stage)
+        manifest = manifests.get(stage)
         if manifest is None:
             continue
-        key = f"{name}-{_slug(result.run_id)}"
+        key = f"{name}-{_slug(run_id)}"
         rows = _rows(store, table, manifest, columns)
         create_table_artifact(rows, key=key, description=f"{table} of the {stage} stage (run {manifest.run_id})")
         keys.append(key)
-    if result.report is not None:
-        key = f"report-{_slug(result.run_id)}"
-        create_link_artifact(result.report.resolve().as_uri(), link_text="report", key=key, description=f"report of run {result.run_id}")
+    if report is not None:
+        key = f"report-{_slug(run_id)}"
+        create_link_artifact(report.resolve().as_uri(), link_text="report", key=key, description=f"report of run {run_id}")
         keys.append(key)
     return keys
 

@@ -12,9 +12,10 @@
     report: true                                 # write report.html beside the config (default true)
     execution: in-process                        # subprocess, deployment, or per stage: {cpt: deployment}
 
-Every stage runs, in pipeline order, except sft, which runs only when it is configured. The
-options a pipeline wires from one stage to the next (MODEL, --snr-run, --selection-run,
---cpt-run …) cannot be set here. A mistake names the field: `stages.cpt.max_step: not an option
+Every stage runs, in pipeline order (flows/pipeline_definition.py), except sft, which runs only
+when it is configured. The options a pipeline wires from one stage to the next (MODEL, --snr-run,
+--selection-run, --cpt-run …: declared on the stages' options) and those for local files only
+(--out-dir, a selection file) cannot be set here. A mistake names the field: `stages.cpt.max_step: not an option
 of cpt (did you mean max_steps?)`. `execution: subprocess` runs a stage as
 `python -m stages.<stage> …` in a process of its own, exactly the command its container runs;
 `execution: deployment` runs it as a flow run of its `spectrum-stage/<stage>` deployment, on
@@ -32,32 +33,20 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages import cpt, download, evaluate, layer_select, sft, snr_scan
-from stages.base.contracts import CPT, DOWNLOAD, EVALUATE, LAYER_SELECT, SFT, SNR_SCAN
+from stages.base.contracts import SFT
 from stages.base.documents import clip, load_yaml_file, shown
 from stages.base.errors import InputError
 from stages.core.stage import Stage, options_of
 from stages.store.uri import parse_store_uri, uri_scheme
 from stages.weights.hub import HUB_ID
 
-PIPELINE = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
-STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in PIPELINE}
+from .pipeline_definition import STAGE_BY_NAME, PipelineStep, path_options, settable_options, steps_of
+
 TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution")
 EXECUTIONS = ("in-process", "subprocess", "deployment")
 MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline config is a page of YAML
 MAX_CONFIG_VALUES = 100_000  # values with every YAML alias expanded
-# Options that name a file or folder: relative ones are relative to the config's folder, like model:, data: and store:.
-PATH_OPTIONS = {SFT: {"data", "chat_template"}, EVALUATE: {"data", "general", "chat_data", "chat_template", "tasks_dir"}}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URI (store:, s3://, https://, a mistyped one): not a path
-# Options the pipeline sets itself, from the stage before: setting them in the config is an error.
-WIRED = {
-    DOWNLOAD: {"model", "revision", "data"},
-    SNR_SCAN: {"model_dir", "output", "reference_json"},
-    LAYER_SELECT: {"snr_input", "snr_run", "out_dir", "overwrite"},
-    CPT: {"model", "data", "selection", "selection_run", "out_dir", "overwrite"},
-    SFT: {"model", "selection", "selection_run", "out_dir", "overwrite"},
-    EVALUATE: {"model", "cpt_run", "sft_run", "base_model", "out_dir", "overwrite"},
-}
 
 
 @dataclass(frozen=True)
@@ -76,9 +65,19 @@ class PipelineConfig:
         return self.execution.get(stage, "in-process")
 
     @property
+    def steps(self) -> list[PipelineStep]:
+        """The steps this pipeline runs, in order (sft and the evaluation of its model only when sft is configured)."""
+        return steps_of(set(self.options))
+
+    @property
     def stages(self) -> list[str]:
-        """The stages this pipeline runs, in order (sft only when configured)."""
-        return [stage.name for stage in PIPELINE if stage.name != SFT or SFT in self.options]
+        """The stages this pipeline runs, in order: what --only, --from and --force name."""
+        return list(dict.fromkeys(step.group for step in self.steps))
+
+    @property
+    def inputs(self) -> dict[str, str | None]:
+        """The pipeline's own inputs, which the first stage takes (From(PIPELINE_INPUTS, name))."""
+        return {"model": self.model, "revision": self.revision, "data": self.data}
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
@@ -120,11 +119,11 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         raise InputError(f"{where}: stages.sft.data: missing; sft trains on chat data (a folder or store URI)")
     folder = source.parent
     for name, values in options.items():
-        for key in PATH_OPTIONS.get(name, ()) & values.keys():
+        for key in path_options(STAGE_BY_NAME[name]) & values.keys():
             values[key] = _path_value(values[key], folder)
-    for stage in PIPELINE:  # every stage's own checks, the ones left at their defaults too
-        if stage.name != SFT or SFT in options:
-            _check(stage, options.get(stage.name, {}), f"{where}: stages.{stage.name}")
+    inputs = {"model": document["model"], "revision": document.get("revision"), "data": document["data"]}
+    for step in steps_of(set(options)):  # every step's own checks, the ones left at their defaults too
+        _check(step, options.get(step.stage.name, {}), inputs, f"{where}: stages.{step.stage.name}")
     return PipelineConfig(
         execution=_execution(document.get("execution", "in-process"), where),
         model=_path_value(document["model"], folder, hub_id=True),
@@ -189,41 +188,32 @@ def _execution(value: Any, where: str) -> dict[str, str]:
 def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise InputError(f"{where}: expected a mapping of option to value, found {shown(values)}")
-    fields = {f.name: f for f, _ in options_of(stage.config)}
+    specs = {f.name: (f, spec) for f, spec in options_of(stage.config)}
+    allowed = settable_options(stage)
     hints = typing.get_type_hints(stage.config)
     checked = {}
     for key, value in values.items():
-        if key in WIRED[stage.name]:
-            raise InputError(f"{where}.{key}: set by the pipeline from the stage before; leave it out")
-        if key not in fields:
-            allowed = sorted(set(fields) - WIRED[stage.name])
+        if key in specs and specs[key][1].wired is not None:
+            raise InputError(f"{where}.{key}: set by the pipeline from the stage before ({specs[key][1].wired}); leave it out")
+        if key in specs and not specs[key][1].pipeline:
+            raise InputError(f"{where}.{key}: an option for local files on the command line; a pipeline works in the store: leave it out")
+        if key not in specs:
             raise InputError(
-                f"{where}.{_name(key)}: not an option of {stage.name}{_suggest(key, allowed)}; its options are {', '.join(allowed)}"
+                f"{where}.{_name(key)}: not an option of {stage.name}{_suggest(key, allowed)}; its options are {', '.join(sorted(allowed))}"
             )
         checked[key] = _typed(value, hints[key], f"{where}.{key}")
-    missing = [n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING and n not in WIRED[stage.name]]
+    missing = [n for n in allowed if specs[n][0].default is MISSING and specs[n][0].default_factory is MISSING]
     if missing:
         raise InputError(f"{where}.{missing[0]}: missing")
     return checked
 
 
-# Stand-ins for the options the pipeline wires, so that a stage's own checks can run before anything exists.
-PLACEHOLDERS = {
-    DOWNLOAD: {"model": "model", "data": "data"},
-    SNR_SCAN: {"model_dir": "model"},
-    LAYER_SELECT: {"snr_run": "run/snr_scan"},
-    CPT: {"model": "model", "data": "data", "selection_run": "run/layer_select"},
-    SFT: {"model": "model", "selection_run": "run/layer_select"},
-    EVALUATE: {"cpt_run": "run/cpt"},
-}
-
-
-def _check(stage: Stage, values: dict[str, Any], where: str) -> None:
+def _check(step: PipelineStep, values: dict[str, Any], inputs: dict[str, Any], where: str) -> None:
     """The stage's own checks of its options (bad percent, unknown device, …), before anything runs."""
-    if stage.check is None:
+    if step.stage.check is None:
         return
     try:
-        stage.check(stage.config(**{**PLACEHOLDERS[stage.name], **values}))
+        step.stage.check(step.placeholder_config(values, inputs))
     except InputError as exc:
         raise InputError(f"{where}: {clip(str(exc), 400)}") from exc
 

@@ -14,9 +14,9 @@ from stages.base.errors import InputError
 from stages.core.stage import StageContext
 from stages.store import open_store
 
-from .pipeline import run_stage
-from .pipeline_config import STAGE_BY_NAME
+from .pipeline_definition import STAGE_BY_NAME
 from .prefect_api import install_scrubbing, redacted
+from .stage_tasks import IN_PROCESS, run_step
 
 
 @flow(name="spectrum-stage")
@@ -36,5 +36,5 @@ def stage_flow(
     if definition.check is not None:
         definition.check(config)
     context = StageContext(open_store(store), run_id=run_id, step=step, force=force, progress=False)
-    result = run_stage(stage, config, context)
+    result, _ = run_step(stage, config, context, IN_PROCESS)
     return {"run_id": result.manifest.run_id, "stage": result.manifest.stage, "cached": result.cached, "lines": list(result.lines)}

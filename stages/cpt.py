@@ -17,17 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base.contracts import CPT
+from .base.contracts import CPT, DOWNLOAD
 from .core.cli import stage_main
-from .core.stage import Stage, StageContext, StageResult, option
+from .core.stage import From, Stage, StageContext, StageResult, option
 from .training.loop import TrainingArrays
 from .training.packing import pack
-from .training.runner import PreparedData, TrainingConfig, TrainingResult, check_heldout, run_training, validate_training
+from .training.runner import (
+    DATA_HELP,
+    MODEL_HELP,
+    PreparedData,
+    TrainingConfig,
+    TrainingResult,
+    check,
+    run_training,
+    trained_model,
+)
 
 
 @dataclass
 class CptConfig(TrainingConfig):
-    heldout_percent: float = option(default=5.0, cache=True, help="share of documents held out for evaluation (default 5)")
+    model: str = option(positional=True, wired=From(DOWNLOAD, "model"), help=MODEL_HELP)
+    data: str | None = option(default=None, wired=From(DOWNLOAD, "data"), help=DATA_HELP)
     text_field: str = option(default="text", cache=True, help="the text field of JSON/Parquet records (default text)")
 
 
@@ -42,11 +52,6 @@ def run(config: CptConfig, context: StageContext) -> StageResult[TrainingResult]
     return run_training(CPT, config, context, prepare)
 
 
-def check(config: CptConfig) -> None:
-    validate_training(config)
-    check_heldout(config.heldout_percent)
-
-
 STAGE = Stage(
     name=CPT,
     command="cpt",
@@ -55,6 +60,7 @@ STAGE = Stage(
     summary="continued pre-training with DeepSpeed of the selected tensors on a data drop",
     description=__doc__,
     check=check,
+    outputs={"model": trained_model},
 )
 
 

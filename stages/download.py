@@ -30,7 +30,7 @@ from .base.errors import InputError
 from .base.files import all_files, check_links, link_roots
 from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage, require_store_in
-from .core.stage import Stage, StageConfig, StageContext, StageResult, option
+from .core.stage import PIPELINE_INPUTS, From, Stage, StageConfig, StageContext, StageResult, option
 from .data.drops import DATA_SUFFIXES, count_file_records, count_saved_dataset_records, is_saved_dataset
 from .store import ArtifactStore, Manifest, ObjectInfo, read_output
 from .store.trees import Listing, StoreLocation, as_tree, materialize_tree, publish_tree, resolve_uri
@@ -61,14 +61,21 @@ CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # where `auto_map` asks
 @dataclass
 class DownloadConfig(StageConfig):
     model: str | None = option(
-        default=None, cache=True, help="Hugging Face hub id (org/name), local model folder, or store URI of a stored model"
+        default=None,
+        cache=True,
+        wired=From(PIPELINE_INPUTS, "model"),
+        help="Hugging Face hub id (org/name), local model folder, or store URI of a stored model",
     )
     revision: str | None = option(
-        default=None, cache=True, help="hub branch, tag or commit of --model (default: main; the resolved commit is recorded)"
+        default=None,
+        cache=True,
+        wired=From(PIPELINE_INPUTS, "revision"),
+        help="hub branch, tag or commit of --model (default: main; the resolved commit is recorded)",
     )
     data: str | None = option(
         default=None,
         cache=True,
+        wired=From(PIPELINE_INPUTS, "data"),
         help="data drop: local folder or store URI of .txt/.jsonl/.json/.parquet files, or a datasets save_to_disk folder",
     )
     allow_pickle: bool = option(default=False, cache=True, help="also copy pickle weights (.bin, .pt, …); loading them can run code")
@@ -102,11 +109,7 @@ def run(config: DownloadConfig, context: StageContext) -> StageResult:
             gathered.append(_gather_data(config.data, context, work / "data"))
         model_commit = gathered[0].details.get("commit") if config.model else None
         parameters = {**config.cache_parameters(), "model_commit": model_commit}
-        inputs = [
-            {"uri": g.origin(f.path), "sha256": f.sha256, "size": f.size, "role": g.role}
-            for g in gathered
-            for f in g.listing.files
-        ]
+        inputs = [{"uri": g.origin(f.path), "sha256": f.sha256, "size": f.size, "role": g.role} for g in gathered for f in g.listing.files]
 
         def produce(stage: StageRun) -> list[ObjectInfo]:
             outputs: list[ObjectInfo] = []
@@ -155,9 +158,7 @@ def _gather_model(source: str, config: DownloadConfig, context: StageContext, wo
     return Gathered("model", folder, Listing.of_folder("models", folder, paths), origin, details)
 
 
-def select_model_files(
-    files: list[str], read_json: Callable[[str], Any], where: str, config: DownloadConfig
-) -> list[str]:
+def select_model_files(files: list[str], read_json: Callable[[str], Any], where: str, config: DownloadConfig) -> list[str]:
     """The files of a model to copy; refuses custom code, pickle-only and weightless models."""
     if "config.json" not in files:
         raise InputError(f"{where} has no config.json; pass a Hugging Face model (folder, hub id or stored model)")

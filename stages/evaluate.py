@@ -26,7 +26,7 @@ import gc
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ from .base.contracts import (
 from .base.errors import CorruptWeightsError, InputError
 from .base.files import all_files, ensure_writable, write_atomic
 from .core.cli import stage_main
-from .core.execution import StageRun, execute_stage, require_store_in
-from .core.stage import Stage, StageConfig, StageContext, StageResult, option
+from .core.execution import Produced, StageRun, execute_stage, require_store_in
+from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
 from .evaluation.corpus import CHAT, DOMAIN, GENERAL, TASK, Corpus, dataset_name, from_path, python_docs
 from .evaluation.drift import snr_drift
 from .evaluation.harness import require_tasks, run_tasks
@@ -58,8 +58,7 @@ from .evaluation.perplexity import Likelihood, assistant_loss, likelihood, token
 from .scan.spectra import resolve_device
 from .store import (
     ArtifactStore,
-    ObjectInfo,
-    new_run_id,
+    StageRef,
     output_key,
     read_output,
     read_table_output,
@@ -90,17 +89,26 @@ CHAT_HELDOUT = "chat-heldout"  # the dataset name of a run's held-out chat rows
 @dataclass
 class EvaluateConfig(StageConfig):
     model: str | None = option(
-        positional=True, default=None, help="the model to evaluate: a folder or store URI (default: the model of --cpt-run/--sft-run)"
+        positional=True,
+        default=None,
+        pipeline=False,
+        help="the model to evaluate: a folder or store URI (default: the model of --cpt-run/--sft-run)",
     )
-    cpt_run: str | None = option(metavar="RUN", default=None, help="evaluate what this cpt run trained: its model, base and held-out split")
-    sft_run: str | None = option(metavar="RUN", default=None, help="evaluate what this sft run trained: its model, base and held-out chats")
-    base_model: str | None = option(default=None, help="the model before training, for deltas (default: the run's base model)")
-    data: str | None = option(default=None, help="domain text (file or folder) instead of the run's held-out split")
+    cpt_run: StageRef | None = option(
+        metavar="RUN", default=None, wired=From(CPT), help="evaluate what this cpt run trained: its model, base and held-out split"
+    )
+    sft_run: StageRef | None = option(
+        metavar="RUN", default=None, wired=From(SFT), help="evaluate what this sft run trained: its model, base and held-out chats"
+    )
+    base_model: str | None = option(
+        default=None, pipeline=False, help="the model before training, for deltas (default: the run's base model)"
+    )
+    data: str | None = option(default=None, path=True, help="domain text (file or folder) instead of the run's held-out split")
     general: str | None = option(
-        default=None, help="general text for the forgetting probe (file or folder; default: Python's documentation, offline)"
+        default=None, path=True, help="general text for the forgetting probe (file or folder; default: Python's documentation, offline)"
     )
-    chat_data: str | None = option(default=None, help="held-out chat rows (file or folder) for the SFT eval loss")
-    chat_template: str | None = option(metavar="FILE", default=None, help="a Jinja chat template instead of the tokenizer's")
+    chat_data: str | None = option(default=None, path=True, help="held-out chat rows (file or folder) for the SFT eval loss")
+    chat_template: str | None = option(metavar="FILE", default=None, path=True, help="a Jinja chat template instead of the tokenizer's")
     text_field: str = option(default="text", cache=True, help="the text field of JSON/Parquet records (default text)")
     seq_len: int = option(default=512, cache=True, help="tokens per perplexity window and per chat row (default 512)")
     max_tokens: int = option(default=32768, cache=True, help="tokens evaluated per dataset, the first ones (default 32768)")
@@ -109,12 +117,16 @@ class EvaluateConfig(StageConfig):
     tasks: list[str] = option(
         "--task", default_factory=list, cache=True, metavar="TASK", help="an lm-evaluation-harness task from --tasks-dir (repeatable)"
     )
-    tasks_dir: str | None = option(metavar="DIR", default=None, help="local lm-evaluation-harness task YAMLs and their data files")
+    tasks_dir: str | None = option(
+        metavar="DIR", default=None, path=True, help="local lm-evaluation-harness task YAMLs and their data files"
+    )
     snr_drift: bool = option(
         default=True, cache=True, negative=("--no-snr-drift", "skip the rescans"), help="scan both models and compare their SNR"
     )
-    out_dir: str | None = option("--out-dir", "-o", default=None, help=f"also write {EVALUATION_JSON_FILE} to this local folder")
-    overwrite: bool = option(default=False, help="replace files in --out-dir")
+    out_dir: str | None = option(
+        "--out-dir", "-o", default=None, pipeline=False, help=f"also write {EVALUATION_JSON_FILE} to this local folder"
+    )
+    overwrite: bool = option(default=False, pipeline=False, help="replace files in --out-dir")
 
 
 @dataclass(frozen=True)
@@ -184,10 +196,9 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
         "chat_template": template,
         "has_base": base is not None,
     }
-    results: list[EvaluationResult] = []
-    context = replace(context, run_id=context.run_id or new_run_id())  # the rescans are steps of this run
+    context = context.with_run_id()  # the rescans are steps of this run
 
-    def produce(stage: StageRun) -> list[ObjectInfo]:
+    def produce(stage: StageRun) -> Produced[EvaluationResult]:
         models = {"trained": trained_dir, **({"base": base[0]} if base else {})}
         rows = []
         for label in MODELS:
@@ -200,8 +211,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
         if drift is not None:
             outputs.append(stage.write_table(SNR_DRIFT_TABLE, drift))
         outputs.append(stage.put_bytes(EVALUATION_JSON_FILE, _json(summary)))
-        results.append(EvaluationResult(rows, summary, drift))
-        return outputs
+        return Produced(outputs, EvaluationResult(rows, summary, drift))
 
     outcome = execute_stage(EVALUATE, context, parameters, [*model_inputs, *sources.inputs], produce)
     manifest = outcome.manifest
@@ -209,7 +219,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
     if config.out_dir:
         write_atomic(Path(config.out_dir) / EVALUATION_JSON_FILE, data, overwrite=config.overwrite)
     summary = json.loads(data)
-    result = results[0] if results else EvaluationResult([], summary, None)
+    result = outcome.detail or EvaluationResult([], summary, None)
     return StageResult(EVALUATE, (*_report(summary), outcome.describe(store)), manifest, outcome.cached, detail=result)
 
 
@@ -232,7 +242,7 @@ def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
         manifest = succeeded_manifest(store, *resolve_run_reference(reference, stage, f"--{stage}-run"), "trained model to evaluate")
         run_id, step = manifest.run_id, manifest.stage  # the run that trained it (a reuse record is followed)
         record, _ = read_output(store, manifest, TRAINING_FILE)
-        trained = trained or f"store:runs/{run_id}/{step}/{MODEL_FOLDER}"
+        trained = trained or StageRef.of(manifest).output_uri(MODEL_FOLDER)
         base = base or json.loads(record).get("model")
         if not any(o["key"] == output_key(run_id, step, HELDOUT_DATA_FILE) for o in manifest.outputs):
             raise InputError(f"run {run_id} has no held-out split ({HELDOUT_DATA_FILE}; trained by an older version): pass --data")
@@ -396,7 +406,7 @@ def _drift(config: EvaluateConfig, context: StageContext, sources: Sources) -> p
     tables = []
     own = "_".join(filter(None, (EVALUATE, context.step)))  # evaluate.sft scans as snr_scan.evaluate_sft(_base)
     for qualifier, location in ((f"{own}_base", sources.base), (own, sources.trained)):
-        scan = snr_scan.run(snr_scan.ScanConfig(model_dir=location, device=config.device), replace(context, step=qualifier))
+        scan = snr_scan.STAGE.run_as_step(snr_scan.ScanConfig(model_dir=location, device=config.device), context, qualifier)
         data, _ = read_table_output(context.store, scan.manifest, SNR_TABLE)
         tables.append(pq.read_table(pa.BufferReader(data), use_threads=False))
     return snr_drift(*tables)

@@ -39,9 +39,9 @@ from .base.files import ensure_writable, write_atomic
 from .base.patterns import compile_pattern
 from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage
-from .core.stage import Stage, StageConfig, StageContext, StageResult, option
+from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
-from .store import ArtifactStore, ObjectInfo, read_table_output, resolve_run_reference, succeeded_manifest
+from .store import ArtifactStore, ObjectInfo, StageRef, read_table_output, resolve_run_reference, succeeded_manifest
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index
@@ -97,11 +97,18 @@ class SelectConfig(StageConfig):
     snr_input: str | None = option(
         positional=True,
         default=None,
+        pipeline=False,
         help="SNR table (.parquet from `spectrum scan`) or a reference snr_results JSON (flat or sorted layout)",
     )
-    snr_run: str | None = option(metavar="RUN_ID", default=None, help="instead of a file: the SNR table of this run in --store")
+    snr_run: StageRef | None = option(
+        metavar="RUN_ID", default=None, wired=From(SNR_SCAN), help="instead of a file: the SNR table of this run in --store"
+    )
     out_dir: str | None = option(
-        "--out-dir", "-o", default=None, help=f"local folder for {SELECTION_TABLE_FILE}, {UNFROZEN_YAML_FILE} and {SELECTION_JSON_FILE}"
+        "--out-dir",
+        "-o",
+        default=None,
+        pipeline=False,
+        help=f"local folder for {SELECTION_TABLE_FILE}, {UNFROZEN_YAML_FILE} and {SELECTION_JSON_FILE}",
     )
     policy: str = option(default="per-type", cache=True, choices=POLICIES, help="per-type (reference, default), global, or budget")
     top_percent: float | None = option(default=50.0, cache=True, help="share of matrices to train, in (0, 100] (default 50)")
@@ -129,9 +136,10 @@ class SelectConfig(StageConfig):
         help=f"always train: a role ({', '.join(ROLES)}) or a regex on tensor names (repeatable; default: both roles, "
         "none with --depth-aware)",
     )
-    overwrite: bool = option(default=False, help="replace existing output files")
+    overwrite: bool = option(default=False, pipeline=False, help="replace existing output files")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.always_train is None:  # the embeddings: trained by the reference policy, frozen when depth-aware
             self.always_train = [] if self.depth_aware else list(ROLES)
 
@@ -236,9 +244,7 @@ def _validate(config: SelectConfig) -> None:
             raise InputError(f"the {config.policy} policy needs --top-percent")
         _check_percent("--top-percent", config.top_percent)
         if config.budget_percent is not None:
-            raise InputError(
-                f"--budget-percent applies only to --policy budget, not {config.policy}; pass --policy budget or leave it out"
-            )
+            raise InputError(f"--budget-percent applies only to --policy budget, not {config.policy}; pass --policy budget or leave it out")
     regex_options = {"--include-type": config.include_types, "--exclude-type": config.exclude_types, "--always-train": config.always_train}
     for flag, patterns in regex_options.items():
         for pattern in patterns:

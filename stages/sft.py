@@ -20,21 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from . import layer_select, snr_scan
-from .base.contracts import SFT
+from .base.contracts import CPT, SFT
 from .base.errors import InputError
 from .core.cli import stage_main
 from .core.execution import require_store_in
-from .core.stage import Stage, StageContext, StageResult, option, options_of
-from .store import new_run_id
+from .core.stage import From, Stage, StageContext, StageResult, option, options_of
+from .store import StageRef
 from .training.chat import MODEL_TEMPLATE, prepare_chat, read_chat_template
-from .training.runner import PreparedData, TrainingConfig, TrainingResult, check_heldout, run_training, validate_training
+from .training.runner import MODEL_HELP, PreparedData, TrainingConfig, TrainingResult, check, run_training, trained_model
 from .training.selection import load_selection
 
 
 @dataclass
 class SftConfig(TrainingConfig):
-    chat_template: str | None = option(metavar="FILE", default=None, help="a Jinja chat template to use instead of the tokenizer's")
-    heldout_percent: float = option(default=5.0, cache=True, help="share of chat rows held out for evaluation (default 5)")
+    model: str = option(positional=True, wired=From(CPT, "model"), help=MODEL_HELP)
+    chat_template: str | None = option(
+        metavar="FILE", default=None, path=True, help="a Jinja chat template to use instead of the tokenizer's"
+    )
     rescan: bool = option(
         default=False,
         help="scan and select MODEL again with the estimator and policy of --selection/--selection-run (a selection.json), "
@@ -77,19 +79,13 @@ def _rescan(config: SftConfig, context: StageContext) -> tuple[SftConfig, StageC
         )
     policy_fields = [f.name for f, spec in options_of(layer_select.SelectConfig) if spec.cache]
     policy = {name: previous.document[name] for name in policy_fields if name in previous.document}
-    context = replace(context, run_id=context.run_id or new_run_id())  # the scan, the selection and sft share one run
-    as_steps = replace(context, step=SFT)
+    context = context.with_run_id()  # the scan, the selection and sft share one run
     scan_config = snr_scan.ScanConfig(model_dir=config.model, estimator=previous.document.get("estimator") or "reference")
-    scan = snr_scan.run(scan_config, as_steps)
-    scanned = f"{scan.manifest.run_id}/{scan.manifest.stage}"
-    selected = layer_select.run(layer_select.SelectConfig(snr_run=scanned, **policy), as_steps)
-    rescanned = replace(config, selection=None, selection_run=f"{selected.manifest.run_id}/{selected.manifest.stage}")
+    scan = snr_scan.STAGE.run_as_step(scan_config, context, SFT)
+    select_config = layer_select.SelectConfig(snr_run=StageRef.of(scan.manifest), **policy)
+    selected = layer_select.STAGE.run_as_step(select_config, context, SFT)
+    rescanned = replace(config, selection=None, selection_run=StageRef.of(selected.manifest))
     return rescanned, context, (*scan.lines, *selected.lines)
-
-
-def check(config: SftConfig) -> None:
-    validate_training(config)
-    check_heldout(config.heldout_percent)
 
 
 STAGE = Stage(
@@ -100,6 +96,7 @@ STAGE = Stage(
     summary="supervised fine-tuning with DeepSpeed of the selected tensors on chat data (loss on assistant tokens)",
     description=__doc__,
     check=check,
+    outputs={"model": trained_model},
 )
 
 

@@ -17,19 +17,19 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import __version__
-from .base.contracts import REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
+from .base.contracts import DOWNLOAD, REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
 from .base.errors import InputError
 from .base.files import ensure_distinct, ensure_writable, write_atomic
 from .base.patterns import compile_pattern
 from .core.cli import stage_main
-from .core.execution import StageRun, execute_stage
-from .core.stage import Stage, StageConfig, StageContext, StageResult, option
+from .core.execution import Produced, StageRun, execute_stage
+from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
 from .scan.engine import plan_scan, scan_concurrently, skipped_row
 from .scan.estimators import ESTIMATORS
 from .scan.journal import ScanJournal
 from .scan.spectra import SVD_METHODS, resolve_device
 from .scan.table import reference_json, rows_to_table, write_parquet
-from .store import ArtifactStore, ObjectInfo, read_output, read_table_output
+from .store import ArtifactStore, read_output, read_table_output
 from .store.trees import file_ref, local_copy, materialize
 from .weights.checkpoint import ModelWeights
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model_config
@@ -38,9 +38,13 @@ from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_model
 @dataclass
 class ScanConfig(StageConfig):
     model_dir: str = option(
-        positional=True, help="model: a Hugging Face folder with *.safetensors weights (single file or sharded), or a store URI"
+        positional=True,
+        wired=From(DOWNLOAD, "model"),
+        help="model: a Hugging Face folder with *.safetensors weights (single file or sharded), or a store URI",
     )
-    output: str | None = option("--out", "-o", default=None, help="local output Parquet SNR table (needed unless --store is given)")
+    output: str | None = option(
+        "--out", "-o", default=None, pipeline=False, help="local output Parquet SNR table (needed unless --store is given)"
+    )
     model_id: str | None = option(default=None, cache=True, help="model id recorded in the table (default: the folder name)")
     estimator: str = option(default="reference", cache=True, choices=ESTIMATORS, help="SNR estimator (default: reference)")
     svd_method: str = option(
@@ -54,7 +58,9 @@ class ScanConfig(StageConfig):
         default_factory=list, cache=True, metavar="REGEX", help="scan only module types matching REGEX (repeatable)"
     )
     exclude: list[str] = option(default_factory=list, cache=True, metavar="REGEX", help="skip module types matching REGEX (repeatable)")
-    reference_json: str | None = option(metavar="PATH", default=None, help="also write the reference tool's snr_results JSON (flat layout)")
+    reference_json: str | None = option(
+        metavar="PATH", default=None, pipeline=False, help="also write the reference tool's snr_results JSON (flat layout)"
+    )
     workers: int | None = option(
         default=None, help="matrices decomposed side by side, sharing the CPU threads (default: half the cores; 1 on a GPU)"
     )
@@ -95,21 +101,19 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
     weights = ModelWeights.open(local_dir)
     config = replace(config, model_dir=str(local_dir), model_id=config.model_id or _default_model_id(weights))
     inputs = [stored.get(name) or file_ref(weights.root / name) for name in weights.files()]
-    results: list[ScanResult] = []
 
-    def produce(run_dir: StageRun) -> list[ObjectInfo]:
+    def produce(run_dir: StageRun) -> Produced[ScanResult]:
         # Built in a work folder named by the cache key, whose journal is kept until the table is
         # stored: a scan killed (or a publish that failed) resumes there.
         work = context.work_root() / run_dir.cache_key
         local = replace(config, output=str(work / "snr.parquet"), reference_json=None, overwrite=True)
         result = scan_to_table(local, context.progress, keep_journal=True)
-        results.append(result)
         outputs = [
             run_dir.write_table(SNR_TABLE, pq.read_table(result.output, use_threads=False)),
             run_dir.put_bytes(REFERENCE_JSON_FILE, reference_json(result.rows).encode()),
         ]
         shutil.rmtree(work, ignore_errors=True)
-        return outputs
+        return Produced(outputs, result)
 
     outcome = execute_stage(SNR_SCAN, context, config.cache_parameters(), inputs, produce)
     # Local copies asked for come from the committed run (this one or a reused one), verified.
@@ -118,7 +122,7 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
         write_atomic(Path(config.output), read_table_output(store, manifest, SNR_TABLE)[0], overwrite=config.overwrite)
     if config.reference_json:
         write_atomic(Path(config.reference_json), read_output(store, manifest, REFERENCE_JSON_FILE)[0], overwrite=config.overwrite)
-    result = results[0] if results else None
+    result = outcome.detail
     lines = [report(result, destination=config.output)] if result is not None else []
     return StageResult(SNR_SCAN, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from ..base import settings
 from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError, describe_os_error, recorded_failure
-from ..base.files import write_atomic
-from ..store import ArtifactStore, open_store
+from ..store import ArtifactStore, StageRef, open_store
 from ..store.scrub import redact
+from .record import write_record
 from .stage import Option, Stage, StageConfig, StageContext, options_of
 
 Action = Callable[[argparse.Namespace], str]
@@ -57,7 +57,7 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when on a terminal)"
     )
     parser.add_argument(
-        "--record", metavar="FILE", help="write the manifest of the run committed or reused to FILE (JSON), for orchestrators"
+        "--record", metavar="FILE", help="write the outcome to FILE (JSON: the manifest committed or reused, and whether it was reused)"
     )
 
 
@@ -81,7 +81,7 @@ def _add_option(parser: argparse.ArgumentParser, config_field: dataclasses.Field
         kwargs["action"] = "store_true"
     elif is_list:
         kwargs.update(action="append", type=kind)
-    elif kind is not str:
+    elif kind is not str and kind is not StageRef:  # an upstream run stays text until the config parses it (StageRef.parse)
         kwargs["type"] = kind
     if spec.positional:
         required = config_field.default is dataclasses.MISSING and config_field.default_factory is dataclasses.MISSING
@@ -149,7 +149,7 @@ def run_from_args(stage: Stage, args: argparse.Namespace) -> str:
     config = config_from_args(stage.config, args)
     result = stage.run(config, context_from_args(args))
     if args.record and result.manifest is not None:
-        write_atomic(Path(args.record), result.manifest.to_json(), overwrite=True)
+        write_record(Path(args.record), result)
     return result.message
 
 

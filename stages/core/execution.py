@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 
@@ -29,7 +29,6 @@ from ..store import (
     commit_manifest,
     find_manifest,
     manifest_key,
-    new_run_id,
     output_key,
     record_reuse,
     start_manifest,
@@ -59,10 +58,22 @@ class StageRun:
         return write_table(self.store, table_name, table, stage=self.stage, run_id=self.run_id)
 
 
+DetailT = TypeVar("DetailT")
+
+
 @dataclass(frozen=True)
-class StageOutcome:
+class Produced(Generic[DetailT]):
+    """What a stage's work made: the outputs it stored, and its stage-specific result (the scan's rows, …)."""
+
+    outputs: Sequence[ObjectInfo]
+    detail: DetailT | None = None
+
+
+@dataclass(frozen=True)
+class StageOutcome(Generic[DetailT]):
     manifest: Manifest
     cached: bool  # True: an earlier committed run was reused and nothing was computed
+    detail: DetailT | None = None  # what `produce` returned beside its outputs; None when reused
 
     def describe(self, store: ArtifactStore) -> str:
         m = self.manifest
@@ -71,27 +82,65 @@ class StageOutcome:
         return f"{m.stage}: committed run {m.run_id} in {store.root_uri} ({len(m.outputs)} outputs)"
 
 
+Produce = Callable[[StageRun], "Sequence[ObjectInfo] | Produced[DetailT]"]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage run before it starts: its store, step, run id and cache key (computed once, here)."""
+
+    store: ArtifactStore
+    stage: str
+    context: StageContext
+    manifest: Manifest  # started, not yet committed
+
+    @property
+    def cache_key(self) -> str:
+        return self.manifest.cache_key
+
+    @property
+    def step(self) -> str:
+        return self.manifest.stage
+
+    def committed(self) -> Manifest | None:
+        """The committed run with this cache key, if any (whatever --force says)."""
+        return find_manifest(self.store, self.stage, self.cache_key)
+
+
+def plan_stage(
+    stage: str, context: StageContext, parameters: Mapping[str, Any], inputs: Sequence[ObjectInfo | Mapping[str, Any]]
+) -> StagePlan:
+    """The stage run `context` asks for, with its cache key; nothing is written."""
+    store = require_store_in(context, stage)
+    run_id = context.with_run_id().run_id
+    manifest = start_manifest(context.step_name(stage), __version__, run_id, parameters, inputs, runtime_environment())
+    return StagePlan(store, stage, context, manifest)
+
+
 def execute_stage(
     stage: str,
     context: StageContext,
     parameters: Mapping[str, Any],
     inputs: Sequence[ObjectInfo | Mapping[str, Any]],
-    produce: Callable[[StageRun], Sequence[ObjectInfo]],
+    produce: Produce,
 ) -> StageOutcome:
-    """Publish one stage of a run in `context.store` (see the module docstring).
+    """Publish one stage of a run in `context.store` (see the module docstring)."""
+    return execute_plan(plan_stage(stage, context, parameters, inputs), produce)
+
+
+def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
+    """Reuse the committed run with the plan's cache key, or run `produce` and commit (see the module docstring).
 
     With `context.step` set, the stage runs as the step `<stage>.<step>` of the run (contracts.step_name).
     One process at a time runs a run's stage: it holds the stage's lease (store.lease) from before
     the cache lookup until the commit, renewing it while it works; a second process with the same
     run id fails at once (LeaseHeldError, exit 4) and writes nothing.
     """
-    store = require_store_in(context, stage)
-    step = context.step_name(stage)
-    manifest = start_manifest(step, __version__, context.run_id or new_run_id(), parameters, inputs, runtime_environment())
+    store, step, context, manifest = plan.store, plan.step, plan.context, plan.manifest
     # What needs no writing is decided before the lease (a reuse that records nothing, a refusal leave the store as it was);
     # _execute_leased decides again under the lease.
     if not context.force:
-        earlier = find_manifest(store, stage, manifest.cache_key)
+        earlier = plan.committed()
         if earlier is not None and (context.run_id in (None, earlier.run_id) or store.exists(manifest_key(context.run_id, step))):
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
@@ -104,29 +153,25 @@ def execute_stage(
             "wait for it (`spectrum runs` shows it), or pass another --run-id (or none, for a fresh one)"
         ) from None
     with lease.held():
-        result = _execute_leased(store, step, stage, context, manifest, produce)
+        result = _execute_leased(plan, produce)
         if result.cached:
             lease.release("reused")
     return result
 
 
-def _execute_leased(
-    store: ArtifactStore,
-    step: str,
-    stage: str,
-    context: StageContext,
-    manifest: Manifest,
-    produce: Callable[[StageRun], Sequence[ObjectInfo]],
-) -> StageOutcome:
+def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
+    store, step, context, manifest = plan.store, plan.step, plan.context, plan.manifest
     if not context.force:
-        earlier = find_manifest(store, stage, manifest.cache_key)
+        earlier = plan.committed()
         if earlier is not None:
             if context.run_id and context.run_id != earlier.run_id:  # a named run records what it reused
                 record_reuse(store, earlier, context.run_id, step)
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
     try:
-        committed = manifest.finish(produce(StageRun(store, step, manifest.run_id, manifest.cache_key)))
+        made = produce(StageRun(store, step, manifest.run_id, manifest.cache_key))
+        produced = made if isinstance(made, Produced) else Produced(made)
+        committed = manifest.finish(produced.outputs)
         commit_manifest(store, committed)
     except BaseException as exc:
         # Record the failure (of the work or of the commit itself); if even that cannot be
@@ -135,7 +180,7 @@ def _execute_leased(
             commit_manifest(store, manifest.finish([], status=FAILED))
             setattr(exc, RECORDED_FAILURE, f"{step} stage of run {manifest.run_id}")
         raise
-    return StageOutcome(committed, cached=False)
+    return StageOutcome(committed, cached=False, detail=produced.detail)
 
 
 def _refuse_committed(store: ArtifactStore, run_id: str, step: str) -> None:

@@ -1,8 +1,8 @@
 """A stage in a process of its own: exactly the command line its container runs, `python -m stages.<stage> …`.
 
 The arguments come from the config and context (cli.command_line); the child writes the
-manifest it committed or reused to a file (`--record`), which is how the caller learns the
-outcome. The child starts as a fresh single process: the caller's own DeepSpeed rendezvous
+manifest it committed or reused, and whether it reused it, to a file (`--record`, core.record):
+the only way the caller learns the outcome. The child starts as a fresh single process: the caller's own DeepSpeed rendezvous
 variables (which name a port the caller's process group holds) are not passed on.
 """
 
@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 from ..base.errors import SpectrumError
-from ..store import Manifest
 from .cli import command_line
+from .record import read_record
 from .stage import Stage, StageConfig, StageContext, StageResult
 
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -38,6 +38,5 @@ def run_in_own_process(stage: Stage, config: StageConfig, context: StageContext,
                 f"the {stage.name} stage ({label}) failed in its own process (exit {done.returncode}); what it committed is "
                 f"reused when it runs again. Command: {' '.join(command)}"
             )
-        manifest = Manifest.from_json(record.read_bytes(), str(record))
-    cached = manifest.run_id != context.run_id if context.run_id else "reusing run" in done.stdout
+        manifest, cached = read_record(record)
     return StageResult(stage.name, tuple(done.stdout.splitlines()), manifest, cached)

@@ -1,9 +1,9 @@
 """The artifact store: one interface over `file://` folders and `s3://` buckets, plus manifests and tables.
 
-    store = open_store("s3://bucket/prefix", endpoint_url="http://127.0.0.1:8333")
-    manifest = start_manifest(SNR_SCAN, CODE_VERSION, run_id, parameters, inputs)
-    info = write_table(store, SNR_TABLE, table, stage=SNR_SCAN, run_id=run_id)
-    commit_manifest(store, manifest.finish([info]))     # last: the commit marker
+store = open_store("s3://bucket/prefix", endpoint_url="http://127.0.0.1:8333")
+manifest = start_manifest(SNR_SCAN, CODE_VERSION, run_id, parameters, inputs)
+info = write_table(store, SNR_TABLE, table, stage=SNR_SCAN, run_id=run_id)
+commit_manifest(store, manifest.finish([info]))     # last: the commit marker
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .errors import (
 from .file_backend import FileStore
 from .manifest import (
     Manifest,
+    StageRef,
     cache_key,
     commit_manifest,
     find_manifest,
@@ -81,6 +82,7 @@ __all__ = [
     "read_table",
     "read_table_output",
     "record_reuse",
+    "StageRef",
     "resolve_run_reference",
     "start_manifest",
     "succeeded_manifest",

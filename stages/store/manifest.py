@@ -115,9 +115,7 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
 
 
-def cache_key(
-    stage: str, code_version: str, parameters: Mapping[str, Any], input_digests: Sequence[str] | Mapping[str, str]
-) -> str:
+def cache_key(stage: str, code_version: str, parameters: Mapping[str, Any], input_digests: Sequence[str] | Mapping[str, str]) -> str:
     """sha256 of the canonical JSON of everything that determines a stage's outputs.
 
     A list of digests keeps its order (inputs have roles); a mapping is keyed by role.
@@ -332,16 +330,50 @@ def _index_key(step: str, key: str, run_id: str) -> str:
     return f"cache/{stage}/{key}/{run_id}.json" if step == stage else f"cache/{stage}/{key}/{step}/{run_id}.json"
 
 
-def resolve_run_reference(reference: str, stage: str, option: str) -> tuple[str, str]:
-    """`RUN` or `RUN/STEP` (a step of `stage`, e.g. `RUN/layer_select.sft`) -> (run id, step)."""
-    run_id, _, step = reference.partition("/")
-    step = step or stage
-    validate_name(run_id, f"run id in {option}")
-    if base_stage(validate_name(step, f"step in {option}")) != stage:
-        raise InputError(
-            f"{option} {reference!r} names a {base_stage(step)} step; pass RUN or RUN/{stage}{STEP_SEPARATOR}QUALIFIER"
-        )
-    return run_id, step
+@dataclass(frozen=True)
+class StageRef:
+    """One stage (or step) of one run in the store: what a stage hands the next, written `RUN` or `RUN/STEP`."""
+
+    run_id: str
+    step: str
+
+    def __str__(self) -> str:
+        """`RUN` for the stage itself, `RUN/STEP` for a step of it: what StageRef.parse reads back (the stage is the option's)."""
+        return self.run_id if STEP_SEPARATOR not in self.step else f"{self.run_id}/{self.step}"
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> StageRef:
+        return cls(manifest.run_id, manifest.stage)
+
+    @classmethod
+    def parse(cls, reference: str | StageRef, stage: str, option: str) -> StageRef:
+        """`RUN` or `RUN/STEP` (a step of `stage`, e.g. `RUN/layer_select.sft`), checked: a wrong stage names the option."""
+        if isinstance(reference, StageRef):
+            run_id, step = reference.run_id, reference.step
+        elif isinstance(reference, str):
+            run_id, _, step = reference.partition("/")
+        else:
+            raise InputError(f"{option}: expected RUN or RUN/STEP, found {type(reference).__name__}")
+        step = step or stage
+        validate_name(run_id, f"run id in {option}")
+        if base_stage(validate_name(step, f"step in {option}")) != stage:
+            raise InputError(
+                f"{option} {str(reference)!r} names a {base_stage(step)} step; pass RUN or RUN/{stage}{STEP_SEPARATOR}QUALIFIER"
+            )
+        return cls(run_id, step)
+
+    def manifest(self, store: ArtifactStore) -> Manifest:
+        return load_manifest(store, self.run_id, self.step)
+
+    def output_uri(self, name: str) -> str:
+        """The store URI of one of its outputs (`store:runs/RUN/STEP/NAME`), which model options accept."""
+        return f"store:{output_key(self.run_id, self.step, name)}"
+
+
+def resolve_run_reference(reference: str | StageRef, stage: str, option: str) -> tuple[str, str]:
+    """`RUN` or `RUN/STEP` (or a StageRef) -> (run id, step); see StageRef.parse."""
+    ref = StageRef.parse(reference, stage, option)
+    return ref.run_id, ref.step
 
 
 def _input_ref(item: ObjectInfo | Mapping[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from .. import __version__
 from ..base.contracts import (
     HELDOUT_DATA_FILE,
     HELDOUT_FILE,
+    LAYER_SELECT,
     MODEL_FOLDER,
     TRAINED_TENSORS_TABLE,
     TRAINING_FILE,
@@ -35,9 +35,9 @@ from ..base.contracts import (
 )
 from ..base.errors import InputError, OutputExistsError
 from ..base.files import all_files, ensure_writable_folder
-from ..core.execution import StageRun, execute_stage, require_store_in
-from ..core.stage import StageConfig, StageContext, StageResult, option, options_of
-from ..store import ObjectInfo, cache_key, find_manifest
+from ..core.execution import Produced, StageRun, execute_plan, plan_stage, require_store_in
+from ..core.stage import From, StageConfig, StageContext, StageResult, option, options_of
+from ..store import ArtifactStore, Manifest, ObjectInfo, StageRef
 from ..store.trees import file_ref, local_copy
 from ..weights.checkpoint import ModelWeights
 from .checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
@@ -61,17 +61,23 @@ FP32_MAX = 3.4028234663852886e38
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+MODEL_HELP = "base model: a Hugging Face folder (safetensors + tokenizer) or a stored model URI"
+DATA_HELP = "training data: a folder or a stored drop URI"
+
+
 @dataclass
 class TrainingConfig(StageConfig):
-    model: str = option(positional=True, help="base model: a Hugging Face folder (safetensors + tokenizer) or a stored model URI")
-    data: str | None = option(default=None, help="training data: a folder or a stored drop URI")
-    selection: str | None = option(default=None, help="selection.json or unfrozen_parameters.yaml from `spectrum select`")
-    selection_run: str | None = option(metavar="RUN_ID", default=None, help="instead of --selection: the layer_select run in --store")
+    model: str = option(positional=True, help=MODEL_HELP)
+    data: str | None = option(default=None, path=True, help=DATA_HELP)
+    selection: str | None = option(default=None, pipeline=False, help="selection.json or unfrozen_parameters.yaml from `spectrum select`")
+    selection_run: StageRef | None = option(
+        metavar="RUN_ID", default=None, wired=From(LAYER_SELECT), help="instead of --selection: the layer_select run in --store"
+    )
     full: bool = option(default=False, cache=True, help="train every parameter (the full fine-tuning baseline)")
     lora_rank: int = option(
         default=0, cache=True, help="instead of a selection: LoRA adapters of this rank on every linear layer (a baseline; 0: off)"
     )
-    out_dir: str | None = option("--out-dir", "-o", default=None, help="also write the trained model to this local folder")
+    out_dir: str | None = option("--out-dir", "-o", default=None, pipeline=False, help="also write the trained model to this local folder")
     max_steps: int = option(default=100, cache=True, help="optimizer steps (default 100)")
     seq_len: int = option(default=512, cache=True, help="tokens per packed sequence (default 512)")
     micro_batch_size: int = option(default=1, cache=True, help="sequences per forward pass (default 1)")
@@ -86,7 +92,10 @@ class TrainingConfig(StageConfig):
     offload_optimizer: bool = option(default=False, cache=True, help="ZeRO 1-3: keep optimizer state in CPU memory")
     offload_params: bool = option(default=False, cache=True, help="ZeRO 3: keep parameters in CPU memory")
     gradient_checkpointing: bool = option(default=False, cache=True, help="non-reentrant activation checkpointing (less memory)")
-    overwrite: bool = option(default=False, help="replace files in --out-dir")
+    overwrite: bool = option(default=False, pipeline=False, help="replace files in --out-dir")
+    heldout_percent: float = option(
+        default=5.0, cache=True, help="share of documents (cpt) or chat rows (sft) held out for evaluation (default 5)"
+    )
 
 
 @dataclass(frozen=True)
@@ -132,13 +141,14 @@ def run_training(
     model_inputs = [model_refs.get(name) or file_ref(model_dir / name) for name in all_files(model_dir)]
     inputs = [*model_inputs, *data_inputs, *([selection.ref] if selection else [])]
     parameters = {**config.cache_parameters(), **(extra_parameters or {}), "deepspeed_config": deepspeed_config(settings)}
-    # The work folder is named by the cache key (execute_stage derives the same one): a failed run's
-    # packed data and checkpoints are found there again, and it is removed once the run is committed.
-    key = cache_key(stage_name, __version__, parameters, [ref["sha256"] for ref in inputs])
+    # The work folder is named by the cache key: a failed run's packed data and checkpoints are
+    # found there again, and it is removed once the run is committed.
+    plan = plan_stage(stage_name, context, parameters, inputs)
+    key = plan.cache_key
     rank = int(os.environ.get("RANK", "0"))
     # Rank 0 holds the work folder's lock until its commit: an identical run on this machine waits, then reuses it.
     with work_folder_lock(context.work_root(), key) if rank == 0 else contextlib.nullcontext():
-        reused = same_on_every_rank(not context.force and find_manifest(store, stage_name, key) is not None)
+        reused = same_on_every_rank(not context.force and plan.committed() is not None)
         if reused:  # execute_stage returns the committed run
             data = None
         else:
@@ -147,9 +157,8 @@ def run_training(
             data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
             return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused)
-        results: list[TrainingResult] = []
 
-        def produce(stage: StageRun) -> list[ObjectInfo]:
+        def produce(stage: StageRun) -> Produced[TrainingResult]:
             work = context.work_root() / stage.cache_key
             checkpoints = work / CHECKPOINTS
             restored = restore_latest(store, stage_name, stage.cache_key, checkpoints)  # an unfinished run's work, from any machine
@@ -184,21 +193,20 @@ def run_training(
                 "total_parameters": freeze.total_parameters,
             }
             outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
-            results.append(TrainingResult(None, freeze, data, outcome.metrics, outcome.resumed_from_step))
-            return outputs
+            return Produced(outputs, TrainingResult(None, freeze, data, outcome.metrics, outcome.resumed_from_step))
 
-        outcome = execute_stage(stage_name, context, parameters, inputs, produce)
+        outcome = execute_plan(plan, produce)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # the workers wait for the commit (or its failure) before they exit
         work = context.work_root() / key
         try:
             if config.out_dir:  # after the commit: a model in --out-dir is always a committed one
-                trained = work / MODEL_FOLDER if results else _committed_model(store, outcome.manifest)
+                trained = work / MODEL_FOLDER if outcome.detail else _committed_model(store, outcome.manifest)
                 _write_out_dir(trained, Path(config.out_dir), config.overwrite)
         finally:
-            if results:
+            if outcome.detail:
                 shutil.rmtree(work, ignore_errors=True)
-    result = replace(results[0], model_dir=Path(config.out_dir) if config.out_dir else None) if results else None
+    result = replace(outcome.detail, model_dir=Path(config.out_dir) if config.out_dir else None) if outcome.detail else None
     lines = [_summary_line(result)] if result else []
     if config.out_dir:
         lines.append(f"wrote the trained model to {config.out_dir}")
@@ -256,13 +264,13 @@ def _train_as_worker(stage_name, config, context, key, model_dir, selection, set
     return StageResult(stage_name, (f"rank {rank}: trained; rank 0 publishes the run",))
 
 
-def check_heldout(percent: float) -> None:
-    if not 0 <= percent < 100:
-        raise InputError(f"--heldout-percent must be in [0, 100), got {percent:g}")
+def trained_model(store: ArtifactStore, manifest: Manifest) -> str:
+    """The `model` output of cpt and sft: the trained Hugging Face model's store URI."""
+    return StageRef.of(manifest).output_uri(MODEL_FOLDER)
 
 
-def validate_training(config: TrainingConfig) -> None:
-    """The options both training stages share, checked alone (no input is read)."""
+def check(config: TrainingConfig) -> None:
+    """The options of both training stages, checked alone (no input is read)."""
     if config.data is None:
         raise InputError("no data: pass --data (a folder or a stored drop)")
     if config.full and (config.selection or config.selection_run):
@@ -294,6 +302,8 @@ def validate_training(config: TrainingConfig) -> None:
     if config.learning_rate > FP32_MAX:  # torch's AdamW refuses it with a traceback
         raise InputError(f"--learning-rate {config.learning_rate:g} is beyond the optimizer's fp32 range ({FP32_MAX:.1e}); lower it")
     check_out_dir(config)
+    if not 0 <= config.heldout_percent < 100:
+        raise InputError(f"--heldout-percent must be in [0, 100), got {config.heldout_percent:g}")
 
 
 def _float_options(config: TrainingConfig) -> dict[str, float]:
