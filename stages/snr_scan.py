@@ -24,7 +24,7 @@ from .base.patterns import compile_pattern
 from .core.cli import stage_main
 from .core.execution import Produced, StageRun, execute_stage
 from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
-from .scan.engine import plan_scan, scan_concurrently, skipped_row
+from .scan.engine import ScanSettings, plan_scan, scan_concurrently, skipped_row
 from .scan.estimators import ESTIMATORS
 from .scan.journal import ScanJournal
 from .scan.spectra import SVD_METHODS, resolve_device
@@ -65,6 +65,10 @@ class ScanConfig(StageConfig):
         default=None, help="matrices decomposed side by side, sharing the CPU threads (default: half the cores; 1 on a GPU)"
     )
     overwrite: bool = option(default=False, help="replace existing output files")
+
+    def settings(self) -> ScanSettings:
+        """The options the scan engine reads."""
+        return ScanSettings(self.model_id, self.estimator, self.svd_method, tuple(self.include), tuple(self.exclude), self.workers)
 
 
 @dataclass
@@ -140,7 +144,8 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
     weights = ModelWeights.open(config.model_dir)
     model_id = config.model_id or _default_model_id(weights)
     config = replace(config, model_id=model_id)  # the caller's config is left as it was
-    plan = plan_scan(weights, config)
+    settings = config.settings()
+    plan = plan_scan(weights, settings)
     fingerprint = weights.fingerprint()
 
     partial = ScanJournal(output.with_name(output.name + ".partial.jsonl"), fingerprint, config.cache_parameters())
@@ -154,14 +159,14 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
         desc=f"SNR scan {model_id}",
         disable=(not progress) if progress is not None else None,
     ) as bar:
-        for row in scan_concurrently(weights, to_scan, config, device):
+        for row in scan_concurrently(weights, to_scan, settings, device):
             partial.append(row)
             rows[row["tensor_name"]] = row
             bar.set_postfix_str(row["tensor_name"], refresh=False)
             bar.update(1)
     for info, reason in plan:
         if reason is not None:
-            rows[info.name] = skipped_row(info, reason, config)
+            rows[info.name] = skipped_row(info, reason, settings)
     ordered = [rows[info.name] for info, _ in plan]
     # After the scan: building the model class imports transformers, and its memory should not
     # stack on top of the matrices in flight.

@@ -14,8 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -26,21 +25,28 @@ from ..weights.naming import layer_index, module_name, module_type
 from .estimators import SpectrumStats, estimate
 from .spectra import NonFiniteMatrixError, singular_values
 
-if TYPE_CHECKING:
-    from ..snr_scan import ScanConfig
-
 EXPERTS = "experts"  # transformers fuses MoE experts into one [experts, rows, cols] parameter under an `experts` module
 
 
-def plan_scan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInfo, str | None]]:
+@dataclass(frozen=True)
+class ScanSettings:
+    """What the engine needs of a scan's options; the snr_scan stage makes it from its ScanConfig (the engine knows no stage)."""
+
+    model_id: str | None
+    estimator: str
+    svd_method: str
+    include: tuple[str, ...] = ()  # regexes on module types: scan only these
+    exclude: tuple[str, ...] = ()  # regexes on module types: skip these
+    workers: int | None = None  # matrices decomposed side by side (None: half the cores, 1 on a GPU)
+
+
+def plan_scan(weights: ModelWeights, settings: ScanSettings) -> list[tuple[TensorInfo, str | None]]:
     """Every tensor with the reason it is not scanned (None: scan it)."""
     matrix_types = sorted({module_type(module_name(t.name)) for t in weights.tensors if is_matrix_or_stack(t)})
-    for option, patterns in (("--include", config.include), ("--exclude", config.exclude)):
+    for option, patterns in (("--include", settings.include), ("--exclude", settings.exclude)):
         for pattern in patterns:
             if not any(re.search(pattern, t) for t in matrix_types):
-                raise InputError(
-                    f"{option} {pattern!r} matches no matrix type of this model; its types are: {', '.join(matrix_types)}"
-                )
+                raise InputError(f"{option} {pattern!r} matches no matrix type of this model; its types are: {', '.join(matrix_types)}")
     plan = []
     for info in weights.tensors:
         kind = module_type(module_name(info.name))
@@ -51,9 +57,9 @@ def plan_scan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInf
             reason = f"dtype {info.dtype} is not a floating-point weight"
         elif 0 in info.shape:
             reason = "empty matrix"
-        elif config.include and not any(re.search(p, kind) for p in config.include):
+        elif settings.include and not any(re.search(p, kind) for p in settings.include):
             reason = f"type {kind!r} not selected by --include"
-        elif excluded := next((p for p in config.exclude if re.search(p, kind)), None):
+        elif excluded := next((p for p in settings.exclude if re.search(p, kind)), None):
             reason = f"type {kind!r} excluded by --exclude {excluded!r}"
         plan.append((info, reason))
     if all(reason is not None for _, reason in plan):
@@ -61,21 +67,21 @@ def plan_scan(weights: ModelWeights, config: ScanConfig) -> list[tuple[TensorInf
     return plan
 
 
-def scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], config: ScanConfig, device: torch.device) -> Iterator[dict]:
+def scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], settings: ScanSettings, device: torch.device) -> Iterator[dict]:
     """Rows in input order, with at most `workers` matrices in memory at once.
 
     Measured: on 2 cores two single-threaded workers were no faster than one worker with both
     threads and held more memory; on 16 cores 16 workers scanned 1.7x faster than one. The
     default, half the cores, gives one worker on small machines and several on large ones.
     """
-    workers = config.workers or (1 if device.type == "cuda" else max(1, (os.cpu_count() or 1) // 2))
+    workers = settings.workers or (1 if device.type == "cuda" else max(1, (os.cpu_count() or 1) // 2))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, previous_threads // workers))
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snr-scan") as pool:
             pending = deque()
             for info in infos:
-                pending.append(pool.submit(_scan_matrix, weights, info, config, device))
+                pending.append(pool.submit(_scan_matrix, weights, info, settings, device))
                 if len(pending) >= workers:
                     yield pending.popleft().result()
             while pending:
@@ -89,10 +95,10 @@ def is_matrix_or_stack(info: TensorInfo) -> bool:
     return len(info.shape) == 2 or (len(info.shape) == 3 and EXPERTS in info.name.split("."))
 
 
-def _base_row(info: TensorInfo, config: ScanConfig) -> dict:
+def _base_row(info: TensorInfo, settings: ScanSettings) -> dict:
     name = module_name(info.name)
     return {
-        "model_id": config.model_id,
+        "model_id": settings.model_id,
         "tensor_name": info.name,
         "module_name": name,
         "module_type": module_type(name),
@@ -107,11 +113,11 @@ def _base_row(info: TensorInfo, config: ScanConfig) -> dict:
     }
 
 
-def skipped_row(info: TensorInfo, reason: str, config: ScanConfig) -> dict:
-    return {**_base_row(info, config), "scanned": False, "skip_reason": reason}
+def skipped_row(info: TensorInfo, reason: str, settings: ScanSettings) -> dict:
+    return {**_base_row(info, settings), "scanned": False, "skip_reason": reason}
 
 
-def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, device: torch.device) -> dict:
+def _scan_matrix(weights: ModelWeights, info: TensorInfo, settings: ScanSettings, device: torch.device) -> dict:
     """One row for one tensor: a matrix, or a stack of them (fused MoE experts, [experts, rows, cols]).
 
     A stack is the unit a trainer freezes or trains, so it gets one row: each expert's matrix
@@ -122,23 +128,23 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, config: ScanConfig, de
     tensor = weights.read(info)
     digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
     matrices = tensor.unbind(0) if tensor.ndim == 3 else (tensor,)
-    per_matrix = [_matrix_stats(matrix, tensor, info, weights, config, device) for matrix in matrices]
+    per_matrix = [_matrix_stats(matrix, tensor, info, weights, settings, device) for matrix in matrices]
     del tensor, matrices
     if all(s is None for s, _ in per_matrix):
         # No singular value above 0: both estimators would divide 0 by 0 (the reference scores it
         # +inf and would rank it first). There is nothing to score, so it is not scanned.
         what = "every expert matrix is all zeros" if len(per_matrix) > 1 else "all-zero matrix"
-        return {**skipped_row(info, f"{what} (rank 0): no singular value above 0, so no SNR", config), "tensor_sha256": digest}
+        return {**skipped_row(info, f"{what} (rank 0): no singular value above 0, so no SNR", settings), "tensor_sha256": digest}
     # An all-zero expert in a stack carries no signal: it scores 0.
     per_matrix = [(s if s is not None else SpectrumStats.zero(), count) for s, count in per_matrix]
     stats = per_matrix[0][0] if len(per_matrix) == 1 else _combine([s for s, _ in per_matrix])
     return {
-        **_base_row(info, config),
+        **_base_row(info, settings),
         "tensor_sha256": digest,
         "scanned": True,
         "skip_reason": None,
-        "estimator": config.estimator,
-        "svd_method": config.svd_method,
+        "estimator": settings.estimator,
+        "svd_method": settings.svd_method,
         "device": device.type,
         **asdict(stats),
         "singular_value_count": sum(count for _, count in per_matrix),
@@ -161,11 +167,11 @@ def _combine(stats: list[SpectrumStats]) -> SpectrumStats:
 
 
 def _matrix_stats(
-    matrix: torch.Tensor, tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights, config: ScanConfig, device: torch.device
+    matrix: torch.Tensor, tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights, settings: ScanSettings, device: torch.device
 ) -> tuple[SpectrumStats | None, int]:
     """The estimator's statistics for one matrix of `tensor` (None: an all-zero matrix), and its number of singular values."""
     try:
-        values = singular_values(matrix, config.svd_method, device)
+        values = singular_values(matrix, settings.svd_method, device)
     except NonFiniteMatrixError as exc:
         _require_finite(tensor, info, weights)  # names the NaN/Inf values
         raise CorruptWeightsError(
@@ -174,13 +180,13 @@ def _matrix_stats(
         ) from exc
     except torch.linalg.LinAlgError as exc:
         raise SpectrumError(
-            f"the singular values of {info.name!r} did not converge with --svd-method {config.svd_method} ({exc}); "
+            f"the singular values of {info.name!r} did not converge with --svd-method {settings.svd_method} ({exc}); "
             "retry with the other --svd-method"
         ) from exc
     rows, cols = matrix.shape
     if values.size == 0 or values[0] <= 0:
         return None, int(values.size)
-    return estimate(config.estimator, values, rows, cols), int(values.size)
+    return estimate(settings.estimator, values, rows, cols), int(values.size)
 
 
 def _require_finite(tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights) -> None:
