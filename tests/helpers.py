@@ -109,6 +109,15 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def stage_cli(capsys, stage, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one stage's command line (`python -m stages.<stage> ARGV`) run in-process."""
+    from stages.core.cli import stage_main
+
+    code = stage_main(stage, list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def no_decomposition(monkeypatch) -> None:
     """Fail the test if a matrix is decomposed (the work should have been reused)."""
     from stages.scan import engine
