@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--eval-max-tokens", type=int, default=8192)
     args = parser.parse_args()
 
+    from flows.compare import run_compare
+    from flows.prefect_api import start_prefect
     from stages import compare
     from stages.base.contracts import SELECTION_TABLE
     from stages.core.stage import StageContext
@@ -71,7 +73,8 @@ def main() -> None:
         out_dir=str(work / "out"),
         overwrite=True,
     )
-    result = compare.run(config, StageContext(store, work_dir=work / "work", progress=False))
+    start_prefect()  # each arm's stages are Prefect tasks of the compare flow
+    result = run_compare(config, StageContext(store, work_dir=work / "work", progress=False))
     print("\n".join(result.lines))
 
     chosen = {}

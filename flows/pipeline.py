@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import prefect.runtime
 from prefect import flow
 from prefect.states import State
 
@@ -64,6 +65,7 @@ def pipeline_flow(
     result = run_pipeline(config, only=only, from_stage=from_stage, force=force or [], run=run)
     artifacts = publish_artifacts(open_pipeline_store(config), result.run_id, result.manifests, result.report)
     return {
+        "flow_run_id": str(prefect.runtime.flow_run.id),  # its task runs and their upstream steps are the pipeline's graph
         "artifacts": artifacts,
         "run_id": result.run_id,
         "stages": {s: m.run_id for s, m in result.manifests.items()},  # the run that did each stage's work

@@ -7,9 +7,9 @@ import argparse
 from stages import __version__, compare, cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.cli import execute, stage_parser
 
-from . import audit, demo, pipeline_command, report
+from . import audit, compare_command, demo, pipeline_command, report
 
-STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE, compare.STAGE)
+STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         stage_parser(stage, sub)
     for name, summary, description, add_arguments, action in (
+        ("compare", compare_command.HELP, compare.__doc__, compare_command.add_arguments, compare_command.run),
         ("runs", audit.RUNS_HELP, audit.RUNS_DESCRIPTION, audit.add_runs_arguments, audit.runs_command),
         ("audit", audit.AUDIT_HELP, audit.AUDIT_DESCRIPTION, audit.add_audit_arguments, audit.audit_command),
         ("report", report.HELP, report.DESCRIPTION, report.add_arguments, report.run),

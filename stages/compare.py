@@ -1,9 +1,14 @@
 """compare: the same CPT budget for full fine-tuning, Spectrum selections and LoRA, each an auditable run, tabulated.
 
+The methods, the config of each arm's stages, and the tabulation (the compare stage's own work,
+committed as the comparison run) live here; running the arms is the compare flow's job
+(flows/compare.py), over the same stage tasks as the pipeline, so an arm's stages run in any
+execution mode (`--execution cpt=deployment` sends its training to the GPU pool).
+
 Every arm goes through the real stages: layer_select (for a Spectrum arm, from the scan of MODEL
 that this comparison run records: `snr_scan` with the reference estimator, the step
-`snr_scan.gavish_donoho` for the Gavish–Donoho arm), cpt in a process of its own (`python -m
-stages.cpt`, exactly what a container runs, so its peak memory is its own) and evaluate, under
+`snr_scan.gavish_donoho` for the Gavish–Donoho arm), cpt (by default in a process of its own, `python
+-m stages.cpt`, exactly what a container runs, so its peak memory is its own) and evaluate, under
 the run id `<run>-<method>`. The `comparison` table then holds per method: trainable parameters,
 median time per step after warm-up, total training time, peak memory, final loss, held-out and
 general perplexity (base and trained), and ratios to full fine-tuning. Arms already committed are
@@ -13,8 +18,9 @@ reused through the stages' cache keys, so an interrupted comparison resumes wher
 from __future__ import annotations
 
 import json
+import re
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +30,20 @@ from . import cpt, evaluate, layer_select, snr_scan
 from .base.contracts import (
     COMPARE,
     COMPARISON_TABLE,
+    CPT,
+    EVALUATE,
     EVALUATION_JSON_FILE,
     EVALUATION_TABLE,
+    LAYER_SELECT,
+    SNR_SCAN,
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
 from .base.errors import InputError
 from .base.files import ensure_writable, write_atomic
-from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage, require_store_in
-from .core.process import run_in_own_process
-from .core.stage import Stage, StageConfig, StageContext, StageResult, option
-from .store import ArtifactStore, Manifest, ObjectInfo, new_run_id, output_key, read_output, read_table
+from .core.stage import StageConfig, StageContext, StageResult, option, options_of
+from .store import ArtifactStore, Manifest, ObjectInfo, StageRef, output_key, read_output, read_table
 
 COMPARISON_JSON_FILE = "comparison.json"
 COMPARISON_MARKDOWN_FILE = "comparison.md"
@@ -86,6 +94,31 @@ COMPARISON_SCHEMA = pa.schema(
 )
 
 
+ARM_STAGES = (SNR_SCAN, LAYER_SELECT, CPT, EVALUATE)
+# The options every arm's cpt takes from the comparison as they are (--lora-rank goes to the LoRA arm only).
+TRAINING_OPTIONS = (
+    "max_steps",
+    "seq_len",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "warmup_steps",
+    "seed",
+    "zero_stage",
+    "heldout_percent",
+    "text_field",
+)
+
+
+def _training_option(name: str, default: Any, help: str | None = None) -> Any:
+    """cpt's option `name` (its flag and cache role) with the comparison's default: the option is declared once, by cpt."""
+    spec = next(spec for f, spec in options_of(cpt.CptConfig) if f.name == name)
+    text = help or re.sub(r"\s*\(default [^)]*\)$", "", spec.help)
+    return option(
+        *spec.flags, default=default, cache=spec.cache, choices=spec.choices, metavar=spec.metavar, help=f"{text} (default {default})"
+    )
+
+
 @dataclass
 class CompareConfig(StageConfig):
     model: str = option(positional=True, help="base model: a Hugging Face folder or a stored model URI")
@@ -93,21 +126,27 @@ class CompareConfig(StageConfig):
     methods: list[str] = option(
         "--method", default_factory=list, cache=True, metavar="METHOD", help=f"an arm (repeatable; default all): {', '.join(METHODS)}"
     )
-    max_steps: int = option(default=20, cache=True, help="optimizer steps of every arm (default 20)")
-    seq_len: int = option(default=256, cache=True, help="tokens per sequence, training and evaluation (default 256)")
-    micro_batch_size: int = option(default=1, cache=True, help="sequences per forward pass (default 1)")
-    gradient_accumulation_steps: int = option(default=1, cache=True, help="micro-batches per optimizer step (default 1)")
-    learning_rate: float = option(default=1e-4, cache=True, help="peak learning rate of every arm (default 1e-4)")
-    warmup_steps: int = option(default=2, cache=True, help="warm-up steps (default 2)")
-    seed: int = option(default=0, cache=True, help="data order seed (default 0)")
-    zero_stage: int = option(default=2, cache=True, help="DeepSpeed ZeRO stage of every arm (default 2)")
-    lora_rank: int = option(default=16, cache=True, help="rank of the LoRA arm (default 16)")
-    heldout_percent: float = option(default=5.0, cache=True, help="share of documents held out for evaluation (default 5)")
-    text_field: str = option(default="text", cache=True, help="the text field of JSON/Parquet records (default text)")
+    max_steps: int = _training_option("max_steps", 20)
+    seq_len: int = _training_option("seq_len", 256, "tokens per sequence, training and evaluation")
+    micro_batch_size: int = _training_option("micro_batch_size", 1)
+    gradient_accumulation_steps: int = _training_option("gradient_accumulation_steps", 1)
+    learning_rate: float = _training_option("learning_rate", 1e-4)
+    warmup_steps: int = _training_option("warmup_steps", 2)
+    seed: int = _training_option("seed", 0)
+    zero_stage: int = _training_option("zero_stage", 2)
+    lora_rank: int = _training_option("lora_rank", 16, "rank of the LoRA arm")
+    heldout_percent: float = _training_option("heldout_percent", 5.0)
+    text_field: str = _training_option("text_field", "text")
     eval_max_tokens: int = option(default=16384, cache=True, help="tokens evaluated per dataset (default 16384)")
     general: str | None = option(default=None, help="general text for the forgetting probe (default: Python's documentation)")
     out_dir: str | None = option("--out-dir", "-o", default=None, help="also write comparison.json and comparison.md here")
     overwrite: bool = option(default=False, help="replace files in --out-dir")
+    execution: list[str] = option(
+        default_factory=list,
+        metavar="STAGE=MODE",
+        help="how an arm's stage runs: in-process, subprocess or deployment (its work pool: cpt=deployment for the GPU pool); "
+        "repeatable; default cpt=subprocess, the others in-process",
+    )
 
 
 @dataclass(frozen=True)
@@ -117,17 +156,73 @@ class Arm:
     evaluation: Manifest
 
 
-def run(config: CompareConfig, context: StageContext) -> StageResult[list[dict[str, Any]]]:
-    store = require_store_in(context, COMPARE)
+def check(config: CompareConfig) -> list[Method]:
+    """The comparison's options, before any arm runs; returns its methods."""
     methods = _methods(config)
     if config.data is None:
         raise InputError("no data: pass --data (the drop every arm trains on)")
     if config.out_dir:
         for name in (COMPARISON_JSON_FILE, COMPARISON_MARKDOWN_FILE):
             ensure_writable(Path(config.out_dir) / name, config.overwrite)
-    context = replace(context, run_id=context.run_id or new_run_id())
-    scans = _scans(config, context, {m.estimator for m in methods if m.top_percent})
-    arms = [_arm(method, config, context, scans) for method in methods]
+    return methods
+
+
+def execution_modes(config: CompareConfig, modes: tuple[str, ...]) -> dict[str, str]:
+    """--execution STAGE=MODE options -> stage -> mode (default: cpt in a process of its own, so its peak memory is its own)."""
+    chosen = {CPT: "subprocess"}
+    for item in config.execution:
+        stage, _, mode = item.partition("=")
+        if stage not in ARM_STAGES or mode not in modes:
+            raise InputError(
+                f"--execution {item!r}: expected STAGE=MODE with STAGE one of {', '.join(ARM_STAGES)} and MODE one of {', '.join(modes)}"
+            )
+        chosen[stage] = mode
+    return chosen
+
+
+def scan_step(estimator: str) -> str | None:
+    """The step of the comparison run that holds the scan by `estimator` (the reference scan is snr_scan itself)."""
+    return None if estimator == "reference" else estimator.replace("-", "_")
+
+
+def scan_config(config: CompareConfig, estimator: str) -> snr_scan.ScanConfig:
+    return snr_scan.ScanConfig(model_dir=config.model, estimator=estimator)
+
+
+def arm_run_id(run_id: str, method: Method) -> str:
+    return f"{run_id}-{method.name}"
+
+
+def selection_config(method: Method, scan: StageRef) -> layer_select.SelectConfig:
+    return layer_select.SelectConfig(snr_run=scan, top_percent=method.top_percent, depth_aware=method.depth_aware)
+
+
+def training_config(method: Method, config: CompareConfig, selection: StageRef | None) -> cpt.CptConfig:
+    shared = {name: getattr(config, name) for name in TRAINING_OPTIONS}
+    return cpt.CptConfig(
+        model=config.model,
+        data=config.data,
+        selection_run=selection,
+        full=method.full,
+        lora_rank=config.lora_rank if method.lora else 0,
+        **shared,
+    )
+
+
+def evaluation_config(config: CompareConfig, training: StageRef) -> evaluate.EvaluateConfig:
+    return evaluate.EvaluateConfig(
+        cpt_run=training,
+        general=config.general,
+        text_field=config.text_field,
+        seq_len=config.seq_len,
+        max_tokens=config.eval_max_tokens,
+        snr_drift=False,
+    )
+
+
+def tabulate(config: CompareConfig, context: StageContext, arms: list[Arm]) -> StageResult[list[dict[str, Any]]]:
+    """The compare stage's own work: the arms' records tabulated and committed as the comparison run."""
+    store = require_store_in(context, COMPARE)
     rows = _rows(store, arms)
     inputs = [
         recorded
@@ -159,56 +254,6 @@ def _methods(config: CompareConfig) -> list[Method]:
     if len(set(names)) != len(names):
         raise InputError(f"--method lists a method twice: {', '.join(names)}")
     return [METHODS[n] for n in names]
-
-
-def _scans(config: CompareConfig, context: StageContext, estimators: set[str]) -> dict[str, Manifest]:
-    """The SNR scans the Spectrum arms select from, recorded in the comparison run (reused when done before)."""
-    scans = {}
-    for estimator in sorted(estimators):
-        step = None if estimator == "reference" else estimator.replace("-", "_")
-        scan_config = snr_scan.ScanConfig(model_dir=config.model, estimator=estimator)
-        scans[estimator] = snr_scan.run(scan_config, replace(context, step=step)).manifest
-    return scans
-
-
-def _arm(method: Method, config: CompareConfig, context: StageContext, scans: dict[str, Manifest]) -> Arm:
-    arm_context = replace(context, run_id=f"{context.run_id}-{method.name}", step=None)
-    selection_run = None
-    if method.top_percent is not None:
-        scan = scans[method.estimator]
-        select_config = layer_select.SelectConfig(
-            snr_run=f"{scan.run_id}/{scan.stage}", top_percent=method.top_percent, depth_aware=method.depth_aware
-        )
-        selected = layer_select.run(select_config, arm_context).manifest
-        selection_run = f"{selected.run_id}/{selected.stage}"
-    training_config = cpt.CptConfig(
-        model=config.model,
-        data=config.data,
-        selection_run=selection_run,
-        full=method.full,
-        lora_rank=config.lora_rank if method.lora else 0,
-        max_steps=config.max_steps,
-        seq_len=config.seq_len,
-        micro_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        seed=config.seed,
-        zero_stage=config.zero_stage,
-        heldout_percent=config.heldout_percent,
-        text_field=config.text_field,
-    )
-    training = run_in_own_process(cpt.STAGE, training_config, arm_context, method.name).manifest  # its peak memory is its own
-    evaluate_config = evaluate.EvaluateConfig(
-        cpt_run=f"{training.run_id}/{training.stage}",
-        general=config.general,
-        text_field=config.text_field,
-        seq_len=config.seq_len,
-        max_tokens=config.eval_max_tokens,
-        snr_drift=False,
-    )
-    evaluation = evaluate.run(evaluate_config, arm_context).manifest
-    return Arm(method, training, evaluation)
 
 
 def _rows(store: ArtifactStore, arms: list[Arm]) -> list[dict[str, Any]]:
@@ -270,17 +315,3 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _pair(before: float | None, after: float | None) -> str:
     return "–" if before is None or after is None else f"{before:.2f} → {after:.2f}"
-
-
-STAGE = Stage(
-    name=COMPARE,
-    command="compare",
-    config=CompareConfig,
-    run=run,
-    summary="the same CPT budget for full fine-tuning, Spectrum-50/25 (reference, depth-aware, Gavish–Donoho) and LoRA, compared",
-    description=__doc__,
-)
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE))

@@ -143,6 +143,11 @@ def read_summary(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
     return json.loads(data)
 
 
+def stored_uri(store: ArtifactStore, manifest: Manifest, kind: str) -> str:
+    """The store URI of the model or data a download committed (its `model` and `data` outputs)."""
+    return read_summary(store, manifest)[kind]["uri"]
+
+
 # --- models ---------------------------------------------------------------------------------
 
 
@@ -311,6 +316,7 @@ STAGE = Stage(
     run=run,
     summary="copy a model and/or a data drop into the artifact store, content-addressed",
     description=__doc__,
+    outputs={"model": lambda store, manifest: stored_uri(store, manifest, "model"), "data": lambda store, m: stored_uri(store, m, "data")},
 )
 
 

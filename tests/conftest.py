@@ -112,3 +112,17 @@ def minilm_scan(tmp_path_factory):
     from stages.snr_scan import ScanConfig, run
 
     return folder, run(ScanConfig(model_dir=str(folder), output=str(out)), QUIET).detail
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """An ephemeral Prefect API in a private PREFECT_HOME (its SQLite database lives there)."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=600),
+    ):
+        yield

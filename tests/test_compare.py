@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.compare import run_compare
 from stages import compare
 from stages.base.contracts import COMPARISON_TABLE
 from stages.base.errors import InputError
@@ -39,13 +40,13 @@ def config(inputs, **overrides) -> compare.CompareConfig:
     return compare.CompareConfig(**{**options, **overrides})
 
 
-def test_every_cpu_method_runs_as_its_own_run_and_an_interrupted_comparison_resumes(inputs, tmp_path):
+def test_every_cpu_method_runs_as_its_own_run_and_an_interrupted_comparison_resumes(prefect_api, inputs, tmp_path):
     store = open_store(str(tmp_path / "store"))
     context = {"work_dir": tmp_path / "work", "progress": False}
-    first = compare.run(config(inputs, methods=["full", "spectrum-25"]), StageContext(store, run_id="c1", **context))
+    first = run_compare(config(inputs, methods=["full", "spectrum-25"]), StageContext(store, run_id="c1", **context))
     assert [r["method"] for r in first.detail] == ["full", "spectrum-25"]
 
-    result = compare.run(config(inputs, out_dir=str(tmp_path / "out")), StageContext(store, run_id="c2", **context))
+    result = run_compare(config(inputs, out_dir=str(tmp_path / "out")), StageContext(store, run_id="c2", **context))
     rows = {r["method"]: r for r in result.detail}
     assert list(rows) == list(compare.METHODS)
     # arms committed by the first (interrupted) comparison are reused, the others are new runs
@@ -73,16 +74,16 @@ def test_every_cpu_method_runs_as_its_own_run_and_an_interrupted_comparison_resu
     assert "| spectrum-25-depth-aware |" in (tmp_path / "out" / "comparison.md").read_text()
     assert json.loads((tmp_path / "out" / "comparison.json").read_text())["methods"][0]["method"] == "full"
 
-    again = compare.run(config(inputs), StageContext(store, **context))
+    again = run_compare(config(inputs), StageContext(store, **context))
     assert again.cached and again.run_id == "c2"
 
 
 def test_unknown_or_repeated_methods_are_clear_errors(inputs, tmp_path):
     store = open_store(str(tmp_path / "store"))
     with pytest.raises(InputError, match="unknown comparison method.*qlora-8.*choose from full, spectrum-50"):
-        compare.run(config(inputs, methods=["full", "qlora-8"]), StageContext(store))
+        run_compare(config(inputs, methods=["full", "qlora-8"]), StageContext(store))
     with pytest.raises(InputError, match="lists a method twice"):
-        compare.run(config(inputs, methods=["lora", "lora"]), StageContext(store))
+        run_compare(config(inputs, methods=["lora", "lora"]), StageContext(store))
     with pytest.raises(InputError, match="no data"):
-        compare.run(config(inputs, data=None), StageContext(store))
+        run_compare(config(inputs, data=None), StageContext(store))
     assert not (tmp_path / "store" / "runs").exists()

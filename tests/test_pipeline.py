@@ -26,17 +26,6 @@ TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """An ephemeral Prefect API in a private PREFECT_HOME (its SQLite database lives there)."""
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     logs = domain_corpus(160, seed=4)
@@ -105,6 +94,17 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     assert artifacts["report-p1"].type == "markdown" or "report.html" in str(artifacts["report-p1"].data)
     sft_evaluation = load_manifest(store, "p1", "evaluate.sft")
     assert any(ref["uri"].endswith("runs/p1/sft/heldout.jsonl") for ref in sft_evaluation.inputs)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    # Prefect shows the pipeline: a task run per step, named after it, waiting on the steps whose outputs it takes
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["flow_run_id"]])))
+    names = {str(run.id): run.name for run in task_runs}
+    upstream = {run.name: sorted(names[str(i.id)] for i in run.task_inputs.get("wait_for", [])) for run in task_runs}
+    assert upstream == {
+        "download": [], "snr_scan": ["download"], "layer_select": ["snr_scan"], "cpt": ["download", "layer_select"],
+        "sft": ["cpt", "layer_select"], "evaluate.sft": ["sft"], "evaluate": ["cpt"],
+    }, upstream  # fmt: skip
 
     again = pipeline_flow(str(config), run="p2")  # a cached re-run skips every stage, and records where each came from
     assert again["cached"] == stages and set(again["stages"].values()) == {"p1"}

@@ -34,19 +34,6 @@ def test_scrub_hides_url_credentials_and_secret_environment_values(monkeypatch):
     assert scrubbed(plain) is plain
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with (
-        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
-        prefect_test_harness(server_startup_timeout=600),
-    ):
-        yield
-
-
 @pytest.mark.integration
 def test_a_credential_in_the_config_never_reaches_prefects_database(prefect_api, tiny_model, tmp_path):
     from prefect import get_client

@@ -12,8 +12,9 @@ from flows import watch
 from flows.pipeline import PipelineResult
 from flows.pipeline_config import load_pipeline_config
 from flows.prefect_api import PrefectUnavailableError
-from flows.watch import CLAIMS, DONE, FAILED, MAX_ATTEMPTS, watch_once
+from flows.watch import CLAIMS, MAX_ATTEMPTS, watch_once
 from stages.store import FileStore, StoreUnavailableError
+from stages.store.claims import DONE, FAILED
 from stages.store.lease import lease_state
 
 

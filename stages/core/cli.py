@@ -63,10 +63,15 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: Stage) -> None:
     """The stage's own options (from its config dataclass), then the context options."""
-    hints = typing.get_type_hints(stage.config)
-    for config_field, spec in options_of(stage.config):
-        _add_option(parser, config_field, spec, hints[config_field.name])
+    add_config_arguments(parser, stage.config)
     add_context_arguments(parser)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[StageConfig]) -> None:
+    """The options of a config dataclass (a stage's, or a flow's that runs stages, like compare)."""
+    hints = typing.get_type_hints(config_class)
+    for config_field, spec in options_of(config_class):
+        _add_option(parser, config_field, spec, hints[config_field.name])
 
 
 def _add_option(parser: argparse.ArgumentParser, config_field: dataclasses.Field, spec: Option, hint: Any) -> None:
