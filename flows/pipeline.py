@@ -94,7 +94,7 @@ def run_pipeline(
     check_rerun(config, only, from_stage, force, run)
     store = open_pipeline_store(config)
     rerun = bool(only or from_stage)
-    result = PipelineResult(run_id=new_run_id() if rerun else run or config.run_id or new_run_id(), store=store.root_uri)
+    result = PipelineResult(run_id=(None if rerun else run or config.run_id) or new_run_id(), store=store.root_uri)
     try:
         lease = acquire_lease(
             store, lease_folder(result.run_id, PIPELINE_LEASE), holder_identity(run_id=result.run_id, stage=PIPELINE_LEASE)

@@ -44,6 +44,7 @@ from .base.files import ensure_writable, write_atomic
 from .core.execution import StageRun, execute_stage, require_store_in
 from .core.stage import StageConfig, StageContext, StageResult, option, options_of
 from .store import ArtifactStore, Manifest, ObjectInfo, StageRef, output_key, read_output, read_table
+from .store.uri import uri_scheme
 
 COMPARISON_JSON_FILE = "comparison.json"
 COMPARISON_MARKDOWN_FILE = "comparison.md"
@@ -164,6 +165,9 @@ def check(config: CompareConfig) -> list[Method]:
     if config.out_dir:
         for name in (COMPARISON_JSON_FILE, COMPARISON_MARKDOWN_FILE):
             ensure_writable(Path(config.out_dir) / name, config.overwrite)
+    for what, location in (("MODEL", config.model), ("--data", config.data)):
+        if uri_scheme(location) is None and not Path(location).expanduser().is_dir():  # before any arm starts
+            raise InputError(f"{location} is not a folder (or does not exist): pass {what} as a folder or a store URI")
     return methods
 
 

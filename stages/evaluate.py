@@ -59,7 +59,6 @@ from .scan.spectra import resolve_device
 from .store import (
     ArtifactStore,
     StageRef,
-    output_key,
     read_output,
     read_table_output,
     resolve_run_reference,
@@ -244,8 +243,6 @@ def _resolve(config: EvaluateConfig, store: ArtifactStore) -> Sources:
         record, _ = read_output(store, manifest, TRAINING_FILE)
         trained = trained or StageRef.of(manifest).output_uri(MODEL_FOLDER)
         base = base or json.loads(record).get("model")
-        if not any(o["key"] == output_key(run_id, step, HELDOUT_DATA_FILE) for o in manifest.outputs):
-            raise InputError(f"run {run_id} has no held-out split ({HELDOUT_DATA_FILE}; trained by an older version): pass --data")
         held, info = read_output(store, manifest, HELDOUT_DATA_FILE)
         lines = [json.loads(line) for line in held.decode("utf-8").splitlines() if line.strip()]
         if stage == CPT and not config.data:

@@ -78,11 +78,6 @@ def test_a_model_folder_that_does_not_exist_is_named_and_nothing_is_committed(pr
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare.check does not look at MODEL: with --method full, cpt's own process finds it missing after Prefect started, "
-    "and compare exits 4 (StageProcessError) without naming the folder",
-)
 def test_a_model_folder_that_does_not_exist_is_refused_before_any_arm_runs(prefect_api, tmp_path, drop, capsys):
     missing = tmp_path / "no-such-model"
     err = refused(capsys, tmp_path, str(missing), "--data", str(drop), "--store", str(tmp_path / "store"), "--method", "full")
