@@ -11,9 +11,7 @@ its rank and the reason it was or was not selected, an Axolotl `unfrozen_paramet
 
 from __future__ import annotations
 
-import bisect
 import io
-import json
 import math
 import re
 from collections.abc import Callable
@@ -22,7 +20,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from . import __version__
 from .base.contracts import (
@@ -41,6 +38,8 @@ from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage
 from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
 from .scan.table import load_reference_json, read_snr_table, read_table_metadata
+from .selection.document import SelectionDocument, UnfrozenParameters
+from .selection.matching import PatternSet
 from .store import ArtifactStore, ObjectInfo, StageRef, read_table_output, resolve_run_reference, succeeded_manifest
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
@@ -148,9 +147,14 @@ class SelectConfig(StageConfig):
 class SelectResult:
     out_dir: Path | None
     entries: list[Entry]
-    summary: dict
-    yaml_text: str
+    document: SelectionDocument  # selection.json
+    yaml_text: str  # the Axolotl unfrozen_parameters YAML
     table: pa.Table
+
+    @property
+    def summary(self) -> dict:
+        """selection.json as a JSON object."""
+        return self.document.to_dict()
 
     def files(self) -> dict[str, bytes]:
         """The three outputs by file name; the JSON summary last (it says the selection is complete)."""
@@ -159,7 +163,7 @@ class SelectResult:
         return {
             SELECTION_TABLE_FILE: buffer.getvalue(),
             UNFROZEN_YAML_FILE: self.yaml_text.encode(),
-            SELECTION_JSON_FILE: (json.dumps(self.summary, indent=2) + "\n").encode(),
+            SELECTION_JSON_FILE: self.document.to_json(),
         }
 
 
@@ -225,9 +229,9 @@ def select(config: SelectConfig, source: SnrSource) -> SelectResult:
             "entry is set; raise the percentage or add --always-train"
         )
     always_lines += _train_module_parameters(entries)
-    yaml_text = unfrozen_parameters_yaml(always_lines, groups)
-    summary = _summary(config, source, entries, groups, always_lines)
-    return SelectResult(out_dir=None, entries=entries, summary=summary, yaml_text=yaml_text, table=_selection_table(entries, config))
+    yaml_text = unfrozen_parameters(always_lines, groups).to_yaml()
+    document = _document(config, source, entries, groups, always_lines)
+    return SelectResult(out_dir=None, entries=entries, document=document, yaml_text=yaml_text, table=_selection_table(entries, config))
 
 
 def _validate(config: SelectConfig) -> None:
@@ -338,7 +342,8 @@ def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[st
                 patterns.insert(0, REFERENCE_ROLE_PATTERNS[item])
             label = item
         else:
-            names = [n for n in by_name if re.match(item, n)]
+            pattern = PatternSet((item,), "--always-train")
+            names = [n for n in by_name if pattern.matches(n)]
             if not names:
                 raise InputError(
                     f"always-train pattern {item!r} matches no tensor name; check it against the SNR table's tensor_name column"
@@ -482,13 +487,17 @@ def _train_module_parameters(entries: list[Entry]) -> list[str]:
     names = sorted(by_name)
     biases = _module_biases(entries)
     lines: list[str] = []
+    matched = _names_matched([e.yaml_name for e in entries if e.picked], names)
+    narrowed: dict[str, str] = {}  # a module line that would also match another module's tensor -> `^<module>\.`
+    for entry in [e for e in entries if e.picked]:
+        module = entry.tensor_name.removesuffix(".weight") if entry.tensor_name.endswith(".weight") else None
+        if module is not None and any(n != module and not n.startswith(f"{module}.") for n in matched[entry.yaml_name]):
+            narrowed[entry.tensor_name] = entry.yaml_name = f"^{re.escape(module)}\\."
+    matched.update(_names_matched(list(narrowed.values()), names))
     for entry in [e for e in entries if e.chosen]:
         module = entry.tensor_name.removesuffix(".weight") if entry.tensor_name.endswith(".weight") else None
         if entry.picked:
-            prefixed = _names_with_prefix(names, entry.yaml_name)
-            if module is not None and any(n != module and not n.startswith(f"{module}.") for n in prefixed):
-                entry.yaml_name = f"^{re.escape(module)}\\."
-                prefixed = _names_with_prefix(names, f"{module}.")
+            prefixed = matched[entry.yaml_name]
         else:
             bias = biases.get(entry.tensor_name)
             prefixed = [bias.tensor_name] if bias is not None and not bias.chosen else []
@@ -506,68 +515,38 @@ def _train_module_parameters(entries: list[Entry]) -> list[str]:
     return lines
 
 
-def _names_with_prefix(names: list[str], prefix: str) -> list[str]:
-    """The names (sorted) that start with `prefix`."""
-    start = bisect.bisect_left(names, prefix)
-    end = start
-    while end < len(names) and names[end].startswith(prefix):
-        end += 1
-    return names[start:end]
+def _names_matched(lines: list[str], names: list[str]) -> dict[str, list[str]]:
+    """Each YAML line -> the names it re.matches (in the order of `names`), as training will apply it."""
+    matcher = PatternSet(lines, "the unfrozen_parameters YAML")
+    matched: dict[str, list[str]] = {line: [] for line in lines}
+    for name in names:
+        for line in matcher.matching(name):
+            matched[line].append(name)
+    return matched
 
 
-def unfrozen_parameters_yaml(always_lines: list[str], groups: dict[str, list[Entry]]) -> str:
-    """The reference tool's layout: always-train patterns, then `# <type> layers` and names by snr rank.
-
-    Names are written plain, as the reference does, unless YAML would read them back as
-    something else (a newline, `: `, ` #`, a number, `null`): then they are double-quoted. The
-    text is read back and must give exactly the intended list.
-    """
-    entries = list(always_lines)
-    lines = ["unfrozen_parameters:"] + [f"- {_yaml_scalar(p)}" for p in always_lines]
+def unfrozen_parameters(always_lines: list[str], groups: dict[str, list[Entry]]) -> UnfrozenParameters:
+    """The reference tool's layout: always-train patterns, then `# <type> layers` and names by snr rank."""
+    lines = list(always_lines)
+    headings = []
     for kind, members in groups.items():
-        lines.append(f"# {_one_line(kind)} layers")
-        names = [e.yaml_name for e in sorted((e for e in members if e.picked), key=lambda e: e.rank)]
-        entries.extend(names)
-        lines.extend(f"- {_yaml_scalar(name)}" for name in names)
-    text = "\n".join(lines) + "\n"
-    if (yaml.safe_load(text) or {}).get("unfrozen_parameters") != (entries or None):
-        raise InputError("the unfrozen_parameters YAML would not read back as the selection; a tensor name cannot be written safely")
-    return text
-
-
-def _yaml_scalar(text: str) -> str:
-    """`text` as a YAML list item: plain when YAML reads it back unchanged, else a double-quoted (JSON) string."""
-    if "\n" not in text and "\r" not in text and text == text.strip():
-        try:
-            if yaml.safe_load(f"- {text}") == [text]:
-                return text
-        except yaml.YAMLError:
-            pass
-    return json.dumps(text)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+        headings.append((len(lines), kind))
+        lines.extend(e.yaml_name for e in sorted((e for e in members if e.picked), key=lambda e: e.rank))
+    return UnfrozenParameters(tuple(lines), tuple(headings))
 
 
 def _percent_text(config: SelectConfig) -> str:
     return f"{config.budget_percent:g}% budget" if config.policy == "budget" else f"top {config.top_percent:g}%"
 
 
-def _summary(
+def _document(
     config: SelectConfig, source: SnrSource, entries: list[Entry], groups: dict[str, list[Entry]], always_lines: list[str]
-) -> dict:
+) -> SelectionDocument:
     selected = [e for e in entries if e.selected]
     counts_known = all(e.parameter_count is not None for e in entries)
     total = sum(e.parameter_count for e in entries) if counts_known else None
     trainable = sum(e.parameter_count for e in selected) if counts_known else None
-    return {
-        "stage": LAYER_SELECT,
-        "code_version": __version__,
-        "source": str(config.snr_input) if config.snr_input else f"run {config.snr_run}",
-        "model_id": source.model_id,
-        "model_structure": source.structure,
-        "estimator": source.estimator,
+    policy = {
         "policy": config.policy,
         "top_percent": config.top_percent if config.policy != "budget" else None,
         "budget_percent": config.budget_percent if config.policy == "budget" else None,
@@ -575,17 +554,26 @@ def _summary(
         "exclude_types": config.exclude_types,
         "depth_aware": config.depth_aware,
         "always_train": config.always_train,
-        "roles_source": source.roles.source,
-        "trainable_tensors": [e.tensor_name for e in entries if e.chosen],
+    }
+    return SelectionDocument(
+        trainable_tensors=tuple(e.tensor_name for e in entries if e.chosen),
         # What training updates: the chosen tensors and their modules' biases, exactly the names the YAML's lines match.
         # A reference JSON lists the scanned weights only, so the biases are not known: null (trainers add each module's bias).
-        "parameters": [e.tensor_name for e in selected] if source.every_tensor else None,
-        "unfrozen_parameters": always_lines + [e.yaml_name for members in groups.values() for e in members if e.picked],
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_fraction": (trainable / total) if counts_known and total else None,
-        "by_type": {kind: {"selected": sum(e.selected for e in members), "candidates": len(members)} for kind, members in groups.items()},
-    }
+        parameters=tuple(e.tensor_name for e in selected) if source.every_tensor else None,
+        unfrozen_parameters=(*always_lines, *(e.yaml_name for members in groups.values() for e in members if e.picked)),
+        recorded_policy=policy,
+        stage=LAYER_SELECT,
+        code_version=__version__,
+        source=str(config.snr_input) if config.snr_input else f"run {config.snr_run}",
+        model_id=source.model_id,
+        model_structure=source.structure,
+        estimator=source.estimator,
+        roles_source=source.roles.source,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_fraction=(trainable / total) if counts_known and total else None,
+        by_type={kind: {"selected": sum(e.selected for e in members), "candidates": len(members)} for kind, members in groups.items()},
+    )
 
 
 def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
