@@ -1,4 +1,4 @@
-# CPU image for the download, snr_scan, layer_select and compare stages, and the Prefect worker of the process pool.
+# CPU image for the download, snr_scan and layer_select stages, and the Prefect worker of the process pool (which also runs the compare flow).
 # Build from the repository root:  docker build -f containers/cpu.Dockerfile -t spectrum-cpu .
 # Run a stage exactly as the "separate process" mode does, e.g.:
 #   docker run --rm -v /models:/models spectrum-cpu stages.snr_scan /models/llama --out /models/snr.parquet

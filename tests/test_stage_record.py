@@ -1,0 +1,37 @@
+"""A stage in its own process reports back through --record: the manifest and whether it was reused, nothing scraped."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.base.errors import InputError
+from stages.core.record import read_record, write_record
+from stages.core.stage import StageResult
+from stages.store import start_manifest
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_record_reads_back_the_manifest_and_whether_it_was_reused(tmp_path, cached):
+    manifest = start_manifest("layer_select", "0.2.0", "r1", {"top_percent": 25}, []).finish([])
+    write_record(tmp_path / "record.json", StageResult("layer_select", ("line",), manifest, cached))
+    read, reused = read_record(tmp_path / "record.json")
+    assert read.to_json() == manifest.to_json() and reused is cached
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b'{"cached": true}', b"[1, 2]"])
+def test_a_file_that_is_not_a_record_is_a_clear_error(tmp_path, content):
+    (tmp_path / "record.json").write_bytes(content)
+    with pytest.raises(InputError, match="is not one written by --record"):
+        read_record(tmp_path / "record.json")
+
+
+def test_compare_execution_modes_name_an_arm_stage_and_a_mode():
+    from stages.compare import CompareConfig, execution_modes
+
+    modes = ("in-process", "subprocess", "deployment")
+    assert execution_modes(CompareConfig(model="m"), modes) == {"cpt": "subprocess"}
+    chosen = execution_modes(CompareConfig(model="m", execution=["cpt=deployment", "evaluate=subprocess"]), modes)
+    assert chosen == {"cpt": "deployment", "evaluate": "subprocess"}
+    for bad in ("cpt", "sft=subprocess", "cpt=docker"):
+        with pytest.raises(InputError, match=rf"--execution '{bad}': expected STAGE=MODE"):
+            execution_modes(CompareConfig(model="m", execution=[bad]), modes)
