@@ -43,7 +43,7 @@ from .selection.matching import PatternSet
 from .store import ArtifactStore, ObjectInfo, StageRef, read_table_output, resolve_run_reference, succeeded_manifest
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
-from .weights.naming import layer_index
+from .weights.naming import layer_index, module_bias
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 
 POLICIES = ("per-type", "global", "budget")
@@ -470,8 +470,8 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
 def _module_biases(entries: list[Entry]) -> dict[str, Entry]:
     """`<module>.weight` -> the entry of `<module>.bias`, for the modules that have one."""
     by_name = {e.tensor_name: e for e in entries}
-    pairs = ((e.tensor_name, by_name.get(f"{e.tensor_name.removesuffix('.weight')}.bias")) for e in entries)
-    return {name: bias for name, bias in pairs if name.endswith(".weight") and bias is not None}
+    pairs = ((e.tensor_name, by_name.get(bias)) for e in entries if (bias := module_bias(e.tensor_name)) is not None)
+    return {name: bias for name, bias in pairs if bias is not None}
 
 
 def _train_module_parameters(entries: list[Entry]) -> list[str]:

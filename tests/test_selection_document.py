@@ -109,3 +109,10 @@ def test_the_matcher_agrees_with_re_match_on_every_kind_of_line():
     matcher = PatternSet(lines, "test", exact_names=["lm_head.weight"])
     for name in names:
         assert sorted(matcher.matching(name)) == sorted(line for line in lines if re.match(line, name)), name
+
+
+def test_a_selected_module_trains_its_weight_and_bias_by_one_rule():
+    from stages.weights.naming import module_bias
+
+    assert module_bias("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.bias"
+    assert module_bias("model.layers.0.mlp.experts.gate_up_proj") is None and module_bias("model.norm.bias") is None

@@ -15,6 +15,7 @@ import torch
 
 from ..base.documents import shown
 from ..base.errors import InputError
+from ..weights.naming import module_bias
 from .selection import Selection
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def apply_selection(model: torch.nn.Module, selection: Selection | None) -> Free
         _require_named_tensors(selection, canonical)
         matched = {name for name in canonical if selection.matches(name)}
         if selection.module_biases:  # a selected module trains its weight and its bias
-            matched |= {bias for name in matched if name.endswith(".weight") and (bias := f"{name[: -len('.weight')]}.bias") in canonical}
+            matched |= {bias for name in matched if (bias := module_bias(name)) in canonical}
         chosen = {canonical[name] for name in matched}
         unmatched = selection.unmatched(list(canonical))
         if unmatched and chosen:

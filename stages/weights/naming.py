@@ -17,6 +17,11 @@ def module_name(tensor_name: str) -> str:
     return tensor_name
 
 
+def module_bias(tensor_name: str) -> str | None:
+    """`<module>.weight` -> `<module>.bias`, the parameter a selected module trains with its weight; None for other names."""
+    return f"{tensor_name.removesuffix('.weight')}.bias" if tensor_name.endswith(".weight") else None
+
+
 def module_type(name: str) -> str:
     """Everything after the first all-digit component; the whole name if there is none.
 
