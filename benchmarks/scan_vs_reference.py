@@ -67,8 +67,10 @@ def run_child(module: str, argv: list[str], work: Path, label: str) -> tuple[flo
 
 
 def picked(selection_json: Path) -> list[str]:
-    summary = json.loads(selection_json.read_text())
-    return sorted(n for n in summary["unfrozen_parameters"] if not n.startswith("^"))
+    from stages.selection.document import SelectionDocument
+
+    document = SelectionDocument.from_json(selection_json.read_bytes(), str(selection_json))
+    return sorted(n for n in document.unfrozen_parameters if not n.startswith("^"))
 
 
 def main() -> None:

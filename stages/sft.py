@@ -24,7 +24,7 @@ from .base.contracts import CPT, SFT
 from .base.errors import InputError
 from .core.cli import stage_main
 from .core.execution import require_store_in
-from .core.stage import From, Stage, StageContext, StageResult, option, options_of
+from .core.stage import From, Stage, StageContext, StageResult, option
 from .store import StageRef
 from .training.chat import MODEL_TEMPLATE, prepare_chat, read_chat_template
 from .training.runner import MODEL_HELP, PreparedData, TrainingConfig, TrainingResult, check, run_training, trained_model
@@ -77,10 +77,9 @@ def _rescan(config: SftConfig, context: StageContext) -> tuple[SftConfig, StageC
             f"--rescan needs the policy the selection was made with: {previous.source} is an unfrozen_parameters YAML, "
             "which does not record it; pass its selection.json or --selection-run"
         )
-    policy_fields = [f.name for f, spec in options_of(layer_select.SelectConfig) if spec.cache]
-    policy = {name: previous.document[name] for name in policy_fields if name in previous.document}
+    policy = previous.document.policy  # the layer_select options it was made with, as recorded
     context = context.with_run_id()  # the scan, the selection and sft share one run
-    scan_config = snr_scan.ScanConfig(model_dir=config.model, estimator=previous.document.get("estimator") or "reference")
+    scan_config = snr_scan.ScanConfig(model_dir=config.model, estimator=previous.document.estimator or "reference")
     scan = snr_scan.STAGE.run_as_step(scan_config, context, SFT)
     select_config = layer_select.SelectConfig(snr_run=StageRef.of(scan.manifest), **policy)
     selected = layer_select.STAGE.run_as_step(select_config, context, SFT)
