@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import cpt, evaluate, layer_select, snr_scan
+from . import cpt
 from .base.contracts import (
     COMPARE,
     COMPARISON_TABLE,
@@ -43,7 +43,7 @@ from .base.errors import InputError
 from .base.files import ensure_writable, write_atomic
 from .core.execution import StageRun, execute_stage, require_store_in
 from .core.stage import StageConfig, StageContext, StageResult, option, options_of
-from .store import ArtifactStore, Manifest, ObjectInfo, StageRef, output_key, read_output, read_table
+from .store import ArtifactStore, Manifest, ObjectInfo, output_key, read_output, read_table
 from .store.uri import uri_scheme
 
 COMPARISON_JSON_FILE = "comparison.json"
@@ -189,39 +189,33 @@ def scan_step(estimator: str) -> str | None:
     return None if estimator == "reference" else estimator.replace("-", "_")
 
 
-def scan_config(config: CompareConfig, estimator: str) -> snr_scan.ScanConfig:
-    return snr_scan.ScanConfig(model_dir=config.model, estimator=estimator)
-
-
 def arm_run_id(run_id: str, method: Method) -> str:
     return f"{run_id}-{method.name}"
 
 
-def selection_config(method: Method, scan: StageRef) -> layer_select.SelectConfig:
-    return layer_select.SelectConfig(snr_run=scan, top_percent=method.top_percent, depth_aware=method.depth_aware)
+def stage_options(method: Method, config: CompareConfig) -> dict[str, dict[str, Any]]:
+    """The own options of each stage an arm runs (its inputs come from the steps before, as the stages declare them).
 
-
-def training_config(method: Method, config: CompareConfig, selection: StageRef | None) -> cpt.CptConfig:
-    shared = {name: getattr(config, name) for name in TRAINING_OPTIONS}
-    return cpt.CptConfig(
-        model=config.model,
-        data=config.data,
-        selection_run=selection,
-        full=method.full,
-        lora_rank=config.lora_rank if method.lora else 0,
-        **shared,
-    )
-
-
-def evaluation_config(config: CompareConfig, training: StageRef) -> evaluate.EvaluateConfig:
-    return evaluate.EvaluateConfig(
-        cpt_run=training,
-        general=config.general,
-        text_field=config.text_field,
-        seq_len=config.seq_len,
-        max_tokens=config.eval_max_tokens,
-        snr_drift=False,
-    )
+    snr_scan is the comparison run's scan by the method's estimator; layer_select runs for a Spectrum arm only.
+    """
+    options: dict[str, dict[str, Any]] = {
+        CPT: {
+            "full": method.full,
+            "lora_rank": config.lora_rank if method.lora else 0,
+            **{name: getattr(config, name) for name in TRAINING_OPTIONS},
+        },
+        EVALUATE: {
+            "general": config.general,
+            "text_field": config.text_field,
+            "seq_len": config.seq_len,
+            "max_tokens": config.eval_max_tokens,
+            "snr_drift": False,
+        },
+    }
+    if method.top_percent is not None:
+        options[SNR_SCAN] = {"estimator": method.estimator}
+        options[LAYER_SELECT] = {"top_percent": method.top_percent, "depth_aware": method.depth_aware}
+    return options
 
 
 def tabulate(config: CompareConfig, context: StageContext, arms: list[Arm]) -> StageResult[list[dict[str, Any]]]:
