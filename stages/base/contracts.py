@@ -13,7 +13,8 @@ LAYER_SELECT = "layer_select"
 CPT = "cpt"
 SFT = "sft"
 EVALUATE = "evaluate"
-STAGE_ORDER = (DOWNLOAD, SNR_SCAN, LAYER_SELECT, CPT, SFT, EVALUATE)
+PROMOTE = "promote"  # the promotion gate, checked on the evaluate stage's table
+STAGE_ORDER = (DOWNLOAD, SNR_SCAN, LAYER_SELECT, CPT, SFT, EVALUATE, PROMOTE)
 PIPELINE_LEASE = "pipeline"  # runs/<run>/pipeline/lease/: the lease of a run's live pipeline (not a stage)
 COMPARE = "compare"  # not a pipeline stage: the comparison of training methods, each arm a run of the stages above
 
@@ -38,6 +39,7 @@ HELDOUT_FILE = "heldout.json"  # the held-out split of cpt/sft: its rule, counts
 HELDOUT_DATA_FILE = "heldout.jsonl"  # the held-out items themselves ({"text"} or {"messages"} rows), for evaluate
 TRAINING_FILE = "training.json"  # how a training run went, and where its base model and data were
 EVALUATION_JSON_FILE = "evaluation.json"  # the evaluate stage's summary
+DECISION_FILE = "decision.json"  # the promote stage's decision: passed, and each rule with its measured value
 
 # Status of a stage's manifest.
 RUNNING = "running"
