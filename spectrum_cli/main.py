@@ -7,7 +7,7 @@ import argparse
 from stages import __version__, compare, cpt, download, evaluate, layer_select, sft, snr_scan
 from stages.core.cli import execute, stage_parser
 
-from . import audit, compare_command, demo, pipeline_command, report
+from . import audit, compare_command, demo, line_command, pipeline_command, report
 
 STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
 
@@ -34,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
             pipeline_command.add_watch_arguments,
             pipeline_command.watch_command,
         ),
+        ("line", line_command.HELP, line_command.DESCRIPTION, line_command.add_arguments, None),
         ("demo", demo.HELP, demo.__doc__, demo.add_arguments, demo.run),
     ):
         sub = commands.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(sub)
-        if action is not None:  # `pipeline` sets its own per action
+        if action is not None:  # `pipeline` and `line` set their own per action
             sub.set_defaults(action=action)
     return parser
 
