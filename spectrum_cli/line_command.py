@@ -92,7 +92,8 @@ def first_reason(reasons: list[dict[str, Any]]) -> str:
     for key in ("reason", "message", "detail"):
         if isinstance(reason.get(key), str):
             return _clip(reason[key])
-    return _clip(", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in reason.items()))
+    named_first = sorted(reason.items(), key=lambda item: item[0] not in ("rule", "metric", "name"))  # the rule, then its fields
+    return _clip(", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in named_first))
 
 
 def _pointer_line(pointer: dict[str, Any]) -> str:
