@@ -151,6 +151,8 @@ def test_refusals_name_the_field(store):
         L.rollback(store, LINE, 2, "why")
     with pytest.raises(InputError, match=r"generation 1: it is production already"):
         L.rollback(store, LINE, 1, "why")
+    with pytest.raises(InputError, match=r"cannot promote run run-1: generation 1 is line acme-legal's production already"):
+        L.manual_promote(store, LINE, "run-1", "why")
     with pytest.raises(InputError, match=r"line acme-legal has no generation 5 .*generations 1\.\.2"):
         L.rollback(store, LINE, 5, "why")
     with pytest.raises(InputError, match=r"generation must be a whole number"):

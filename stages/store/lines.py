@@ -185,7 +185,7 @@ def promote(store: ArtifactStore, line: str, generation: int, action: str, why: 
     Refused (InputError) unless `generation` is a recorded generation of the line; `gate` only for a
     generation its gate promoted (and idempotent: a generation the gate already promoted returns that
     record, so a taken-over run promotes once); `rollback` only to a generation that was production
-    at some time and is not production now. `manual` may promote any recorded generation.
+    at some time and is not production now; `manual` any recorded generation that is not production now.
     """
     _choice(action, ACTIONS, "action")
     _text(why, "why", allow_empty=True)
@@ -204,7 +204,9 @@ def promote(store: ArtifactStore, line: str, generation: int, action: str, why: 
             if earlier is not None:
                 return earlier
         if action == ROLLBACK:
-            _check_rollback(store, line, generation, history)
+            _check_rollback(line, generation, history)
+        elif action == MANUAL and history and history[-1].generation == generation:
+            raise InputError(f"cannot promote run {target.run_id}: generation {generation} is line {line}'s production already")
         pointer = ProductionPointer(seq=len(history) + 1, **document)
         if _create(store, pointer_key(line, pointer.seq), pointer.to_dict()):
             return pointer
@@ -251,7 +253,7 @@ def production(store: ArtifactStore, line: str) -> ProductionPointer | None:
     return history[-1] if history else None
 
 
-def _check_rollback(store: ArtifactStore, line: str, generation: int, history: list[ProductionPointer]) -> None:
+def _check_rollback(line: str, generation: int, history: list[ProductionPointer]) -> None:
     if not any(p.generation == generation for p in history):
         promoted = sorted({p.generation for p in history})
         raise InputError(
