@@ -85,13 +85,14 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def first_reason(reasons: list[dict[str, Any]]) -> str:
-    """The first rule result in one short line: its own message when it has one, else its fields."""
+    """The first failed rule result (else the first) in one short line: `FAIL <rule>: <reason>` for the gate's results."""
     if not reasons:
         return "-"
-    reason = reasons[0]
-    for key in ("reason", "message", "detail"):
-        if isinstance(reason.get(key), str):
-            return _clip(reason[key])
+    reason = next((r for r in reasons if r.get("passed") is False), reasons[0])
+    passed = reason.get("passed")
+    verdict = ("PASS " if passed else "FAIL ") if isinstance(passed, bool) else ""
+    if isinstance(reason.get("rule"), str) and isinstance(reason.get("reason"), str):
+        return _clip(f"{verdict}{reason['rule']}: {reason['reason']}")
     named_first = sorted(reason.items(), key=lambda item: item[0] not in ("rule", "metric", "name"))  # the rule, then its fields
     return _clip(", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in named_first))
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from spectrum_cli.line_command import first_reason
 from spectrum_cli.main import main
 from stages.base import settings
 from stages.store import lines as L
@@ -98,6 +99,26 @@ def test_manual_promotion_and_rollback_append_and_show_in_status(store, capsys):
     assert [h.split()[0] for h in history] == ["#1", "#2", "#3", "#4"]
     assert [h.split()[2] for h in history] == ["gate", "gate", "manual", "rollback"]
     assert out.rstrip().endswith(f"production: generation 1 (run run-1, model {store.uri('runs/run-1/cpt/model')})")
+
+
+@pytest.mark.parametrize(
+    ("reasons", "shown"),
+    [
+        ([], "-"),
+        (
+            [
+                {"rule": "a.max_relative_change=-0.01", "passed": True, "reason": "improved 3%"},
+                {"rule": "b.max_relative_change=0.05", "passed": False, "reason": "rose 9%, more than 5%", "measured": 0.09},
+            ],
+            "FAIL b.max_relative_change=0.05: rose 9%, more than 5%",
+        ),
+        ([{"rule": "a", "passed": True, "reason": "fine"}], "PASS a: fine"),
+        ([{"value": 1, "metric": "m"}], "metric=m, value=1"),
+        ([{"rule": "r", "reason": "x" * 300}], "r: " + "x" * 96 + "…"),
+    ],
+)
+def test_first_reason_is_the_first_failed_rule_in_one_line(reasons, shown):
+    assert first_reason(reasons) == shown
 
 
 @pytest.mark.parametrize(
