@@ -79,9 +79,10 @@ def run(config: PromoteConfig, context: StageContext) -> StageResult[dict[str, A
 
 
 def decide(gate: Gate, rows: list[dict[str, Any]], evaluated: StageRef) -> dict[str, Any]:
-    """decision.json: whether the gate passed, each rule's result, and the evaluate run it was checked on."""
+    """decision.json: whether the gate passed, the evaluate run it was checked on, the gate, and each rule's result
+    (one per dataset or task score the rule measured)."""
     results = gate.check(rows)
-    return {"passed": passed(results), "evaluate_run": str(evaluated), "rules": [r.to_dict() for r in results]}
+    return {"passed": passed(results), "evaluate_run": str(evaluated), "gate": gate.to_rules(), "rules": [r.to_dict() for r in results]}
 
 
 def report(decision: dict[str, Any]) -> list[str]:

@@ -71,7 +71,8 @@ def gate(store, evaluate_run: str, *rules: str, run_id: str | None = None):
 def test_a_model_that_passes_the_gate_is_recorded_with_every_rule_and_its_value(store):
     result = gate(store, "better", HELDOUT, GENERAL)
     decision = result.detail
-    assert decision["passed"] is True and decision["evaluate_run"] == "better"
+    assert list(decision) == ["passed", "evaluate_run", "gate", "rules"]
+    assert decision["passed"] is True and decision["evaluate_run"] == "better" and decision["gate"] == [HELDOUT, GENERAL]
     assert [(r["rule"], r["dataset"], r["passed"]) for r in decision["rules"]] == [
         (HELDOUT, "heldout", True),
         (GENERAL, "python-docs", True),
@@ -190,3 +191,15 @@ def test_the_stage_runs_as_a_module(store):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("promotion gate on evaluate run better: PASSED\n")
+
+
+def test_the_command_line_of_a_config_parses_back_to_it(tmp_path):
+    """What a container or subprocess runs for the stage (stages.core.cli.command_line) is the config the pipeline made."""
+    import argparse
+
+    from stages.core.cli import command_line, config_from_args, stage_parser
+
+    config = PromoteConfig(evaluate_run="r/evaluate.sft", rules=[HELDOUT, "lm_eval.hellaswag.acc_norm.min_delta=-0.01"])
+    argv = command_line(promote.STAGE, config, StageContext(open_store(str(tmp_path / "store")), run_id="r", progress=False))
+    args = stage_parser(promote.STAGE, argparse.ArgumentParser()).parse_args(argv)
+    assert config_from_args(PromoteConfig, args) == config, argv
