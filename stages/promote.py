@@ -88,7 +88,7 @@ def decide(gate: Gate, rows: list[dict[str, Any]], evaluated: StageRef) -> dict[
 def report(decision: dict[str, Any]) -> list[str]:
     results = decision["rules"]
     failed = sum(not r["passed"] for r in results)
-    verdict = "PASSED" if decision["passed"] else f"FAILED ({failed} of {len(results)} rules)"
+    verdict = "PASSED" if decision["passed"] else f"FAILED ({failed} of {len(results)} checks)"
     lines = [f"promotion gate on evaluate run {decision['evaluate_run']}: {verdict}"]
     return lines + [f"  {'PASS' if r['passed'] else 'FAIL'} {r['rule']}: {r['reason']}" for r in results]
 

@@ -97,7 +97,7 @@ def test_a_failed_gate_is_a_decision_not_an_error(store, capsys):
     )
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "promotion gate on evaluate run forgets: FAILED (1 of 2 rules)"
+    assert lines[0] == "promotion gate on evaluate run forgets: FAILED (1 of 2 checks)"
     assert lines[1].startswith(f"  PASS {HELDOUT}:")
     assert lines[2] == f"  FAIL {GENERAL}: perplexity on python-docs: 20 -> 22, relative change +10.000% (must be at most +5.000%)"
     (run_id,) = [run for run, stages in list_runs(store).items() if PROMOTE in stages]
