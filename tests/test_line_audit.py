@@ -125,6 +125,22 @@ def test_a_generation_audit_follows_its_own_chain(store):
     assert [g["generation"] for g in audit_line(store, LINE, generation=1)["chain"]] == [1]
 
 
+def test_a_rejected_generation_promoted_by_hand_is_in_the_chain_of_what_started_from_it(store):
+    base = {n: digest(n) for n in TENSORS}
+    after1 = train(store, "g1", base)
+    decide(store, "g1", BASE, digest("base"), lines.PROMOTED)
+    after2 = train(store, "g2", after1)
+    decide(store, "g2", model_uri("g1"), digest("g1"), lines.REJECTED)
+    lines.manual_promote(store, LINE, "g2", "the gate was too strict for this drop")
+    train(store, "g3", after2)
+    decide(store, "g3", model_uri("g2"), digest("g2"), lines.PROMOTED)
+    audit = audit_line(store, LINE)
+    assert [g["generation"] for g in audit["chain"]] == [1, 2, 3] and audit["excluded"] == []
+    trained = {t["tensor_name"]: t["trained_in"] for t in audit["tensors"] if t["trained_in"]}
+    assert trained == {Q0: [1, 3], HEAD: [1], UP1: [2], UP0: [3]}
+    assert audit["never_trained"]["tensors"] == [EMBED]
+
+
 def test_the_cli_summary_and_json(store, capsys):
     build(store)
     assert main(["audit", "--line", LINE, "--store", store.root_uri]) == 0
