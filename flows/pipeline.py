@@ -17,7 +17,8 @@ checkpoint in the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ import prefect.runtime
 from prefect import flow
 from prefect.states import State
 
-from stages.base.contracts import PIPELINE_LEASE
+from stages.base.contracts import CPT, DECISION_FILE, DOWNLOAD, PIPELINE_LEASE, PROMOTE
 from stages.base.documents import clip
 from stages.base.errors import InputError
 from stages.core.stage import PIPELINE_INPUTS, From, StageContext
-from stages.store import ArtifactStore, Manifest, StageRef, new_run_id, open_store, record_reuse
+from stages.download import read_summary
+from stages.store import ArtifactStore, Manifest, StageRef, lines, new_run_id, open_store, read_output, record_reuse
 from stages.store.errors import ArtifactNotFoundError
 from stages.store.lease import LeaseHeldError, acquire_lease, holder_identity
 from stages.store.manifest import lease_folder
@@ -85,8 +87,14 @@ def run_pipeline(
     run: str | None = None,
     work_dir: Path | None = None,
     progress: bool | None = None,
+    drop: str | None = None,
 ) -> PipelineResult:
     """Run the steps of `config` in order (see the module docstring), each as the Prefect task of its execution mode.
+
+    With a model line (`line:`), the run is the line's next generation: it starts from the line's
+    promoted model (continue_from: promoted; the config's model for generation 1), and the promote
+    step's decision is recorded in the line (stages.store.lines), advancing production when it passed.
+    `drop` names the data drop in that record (the watcher's drop; default: the config's data).
 
     The run holds the lease runs/<run>/pipeline/lease/ for its lifetime (one live pipeline per run id),
     renewed while it works and released with its outcome: succeeded, failed (with the reason) or interrupted.
@@ -105,8 +113,53 @@ def run_pipeline(
             "shows it), or run under another run id"
         ) from None
     with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
+        config = _starting_point(config, store, result)
         _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress)
+        if config.line is not None and PROMOTE in result.ran:
+            _record_generation(config, store, result, drop or config.data)
     return result
+
+
+def _starting_point(config: PipelineConfig, store: ArtifactStore, result: PipelineResult) -> PipelineConfig:
+    """The config this run trains from: the line's promoted model when it continues from it, else the config as written."""
+    if config.line is None or config.line.continue_from != "promoted":
+        return config
+    pointer = lines.production(store, config.line.name)
+    if pointer is None:
+        result.lines.append(f"[line] {config.line.name}: no promoted model yet; generation 1 starts from {config.model}")
+        return config
+    result.lines.append(
+        f"[line] {config.line.name}: continues from generation {pointer.generation} (run {pointer.run_id}, {pointer.model})"
+    )
+    return replace(config, model=pointer.model, revision=None)
+
+
+def _record_generation(config: PipelineConfig, store: ArtifactStore, result: PipelineResult, drop: str) -> None:
+    """The promote step's decision as the line's generation record (and production, when it passed); exactly once per run."""
+    decision = json.loads(read_output(store, result.manifests[PROMOTE], DECISION_FILE)[0])
+    record, pointer = lines.record_decision(
+        store,
+        config.line.name,
+        drop=Path(drop).name if drop else None,
+        run_id=result.run_id,
+        starting_model={"uri": config.model, "sha256": _tree_digest(store, result.manifests[DOWNLOAD])},
+        model=STAGE_BY_NAME[CPT].output("model", store, result.manifests[CPT]),
+        decision=lines.PROMOTED if decision["passed"] else lines.REJECTED,
+        reasons=decision["rules"],
+    )
+    if record.run_id != result.run_id:  # one decision per drop: a drop trained again (or taken over) is not decided twice
+        result.lines.append(
+            f"[line] {config.line.name}: drop {record.drop} was decided already, as generation {record.generation} by run "
+            f"{record.run_id} ({record.decision}); this run's decision is not recorded"
+        )
+        return
+    verdict = "promoted: production now" if pointer else "rejected: production stays where it was"
+    result.lines.append(f"[line] {config.line.name}: generation {record.generation} (run {record.run_id}) {verdict}")
+
+
+def _tree_digest(store: ArtifactStore, manifest: Manifest) -> str:
+    """The sha256 of the starting model's content-addressed tree, as its download recorded it."""
+    return read_summary(store, manifest)["model"]["tree"].removeprefix("sha256-")  # trees are named sha256-<hex>
 
 
 def _run_stages(

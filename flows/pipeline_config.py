@@ -11,6 +11,10 @@
       evaluate: {max_tokens: 32768}
     report: true                                 # write report.html beside the config (default true)
     execution: in-process                        # subprocess, deployment, or per stage: {cpt: deployment}
+    gate:                                        # the promote stage after evaluate: the rules a model must pass
+      heldout_perplexity: {max_relative_change: -0.01}
+      general_perplexity: {max_relative_change: 0.05}
+    line: {name: acme-legal, continue_from: promoted}   # each drop continues from the line's promoted model
 
 Every stage runs, in pipeline order (flows/pipeline_definition.py), except sft, which runs only
 when it is configured. The options a pipeline wires from one stage to the next (MODEL, --snr-run,
@@ -33,20 +37,32 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.base.contracts import SFT
+from stages.base.contracts import PROMOTE, SFT
 from stages.base.documents import clip, load_yaml_file, shown
 from stages.base.errors import InputError
 from stages.core.stage import Stage, options_of
+from stages.promotion.gate import parse_gate
+from stages.store.keys import validate_name
 from stages.store.uri import parse_store_uri, uri_scheme
 from stages.weights.hub import HUB_ID
 
 from .pipeline_definition import STAGE_BY_NAME, PipelineStep, path_options, settable_options, steps_of
 
-TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution")
+TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution", "line", "gate")
+LINE_KEYS = ("name", "continue_from")
+CONTINUE_FROM = ("promoted", "base")
 EXECUTIONS = ("in-process", "subprocess", "deployment")
 MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline config is a page of YAML
 MAX_CONFIG_VALUES = 100_000  # values with every YAML alias expanded
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URI (store:, s3://, https://, a mistyped one): not a path
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    """`line: {name: acme-legal, continue_from: promoted}`: each drop continues from the line's promoted model."""
+
+    name: str
+    continue_from: str = "promoted"  # or base: every drop from the config's model
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,7 @@ class PipelineConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its options as written
     report: bool = True
     execution: dict[str, str] = field(default_factory=dict)  # stage -> how it runs (default in-process)
+    line: LineSettings | None = None  # the model line whose next generation this pipeline trains
 
     def execution_of(self, stage: str) -> str:
         return self.execution.get(stage, "in-process")
@@ -115,6 +132,12 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
                 f"{where}: stages.{_name(name)}: not a stage{_suggest(name, STAGE_BY_NAME)}; the stages are {', '.join(STAGE_BY_NAME)}"
             )
         options[name] = _stage_options(STAGE_BY_NAME[name], values or {}, f"{where}: stages.{name}")
+    if PROMOTE in options:
+        raise InputError(f"{where}: stages.promote: the promotion gate is declared at the top, as gate: (its rules per metric)")
+    if document.get("gate") is not None:
+        options[PROMOTE] = {"rules": parse_gate(document["gate"], f"{where}: gate").to_rules()}
+    if document.get("line") is not None and PROMOTE not in options:
+        raise InputError(f"{where}: gate: missing; a model line promotes a generation only when it passes a gate (its rules per metric)")
     if SFT in options and "data" not in options[SFT]:
         raise InputError(f"{where}: stages.sft.data: missing; sft trains on chat data (a folder or store URI)")
     folder = source.parent
@@ -134,6 +157,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         run_id=document.get("run_id"),
         options=options,
         report=document.get("report", True),
+        line=_line(document.get("line"), where),
     )
 
 
@@ -170,6 +194,30 @@ def check_rerun(
         raise InputError("pass --only or --from, not both")
     if (only or from_stage) and not run:
         raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
+
+
+def _line(value: Any, where: str) -> LineSettings | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: line: expected a mapping (name:, continue_from:) or a line name, found {shown(value)}")
+    unknown = [k for k in value if k not in LINE_KEYS]
+    if unknown:
+        raise InputError(
+            f"{where}: line.{_name(unknown[0])}: not a line setting{_suggest(unknown[0], LINE_KEYS)}; they are name, continue_from"
+        )
+    name, source = value.get("name"), value.get("continue_from", "promoted")
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{where}: line.name: missing; name the model line (letters, digits, '.', '_' or '-')")
+    try:
+        validate_name(name, "line name")
+    except InputError as exc:
+        raise InputError(f"{where}: line.name: {exc}") from None
+    if source not in CONTINUE_FROM:
+        raise InputError(f"{where}: line.continue_from: {shown(source)} is not one of {', '.join(CONTINUE_FROM)}")
+    return LineSettings(name, source)
 
 
 def _execution(value: Any, where: str) -> dict[str, str]:

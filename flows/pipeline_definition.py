@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stages import cpt, download, evaluate, layer_select, sft, snr_scan
+from stages import cpt, download, evaluate, layer_select, promote, sft, snr_scan
 from stages.base.contracts import SFT, step_name
 from stages.core.stage import PIPELINE_INPUTS, From, Stage, StageConfig, is_stage_ref, options_of, wires_of
 from stages.store import StageRef
@@ -72,6 +72,8 @@ PIPELINE = (
     # The sft model is evaluated too; its domain numbers are cpt's (its own held-out chats are its data).
     PipelineStep(evaluate.STAGE, qualifier=SFT, inputs=("sft_run",), leaves_out=("data",)),
     PipelineStep(evaluate.STAGE, inputs=("cpt_run",)),
+    # The promotion gate, when the config declares one (gate:): its decision advances a model line.
+    PipelineStep(promote.STAGE, optional=True),
 )
 STAGE_BY_NAME: dict[str, Stage] = {step.stage.name: step.stage for step in PIPELINE}
 STEP_ORDER = [step.name for step in PIPELINE]

@@ -23,6 +23,7 @@ runs the pipeline on it and, when it has finished, creates `done.json`.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -33,7 +34,7 @@ from prefect import flow
 
 from stages.base.documents import clip
 from stages.base.errors import InputError, SpectrumError
-from stages.store import ArtifactStore, new_run_id
+from stages.store import ArtifactStore, lines, new_run_id
 from stages.store.claims import WorkClaims
 from stages.store.lease import (
     Lease,
@@ -68,10 +69,19 @@ def watch_once(
     drops = ready_drops(store, prefix)
     if drops:
         start_prefect()  # before any claim: a watcher that cannot run must not hold a drop
+    waiting_for = None  # a model line trains its drops in name order, one generation at a time
     for drop in drops:
+        if config.line is not None:
+            why = waiting_for and f"waits for drop {waiting_for} (the line's generations run in drop-name order)"
+            why = why or _out_of_order(store, config.line.name, drop)
+            if why:
+                report.skipped[drop] = why
+                continue
         lease, why = try_claim(store, prefix, drop, watcher, claim_timeout)
         if lease is None:
             report.skipped[drop] = why
+            if why.startswith("claimed") or why.startswith("another watcher"):
+                waiting_for = drop
             continue
         try:
             with lease.held(reason=_reason):
@@ -81,6 +91,8 @@ def watch_once(
             continue
         except Exception as exc:  # noqa: BLE001 - one bad drop must not stop the others; its claim was released with the reason
             report.failed[drop] = drop_claims(store, prefix, drop).after_failure(_reason(exc))
+            if "a later pass tries again" in report.failed[drop]:
+                waiting_for = drop  # a line's later drops wait for it
             continue
         report.started.append((drop, lease.holder["run_id"]))
     return report
@@ -101,12 +113,26 @@ def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeou
     return drop_claims(store, prefix, drop).try_claim(holder_identity(watcher=watcher, run_id=new_run_id(), drop=drop), timeout)
 
 
+def _out_of_order(store: ArtifactStore, line: str, drop: str) -> str | None:
+    """Why a line does not train `drop` now: it was trained already, or it is older than the last drop trained."""
+    trained = [record.drop for record in lines.generations(store, line) if record.drop]
+    if drop in trained:
+        return f"trained already as a generation of line {line}"
+    later = [name for name in trained if name > drop]
+    if later:
+        reason = f"older than drop {max(later)}, which line {line} trained already: not trained (a line never goes back in time)"
+        lines.record_skipped_drop(store, line, drop, reason)
+        logging.getLogger(__name__).warning("drop %s: %s", drop, reason)
+        return reason
+    return None
+
+
 def _process(store: ArtifactStore, config: PipelineConfig, prefix: str, drop: str, lease: Lease, work_dir: Path | None) -> PipelineResult:
     """The pipeline on the drop (the caller holds the lease), then done.json."""
     run_id = lease.holder["run_id"]
     target = Path(os.path.abspath(work_dir or Path(config.source).parent / "drops")) / drop
     local = _copy_drop(store, prefix, drop, target)
-    result = run_pipeline(replace(config, data=str(local)), run=run_id, work_dir=work_dir)
+    result = run_pipeline(replace(config, data=str(local)), run=run_id, work_dir=work_dir, drop=drop)
     drop_claims(store, prefix, drop).mark_done(lease, {"run_id": run_id, "watcher": lease.holder["watcher"]})
     return result
 

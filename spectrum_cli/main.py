@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from stages import __version__, compare, cpt, download, evaluate, layer_select, sft, snr_scan
+from stages import __version__, compare, cpt, download, evaluate, layer_select, promote, sft, snr_scan
 from stages.core.cli import execute, stage_parser
 
 from . import audit, compare_command, demo, line_command, pipeline_command, report
 
-STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE)
+STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE, promote.STAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,12 @@ LAYERS = (
     ("stage framework", ("stages.core",)),
     (
         "stage helpers",
-        tuple(f"stages.{p}" for p in ("data", "evaluation", "report", "sample_models", "scan", "selection", "training", "weights")),
+        tuple(
+            f"stages.{p}"
+            for p in ("data", "evaluation", "promotion", "report", "sample_models", "scan", "selection", "training", "weights")
+        ),
     ),
-    ("stages", tuple(f"stages.{s}" for s in ("download", "snr_scan", "layer_select", "cpt", "sft", "evaluate", "compare"))),
+    ("stages", tuple(f"stages.{s}" for s in ("download", "snr_scan", "layer_select", "cpt", "sft", "evaluate", "promote", "compare"))),
     ("flows", ("flows",)),
     ("cli", ("spectrum_cli",)),
 )
