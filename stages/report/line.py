@@ -33,10 +33,10 @@ from .render import (
     CODE,
     CSP,
     CSS,
+    MONO,
     NOWRAP,
     NUM,
     TEXT,
-    WIDE,
     Block,
     Document,
     Image,
@@ -54,6 +54,7 @@ from .render import (
 
 DOMAIN, GENERAL = "domain", "general"
 ROLE_TITLES = {DOMAIN: "held-out perplexity (domain)", GENERAL: "general perplexity (forgetting)"}
+ROLE_NAMES = {DOMAIN: "held-out", GENERAL: "general"}
 NO_LAYER = "no layer"
 
 
@@ -196,6 +197,9 @@ def _over_time(data: LineData) -> Section:
             "generation is production now."
         )
     )
+    datasets = [f"{ROLE_NAMES[role]}: {', '.join(data.datasets(role))}" for role in (DOMAIN, GENERAL) if data.datasets(role)]
+    if datasets:
+        section.blocks.append(Text(f"Datasets measured — {'; '.join(datasets)}."))
     panels = [
         charts.Panel(ROLE_TITLES[role], [_series(data, role, dataset) for dataset in data.datasets(role)]) for role in (DOMAIN, GENERAL)
     ]
@@ -220,8 +224,8 @@ def _series(data: LineData, role: str, dataset: str) -> charts.Series:
 def _generations_table(data: LineData) -> Table:
     production = data.production.generation if data.production else None
     models = {g.record.model: g.record.generation for g in data.generations}
-    headers = ["generation", "drop", "run", "decision", "started from", ROLE_TITLES[DOMAIN], ROLE_TITLES[GENERAL], "tensors changed"]
-    headers += ["gate", "decided"]
+    headers = ["generation", "drop", "run", "decision", "started from", ROLE_TITLES[DOMAIN], ROLE_TITLES[GENERAL]]
+    headers += ["tensors changed", "gate"]
     rows = []
     for g in data.generations:
         record = g.record
@@ -230,16 +234,20 @@ def _generations_table(data: LineData) -> Table:
                 str(record.generation),
                 record.drop or "—",
                 record.run_id,
-                record.decision + ("\nproduction now" if record.generation == production else ""),
+                "\n".join([record.decision, *(["production now"] if record.generation == production else []), _time(record.decided_at)]),
                 _started_from(record, models),
                 _perplexity_cell(g, DOMAIN),
                 _perplexity_cell(g, GENERAL),
                 f"{len(g.changed):,} of {len(g.tensors or []):,}" if g.changed is not None else "—",
                 _gate_cell(record.reasons),
-                record.decided_at[:16].replace("T", " "),
             ]
         )
-    return Table(headers, rows, [NUM, CODE, CODE, TEXT, WIDE, NOWRAP, NOWRAP, NUM, TEXT, NOWRAP])
+    return Table(headers, rows, [NUM, CODE, CODE, NOWRAP, MONO, NOWRAP, NOWRAP, NUM, MONO])
+
+
+def _time(iso: str) -> str:
+    """`2026-01-02T03:04:05.678+00:00` -> `2026-01-02 03:04`: UTC, as the records store it."""
+    return iso[:16].replace("T", " ")
 
 
 def _started_from(record: L.GenerationRecord, models: dict[str, int]) -> str:
@@ -256,7 +264,7 @@ def _perplexity_cell(generation: Generation, role: str) -> str:
     several = len(measured) > 1
     return (
         "\n".join(
-            f"{p.dataset}: " * several + f"{_number(p.base)} → {_number(p.trained)} ({_signed_percent(p.relative)})" for p in measured
+            f"{p.dataset}:\n" * several + f"{_number(p.base)} → {_number(p.trained)}\n{_signed_percent(p.relative)}" for p in measured
         )
         or "—"
     )
@@ -287,14 +295,11 @@ def _production(data: LineData) -> Section:
             Text("Every re-pointing of the line's production, oldest first (by the gate, by hand, or a rollback); the last is production.")
         )
         headers = ["seq", "generation", "run", "action", "why", "at", "by"]
-        rows = [
-            [str(p.seq), str(p.generation), p.run_id, p.action, p.why or "—", p.at[:19].replace("T", " "), _who(p.by)]
-            for p in data.pointers
-        ]
+        rows = [[str(p.seq), str(p.generation), p.run_id, p.action, p.why or "—", _time(p.at), _who(p.by)] for p in data.pointers]
         section.blocks.append(Table(headers, rows, [NUM, NUM, CODE, TEXT, TEXT, NOWRAP, TEXT]))
     if data.skipped:
         section.blocks.append(Text("Drops not trained (older than the last one processed):"))
-        rows = [[str(s.get("drop")), str(s.get("reason")), str(s.get("at", ""))[:19].replace("T", " ")] for s in data.skipped]
+        rows = [[str(s.get("drop")), str(s.get("reason")), _time(str(s.get("at", "")))] for s in data.skipped]
         section.blocks.append(Table(["drop", "why", "at"], rows, [CODE, TEXT, NOWRAP]))
     return section
 

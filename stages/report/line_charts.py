@@ -120,7 +120,7 @@ def trained_count_map(cells: Sequence[CountCell], generations: int, title: str) 
     ax.grid(which="minor", color="white", linewidth=1.2)
     ax.tick_params(which="minor", length=0)
     ax.set_title(literal(title), fontsize=11, loc="left")
-    bar = figure.colorbar(image, ax=ax, label=f"generations that trained it (of {generations})", shrink=0.9)
+    bar = figure.colorbar(image, ax=ax, label=f"generations (of {generations})", shrink=0.9)
     bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.legend(
         handles=[Patch(facecolor=cmap.get_bad(), edgecolor="#cccccc", label="no tensor")],
