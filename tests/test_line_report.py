@@ -184,16 +184,17 @@ def test_a_rollback_and_a_generation_without_tables_are_shown_as_they_are(line_s
 
 def test_text_from_data_is_escaped_in_the_page_the_markdown_and_the_charts(tmp_path):
     hostile = " ".join(HOSTILE[:4])
+    mathtext = r"general $\foo$ {x}"  # two general datasets: the chart's legend draws both names (mathtext would fail on \foo)
     store = open_store(str(tmp_path / "hostile"))
     add_generation(store, 1, L.PROMOTED, [PASSED], BASE_MODEL, general_name=hostile)
-    add_generation(store, 2, L.REJECTED, [FAILED | {"reason": hostile}], {"uri": HOSTILE[0], "sha256": "e" * 64}, general_name=hostile)
+    add_generation(store, 2, L.REJECTED, [FAILED | {"reason": hostile}], {"uri": HOSTILE[0], "sha256": "e" * 64}, general_name=mathtext)
     L.manual_promote(store, LINE, "g2", why=HOSTILE[4])
 
     result = build_line_report(store, LINE, tmp_path / "line.html")
     page = result.html_path.read_text()
     assert "<img src=x" not in page and "<script" not in page
     text = shown(page.replace("<wbr>", ""))
-    for value in (hostile, HOSTILE[0], " ".join(HOSTILE[4].split())):
+    for value in (hostile, mathtext, HOSTILE[0], " ".join(HOSTILE[4].split())):
         assert value in text, value
     assert images_of(page) and all(image.startswith(PNG) for image in images_of(page))  # the chart drew the name literally
     markdown = rendered(result.markdown_path.read_text())

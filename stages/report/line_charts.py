@@ -23,6 +23,7 @@ REJECTED_COLOR = "#d62728"
 BASE_COLOR = "#7f7f7f"
 PRODUCTION_BAND = "#fff2b3"
 MAX_ANNOTATED_CELLS = 600  # counts are written in the cells of a map up to this size
+MAX_LABEL = 40  # characters of a dataset or drop name drawn in a chart (the page's text and tables hold the whole name)
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,14 @@ def perplexity_over_generations(
             ax.axvspan(production - 0.4, production + 0.4, color=PRODUCTION_BAND, zorder=0)
         for series in panel.series:
             trained, base = _values(series.trained), _values(series.base)
-            label = literal(series.label)
+            label = literal(_clip(series.label))
             line = ax.plot(x, trained, linewidth=1.6, label=label, zorder=2)[0]
             ax.plot(x, base, linestyle="--", color=line.get_color(), alpha=0.55, linewidth=1.2, zorder=1)
             ax.scatter(x[kept], trained[kept], s=46, c=PROMOTED_COLOR, edgecolors="black", linewidths=0.5, zorder=3)
             ax.scatter(x[~kept], trained[~kept], s=70, c=REJECTED_COLOR, marker="X", edgecolors="black", linewidths=0.5, zorder=3)
             ax.scatter(x, base, s=18, facecolors="white", edgecolors=BASE_COLOR, zorder=2)
         ax.set_title(literal(panel.title), fontsize=11, loc="left")
-        ax.set_xticks(x, [literal(t) for t in ticks], fontsize=8)
+        ax.set_xticks(x, [literal(_clip(t)) for t in ticks], fontsize=8)
         ax.set_xlim(x.min() - 0.6, x.max() + 0.6)
         ax.set_xlabel("generation")
         ax.set_ylabel("perplexity (lower is better)")
@@ -133,3 +134,7 @@ def trained_count_map(cells: Sequence[CountCell], generations: int, title: str) 
 
 def _values(values: Sequence[float | None]) -> np.ndarray:
     return np.array([math.nan if v is None or not math.isfinite(v) else float(v) for v in values], dtype=float)
+
+
+def _clip(text: str) -> str:
+    return "\n".join(line if len(line) <= MAX_LABEL else line[: MAX_LABEL - 1] + "…" for line in str(text).split("\n"))
