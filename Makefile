@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/spectrum demo --workdir demo-run
+	$(BIN)/spectrum demo --workdir demo-run --generations 3
 
 lint: setup
 	$(BIN)/ruff check .

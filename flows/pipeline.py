@@ -59,12 +59,17 @@ class PipelineResult:
 @flow(name="spectrum-pipeline")
 @redacted
 def pipeline_flow(
-    config_path: str, only: str | None = None, from_stage: str | None = None, force: list[str] | None = None, run: str | None = None
+    config_path: str,
+    only: str | None = None,
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    run: str | None = None,
+    drop: str | None = None,
 ) -> dict[str, Any]:
-    """The whole pipeline for one config (a deployment's parameters are these arguments)."""
+    """The whole pipeline for one config (a deployment's parameters are these arguments); `drop` names a line's data drop."""
     install_scrubbing()
     config = load_pipeline_config(config_path)
-    result = run_pipeline(config, only=only, from_stage=from_stage, force=force or [], run=run)
+    result = run_pipeline(config, only=only, from_stage=from_stage, force=force or [], run=run, drop=drop)
     artifacts = publish_artifacts(open_pipeline_store(config), result.run_id, result.manifests, result.report)
     return {
         "flow_run_id": str(prefect.runtime.flow_run.id),  # its task runs and their upstream steps are the pipeline's graph

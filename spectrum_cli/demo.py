@@ -6,6 +6,13 @@ drop of plant logs and chat rows about them, and a pipeline config, then runs
 download → snr_scan → layer_select → cpt → sft → evaluate and the report through Prefect (an
 ephemeral API; nothing to start by hand). Everything lands in `<workdir>/store` as runs with
 manifests, exactly as production runs land in S3. Running it again reuses every committed stage.
+
+With --generations N it then runs a model line (scheduled CPT on data drops): N drops, each
+continuing from the model the line promoted last, with a promotion gate (plant-log perplexity
+must improve by 1% over the model the generation started from). Drop 2 is Python documentation
+instead of plant logs: trained on it, the promoted model forgets plant logs, so it fails the gate
+and production stays where it was; generation 3 continues from generation 1. The line's status
+and report come at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the generated Llama model (default 4)")
     parser.add_argument("--real", action="store_true", help="use the real pretrained SmolLM2-135M-Instruct (installed offline by make)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate the inputs; stages with new inputs run again")
+    parser.add_argument(
+        "--generations", type=int, default=0, help="then run a model line over N data drops with a promotion gate (default 0: none)"
+    )
 
 
 def run(args: argparse.Namespace) -> str:
@@ -52,14 +62,71 @@ def run(args: argparse.Namespace) -> str:
 
     outcome = pipeline_flow(str(config))
     reused = f" ({len(outcome['cached'])} of {len(outcome['ran'])} stages reused)" if outcome["cached"] else ""
-    return "\n".join(
-        [
-            *outcome["lines"],
-            f"pipeline run {outcome['run_id']}{reused}; store {workdir / 'store'}",
-            f"report: {outcome['report']}",
-            f"next: spectrum runs --store {workdir / 'store'}; spectrum audit {outcome['run_id']} --store {workdir / 'store'}",
-        ]
-    )
+    lines = [
+        *outcome["lines"],
+        f"pipeline run {outcome['run_id']}{reused}; store {workdir / 'store'}",
+        f"report: {outcome['report']}",
+        f"next: spectrum runs --store {workdir / 'store'}; spectrum audit {outcome['run_id']} --store {workdir / 'store'}",
+    ]
+    if args.generations:
+        lines += run_line(workdir, config, args.generations)
+    return "\n".join(lines)
+
+
+def run_line(workdir: Path, config: Path, count: int) -> list[str]:
+    """The model line: one generation per drop, through the pipeline flow, then the line's status and report."""
+    from flows.pipeline import open_pipeline_store, pipeline_flow
+    from flows.pipeline_config import load_pipeline_config
+    from stages.report.line import build_line_report
+    from stages.store import lines
+
+    out = []
+    for drop in write_line_drops(workdir, count):
+        line_config = write_line_config(workdir, config, drop)
+        outcome = pipeline_flow(str(line_config), drop=drop.name)
+        out += [line for line in outcome["lines"] if line.startswith("[line]")]
+    store = open_pipeline_store(load_pipeline_config(line_config))
+    status = lines.line_status(store, LINE)
+    production = status["production"]
+    build_line_report(store, LINE, workdir / "line-report.html", overwrite=True)
+    out.append(f"line {LINE}: {len(status['generations'])} generations; production: generation {production['generation']}")
+    out.append(f"line report: {workdir / 'line-report.html'}")
+    out.append(f"next: spectrum line status {LINE} --store {workdir / 'store'}; spectrum audit --line {LINE} --store {workdir / 'store'}")
+    return out
+
+
+LINE = "demo-plant"
+# The generated model starts untrained, so any text lowers its perplexity on any other: a forgetting rule would reject
+# every generation. The line's gate is its domain: plant-log perplexity must improve by 1% over the starting model.
+LINE_GATE = {"heldout_perplexity": {"max_relative_change": -0.01}}
+
+
+def write_line_drops(workdir: Path, count: int) -> list[Path]:
+    """Drops gen-1 … gen-N of plant logs; gen-2 is Python documentation (off the line's domain: it fails the gate)."""
+    from stages.evaluation.corpus import python_docs
+
+    drops = []
+    for index in range(1, count + 1):
+        drop = workdir / "line-drops" / f"gen-{index}"
+        drop.mkdir(parents=True, exist_ok=True)
+        texts = python_docs().texts[:300] if index == 2 else domain_corpus(300, seed=100 + index)
+        (drop / "part-0.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+        drops.append(drop)
+    test = workdir / "line-drops" / "plant-test.jsonl"  # the domain the gate measures, the same for every generation
+    test.write_text("".join(json.dumps({"text": text}) + "\n" for text in domain_corpus(60, seed=7)))
+    return drops
+
+
+def write_line_config(workdir: Path, config: Path, drop: Path) -> Path:
+    """The demo's pipeline config as a model line on `drop` (no sft: the line is continued pre-training)."""
+    document = yaml.safe_load(config.read_text())
+    document["data"] = str(drop)
+    document["stages"].pop("sft", None)
+    document["stages"]["evaluate"] = {**document["stages"]["evaluate"], "data": str(workdir / "line-drops" / "plant-test.jsonl")}
+    document.update(line={"name": LINE, "continue_from": "promoted"}, gate=LINE_GATE, report=False)
+    path = workdir / "line.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
 
 
 def write_inputs(workdir: Path, layers: int, top_percent: float, real: bool, overwrite: bool) -> Path:

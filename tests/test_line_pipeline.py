@@ -91,6 +91,18 @@ def test_each_generation_continues_from_the_promoted_model_and_a_rejected_one_ch
     assert records[1].starting_model["uri"] == records[2].starting_model["uri"] == StageRef("g1", "cpt").output_uri("model")
     assert records[0].starting_model["uri"] == str(inputs / "model") and len(records[0].starting_model["sha256"]) == 64
 
+    # the audit of production: its chain is generations 1 and 3 (2 was rejected), each naming exactly what it changed
+    from stages.base.contracts import TRAINED_TENSORS_TABLE
+    from stages.store import read_table
+    from stages.store.line_audit import audit_line
+
+    audit = audit_line(store, "acme")
+    assert [entry["generation"] for entry in audit["chain"]] == [1, 3]
+    for entry in audit["chain"]:
+        table = read_table(store, TRAINED_TENSORS_TABLE, run_id=entry["run_id"]).to_pylist()
+        assert sorted(entry["changed"]) == sorted(r["tensor_name"] for r in table if r["changed"]), entry["generation"]
+    assert audit["never_trained"]["count"] > 0  # the frozen tensors, proved identical to the base by the sha256 chain
+
     # the same drop again (a person re-running it) trains from today's production, but the line decides a drop once
     again = run_pipeline(load_pipeline_config(line_config(tmp_path / "g3", inputs, 3, LENIENT)), run="g3b", drop="drop-3")
     assert any("drop drop-3 was decided already, as generation 3 by run g3" in line for line in again.lines), again.lines

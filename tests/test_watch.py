@@ -96,3 +96,44 @@ def test_a_claim_whose_watcher_died_is_taken_over_and_a_live_one_is_not(model, t
 
     again = watch_once(config, "incoming", claim_timeout=60, watcher="taker", work_dir=tmp_path / "work")
     assert again.started == [] and again.skipped["d1"] == "done" and again.skipped["d2"].startswith("claimed (generation 0)")
+
+
+def test_racing_watchers_on_a_model_line_train_its_drops_in_order_one_generation_each(s3_env, model, tmp_path):
+    """Two watchers, two drops of one line: generations 1 and 2, one record per drop, the second from the first's model;
+    a drop older than one the line trained is then not trained, and `spectrum line status` lists it."""
+    from stages.store import StageRef, lines, load_manifest
+
+    store_uri = f"s3://{fresh_bucket()}/spectrum"
+    store = open_store(store_uri)
+    land_drop(store, "2026-12-01")
+    land_drop(store, "2026-12-02")
+    config = write_config(tmp_path, model, store_uri)
+    document = yaml.safe_load(config.read_text())
+    document.update(line={"name": "acme", "continue_from": "promoted"}, gate={"heldout_perplexity": {"max_relative_change": 10.0}})
+    config.write_text(yaml.safe_dump(document))
+    watchers = []
+    for name in ("watcher-a", "watcher-b"):
+        env = child_env(PREFECT_HOME=str(tmp_path / f"prefect-{name}"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        command = [venv_bin("spectrum"), "watch", str(config), "--prefix", "incoming", "--once", "--watcher", name]
+        watchers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [w.communicate(timeout=900) for w in watchers]
+    assert [w.returncode for w in watchers] == [0, 0], [err[-2000:] for _, err in outputs]
+
+    records = lines.generations(store, "acme")
+    assert [(r.generation, r.drop, r.decision) for r in records] == [(1, "2026-12-01", "promoted"), (2, "2026-12-02", "promoted")]
+    first_model = StageRef(records[0].run_id, "cpt").output_uri("model")
+    assert records[1].starting_model["uri"] == first_model == load_manifest(store, records[1].run_id, "download").parameters["model"]
+    assert lines.production(store, "acme").generation == 2
+
+    land_drop(store, "2026-11-30")  # late: older than a drop the line trained
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect-late"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    late = subprocess.run(
+        [venv_bin("spectrum"), "watch", str(config), "--prefix", "incoming", "--once"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert late.returncode == 0, late.stderr[-2000:]
+    assert "drop 2026-11-30: skipped (older than drop 2026-12-02" in late.stdout, late.stdout
+    status = subprocess.run(
+        [venv_bin("spectrum"), "line", "status", "acme", "--store", store_uri], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert status.returncode == 0 and "2026-11-30" in status.stdout and "production: generation 2" in status.stdout, status.stdout
+    assert len(lines.generations(store, "acme")) == 2
