@@ -145,3 +145,20 @@ def test_the_summary_json_has_no_nan(tmp_path):
     assert evaluate._report({"metrics": [{"metric": "lm_eval:acc", "dataset": "t", "base": None, "trained": None, "tokens": 3}]}) == [
         "lm_eval:acc on t: not computed over 3 tokens"
     ]
+
+
+def test_lm_eval_scores_under_two_filters_are_two_metrics():
+    from stages.evaluation.harness import score_rows
+
+    results = {
+        "results": {
+            "gsm8k": {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.5, "exact_match_stderr,strict-match": 0.1},
+            "hellaswag": {"acc,none": 0.4, "alias": "hellaswag"},
+        },
+        "n-samples": {"gsm8k": {"effective": 8}, "hellaswag": {"effective": 4}},
+    }
+    assert [(r["metric"], r["dataset"], r["value"]) for r in score_rows(results)] == [
+        ("lm_eval:exact_match/flexible-extract", "gsm8k", 0.5),
+        ("lm_eval:exact_match/strict-match", "gsm8k", 0.25),
+        ("lm_eval:acc", "hellaswag", 0.4),
+    ]

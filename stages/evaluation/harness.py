@@ -54,13 +54,20 @@ def run_tasks(model_dir: Path, tasks: list[str], tasks_dir: Path, device: str, b
             )
         except Exception as exc:  # the harness raises many kinds for a task it cannot build offline
             raise InputError(f"lm-evaluation-harness could not run {', '.join(tasks)} offline from {tasks_dir}: {exc}") from exc
+    return score_rows(results)
+
+
+def score_rows(results: dict) -> list[dict]:
+    """One row per task score. lm-eval keys a score `metric,filter`: the filter stays in the name unless it is `none`, so
+    a task scored under two filters (gsm8k: strict-match, flexible-extract) gives two distinct metrics, not one twice."""
     rows = []
     for task, metrics in sorted(results["results"].items()):
         samples = results.get("n-samples", {}).get(task, {}).get("effective", 0)
         for key, value in sorted(metrics.items()):
-            name, _, _filter = key.partition(",")
+            name, _, score_filter = key.partition(",")
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
-                rows.append({"metric": f"lm_eval:{name}", "dataset": task, "value": float(value), "tokens": int(samples)})
+                metric = name if score_filter in ("", "none") else f"{name}/{score_filter}"
+                rows.append({"metric": f"lm_eval:{metric}", "dataset": task, "value": float(value), "tokens": int(samples)})
     return rows
 
 
