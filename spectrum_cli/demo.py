@@ -83,9 +83,13 @@ def run_line(workdir: Path, config: Path, count: int) -> list[str]:
     out = []
     for drop in write_line_drops(workdir, count):
         line_config = write_line_config(workdir, config, drop)
+        store = open_pipeline_store(load_pipeline_config(line_config))
+        decided = {record.drop: record for record in lines.generations(store, LINE)}
+        if drop.name in decided:  # a demo run again: the line decides each drop once
+            out.append(f"[line] {LINE}: drop {drop.name} decided already, as generation {decided[drop.name].generation}")
+            continue
         outcome = pipeline_flow(str(line_config), drop=drop.name)
         out += [line for line in outcome["lines"] if line.startswith("[line]")]
-    store = open_pipeline_store(load_pipeline_config(line_config))
     status = lines.line_status(store, LINE)
     production = status["production"]
     build_line_report(store, LINE, workdir / "line-report.html", overwrite=True)
