@@ -195,6 +195,11 @@ def _run_stages(
                 record_reuse(store, upstream, run_id, step.name)
                 result.lines.append(f"[{step.name}] from run {upstream.run_id}")
             continue
+        if step.name in config.pins:  # the config pins this step to a committed run (a line's fixed selection, say)
+            result.manifests[step.name] = pinned = _committed(store, config.pins[step.name].run_id, config.pins[step.name].step)
+            record_reuse(store, pinned, run_id, step.name)
+            result.lines.append(f"[{step.name}] pinned to run {pinned.run_id}")
+            continue
         stage_config = step.config(config.options.get(step.stage.name, {}), value_of)
         context = StageContext(store, run_id=run_id, force=step.group in force, work_dir=work_dir, progress=progress, step=step.qualifier)
         wait_for = [states[name] for name in step.upstream if name in states]

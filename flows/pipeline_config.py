@@ -15,6 +15,7 @@
       heldout_perplexity: {max_relative_change: -0.01}
       general_perplexity: {max_relative_change: 0.05}
     line: {name: acme-legal, continue_from: promoted}   # each drop continues from the line's promoted model
+    pin: {layer_select: RUN}                     # use RUN's committed selection instead of selecting again
 
 Every stage runs, in pipeline order (flows/pipeline_definition.py), except sft, which runs only
 when it is configured. The options a pipeline wires from one stage to the next (MODEL, --snr-run,
@@ -42,13 +43,15 @@ from stages.base.documents import clip, load_yaml_file, shown
 from stages.base.errors import InputError
 from stages.core.stage import Stage, options_of
 from stages.promotion.gate import parse_gate
+from stages.store import StageRef
 from stages.store.keys import validate_name
 from stages.store.uri import parse_store_uri, uri_scheme
 from stages.weights.hub import HUB_ID
 
 from .pipeline_definition import STAGE_BY_NAME, PipelineStep, path_options, settable_options, steps_of
 
-TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution", "line", "gate")
+TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution", "line", "gate", "pin")
+PINNABLE = ("snr_scan", "layer_select")  # steps a config may fix to a committed run instead of running them
 LINE_KEYS = ("name", "continue_from")
 CONTINUE_FROM = ("promoted", "base")
 EXECUTIONS = ("in-process", "subprocess", "deployment")
@@ -77,6 +80,7 @@ class PipelineConfig:
     report: bool = True
     execution: dict[str, str] = field(default_factory=dict)  # stage -> how it runs (default in-process)
     line: LineSettings | None = None  # the model line whose next generation this pipeline trains
+    pins: dict[str, StageRef] = field(default_factory=dict)  # step -> the committed run it is fixed to (pin:)
 
     def execution_of(self, stage: str) -> str:
         return self.execution.get(stage, "in-process")
@@ -158,6 +162,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         options=options,
         report=document.get("report", True),
         line=_line(document.get("line"), where),
+        pins=_pins(document.get("pin"), where),
     )
 
 
@@ -194,6 +199,24 @@ def check_rerun(
         raise InputError("pass --only or --from, not both")
     if (only or from_stage) and not run:
         raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
+
+
+def _pins(value: Any, where: str) -> dict[str, StageRef]:
+    """`pin: {layer_select: RUN}`: the step is not run; its output is the committed run's (recorded as reused)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: pin: expected a mapping of step to a committed run, e.g. {{layer_select: RUN}}")
+    pins = {}
+    for name, run in value.items():
+        if name not in PINNABLE:
+            raise InputError(
+                f"{where}: pin.{_name(name)}: not a step that can be pinned{_suggest(name, PINNABLE)}; they are {', '.join(PINNABLE)}"
+            )
+        if not isinstance(run, str):
+            raise InputError(f"{where}: pin.{name}: expected a run id (RUN or RUN/STEP), found {shown(run)}")
+        pins[name] = StageRef.parse(run, name, f"{where}: pin.{name}")
+    return pins
 
 
 def _line(value: Any, where: str) -> LineSettings | None:

@@ -34,7 +34,7 @@ def inputs(tmp_path_factory) -> Path:
     return root
 
 
-def line_config(folder: Path, inputs: Path, drop: int, gate: dict) -> Path:
+def line_config(folder: Path, inputs: Path, drop: int, gate: dict, **extra) -> Path:
     document = {
         "model": str(inputs / "model"),
         "data": str(inputs / f"drop-{drop}"),
@@ -49,7 +49,7 @@ def line_config(folder: Path, inputs: Path, drop: int, gate: dict) -> Path:
         },
     }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pipeline.yaml").write_text(yaml.safe_dump(document))
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump({**document, **extra}))
     return folder / "pipeline.yaml"
 
 
@@ -103,10 +103,18 @@ def test_each_generation_continues_from_the_promoted_model_and_a_rejected_one_ch
         assert sorted(entry["changed"]) == sorted(r["tensor_name"] for r in table if r["changed"]), entry["generation"]
     assert audit["never_trained"]["count"] > 0  # the frozen tensors, proved identical to the base by the sha256 chain
 
+    # a generation with its selection pinned: it scans the starting model but trains generation 1's selection
+    pinned = load_pipeline_config(line_config(tmp_path / "g4", inputs, 3, LENIENT, pin={"layer_select": "g1"}))
+    fourth = run_pipeline(pinned, run="g4", drop="drop-4")
+    assert "[layer_select] pinned to run g1" in fourth.lines and "layer_select" not in fourth.ran
+    assert load_manifest(store, "g4", "layer_select").run_id == "g1" and load_manifest(store, "g4", "snr_scan").run_id != "g1"
+    assert any("runs/g1/layer_select/" in ref["uri"] for ref in load_manifest(store, "g4", "cpt").inputs)
+    assert lines.generations(store, "acme")[-1].generation == 4
+
     # the same drop again (a person re-running it) trains from today's production, but the line decides a drop once
     again = run_pipeline(load_pipeline_config(line_config(tmp_path / "g3", inputs, 3, LENIENT)), run="g3b", drop="drop-3")
     assert any("drop drop-3 was decided already, as generation 3 by run g3" in line for line in again.lines), again.lines
-    assert len(lines.generations(store, "acme")) == 3 and lines.production(store, "acme").run_id == "g3"
+    assert len(lines.generations(store, "acme")) == 4
 
 
 @pytest.mark.parametrize(
@@ -120,6 +128,9 @@ def test_each_generation_continues_from_the_promoted_model_and_a_rejected_one_ch
         ({"gate": {"perplexity": {"max_delta": 1}}}, r"gate.perplexity"),
         ({"gate": {"heldout_perplexity": {"max_delta": "a lot"}}}, r"gate.heldout_perplexity.max_delta"),
         ({"stages": {"promote": {"rules": ["heldout_perplexity.max_delta=1"]}}}, r"stages.promote: the promotion gate is declared"),
+        ({"pin": {"cpt": "r1"}}, r"pin.cpt: not a step that can be pinned; they are snr_scan, layer_select"),
+        ({"pin": {"layer_select": "r1/cpt"}}, r"pin.layer_select 'r1/cpt' names a cpt step"),
+        ({"pin": {"layer_select": 3}}, r"pin.layer_select: expected a run id"),
     ],
 )
 def test_bad_line_and_gate_configs_name_the_field(tmp_path, change, message):
