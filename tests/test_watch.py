@@ -137,3 +137,32 @@ def test_racing_watchers_on_a_model_line_train_its_drops_in_order_one_generation
     )
     assert status.returncode == 0 and "2026-11-30" in status.stdout and "production: generation 2" in status.stdout, status.stdout
     assert len(lines.generations(store, "acme")) == 2
+
+
+def test_a_line_generation_whose_watcher_died_is_taken_over_and_decided_once(model, tmp_path):
+    """d1's watcher died after recording its decision (before done.json): d1 is not trained or decided again. d2's died
+    before deciding: the taker trains d2 and the line records it once, as the next generation."""
+    from stages.store import lines
+
+    store = open_store(str(tmp_path / "store"))
+    land_drop(store, "d1")
+    land_drop(store, "d2")
+    for drop in ("d1", "d2"):
+        dead = {"watcher": "dead", "run_id": f"dead-{drop}", "claimed_at": time.time() - 600, "generation": 0}
+        store.put_bytes(f"{CLAIMS}/incoming/{drop}/0.json", json.dumps(dead).encode())
+    model_ref = {"uri": str(model), "sha256": "0" * 64}
+    lines.record_decision(
+        store, "acme", drop="d1", run_id="dead-d1", starting_model=model_ref, model=str(model), decision="rejected", reasons=[]
+    )
+    config_path = write_config(tmp_path, model, str(tmp_path / "store"))
+    document = yaml.safe_load(config_path.read_text())
+    document.update(line={"name": "acme"}, gate={"heldout_perplexity": {"max_relative_change": 10.0}})
+    config_path.write_text(yaml.safe_dump(document))
+    config = load_pipeline_config(config_path)
+
+    report = watch_once(config, "incoming", claim_timeout=60, watcher="taker", work_dir=tmp_path / "work")
+    assert [drop for drop, _ in report.started] == ["d2"] and "trained already" in report.skipped["d1"], report
+    records = lines.generations(store, "acme")
+    assert [(r.generation, r.drop, r.run_id) for r in records] == [(1, "d1", "dead-d1"), (2, "d2", report.started[0][1])]
+    again = watch_once(config, "incoming", claim_timeout=60, watcher="taker", work_dir=tmp_path / "work")
+    assert again.started == [] and len(lines.generations(store, "acme")) == 2
