@@ -104,15 +104,7 @@ def snr_heatmap(cells: Sequence[HeatCell], title: str, show_changed: bool) -> by
     if show_changed and changed.any():
         rs, cs = np.nonzero(changed)
         ax.scatter(cs, rs, s=_dot_size(len(rows)), c="white", edgecolors="black", linewidths=0.8, zorder=4)
-    ax.set_xticks(range(len(types)), [literal(t) for t in types], rotation=35, ha="right", fontsize=9)
-    step = max(1, math.ceil(len(rows) / 40))
-    ticks = [i for i in range(len(rows)) if i % step == 0 or rows[i] is None]
-    ax.set_yticks(ticks, [NO_LAYER if rows[i] is None else f"layer {rows[i]}" for i in ticks], fontsize=9)
-    ax.set_xticks(np.arange(-0.5, len(types)), minor=True)
-    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
-    ax.grid(which="minor", color="white", linewidth=1.2)
-    ax.tick_params(which="minor", length=0)
-    ax.set_title(literal(title), fontsize=11, loc="left")
+    grid_axes(ax, types, rows, title)
     bar = figure.colorbar(image, ax=ax, label="SNR" + (" (log scale)" if isinstance(norm, LogNorm) else ""), shrink=0.9)
     if isinstance(norm, LogNorm):  # plain numbers at 1, 2, 5 x 10^k rather than powers of ten only
         bar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -279,3 +271,16 @@ def _nan(values: Sequence[float | None]) -> list[float]:
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def grid_axes(ax, types: Sequence[str], rows: Sequence[int | None], title: str) -> None:
+    """The axes of a layers x module-types grid: type labels, at most 40 layer labels, white cell borders, the title."""
+    ax.set_xticks(range(len(types)), [literal(t) for t in types], rotation=35, ha="right", fontsize=9)
+    step = max(1, math.ceil(len(rows) / 40))
+    ticks = [i for i in range(len(rows)) if i % step == 0 or rows[i] is None]
+    ax.set_yticks(ticks, [NO_LAYER if rows[i] is None else f"layer {rows[i]}" for i in ticks], fontsize=9)
+    ax.set_xticks(np.arange(-0.5, len(types)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.2)
+    ax.tick_params(which="minor", length=0)
+    ax.set_title(literal(title), fontsize=11, loc="left")

@@ -13,7 +13,6 @@ written by render.py, so text from data is escaped the same way (HTML entities, 
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,8 +30,6 @@ from . import ReportResult, report_paths
 from . import line_charts as charts
 from .render import (
     CODE,
-    CSP,
-    CSS,
     MONO,
     NOWRAP,
     NUM,
@@ -43,13 +40,13 @@ from .render import (
     Section,
     Table,
     Text,
-    _html_block,
     _markdown_table,
     _md,
     _md_code,
     _number,
     _signed_percent,
     _type_namer,
+    to_html,
 )
 
 DOMAIN, GENERAL = "domain", "general"
@@ -365,29 +362,6 @@ def _map_table(cells: dict[tuple[int | None, str], int]) -> Table:
 # --- output --------------------------------------------------------------------------------------
 
 
-def line_html(document: Document) -> str:
-    """One self-contained page, like the run report's (render.to_html): inline CSS, charts as data URIs, nothing fetched."""
-    esc = html.escape
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Spectrum line report: {esc(document.run_id)}</title>",
-        f"<style>{CSS}</style></head><body><main>",
-        f"<header><h1>Spectrum line report: line <code>{esc(document.run_id)}</code></h1>",
-        '<ul class="summary">' + "".join(f"<li>{esc(fact)}</li>" for fact in document.summary) + "</ul>",
-        f'<p class="meta">{" · ".join(esc(item) for item in document.meta)}</p>',
-        "<nav>" + "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in document.sections) + "</nav></header>",
-    ]
-    for section in document.sections:
-        parts.append(f'<section id="{section.id}"><h2>{esc(section.title)}</h2>')
-        parts += [_html_block(block) for block in section.blocks]
-        parts.append("</section>")
-    parts.append("</main></body></html>\n")
-    return "\n".join(parts)
-
-
 def line_markdown(document: Document, html_name: str) -> str:
     """The same page as Markdown (text and tables; the charts are in the HTML beside it)."""
     lines = [f"# Spectrum line report: line {_md_code(document.run_id)}", ""]
@@ -420,7 +394,7 @@ def build_line_report(store: ArtifactStore, line: str, out: Path, *, overwrite: 
     document = compose_line(gather_line(store, line))
     try:
         write_atomic(markdown_path, line_markdown(document, html_path.name).encode("utf-8"), overwrite=overwrite)
-        write_atomic(html_path, line_html(document).encode("utf-8"), overwrite=overwrite)
+        write_atomic(html_path, to_html(document, kind="line").encode("utf-8"), overwrite=overwrite)
     except OSError as exc:
         raise InputError(f"the line report cannot be written to {html_path.parent}: {exc.strerror or exc}") from exc
     sections = tuple(section.id for section in document.sections if section.has_data)

@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from .charts import DPI, NO_LAYER, _no_latex, _png, literal
+from .charts import DPI, _no_latex, _png, grid_axes, literal
 
 PROMOTED_COLOR = "#2ca02c"
 REJECTED_COLOR = "#d62728"
@@ -112,15 +112,7 @@ def trained_count_map(cells: Sequence[CountCell], generations: int, title: str) 
         for r, c in zip(*np.nonzero(np.isfinite(grid)), strict=True):
             value = int(grid[r, c])
             ax.text(c, r, str(value), ha="center", va="center", fontsize=8, color="white" if value > generations / 2 else "black")
-    ax.set_xticks(range(len(types)), [literal(t) for t in types], rotation=35, ha="right", fontsize=9)
-    step = max(1, math.ceil(len(rows) / 40))
-    ticks = [i for i in range(len(rows)) if i % step == 0 or rows[i] is None]
-    ax.set_yticks(ticks, [NO_LAYER if rows[i] is None else f"layer {rows[i]}" for i in ticks], fontsize=9)
-    ax.set_xticks(np.arange(-0.5, len(types)), minor=True)
-    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
-    ax.grid(which="minor", color="white", linewidth=1.2)
-    ax.tick_params(which="minor", length=0)
-    ax.set_title(literal(title), fontsize=11, loc="left")
+    grid_axes(ax, types, rows, title)
     bar = figure.colorbar(image, ax=ax, label=f"generations (of {generations})", shrink=0.9)
     bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.legend(

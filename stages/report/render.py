@@ -582,17 +582,18 @@ td.nowrap { white-space: nowrap; }
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def to_html(document: Document) -> str:
-    """One self-contained page: inline CSS, charts as data URIs, nothing fetched."""
+def to_html(document: Document, kind: str = "run") -> str:
+    """One self-contained page: inline CSS, charts as data URIs, nothing fetched. `kind`: what the page reports (run, line)."""
     esc = html.escape
+    title = "Spectrum report" if kind == "run" else f"Spectrum {kind} report"
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Spectrum report: {esc(document.run_id)}</title>",
+        f"<title>{title}: {esc(document.run_id)}</title>",
         f"<style>{CSS}</style></head><body><main>",
-        f"<header><h1>Spectrum report: run <code>{esc(document.run_id)}</code></h1>",
+        f"<header><h1>{title}: {kind} <code>{esc(document.run_id)}</code></h1>",
         '<ul class="summary">' + "".join(f"<li>{esc(fact)}</li>" for fact in document.summary) + "</ul>",
         f'<p class="meta">{" · ".join(esc(item) for item in document.meta)}</p>',
         "<nav>" + "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in document.sections) + "</nav></header>",
