@@ -33,6 +33,7 @@ from stages.core.stage import PIPELINE_INPUTS, From, StageContext
 from stages.download import read_summary
 from stages.store import ArtifactStore, Manifest, StageRef, lines, new_run_id, open_store, read_output, record_reuse
 from stages.store.errors import ArtifactNotFoundError
+from stages.store.keys import validate_name
 from stages.store.lease import LeaseHeldError, acquire_lease, holder_identity
 from stages.store.manifest import lease_folder
 
@@ -105,6 +106,8 @@ def run_pipeline(
     renewed while it works and released with its outcome: succeeded, failed (with the reason) or interrupted.
     """
     check_rerun(config, only, from_stage, force, run)
+    if config.line is not None:  # the drop is named in the line's record: refused before anything runs, not after training
+        validate_name(Path(drop or config.data).name, "drop name (the data folder's name, which the line records)")
     store = open_pipeline_store(config)
     rerun = bool(only or from_stage)
     result = PipelineResult(run_id=(None if rerun else run or config.run_id) or new_run_id(), store=store.root_uri)
@@ -118,7 +121,8 @@ def run_pipeline(
             "shows it), or run under another run id"
         ) from None
     with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
-        config = _starting_point(config, store, result)
+        if not (only or from_stage):  # a re-run keeps the starting model its committed download recorded
+            config = _starting_point(config, store, result)
         _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress)
         if config.line is not None and PROMOTE in result.ran:
             _record_generation(config, store, result, drop or config.data)
@@ -145,9 +149,9 @@ def _record_generation(config: PipelineConfig, store: ArtifactStore, result: Pip
     record, pointer = lines.record_decision(
         store,
         config.line.name,
-        drop=Path(drop).name if drop else None,
+        drop=Path(drop).name,
         run_id=result.run_id,
-        starting_model={"uri": config.model, "sha256": _tree_digest(store, result.manifests[DOWNLOAD])},
+        starting_model={"uri": result.manifests[DOWNLOAD].parameters["model"], "sha256": _tree_digest(store, result.manifests[DOWNLOAD])},
         model=STAGE_BY_NAME[CPT].output("model", store, result.manifests[CPT]),
         decision=lines.PROMOTED if decision["passed"] else lines.REJECTED,
         reasons=decision["rules"],

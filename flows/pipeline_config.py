@@ -41,7 +41,7 @@ from typing import Any
 from stages.base.contracts import PROMOTE, SFT
 from stages.base.documents import clip, load_yaml_file, shown
 from stages.base.errors import InputError
-from stages.core.stage import Stage, options_of
+from stages.core.stage import PIPELINE_INPUTS, Stage, options_of
 from stages.promotion.gate import parse_gate
 from stages.store import StageRef
 from stages.store.keys import validate_name
@@ -162,7 +162,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         options=options,
         report=document.get("report", True),
         line=_line(document.get("line"), where),
-        pins=_pins(document.get("pin"), where),
+        pins=_pins(document.get("pin"), options, where),
     )
 
 
@@ -201,7 +201,7 @@ def check_rerun(
         raise InputError(f"{'--only' if only else '--from'} re-runs a stage of a committed run: name it with --run RUN")
 
 
-def _pins(value: Any, where: str) -> dict[str, StageRef]:
+def _pins(value: Any, options: dict[str, dict[str, Any]], where: str) -> dict[str, StageRef]:
     """`pin: {layer_select: RUN}`: the step is not run; its output is the committed run's (recorded as reused)."""
     if value is None:
         return {}
@@ -216,6 +216,8 @@ def _pins(value: Any, where: str) -> dict[str, StageRef]:
         if not isinstance(run, str):
             raise InputError(f"{where}: pin.{name}: expected a run id (RUN or RUN/STEP), found {shown(run)}")
         pins[name] = StageRef.parse(run, name, f"{where}: pin.{name}")
+        if options.get(name):
+            raise InputError(f"{where}: stages.{name}: the step is pinned (pin.{name}) and does not run; leave its options out")
     return pins
 
 
@@ -264,8 +266,11 @@ def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:
     hints = typing.get_type_hints(stage.config)
     checked = {}
     for key, value in values.items():
-        if key in specs and specs[key][1].wired is not None:
-            raise InputError(f"{where}.{key}: set by the pipeline from the stage before ({specs[key][1].wired}); leave it out")
+        wired = specs[key][1].wired if key in specs else None
+        if wired is not None and wired.stage == PIPELINE_INPUTS:
+            raise InputError(f"{where}.{key}: set from the config's top-level {wired.output}:; leave it out here")
+        if wired is not None:
+            raise InputError(f"{where}.{key}: set by the pipeline from the stage before ({wired}); leave it out")
         if key in specs and not specs[key][1].pipeline:
             raise InputError(f"{where}.{key}: an option for local files on the command line; a pipeline works in the store: leave it out")
         if key not in specs:

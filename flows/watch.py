@@ -36,6 +36,7 @@ from stages.base.documents import clip
 from stages.base.errors import InputError, SpectrumError
 from stages.store import ArtifactStore, lines, new_run_id
 from stages.store.claims import WorkClaims
+from stages.store.keys import validate_name
 from stages.store.lease import (
     Lease,
     LeaseLostError,
@@ -72,8 +73,13 @@ def watch_once(
     waiting_for = None  # a model line trains its drops in name order, one generation at a time
     for drop in drops:
         if config.line is not None:
+            try:
+                validate_name(drop, "drop name")
+            except InputError as exc:
+                report.skipped[drop] = f"cannot be a generation of line {config.line.name}: {exc}"
+                continue
             why = waiting_for and f"waits for drop {waiting_for} (the line's generations run in drop-name order)"
-            why = why or _out_of_order(store, config.line.name, drop)
+            why = why or _out_of_order(store, config.line.name, drop) or _claimed_later(store, prefix, drop)
             if why:
                 report.skipped[drop] = why
                 continue
@@ -88,6 +94,7 @@ def watch_once(
                 _process(store, config, prefix, drop, lease, work_dir)
         except LeaseLostError as exc:
             report.failed[drop] = f"stopped, its claim could not be renewed: {clip(scrub(str(exc)))}"
+            waiting_for = drop  # retried by a later pass: a line's later drops wait for it
             continue
         except Exception as exc:  # noqa: BLE001 - one bad drop must not stop the others; its claim was released with the reason
             report.failed[drop] = drop_claims(store, prefix, drop).after_failure(_reason(exc))
@@ -113,10 +120,23 @@ def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeou
     return drop_claims(store, prefix, drop).try_claim(holder_identity(watcher=watcher, run_id=new_run_id(), drop=drop), timeout)
 
 
+def _claimed_later(store: ArtifactStore, prefix: str, drop: str) -> str | None:
+    """A drop that became ready after a later-named drop was claimed (being trained, or done) is not trained: a line
+    never trains two generations at once, nor goes back in time."""
+    folder = f"{CLAIMS}/{prefix}/"
+    later = sorted({key[len(folder) :].split("/")[0] for key in store.list(folder)} - {drop})
+    later = [name for name in later if name > drop]
+    return f"older than drop {later[-1]}, which the line claimed already: not trained" if later else None
+
+
 def _out_of_order(store: ArtifactStore, line: str, drop: str) -> str | None:
     """Why a line does not train `drop` now: it was trained already, or it is older than the last drop trained."""
-    trained = [record.drop for record in lines.generations(store, line) if record.drop]
+    records = lines.generations(store, line)
+    trained = [record.drop for record in records if record.drop]
     if drop in trained:
+        record = records[trained.index(drop)]
+        if record.promoted and record.generation == records[-1].generation:  # its watcher may have stopped before production moved
+            lines.promote(store, line, record.generation, lines.GATE, "passed the promotion gate")
         return f"trained already as a generation of line {line}"
     later = [name for name in trained if name > drop]
     if later:

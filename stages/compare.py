@@ -166,7 +166,7 @@ def check(config: CompareConfig) -> list[Method]:
         for name in (COMPARISON_JSON_FILE, COMPARISON_MARKDOWN_FILE):
             ensure_writable(Path(config.out_dir) / name, config.overwrite)
     for what, location in (("MODEL", config.model), ("--data", config.data)):
-        if uri_scheme(location) is None and not Path(location).expanduser().is_dir():  # before any arm starts
+        if _local(location) and not Path(location).expanduser().is_dir():  # before any arm starts
             raise InputError(f"{location} is not a folder (or does not exist): pass {what} as a folder or a store URI")
     return methods
 
@@ -181,7 +181,19 @@ def execution_modes(config: CompareConfig, modes: tuple[str, ...]) -> dict[str, 
                 f"--execution {item!r}: expected STAGE=MODE with STAGE one of {', '.join(ARM_STAGES)} and MODE one of {', '.join(modes)}"
             )
         chosen[stage] = mode
+    if "deployment" in chosen.values():  # a deployment's worker (the GPU pool) sees the store, not this machine's folders
+        for flag, location in (("MODEL", config.model), ("--data", config.data), ("--general", config.general)):
+            if location is not None and _local(location):
+                raise InputError(
+                    f"{flag} {location} is a local path, but an arm's stage runs as a deployment on another machine: "
+                    "store it first (spectrum download … --store S) and pass its store URI"
+                )
     return chosen
+
+
+def _local(location: str) -> bool:
+    """A local path (not store:…, s3://… or file://…)."""
+    return not location.startswith("store:") and uri_scheme(location) is None
 
 
 def scan_step(estimator: str) -> str | None:

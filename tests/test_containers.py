@@ -77,6 +77,9 @@ def test_infra_files_agree_with_prefect_yaml():
     pools = {d["work_pool"]["name"] for d in deployments}
     assert pools == {"spectrum-process", "spectrum-gpu"}
     assert {d["name"] for d in deployments if d["work_pool"]["name"] == "spectrum-gpu"} == {"cpt", "sft", "evaluate"}
+    from flows.pipeline_definition import STAGE_BY_NAME  # every stage of the pipeline can run as its deployment
+
+    assert {d["parameters"]["stage"] for d in deployments if d["entrypoint"].endswith(":stage_flow")} == set(STAGE_BY_NAME)
 
     compose = yaml.safe_load((REPO_ROOT / "infra" / "compose.yaml").read_text())["services"]
     assert set(compose) == {"postgres", "prefect-server", "s3", "worker"}

@@ -18,7 +18,7 @@ from .helpers import REPO_ROOT, child_env, venv_bin
 from .s3_server import free_ports
 
 pytestmark = pytest.mark.integration
-STAGE_DEPLOYMENTS = ["download", "snr_scan", "layer_select", "cpt", "sft", "evaluate"]
+STAGE_DEPLOYMENTS = ["download", "snr_scan", "layer_select", "cpt", "sft", "evaluate", "promote"]
 
 
 @contextmanager

@@ -50,7 +50,7 @@ def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             # `from . import x` / `from stages import cpt` import modules: count the names too
-            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names] if not node.module or node.level else []
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
             found.append((node.lineno, base))
     return [(line, name) for line, name in found if name.split(".")[0] in PACKAGES or name.split(".")[0] == "prefect"]
 
@@ -83,7 +83,9 @@ def test_every_import_points_down_the_layers():
 def test_the_layer_check_sees_an_upward_import(tmp_path):
     """The check itself: a store module importing the stage framework is found (relative imports resolved)."""
     path = tmp_path / "lease.py"
-    path.write_text("from ..core.stage import StageContext\n\ndef f():\n    from flows.pipeline import run_pipeline\n")
+    path.write_text(
+        "from ..core.stage import StageContext\nfrom stages import evaluate\n\ndef f():\n    from flows.pipeline import run_pipeline\n"
+    )
     imported = [name for _, name in imports_of(path, "stages.store.lease")]
-    assert "stages.core.stage" in imported and "flows.pipeline" in imported
+    assert "stages.core.stage" in imported and "flows.pipeline" in imported and "stages.evaluate" in imported
     assert layer_of("stages.core.stage") > layer_of("stages.store.lease") and layer_of("flows.pipeline") > layer_of("stages.store.lease")

@@ -48,6 +48,8 @@ def line_config(folder: Path, inputs: Path, drop: int, gate: dict, **extra) -> P
             "evaluate": {"seq_len": 64, "max_tokens": 512, "general": str(inputs / "general.txt"), "snr_drift": False},
         },
     }
+    for step in extra.get("pin", {}):  # a pinned step does not run: it takes no options
+        document["stages"].pop(step, None)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump({**document, **extra}))
     return folder / "pipeline.yaml"
@@ -131,6 +133,8 @@ def test_each_generation_continues_from_the_promoted_model_and_a_rejected_one_ch
         ({"pin": {"cpt": "r1"}}, r"pin.cpt: not a step that can be pinned; they are snr_scan, layer_select"),
         ({"pin": {"layer_select": "r1/cpt"}}, r"pin.layer_select 'r1/cpt' names a cpt step"),
         ({"pin": {"layer_select": 3}}, r"pin.layer_select: expected a run id"),
+        ({"pin": {"layer_select": "r1"}, "stages": {"layer_select": {"top_percent": 10}}}, r"stages.layer_select: the step is pinned"),
+        ({"stages": {"download": {"model": "x"}}}, r"stages.download.model: set from the config's top-level model:"),
     ],
 )
 def test_bad_line_and_gate_configs_name_the_field(tmp_path, change, message):
@@ -164,3 +168,49 @@ def test_a_line_never_trains_a_drop_older_than_one_it_trained(tmp_path):
     reason = _out_of_order(store, "acme", "2026-10")
     assert "older than drop 2026-11" in reason and "not trained" in reason
     assert [s["drop"] for s in lines.skipped_drops(store, "acme")] == ["2026-10"]
+
+
+def _decided(store, drop: str, run: str, decision: str = "promoted", record_only: bool = False):
+    fields = dict(drop=drop, run_id=run, starting_model={"uri": "m", "sha256": "0" * 64}, model=f"store:runs/{run}/cpt/model")
+    if record_only:  # a watcher that stopped between the generation record and production
+        return lines.record_generation(store, "acme", decision=decision, reasons=[], **fields)
+    return lines.record_decision(store, "acme", decision=decision, reasons=[], **fields)
+
+
+def test_a_promotion_left_unfinished_is_completed_by_the_next_pass_but_never_after_a_newer_generation(tmp_path):
+    from flows.watch import _out_of_order
+
+    store = open_store(str(tmp_path / "store"))
+    _decided(store, "d1", "r1", record_only=True)
+    assert lines.production(store, "acme") is None
+    assert "trained already" in _out_of_order(store, "acme", "d1")  # the next pass finishes what the stopped watcher began
+    assert lines.production(store, "acme").generation == 1
+
+    _decided(store, "d2", "r2", record_only=True)
+    _decided(store, "d3", "r3")  # production moves to generation 3; generation 2's promotion was never completed
+    assert "trained already" in _out_of_order(store, "acme", "d2") and lines.production(store, "acme").generation == 3
+    record, pointer = _decided(store, "d2", "r2-again")  # d2 re-run by hand: decided already, production does not go back
+    assert record.run_id == "r2" and pointer is None and lines.production(store, "acme").generation == 3
+    with pytest.raises(InputError, match="the gate promotes only the newest generation"):
+        lines.promote(store, "acme", 2, lines.GATE, "late")
+
+
+def test_a_line_refuses_a_drop_name_it_cannot_record_before_anything_runs(tmp_path):
+    from flows.pipeline import run_pipeline
+
+    folder = tmp_path / "Nov 2026"
+    folder.mkdir()
+    document = {"model": "m", "data": str(folder), "store": str(tmp_path / "store"), "line": {"name": "acme"}, "gate": LENIENT}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(document))
+    with pytest.raises(InputError, match=r"invalid drop name .*'Nov 2026'"):
+        run_pipeline(load_pipeline_config(tmp_path / "pipeline.yaml"))
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_drop_older_than_one_claimed_already_waits_for_no_one_and_is_not_trained(tmp_path):
+    from flows.watch import CLAIMS, _claimed_later
+
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes(f"{CLAIMS}/incoming/2026-11/0.json", b"{}")  # being trained by another watcher
+    assert "older than drop 2026-11, which the line claimed already" in _claimed_later(store, "incoming", "2026-10")
+    assert _claimed_later(store, "incoming", "2026-11") is None and _claimed_later(store, "incoming", "2026-12") is None

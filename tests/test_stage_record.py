@@ -30,8 +30,12 @@ def test_compare_execution_modes_name_an_arm_stage_and_a_mode():
 
     modes = ("in-process", "subprocess", "deployment")
     assert execution_modes(CompareConfig(model="m"), modes) == {"cpt": "subprocess"}
-    chosen = execution_modes(CompareConfig(model="m", execution=["cpt=deployment", "evaluate=subprocess"]), modes)
-    assert chosen == {"cpt": "deployment", "evaluate": "subprocess"}
+    chosen = execution_modes(CompareConfig(model="s3://b/m", execution=["cpt=subprocess", "evaluate=subprocess"]), modes)
+    assert chosen == {"cpt": "subprocess", "evaluate": "subprocess"}
+    with pytest.raises(InputError, match=r"MODEL m is a local path, but an arm's stage runs as a deployment"):
+        execution_modes(CompareConfig(model="m", execution=["cpt=deployment"]), modes)
+    stored = CompareConfig(model="store:models/sha256-1", data="s3://b/drop", execution=["cpt=deployment"])
+    assert execution_modes(stored, modes)["cpt"] == "deployment"
     for bad in ("cpt", "sft=subprocess", "cpt=docker"):
         with pytest.raises(InputError, match=rf"--execution '{bad}': expected STAGE=MODE"):
             execution_modes(CompareConfig(model="m", execution=[bad]), modes)

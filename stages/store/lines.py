@@ -190,6 +190,15 @@ def promote(store: ArtifactStore, line: str, generation: int, action: str, why: 
     _choice(action, ACTIONS, "action")
     _text(why, "why", allow_empty=True)
     target = generation_record(store, line, generation)
+    if action == GATE and target.promoted and _newer_generation(store, line, generation) is not None:
+        earlier = next((p for p in pointer_history(store, line) if p.action == GATE and p.generation == generation), None)
+        if earlier is not None:
+            return earlier
+        raise InputError(
+            f"generation {generation} of line {line} is not its newest (generation {_newer_generation(store, line, generation)} "
+            f"was decided after it): the gate promotes only the newest generation; promote it by hand if it should be production: "
+            f"spectrum line promote {line} --run {target.run_id} --why TEXT"
+        )
     if action == GATE and not target.promoted:
         raise InputError(
             f"generation {generation} of line {line} (run {target.run_id}) was {target.decision} by its gate, so the gate cannot "
@@ -213,6 +222,12 @@ def promote(store: ArtifactStore, line: str, generation: int, action: str, why: 
     raise StoreError(f"could not append to {store.uri(line_folder(line) + '/' + PRODUCTION)}: {MAX_APPEND_ATTEMPTS} writers appended first")
 
 
+def _newer_generation(store: ArtifactStore, line: str, generation: int) -> int | None:
+    """The newest generation recorded after `generation`, if any."""
+    newest = max((record.generation for record in generations(store, line)), default=0)
+    return newest if newest > generation else None
+
+
 def record_decision(store: ArtifactStore, line: str, **fields: Any) -> tuple[GenerationRecord, ProductionPointer | None]:
     """record_generation, then (for a generation its gate promoted) promote it with action gate.
 
@@ -222,7 +237,13 @@ def record_decision(store: ArtifactStore, line: str, **fields: Any) -> tuple[Gen
     record = record_generation(store, line, **fields)
     if not record.promoted:
         return record, None
-    return record, promote(store, line, record.generation, GATE, "passed the promotion gate", by=fields.get("by"))
+    try:
+        return record, promote(store, line, record.generation, GATE, "passed the promotion gate", by=fields.get("by"))
+    except InputError:
+        if _newer_generation(store, line, record.generation) is None:
+            raise
+        # a newer generation was decided first (before or while this one promoted): production does not go back
+        return record, next((p for p in pointer_history(store, line) if p.action == GATE and p.generation == record.generation), None)
 
 
 def manual_promote(store: ArtifactStore, line: str, run_id: str, why: str, *, by: Any = None) -> ProductionPointer:
