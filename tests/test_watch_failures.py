@@ -37,7 +37,7 @@ def setup(tmp_path, monkeypatch):
     config = load_pipeline_config(tmp_path / "pipeline.yaml")
     runs: list[str] = []
 
-    def pipeline(config, run, work_dir):
+    def pipeline(config, run, work_dir, drop=None):
         runs.append(run)
         return PipelineResult(run_id=run, store=store.root_uri)
 
@@ -80,7 +80,7 @@ def test_a_holder_that_cannot_renew_its_claim_stops_its_run_and_a_taker_runs_the
     land(store, "d1")
     finished: list[str] = []
 
-    def long_pipeline(config, run, work_dir):
+    def long_pipeline(config, run, work_dir, drop=None):
         store.failing = True  # the outage starts while the pipeline runs
         deadline = time.monotonic() + 120  # a hang guard: the holder must be stopped long before
         while time.monotonic() < deadline:
@@ -96,7 +96,9 @@ def test_a_holder_that_cannot_renew_its_claim_stops_its_run_and_a_taker_runs_the
     assert state.generation == 0 and state.released["outcome"] == "lost"
 
     store.failing = False
-    monkeypatch.setattr(watch, "run_pipeline", lambda config, run, work_dir: finished.append(run) or PipelineResult(run, store.root_uri))
+    monkeypatch.setattr(
+        watch, "run_pipeline", lambda config, run, work_dir, drop=None: finished.append(run) or PipelineResult(run, store.root_uri)
+    )
     taken = watch_once(config, "incoming", claim_timeout=2.0, watcher="taker", work_dir=tmp_path / "work")
     assert [drop for drop, _ in taken.started] == ["d1"] and len(finished) == 1
     assert json.loads(store.get_bytes(f"{CLAIMS}/incoming/d1/{DONE}"))["generation"] == 1
