@@ -26,6 +26,7 @@ from typing import Any
 from ..base.contracts import FAILED, MANIFEST_FILE, RUNNING, STEP_SEPARATOR, SUCCEEDED, base_stage, stage_sort_key
 from ..base.errors import InputError
 from .base import ArtifactStore, ObjectInfo
+from .compute import compute_record, reused_compute
 from .errors import ArtifactNotFoundError
 from .keys import NAME, validate_name
 from .scrub import check_parameters, check_values
@@ -50,6 +51,8 @@ class Manifest:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # ObjectInfo.to_dict()
     finished_at: str | None = None
     seconds: float | None = None
+    compute: dict[str, Any] | None = None  # device kind, count, seconds and device-seconds of the work (store.compute)
+    tracking: dict[str, Any] | None = None  # where the stage was logged in an experiment tracker, or why it was not (stages.tracking)
     extra: dict[str, Any] = field(default_factory=dict)  # fields written by a newer version, kept as they were
 
     def finish(self, outputs: Sequence[ObjectInfo], status: str = SUCCEEDED) -> Manifest:
@@ -64,6 +67,7 @@ class Manifest:
             status=status,
             finished_at=finished.isoformat(timespec="milliseconds"),
             seconds=round(seconds, 3),
+            compute=compute_record(seconds),
         )
 
     def recorded_output(self, key: str) -> dict[str, Any]:
@@ -211,6 +215,8 @@ def record_reuse(store: ArtifactStore, earlier: Manifest, run_id: str, stage: st
         started_at=now,
         finished_at=now,
         seconds=0.0,
+        compute=reused_compute(earlier.compute),
+        tracking=None,
         host=socket.gethostname(),
         reused_from={"run_id": earlier.run_id, "stage": earlier.stage},
     )
