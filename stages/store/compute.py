@@ -22,6 +22,7 @@ from ..base.errors import InputError
 
 CUDA = "cuda"
 CPU = "cpu"
+DEVICE_KINDS = (CUDA, CPU)  # the kinds compute_record writes, and so the kinds a price may name
 
 
 def compute_record(seconds: float) -> dict[str, Any]:
@@ -68,6 +69,9 @@ class Prices:
                 f"{where}: expected a price per device-hour (a number, or a mapping like {{cuda: 4.5, cpu: 0.05}}), found {value!r}"
             )
         if isinstance(value, Mapping):
+            unknown = sorted(str(kind) for kind in value if kind not in DEVICE_KINDS)
+            if unknown:
+                raise InputError(f"{where}: unknown device kind {unknown[0]!r}; use one of {', '.join(DEVICE_KINDS)} (e.g. {{cuda: 4.5}})")
             prices = {str(kind): _price(price, f"{where}.{kind}") for kind, price in value.items()}
             return cls(prices)
         return cls({}, _price(value, where))
