@@ -28,10 +28,11 @@ DEVICE_KINDS = (CUDA, CPU)  # the kinds compute_record writes, and so the kinds 
 def compute_record(seconds: float) -> dict[str, Any]:
     """The compute of a stage that ran `seconds` in this process: CUDA devices when torch uses them, else the CPU.
 
-    A distributed run counts its WORLD_SIZE devices (each rank holds one); torch is looked at only if already loaded.
+    A distributed run counts its WORLD_SIZE devices (each rank holds one); torch is looked at only if already loaded,
+    and CUDA counts only once this process initialised it (a CPU stage on a GPU machine ran on the CPU).
     """
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_initialized():
         count = int(os.environ.get("WORLD_SIZE") or torch.cuda.device_count() or 1)
         device, name = CUDA, torch.cuda.get_device_name(0)
     else:
@@ -108,11 +109,18 @@ def usage(computes: Iterable[Mapping[str, Any] | None], prices: Prices | None = 
             unknown += 1
             continue
         hours[compute["device"]] = hours.get(compute["device"], 0.0) + float(compute["device_seconds"]) / 3600
-    cost = None
-    if prices is not None:
-        priced = [prices.of(device) for device in hours]
-        cost = None if any(p is None for p in priced) else sum(h * p for h, p in zip(hours.values(), priced, strict=True))
-    return Usage(hours, unknown, cost)
+    return Usage(hours, unknown, _cost(hours, prices))
+
+
+def _cost(hours: Mapping[str, float], prices: Prices | None) -> float | None:
+    """The price of `hours`; None without prices or when a kind that was used (hours > 0) has no price."""
+    if prices is None:
+        return None
+    used = {device: h for device, h in hours.items() if h > 0}
+    priced = {device: prices.of(device) for device in used}
+    if any(price is None for price in priced.values()):
+        return None
+    return sum(h * (priced[device] or 0.0) for device, h in used.items())
 
 
 def describe_usage(use: Usage, currency: str = "") -> str:
