@@ -18,6 +18,8 @@ checkpoint in the store.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,9 @@ from stages.store.errors import ArtifactNotFoundError
 from stages.store.keys import validate_name
 from stages.store.lease import LeaseHeldError, acquire_lease, holder_identity
 from stages.store.manifest import lease_folder
+from stages.tracking import MlflowTarget
 
+from . import notify
 from .artifacts import publish_artifacts
 from .pipeline_config import PipelineConfig, check_rerun, load_pipeline_config
 from .pipeline_definition import STAGE_BY_NAME
@@ -55,6 +59,7 @@ class PipelineResult:
     cached: list[str] = field(default_factory=list)  # of those, the ones whose committed run was reused
     lines: list[str] = field(default_factory=list)
     report: Path | None = None
+    step: str | None = None  # the step being run (the one that failed, when the run raised); None once it finished
 
 
 @flow(name="spectrum-pipeline")
@@ -104,7 +109,10 @@ def run_pipeline(
 
     The run holds the lease runs/<run>/pipeline/lease/ for its lifetime (one live pipeline per run id),
     renewed while it works and released with its outcome: succeeded, failed (with the reason) or interrupted.
+    Once it holds the lease, the run is tracked (`tracking:`, one MLflow run with a run nested per stage) and its
+    end is posted (`notify:`, flows/notify.py), succeeded or failed, exactly once, however the pipeline was started.
     """
+    started = time.monotonic()
     check_rerun(config, only, from_stage, force, run)
     if config.line is not None:  # the drop is named in the line's record: refused before anything runs, not after training
         validate_name(Path(drop or config.data).name, "drop name (the data folder's name, which the line records)")
@@ -120,13 +128,78 @@ def run_pipeline(
             f"run {result.run_id!r} is being run by another pipeline ({exc}); nothing was done: wait for it (`spectrum runs` "
             "shows it), or run under another run id"
         ) from None
-    with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
-        if not (only or from_stage):  # a re-run keeps the starting model its committed download recorded
-            config = _starting_point(config, store, result)
-        _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress)
-        if config.line is not None and PROMOTE in result.ran:
-            _record_generation(config, store, result, drop or config.data)
+    tracking = _start_tracking(config, store, result, only=only, from_stage=from_stage, force=force)
+    try:
+        with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
+            if not (only or from_stage):  # a re-run keeps the starting model its committed download recorded
+                config = _starting_point(config, store, result)
+            _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress, tracking)
+            if config.line is not None and PROMOTE in result.ran:
+                result.step = "line"
+                _record_generation(config, store, result, drop or config.data)
+            result.step = None
+    except BaseException as exc:
+        _finish(config, store, result, tracking, time.monotonic() - started, exc)
+        raise
+    _finish(config, store, result, tracking, time.monotonic() - started, None)
     return result
+
+
+def _start_tracking(config: PipelineConfig, store: ArtifactStore, result: PipelineResult, **rerun: Any) -> MlflowTarget | None:
+    """The pipeline run's MLflow run, which every stage nests in (the target unchanged, with a warning, if the tracker is down)."""
+    if config.tracking is None:
+        return None
+    from stages.tracking import start_pipeline_run
+
+    parameters = {
+        "model": config.model,
+        "revision": config.revision,
+        "data": config.data,
+        "line": config.line.name if config.line else None,
+        "pins": {step: str(ref) for step, ref in config.pins.items()},
+        "execution": {stage: config.execution_of(stage) for stage in config.stages},
+        "stages": config.options,
+        **{name: value for name, value in rerun.items() if value},
+    }
+    return start_pipeline_run(config.tracking, result.run_id, store.root_uri, _scrubbed(parameters))
+
+
+def _finish(
+    config: PipelineConfig,
+    store: ArtifactStore,
+    result: PipelineResult,
+    tracking: MlflowTarget | None,
+    wall_seconds: float,
+    failure: BaseException | None,
+) -> None:
+    """The run's totals to its MLflow run, and its end to the webhook; neither ever fails the run or hides its outcome."""
+    try:
+        end = notify.run_end(
+            result.run_id, store, result.manifests, result.ran, result.cached, wall_seconds, config.cost,
+            report=str(result.report) if result.report and failure is None else None, failure=failure, failed_step=result.step,
+        )  # fmt: skip
+        if tracking is not None:
+            from stages.tracking import finish_pipeline_run
+
+            metrics = {"wall_seconds": end.wall_seconds, "gpu_hours": end.gpu_hours, "device_hours": sum(end.device_hours.values())}
+            metrics |= {f"device_hours_{kind}": hours for kind, hours in end.device_hours.items()}
+            metrics |= {"stages_run": len(end.stages_run), "stages_reused": len(end.stages_reused)}
+            if end.cost is not None:
+                metrics["cost"] = end.cost
+            artifacts = {"report": result.report} if result.report and result.report.is_file() else {}
+            finish_pipeline_run(tracking, failure is None, metrics, artifacts)
+        notify.notify(config.notify, end)
+    except Exception as exc:  # noqa: BLE001 - reporting the end must never change it
+        logging.getLogger(__name__).warning("the end of run %s could not be reported (%s)", result.run_id, notify.one_line_error(exc))
+
+
+def _scrubbed(value: Any) -> Any:
+    """`value` with every string scrubbed (URL credentials, secret environment values): parameters an MLflow server keeps."""
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(item) for item in value]
+    return scrub(value) if isinstance(value, str) else value
 
 
 def _starting_point(config: PipelineConfig, store: ArtifactStore, result: PipelineResult) -> PipelineConfig:
@@ -181,6 +254,7 @@ def _run_stages(
     run: str | None,
     work_dir: Path | None,
     progress: bool | None,
+    tracking: MlflowTarget | None = None,
 ) -> None:
     stages, run_id = config.stages, result.run_id
     first = only or from_stage or stages[0]
@@ -193,6 +267,7 @@ def _run_stages(
         return STAGE_BY_NAME[wire.stage].output(wire.output, store, result.manifests[wire.stage])
 
     for step in config.steps:
+        result.step = step.name
         if step.group not in selected:
             if stages.index(step.group) < stages.index(first) and step.qualifier is None:
                 result.manifests[step.name] = upstream = _committed(store, run, step.name)
@@ -205,7 +280,9 @@ def _run_stages(
             result.lines.append(f"[{step.name}] pinned to run {pinned.run_id}")
             continue
         stage_config = step.config(config.options.get(step.stage.name, {}), value_of)
-        context = StageContext(store, run_id=run_id, force=step.group in force, work_dir=work_dir, progress=progress, step=step.qualifier)
+        context = StageContext(
+            store, run_id=run_id, force=step.group in force, work_dir=work_dir, progress=progress, step=step.qualifier, tracking=tracking
+        )
         wait_for = [states[name] for name in step.upstream if name in states]
         outcome, states[step.name] = run_step(step.stage.name, stage_config, context, config.execution_of(step.stage.name), wait_for)
         result.manifests[step.name] = outcome.manifest
@@ -217,6 +294,7 @@ def _run_stages(
     if config.report and any(step.group in result.ran and step.stage.name == "evaluate" for step in config.steps):
         from stages.report import build_report
 
+        result.step = "report"
         result.report = config.source.parent / REPORT_FILE
         build_report(store, run_id, result.report, overwrite=True)
 

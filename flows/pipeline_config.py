@@ -16,6 +16,9 @@
       general_perplexity: {max_relative_change: 0.05}
     line: {name: acme-legal, continue_from: promoted}   # each drop continues from the line's promoted model
     pin: {layer_select: RUN}                     # use RUN's committed selection instead of selecting again
+    tracking: {mlflow: {tracking_uri: http://mlflow:5000, experiment: spectrum}}   # an MLflow run per pipeline run
+    notify: {webhook: https://hooks.example.com/…, on: [failed, completed]}        # a JSON summary posted at the end
+    cost: {price_per_device_hour: {cuda: 4.5, cpu: 0.05}, currency: "$"}           # GPU-hours priced
 
 Every stage runs, in pipeline order (flows/pipeline_definition.py), except sft, which runs only
 when it is configured. The options a pipeline wires from one stage to the next (MODEL, --snr-run,
@@ -24,7 +27,8 @@ when it is configured. The options a pipeline wires from one stage to the next (
 of cpt (did you mean max_steps?)`. `execution: subprocess` runs a stage as
 `python -m stages.<stage> …` in a process of its own, exactly the command its container runs;
 `execution: deployment` runs it as a flow run of its `spectrum-stage/<stage>` deployment, on
-that deployment's work pool (the GPU pool for cpt, sft and evaluate).
+that deployment's work pool (the GPU pool for cpt, sft and evaluate). tracking:, notify: and cost:
+are optional and off when absent (flows/integration_settings.py).
 """
 
 from __future__ import annotations
@@ -46,11 +50,15 @@ from stages.promotion.gate import parse_gate
 from stages.store import StageRef
 from stages.store.keys import validate_name
 from stages.store.uri import parse_store_uri, uri_scheme
+from stages.tracking import MlflowTarget
 from stages.weights.hub import HUB_ID
 
+from .integration_settings import CostSettings, NotifySettings, parse_cost, parse_notify, parse_tracking
 from .pipeline_definition import STAGE_BY_NAME, PipelineStep, path_options, settable_options, steps_of
 
-TOP_KEYS = ("model", "revision", "data", "store", "run_id", "stages", "report", "execution", "line", "gate", "pin")
+TOP_KEYS = (
+    "model", "revision", "data", "store", "run_id", "stages", "report", "execution", "line", "gate", "pin", "tracking", "notify", "cost",
+)  # fmt: skip
 PINNABLE = ("snr_scan", "layer_select")  # steps a config may fix to a committed run instead of running them
 LINE_KEYS = ("name", "continue_from")
 CONTINUE_FROM = ("promoted", "base")
@@ -81,6 +89,9 @@ class PipelineConfig:
     execution: dict[str, str] = field(default_factory=dict)  # stage -> how it runs (default in-process)
     line: LineSettings | None = None  # the model line whose next generation this pipeline trains
     pins: dict[str, StageRef] = field(default_factory=dict)  # step -> the committed run it is fixed to (pin:)
+    tracking: MlflowTarget | None = None  # tracking.mlflow: an MLflow run per pipeline run, a nested run per stage
+    notify: NotifySettings | None = None  # a webhook posted at the run's end
+    cost: CostSettings | None = None  # the price per device-hour the run's totals are priced with
 
     def execution_of(self, stage: str) -> str:
         return self.execution.get(stage, "in-process")
@@ -163,6 +174,9 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         report=document.get("report", True),
         line=_line(document.get("line"), where),
         pins=_pins(document.get("pin"), options, where),
+        tracking=parse_tracking(document.get("tracking"), folder, where),
+        notify=parse_notify(document.get("notify"), where),
+        cost=parse_cost(document.get("cost"), where),
     )
 
 
