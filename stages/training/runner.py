@@ -37,6 +37,7 @@ from ..base.errors import InputError, OutputExistsError
 from ..base.files import all_files, ensure_writable_folder
 from ..core.execution import Produced, StageRun, execute_plan, plan_stage, require_store_in
 from ..core.stage import From, StageConfig, StageContext, StageResult, option, options_of
+from ..report.card import CARD_FILE, render_card, training_facts
 from ..store import ArtifactStore, Manifest, ObjectInfo, StageRef
 from ..store.trees import file_ref, local_copy
 from ..weights.checkpoint import ModelWeights
@@ -177,11 +178,6 @@ def run_training(
             with disk_errors(trained_dir):
                 _save_model(model, state, model_dir, trained_dir, tokenizer)
             audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
-            outputs = published + [stage.put_file(f"{MODEL_FOLDER}/{name}", trained_dir / name) for name in all_files(trained_dir)]
-            outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
-            outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
-            outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(data.record, indent=2) + "\n").encode()))
-            outputs.append(stage.put_file(HELDOUT_DATA_FILE, data.heldout_file))
             training = {
                 "model": _location(config.model, model_refs),  # the base model, for evaluate (deltas, forgetting)
                 "data": _location(config.data, data_refs),
@@ -192,6 +188,15 @@ def run_training(
                 "trainable_parameters": freeze.trainable_parameters,
                 "total_parameters": freeze.total_parameters,
             }
+            # The model card, from the records about to be published: one of the model's files (model/README.md).
+            card = training_facts(store, plan.manifest, training, audit.to_pylist(), selection.ref if selection else None)
+            with disk_errors(trained_dir):
+                (trained_dir / CARD_FILE).write_text(render_card(card), encoding="utf-8")
+            outputs = published + [stage.put_file(f"{MODEL_FOLDER}/{name}", trained_dir / name) for name in all_files(trained_dir)]
+            outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
+            outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
+            outputs.append(stage.put_bytes(HELDOUT_FILE, (json.dumps(data.record, indent=2) + "\n").encode()))
+            outputs.append(stage.put_file(HELDOUT_DATA_FILE, data.heldout_file))
             outputs.append(stage.put_bytes(TRAINING_FILE, (json.dumps(training, indent=2) + "\n").encode()))
             return Produced(outputs, TrainingResult(None, freeze, data, outcome.metrics, outcome.resumed_from_step))
 
