@@ -8,8 +8,11 @@ from typing import Any
 
 from stages.base.errors import InputError
 from stages.core.cli import add_store_location_arguments, require_store
+from stages.store.compute import Prices, Usage, usage
 from stages.store.line_audit import audit_line
 from stages.store.lineage import audit_run, list_run_summaries
+
+from .prices import add_price_argument, prices_from_args
 
 RUNS_HELP = "list the runs in an artifact store with their stages and status"
 RUNS_DESCRIPTION = """List every run in the artifact store: its stages, their status, when it started.
@@ -18,6 +21,10 @@ A run is a set of stages committed under one run id (runs/<run>/<stage>/manifest
 A run whose pipeline or stage is still held by a live process is `running`; one whose holder
 was killed (its lease expired unreleased) is `crashed`; a failed or interrupted pipeline says so.
 A re-run's stages reused from an earlier run start when the re-run recorded them.
+
+With --cost (or a price): each run's device time from its manifests (device-hours by kind, GPU-hours) and,
+with --price-per-device-hour, its cost; then the total over the runs listed. A stage a run
+reused from an earlier run counts there only, so a re-run does not count the work twice.
 The store is only read, never created or changed."""
 AUDIT_HELP = "a run's inputs, outputs, selection and training changes; or a model line's whole history (--line)"
 AUDIT_DESCRIPTION = """Show what one run did: for each stage its parameters, code version, host and time,
@@ -42,6 +49,48 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
         stages = ", ".join(f"{k}({v})" if v != "succeeded" else k for k, v in s["stages"].items())
         lines.append(f"{s['run_id']:36} {s['status']:10} {s['started_at']:30} {stages}")
     return "\n".join(lines)
+
+
+def format_cost(costs: dict[str, Any]) -> str:
+    """The runs with their device-hours and cost (`runs_cost`), then the total."""
+    if not costs["runs"]:
+        return "no runs"
+    priced = costs["prices"] is not None
+    header = f"{'RUN':36} {'STATUS':10} {'GPU-H':>10} {'CPU-H':>10}" + (f" {'COST':>10}" if priced else "") + " STAGES"
+    lines = [header]
+    rows = [(s["run_id"], s["status"], s["usage"], ", ".join(s["stages"])) for s in costs["runs"]]
+    rows.append((f"total ({len(costs['runs'])} runs)", "", costs["total"], ""))
+    for run_id, status, use, stages in rows:
+        mark = "*" if use["stages_without_compute"] else ""
+        cost = f" {_money(use['cost']):>10}" if priced else ""
+        hours = use["device_hours"]
+        lines.append(f"{run_id:36} {status:10} {use['gpu_hours']:>10.4f} {hours.get('cpu', 0.0):>10.4f}{cost} {stages}{mark}".rstrip())
+    if costs["total"]["stages_without_compute"]:
+        lines.append("* stages without a compute record (written before it was recorded): their time is not counted")
+    if priced and costs["total"]["cost"] is None:
+        lines.append("cost -: a device kind these runs used has no price (--price-per-device-hour KIND=X)")
+    return "\n".join(lines)
+
+
+def runs_cost(summaries: list[dict[str, Any]], prices: Prices | None) -> dict[str, Any]:
+    """Each run summary with its usage, the total over them, and the prices used (summaries from list_run_summaries(with_compute))."""
+    runs = [{**s, "usage": _usage_dict(usage(s["compute"].values(), prices))} for s in summaries]
+    total = usage([c for s in summaries for c in s["compute"].values()], prices)
+    price_table = None if prices is None else {"by_device": dict(prices.by_device), "default": prices.default}
+    return {"runs": runs, "total": _usage_dict(total), "prices": price_table}
+
+
+def _usage_dict(use: Usage) -> dict[str, Any]:
+    return {
+        "device_hours": dict(use.device_hours),
+        "gpu_hours": use.gpu_hours,
+        "stages_without_compute": use.unknown,
+        "cost": use.cost,
+    }
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
 
 
 def format_audit(report: dict[str, Any]) -> str:
@@ -137,6 +186,12 @@ def _snr(value: float | None) -> str:
 
 
 def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_reading_arguments(parser)
+    parser.add_argument("--cost", action="store_true", help="each run's device-hours (GPU-hours) and cost, and their total")
+    add_price_argument(parser)
+
+
+def _add_reading_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_location_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -145,11 +200,16 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", nargs="?", help="the run to audit (see `spectrum runs`)")
     parser.add_argument("--line", metavar="LINE", help="audit the model line LINE instead of a run (see `spectrum line status`)")
     parser.add_argument("--generation", type=int, metavar="N", help="with --line: audit generation N's model (default: production's)")
-    add_runs_arguments(parser)
+    _add_reading_arguments(parser)
 
 
 def runs_command(args: argparse.Namespace) -> str:
-    summaries = list_run_summaries(require_store(args, writable=False))
+    prices = prices_from_args(args)  # checked before the store is read
+    store = require_store(args, writable=False)
+    if args.cost or prices is not None:  # a price asks for the cost
+        costs = runs_cost(list_run_summaries(store, with_compute=True), prices)
+        return json.dumps(costs, indent=2) if args.json else format_cost(costs)
+    summaries = list_run_summaries(store)
     return json.dumps(summaries, indent=2) if args.json else format_runs(summaries)
 
 

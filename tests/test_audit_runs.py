@@ -6,6 +6,8 @@ stages write them, so each case is exact and fast.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import time
 import types
@@ -15,6 +17,7 @@ import pytest
 
 import stages.store.lease as lease_module
 from spectrum_cli.audit import format_audit, format_runs
+from spectrum_cli.main import main
 from stages.store import commit_manifest, open_store, record_reuse, start_manifest, write_table
 from stages.store.lease import acquire_lease, holder_identity
 from stages.store.lineage import audit_run, list_run_summaries
@@ -136,3 +139,74 @@ def _manifest(store, run: str, stage: str):
     from stages.store import load_manifest
 
     return load_manifest(store, run, stage)
+
+
+# --- spectrum runs --cost (issue 17) ------------------------------------------------------------------------------------
+
+HOUR = 3600.0
+
+
+def computed(store, run: str, stage: str, device: str, count: int, seconds: float | None) -> None:
+    """A committed stage whose manifest records `count` `device`s for `seconds` (None: a manifest from before compute was recorded)."""
+    manifest = start_manifest(stage, "1.0", run, {"stage": stage, "run": run}, []).finish([])
+    compute = None
+    if seconds is not None:
+        compute = {"device": device, "device_name": None, "device_count": count, "seconds": seconds, "device_seconds": count * seconds}
+    commit_manifest(store, dataclasses.replace(manifest, compute=compute))
+
+
+@pytest.fixture
+def costed(tmp_path):
+    """orig: a CPU scan (0.5 CPU-h) and a 4-GPU cpt (1 GPU-h); rerun: reuses both, evaluates on one GPU (0.25 GPU-h); old: no record."""
+    store = open_store(str(tmp_path / "store"))
+    computed(store, "orig", "snr_scan", "cpu", 1, HOUR / 2)
+    computed(store, "orig", "cpt", "cuda", 4, HOUR / 4)
+    for stage in ("snr_scan", "cpt"):
+        record_reuse(store, _manifest(store, "orig", stage), "rerun", stage)
+    computed(store, "rerun", "evaluate", "cuda", 1, HOUR / 4)
+    computed(store, "old", "snr_scan", "cpu", 1, None)
+    return store
+
+
+def test_runs_cost_sums_each_run_and_counts_a_reuse_once(costed, capsys):
+    code = main(["runs", "--store", costed.root_uri, "--cost", "--json"])
+    costs = json.loads(capsys.readouterr().out)
+    assert code == 0
+    by_run = {r["run_id"]: r["usage"] for r in costs["runs"]}
+    assert by_run["orig"] == {"device_hours": {"cpu": 0.5, "cuda": 1.0}, "gpu_hours": 1.0, "stages_without_compute": 0, "cost": None}
+    assert by_run["rerun"] == {"device_hours": {"cuda": 0.25}, "gpu_hours": 0.25, "stages_without_compute": 0, "cost": None}
+    assert by_run["old"] == {"device_hours": {}, "gpu_hours": 0.0, "stages_without_compute": 1, "cost": None}
+    assert costs["total"] == {"device_hours": {"cpu": 0.5, "cuda": 1.25}, "gpu_hours": 1.25, "stages_without_compute": 1, "cost": None}
+    assert costs["prices"] is None
+
+
+def test_runs_cost_prices_per_kind_in_the_table(costed, capsys):
+    code = main(["runs", "--store", costed.root_uri, "--cost", "--price-per-device-hour", "cuda=4", "--price-per-device-hour", "cpu=0.1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^orig\s+succeeded\s+1\.0000\s+0\.5000\s+4\.05 snr_scan, cpt$", out, re.MULTILINE), out
+    assert re.search(r"^rerun\s+succeeded\s+0\.2500\s+0\.0000\s+1\.00 snr_scan, cpt, evaluate$", out, re.MULTILINE), out
+    assert re.search(r"^old\s+succeeded\s+0\.0000\s+0\.0000\s+0\.00 snr_scan\*$", out, re.MULTILINE), out
+    assert re.search(r"^total \(3 runs\)\s+1\.2500\s+0\.5000\s+5\.05 \*$", out, re.MULTILINE), out  # * : a lower bound
+    assert "* stages without a compute record" in out
+
+
+def test_runs_cost_without_a_price_for_a_used_kind_is_unknown(costed, capsys):
+    assert main(["runs", "--store", costed.root_uri, "--price-per-device-hour", "cuda=4", "--json"]) == 0  # a price asks for the cost
+    costs = json.loads(capsys.readouterr().out)
+    assert {r["run_id"]: r["usage"]["cost"] for r in costs["runs"]} == {"old": 0.0, "orig": None, "rerun": 1.0}  # orig used the CPU
+    assert costs["total"]["cost"] is None and costs["prices"] == {"by_device": {"cuda": 4.0}, "default": None}
+
+
+def test_runs_without_cost_is_unchanged(costed, capsys):
+    assert main(["runs", "--store", costed.root_uri, "--json"]) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert all("compute" not in s and "usage" not in s for s in summaries)
+    assert summaries == json.loads(json.dumps(list_run_summaries(costed)))
+
+
+def test_a_bad_price_is_one_error_line_before_the_store_is_read(tmp_path, capsys):
+    missing = str(tmp_path / "no-store")
+    assert main(["runs", "--store", missing, "--cost", "--price-per-device-hour", "gpu=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --price-per-device-hour gpu=4: unknown device kind 'gpu'") and len(err.strip().splitlines()) == 1

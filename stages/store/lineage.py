@@ -58,8 +58,12 @@ class _RunKeys:
     leased: dict[str, list[str]] = field(default_factory=dict)  # step (or `pipeline`) -> the keys of its lease folder
 
 
-def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
-    """Every run with a committed stage or a lease: its stages' statuses and the run's (see the module docstring)."""
+def list_run_summaries(store: ArtifactStore, with_compute: bool = False) -> list[dict[str, Any]]:
+    """Every run with a committed stage or a lease: its stages' statuses and the run's (see the module docstring).
+
+    `with_compute`: each summary's `compute` maps the stages the run computed itself to their manifests' compute
+    (None: recorded before compute was); a reuse record computed nothing and is left out, so summing runs counts work once.
+    """
     summaries = []
     for run_id, keys in sorted(_scan_runs(store).items()):
         records = _records(store, run_id, keys.stages)
@@ -82,6 +86,8 @@ def list_run_summaries(store: ArtifactStore) -> list[dict[str, Any]]:
                 "code_version": sorted({m.code_version for m in records}),
             }
         )
+        if with_compute:
+            summaries[-1]["compute"] = {m.stage: m.compute for m in records if m.reused_from is None}
     return summaries
 
 
