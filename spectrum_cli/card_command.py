@@ -1,0 +1,54 @@
+"""`spectrum card RUN`: the model card of a committed training, with its evaluation and compute (stages/report/card.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages.base.contracts import CPT
+from stages.base.errors import InputError
+from stages.base.files import ensure_writable, write_atomic
+from stages.core.cli import add_store_location_arguments, require_store
+from stages.report.card import card_facts, render_card
+from stages.store.compute import Prices
+
+HELP = "the Hugging Face model card (README.md) of a trained model, with its evaluation and compute"
+DESCRIPTION = """The model card of the model a cpt or sft step of RUN trained, generated from the artifact store's
+records: Hugging Face metadata (base model, datasets by sha256, tags), the selection policy and SNR
+estimator, the trainable share with the embedding tensors counted, every trained tensor with its
+SNR, the evaluation with base, trained and delta (the run's own evaluate step, or --evaluation-run),
+the GPU-hours (and a cost with --price-per-device-hour) and the command to audit the run. The card
+in the model folder (model/README.md) is the same without evaluation and compute, which come later."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_id", metavar="RUN", help="the run that trained the model (RUN, or RUN/STEP such as RUN/sft)")
+    parser.add_argument("--step", default=None, help="the training step: cpt (default), sft or a step of them such as cpt.x")
+    parser.add_argument("--evaluation-run", metavar="RUN", default=None, help="the evaluate run to show (default: RUN's own evaluate step)")
+    parser.add_argument("--price-per-device-hour", type=float, default=None, metavar="X", help="show a cost at this price per device-hour")
+    parser.add_argument("--out", "-o", default=None, help="write the card to this file instead of printing it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_store_location_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> str:
+    run_id, step = _run_and_step(args.run_id, args.step)
+    prices = Prices.parse(args.price_per_device_hour, "--price-per-device-hour")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        ensure_writable(out, args.overwrite)  # before any reading: a taken file is refused at once
+    elif args.overwrite:
+        raise InputError("--overwrite applies only with --out FILE")
+    text = render_card(card_facts(require_store(args, writable=False), run_id, step, args.evaluation_run, prices))
+    if out is None:
+        return text.rstrip("\n")
+    write_atomic(out, text.encode(), overwrite=args.overwrite)
+    return f"wrote the model card of {run_id}/{step} to {out}"
+
+
+def _run_and_step(reference: str, step: str | None) -> tuple[str, str]:
+    """RUN with --step, or RUN/STEP; both naming a step is refused unless they agree."""
+    run_id, _, named = reference.partition("/")
+    if named and step and named != step:
+        raise InputError(f"{reference} names step {named!r} but --step is {step!r}; give the step once")
+    return run_id, named or step or CPT
