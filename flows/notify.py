@@ -167,10 +167,33 @@ def notify(settings: NotifySettings | None, end: RunEnd) -> bool:
     return False
 
 
+class _HideWebhooks(logging.Filter):
+    """httpx logs each request's full URL (at INFO): a webhook's is shown as scheme://host/*** instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = message
+        for url, shown in self.urls.items():
+            hidden = hidden.replace(url, shown)
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        return True
+
+
+_HIDE = _HideWebhooks()
+
+
 def _post(settings: NotifySettings, body: bytes, outcome: dict[str, Any]) -> None:
     """One POST; its outcome (HTTP status or a scrubbed error without the URL) in `outcome`."""
     import httpx
 
+    _HIDE.urls[settings.webhook] = settings.shown_webhook
+    if _HIDE not in logging.getLogger("httpx").filters:
+        logging.getLogger("httpx").addFilter(_HIDE)
     try:
         with httpx.Client(timeout=settings.timeout_seconds, follow_redirects=False) as client:
             response = client.post(settings.webhook, content=body, headers={"Content-Type": "application/json"})
