@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -25,12 +26,13 @@ from stages.base.errors import InputError, OutputExistsError
 from stages.report import build_report, gather
 from stages.report.charts import HeatCell, snr_heatmap
 from stages.store import ObjectInfo, commit_manifest, load_manifest, open_store, output_key, start_manifest, write_table
+from stages.store.compute import Prices
 
 from .helpers import REPO_ROOT, TINY
 
 CHROMIUM = Path("/usr/bin/chromium")
 PNG = b"\x89PNG\r\n\x1a\n"
-SECTIONS = ("snr", "training", "evaluation", "comparison", "drift", "lineage")
+SECTIONS = ("snr", "training", "evaluation", "comparison", "drift", "compute", "lineage")
 TYPES = ("self_attn.q_proj", "mlp.down_proj")
 # The comparison table's columns, as the compare stage writes them.
 COMPARISON_SCHEMA = pa.schema(
@@ -42,14 +44,19 @@ COMPARISON_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
-def commit(store, run_id: str, stage: str, tables: dict[str, list[dict]], inputs: list[ObjectInfo] = (), files: dict | None = None):
-    """What a stage does: write its tables (and files), then commit the manifest naming them; returns the outputs."""
+def commit(store, run_id: str, stage: str, tables: dict[str, list[dict]], inputs: list[ObjectInfo] = (), files: dict | None = None,
+           compute: dict | None = None):  # fmt: skip
+    """What a stage does: write its tables (and files), then commit the manifest naming them; returns the outputs.
+
+    `compute`: the device time its manifest records instead of this process's (a dict, or {} for a manifest from before compute).
+    """
     if not inputs:
         inputs = [store.put_bytes(f"blobs/{run_id}-{stage}.bin", f"{run_id}/{stage}".encode())]
     outputs = [write_table(store, name, pa.Table.from_pylist(rows), stage=stage, run_id=run_id) for name, rows in tables.items()]
     outputs += [store.put_bytes(output_key(run_id, stage, name), data) for name, data in (files or {}).items()]
     manifest = start_manifest(stage, "1.0", run_id, {}, list(inputs))
-    commit_manifest(store, manifest.finish(outputs))
+    finished = manifest.finish(outputs)
+    commit_manifest(store, finished if compute is None else dataclasses.replace(finished, compute=compute or None))
     return outputs
 
 
@@ -145,12 +152,12 @@ def test_a_report_gathers_the_runs_its_inputs_came_from(pipeline, tmp_path):
     result = build_report(pipeline, "eval", tmp_path / "out" / "report.html")
 
     assert result.html_path == tmp_path / "out" / "report.html" and result.markdown_path == tmp_path / "out" / "report.md"
-    assert result.sections == ("snr", "training", "evaluation", "drift", "lineage")
+    assert result.sections == ("snr", "training", "evaluation", "drift", "compute", "lineage")
     page = result.html_path.read_text()
     images = images_of(page)
     assert len(images) == result.images == 3 and all(image.startswith(PNG) for image in images)
     assert not re.search(r'(src|href)="(?!data:|#)', page), "nothing is fetched: no external stylesheet, script, font or link"
-    assert "Not a comparison" in page and page.count("<table>") == 5
+    assert "Not a comparison" in page and page.count("<table>") == 6
     markdown = result.markdown_path.read_text()
     assert markdown.startswith("# Spectrum report: run `eval`")
     assert "| perplexity    | held-out | 500.0 |   150.0 | -350.0 |          -70.0% |  2,048 |" in markdown
@@ -180,12 +187,58 @@ def test_a_section_without_data_says_so_in_one_line(store, tmp_path):
 
     result = build_report(store, "solo", tmp_path / "solo.html")
 
-    assert result.sections == ("training", "lineage") and result.images == 1
+    assert result.sections == ("training", "compute", "lineage") and result.images == 1
     page = result.html_path.read_text()
     for line in ("No SNR scan or layer selection in this run", "No evaluation in this run", "Not a comparison", "No SNR drift"):
         assert page.count(line) == 1
         assert line in result.markdown_path.read_text()
     assert "| solo | cpt   | succeeded | 1.0" in result.markdown_path.read_text()  # the lineage table
+
+
+def gpu(count: int, seconds: float, device: str = "cuda") -> dict:
+    name = "NVIDIA H200" if device == "cuda" else None
+    return {"device": device, "device_name": name, "device_count": count, "seconds": seconds, "device_seconds": count * seconds}
+
+
+def test_the_compute_section_shows_gpu_hours_per_stage_and_for_the_run_and_a_cost(store, tmp_path, capsys):
+    scan = commit(store, "scan", "snr_scan", {SNR_TABLE: snr_rows()}, compute=gpu(1, 1800, "cpu"))
+    trained = commit(store, "train", "cpt", {TRAINING_METRICS_TABLE: metrics_rows(3)}, inputs=scan, compute=gpu(4, 900))
+    commit(store, "eval", "evaluate", {EVALUATION_TABLE: evaluation_rows()}, inputs=trained, compute=gpu(1, 360))
+
+    plain = build_report(store, "eval", tmp_path / "plain.html")
+    assert "compute" in plain.sections
+    markdown = plain.markdown_path.read_text()
+    assert "Run eval: 0.1000 GPU-h." in markdown  # the run's own stage: 1 GPU x 6 minutes
+    assert "With the earlier runs it builds on: 1.1000 GPU-h, 0.5000 CPU-h." in markdown
+    assert "| train | cpt      | 4 × NVIDIA H200 |   900.0 | 1.0000 | 0.0000 |" in markdown
+    assert "| scan  | snr_scan | 1 × cpu         | 1,800.0 | 0.0000 | 0.5000 |" in markdown
+    assert "cost" not in markdown.split("## Compute")[1].split("## Lineage")[0]  # no price, no cost
+
+    priced = build_report(store, "eval", tmp_path / "priced.html", prices=Prices({"cuda": 4.0, "cpu": 0.1}), currency="$")
+    markdown = priced.markdown_path.read_text()
+    assert "Run eval: 0.1000 GPU-h, cost \\$0.40." in markdown and "1.1000 GPU-h, 0.5000 CPU-h, cost \\$4.45." in markdown
+    assert "| train | cpt      | 4 × NVIDIA H200 |   900.0 | 1.0000 | 0.0000 | \\$4.00 |" in markdown
+    page = priced.html_path.read_text()
+    assert "<p>Run eval: 0.1000 GPU-h, cost $0.40.</p>" in page and '<th class="num">cost</th>' in page
+
+    gpu_only = build_report(store, "eval", tmp_path / "gpu.html", prices=Prices({"cuda": 4.0}))
+    assert "No cost: a device kind these stages used has no price per device-hour." in gpu_only.markdown_path.read_text()
+
+    from spectrum_cli.main import main
+
+    out = tmp_path / "cli.html"
+    assert main(["report", "eval", "--store", store.root_uri, "--out", str(out), "--price-per-device-hour", "2"]) == 0
+    assert "Run eval: 0.1000 GPU-h, cost 0.20." in out.with_suffix(".md").read_text() and "compute" in capsys.readouterr().out
+    assert main(["report", "eval", "--store", store.root_uri, "--out", str(tmp_path / "x.html"), "--price-per-device-hour", "gpu=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --price-per-device-hour gpu=2: unknown device kind") and not (tmp_path / "x.html").exists()
+
+
+def test_stages_committed_before_compute_was_recorded_say_so(store, tmp_path):
+    commit(store, "old", "cpt", {TRAINING_METRICS_TABLE: metrics_rows(3)}, compute={})
+    result = build_report(store, "old", tmp_path / "old.html")
+    assert "compute" not in result.sections
+    assert "_No compute recorded: these stages were committed before manifests recorded device time._" in result.markdown_path.read_text()
 
 
 def test_the_snr_map_falls_back_to_evaluates_scan_of_the_base_model(store, tmp_path):
@@ -196,7 +249,7 @@ def test_the_snr_map_falls_back_to_evaluates_scan_of_the_base_model(store, tmp_p
     data = gather(store, "eval")
 
     assert data.snr_key == ("eval", "snr_scan.evaluate_base") and data.selections == [] and data.changed is None
-    assert build_report(store, "eval", tmp_path / "r.html").sections == ("snr", "evaluation", "lineage")
+    assert build_report(store, "eval", tmp_path / "r.html").sections == ("snr", "evaluation", "compute", "lineage")
 
 
 def test_a_comparison_names_each_arm_by_its_method(pipeline, tmp_path):
@@ -373,13 +426,14 @@ def test_the_report_of_a_real_comparison_loads_in_a_browser(real_store, tmp_path
     assert seen["requests"] == [result.html_path.as_uri()], "the page requests nothing but itself"
     assert len(seen["images"]) == 4 and all(image["complete"] and image["width"] > 0 for image in seen["images"])
     assert seen["sections"] == list(SECTIONS) and seen["title"] == "Spectrum report: cmp"
-    assert len(seen["tables"]) == 6 and all(rows > 0 for rows in seen["tables"])
+    assert len(seen["tables"]) == 7 and all(rows > 0 for rows in seen["tables"])
+    assert "Compute" in seen["headings"]  # GPU-hours per stage and for the run
     assert not seen["overflow"], "the page fits a laptop screen without scrolling sideways"
     assert (tmp_path / "report.png").read_bytes().startswith(PNG)
 
     # the evaluate run alone: everything upstream, no comparison; frozen tensors on the drift diagonal
     alone = build_report(real_store, "eval", tmp_path / "eval.html")
-    assert alone.sections == ("snr", "training", "evaluation", "drift", "lineage") and alone.images == 3
+    assert alone.sections == ("snr", "training", "evaluation", "drift", "compute", "lineage") and alone.images == 3
     data = gather(real_store, "eval")
     [selection] = data.selections
     changed = {r["tensor_name"] for r in data.evaluations[0].drift if r["changed"]}

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..base.errors import InputError
 from ..base.files import ensure_writable, write_atomic
 from ..store import ArtifactStore
+from ..store.compute import Prices
 from .build import ReportData, gather
 from .render import compose, to_html, to_markdown
 
@@ -24,7 +25,7 @@ HTML_SUFFIXES = (".html", ".htm")
 class ReportResult:
     html_path: Path
     markdown_path: Path
-    sections: tuple[str, ...]  # ids of the sections that had data: snr, training, evaluation, comparison, drift, lineage
+    sections: tuple[str, ...]  # ids of the sections that had data: snr, training, evaluation, comparison, drift, compute, lineage
     images: int  # charts embedded in the HTML
 
 
@@ -36,8 +37,10 @@ def report_paths(out: Path) -> tuple[Path, Path]:
     return out, out.with_suffix(".md")
 
 
-def build_report(store: ArtifactStore, run_id: str, out: Path, *, overwrite: bool = False) -> ReportResult:
-    """Write the report of `run_id` to `out` (HTML) and `out` with `.md` (Markdown).
+def build_report(
+    store: ArtifactStore, run_id: str, out: Path, *, overwrite: bool = False, prices: Prices | None = None, currency: str = ""
+) -> ReportResult:
+    """Write the report of `run_id` to `out` (HTML) and `out` with `.md` (Markdown); with `prices`, the compute's cost.
 
     InputError when the output cannot be written (checked first) or the run has nothing to report;
     OutputExistsError when a file exists and `overwrite` is off.
@@ -45,7 +48,9 @@ def build_report(store: ArtifactStore, run_id: str, out: Path, *, overwrite: boo
     html_path, markdown_path = report_paths(out)
     for path in (html_path, markdown_path):
         ensure_writable(path, overwrite)
-    document = compose(gather(store, run_id))
+    data = gather(store, run_id)
+    data.prices, data.currency = prices, currency
+    document = compose(data)
     try:
         write_atomic(markdown_path, to_markdown(document, html_path.name).encode("utf-8"), overwrite=overwrite)
         write_atomic(html_path, to_html(document).encode("utf-8"), overwrite=overwrite)

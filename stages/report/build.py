@@ -33,6 +33,7 @@ from ..base.contracts import (
 )
 from ..base.errors import InputError
 from ..store import ArtifactNotFoundError, ArtifactStore, output_key, read_output, read_table
+from ..store.compute import Prices
 from ..store.lineage import Key, LineageNode, Producers, ancestors
 from ..store.manifest import committed_manifests
 
@@ -110,6 +111,8 @@ class ReportData:
     comparison_key: Key | None = None
     methods: dict[str, str] = field(default_factory=dict)  # run id -> comparison method
     changed: set[str] | None = None  # changed tensors to mark on an SNR map without a selection (one training only)
+    prices: Prices | None = None  # price per device-hour: the compute section shows a cost with it
+    currency: str = ""
 
     @property
     def model(self) -> str | None:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
+from ..store.compute import CPU, CUDA, describe_usage, usage
 from . import charts
 from .build import Evaluation, ReportData, Selection
 
@@ -84,7 +85,7 @@ class Document:
 
 def compose(data: ReportData) -> Document:
     """The report's sections, in reading order."""
-    sections = [_snr(data), _training(data), _evaluation(data), _comparison(data), _drift(data), _lineage(data)]
+    sections = [_snr(data), _training(data), _evaluation(data), _comparison(data), _drift(data), _compute(data), _lineage(data)]
     versions = sorted({node.manifest.code_version for node in data.stages})
     meta = [f"store {data.store_uri}", f"code version {', '.join(versions)}", f"generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"]
     return Document(data.run_id, _summary(data), meta, sections)
@@ -361,6 +362,39 @@ def _drift(data: ReportData) -> Section:
         )
     section.blocks.append(Table(headers, rows, [TEXT] * (len(headers) - 5) + [NUM] * 5))
     return section
+
+
+def _compute(data: ReportData) -> Section:
+    """GPU-hours (and CPU-hours) per stage from the manifests, the run's own and with the earlier runs it builds on."""
+    section = Section("compute", "Compute")
+    nodes = [node for node in data.stages if node.manifest.compute is not None]
+    if not nodes:
+        section.blocks.append(Text("No compute recorded: these stages were committed before manifests recorded device time.", True))
+        return section
+    own = usage([n.manifest.compute for n in data.stages if data.own(n.key)], data.prices)
+    everything = usage([n.manifest.compute for n in data.stages], data.prices)
+    section.blocks.append(Text(f"Run {data.run_id}: {describe_usage(own, data.currency)}."))
+    if any(not data.own(node.key) for node in data.stages):
+        section.blocks.append(Text(f"With the earlier runs it builds on: {describe_usage(everything, data.currency)}."))
+    if data.prices is not None and everything.cost is None:
+        section.blocks.append(Text("No cost: a device kind these stages used has no price per device-hour."))
+    headers = ["run", "stage", "device", "seconds", "GPU-h", "CPU-h"] + (["cost"] if data.prices is not None else [])
+    rows = [_compute_row(data, node.manifest) for node in data.stages]
+    section.blocks.append(Table(headers, rows, [MONO, MONO, TEXT] + [NUM] * (len(headers) - 3)))
+    return section
+
+
+def _compute_row(data: ReportData, manifest: Any) -> list[str]:
+    compute = manifest.compute
+    if compute is None:
+        return [manifest.run_id, manifest.stage, "not recorded", "—", "—", "—"] + (["—"] if data.prices is not None else [])
+    use = usage([compute], data.prices)
+    device = f"{compute.get('device_count', 1)} × {compute.get('device_name') or compute['device']}"
+    row = [manifest.run_id, manifest.stage, device, f"{float(compute['seconds']):,.1f}"]
+    row += [f"{use.device_hours.get(kind, 0.0):.4f}" for kind in (CUDA, CPU)]
+    if data.prices is not None:
+        row.append("—" if use.cost is None else f"{data.currency}{use.cost:,.2f}")
+    return row
 
 
 def _lineage(data: ReportData) -> Section:
