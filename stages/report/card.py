@@ -116,6 +116,10 @@ class CardFacts:
         return replace(self, evaluation=None, evaluation_source=None, compute=None, gpu_hours=None, cost=None)
 
     @property
+    def card_command(self) -> str:
+        return f"spectrum card {self.run_id} --step {self.step} --store {self.store_uri}"
+
+    @property
     def audit_command(self) -> str:
         return f"spectrum audit {self.run_id} --store {self.store_uri}"
 
@@ -453,8 +457,8 @@ def _tensor_table(facts: CardFacts) -> str:
 
 def _evaluation_text(facts: CardFacts) -> str:
     if facts.evaluation is None:
-        reason = facts.evaluation_source or "not in this card"
-        return f"{_one_line(reason)}; `spectrum card {facts.run_id} --step {facts.step} --store {facts.store_uri}` adds it once evaluated."
+        reason = _one_line(facts.evaluation_source) if facts.evaluation_source else "Not in this card: the model had not been evaluated"
+        return f"{reason[:1].upper()}{reason[1:]}; `{facts.card_command}` shows it once the model is evaluated."
     lines = [f"From `{facts.evaluation_source}`.", "", "| metric | dataset | base | trained | delta |", "|---|---|---:|---:|---:|"]
     for row in facts.evaluation:
         values = " | ".join(_number(v) for v in (row.base, row.trained, row.delta))
@@ -464,7 +468,7 @@ def _evaluation_text(facts: CardFacts) -> str:
 
 def _compute_text(facts: CardFacts) -> str:
     if facts.compute is None:
-        return f"Not in this card (recorded when the training finished): `spectrum card {facts.run_id} --step {facts.step}` shows it."
+        return f"Not in this card: it is recorded when the training has finished; `{facts.card_command}` shows it."
     return f"Training: {facts.compute}."
 
 
