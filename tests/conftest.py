@@ -11,7 +11,7 @@ import pytest
 
 from .helpers import QUIET, TINY
 
-pytest_plugins = ["tests.s3_server"]  # the real S3 server fixtures
+pytest_plugins = ["tests.s3_server", "tests.mlflow_server"]  # the real S3 and MLflow server fixtures
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,7 @@ from .helpers import REPO_ROOT
 LAYERS = (
     ("base", ("stages", "stages.base")),
     ("store", ("stages.store",)),
+    ("tracking", ("stages.tracking",)),
     ("stage framework", ("stages.core",)),
     (
         "stage helpers",

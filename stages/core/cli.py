@@ -23,6 +23,8 @@ from ..base import settings
 from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError, describe_os_error, recorded_failure
 from ..store import ArtifactStore, StageRef, open_store
 from ..store.scrub import redact
+from ..tracking import DEFAULT_EXPERIMENT, target_from_settings
+from ..tracking.target import EXPERIMENT_ENV, TRACKING_URI_ENV
 from .record import write_record
 from .stage import Option, Stage, StageConfig, StageContext, options_of
 
@@ -59,6 +61,20 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record", metavar="FILE", help="write the outcome to FILE (JSON: the manifest committed or reused, and whether it was reused)"
     )
+    add_tracking_arguments(parser)
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the stage is logged in MLflow: off unless a tracking URI is given (here or in $MLFLOW_TRACKING_URI)."""
+    parser.add_argument(
+        "--mlflow-tracking-uri",
+        metavar="URI",
+        help=f"log the stage to this MLflow server (default: ${TRACKING_URI_ENV}; none: not tracked)",
+    )
+    parser.add_argument(
+        "--mlflow-experiment", metavar="NAME", help=f"MLflow experiment (default: ${EXPERIMENT_ENV}, else {DEFAULT_EXPERIMENT})"
+    )
+    parser.add_argument("--mlflow-parent-run", metavar="ID", help="nest the stage's MLflow run in this one (a pipeline run's)")
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: Stage) -> None:
@@ -146,6 +162,7 @@ def context_from_args(args: argparse.Namespace) -> StageContext:
         force=args.force,
         work_dir=Path(args.work_dir) if args.work_dir else None,
         progress=args.progress,
+        tracking=target_from_settings(args.mlflow_tracking_uri, args.mlflow_experiment, args.mlflow_parent_run),
     )
 
 
@@ -187,6 +204,9 @@ def command_line(stage: Stage, config: StageConfig, context: StageContext, recor
     flags += ["--work-dir", str(context.work_dir)] if context.work_dir else []
     flags += [] if context.progress is None else ["--progress" if context.progress else "--no-progress"]
     flags += ["--record", str(record)] if record else []
+    if context.tracking is not None:
+        flags += ["--mlflow-tracking-uri", context.tracking.tracking_uri, "--mlflow-experiment", context.tracking.experiment]
+        flags += ["--mlflow-parent-run", context.tracking.parent_run_id] if context.tracking.parent_run_id else []
     return [*positional, *flags]
 
 

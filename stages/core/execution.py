@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -142,7 +142,7 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
     if not context.force:
         earlier = plan.committed()
         if earlier is not None and (context.run_id in (None, earlier.run_id) or store.exists(manifest_key(context.run_id, step))):
-            return StageOutcome(earlier, cached=True)
+            return _track_reuse(plan, StageOutcome(earlier, cached=True))
     _refuse_committed(store, manifest.run_id, step)
     holder = holder_identity(run_id=manifest.run_id, stage=step, cache_key=manifest.cache_key)
     try:
@@ -156,7 +156,7 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
         result = _execute_leased(plan, produce)
         if result.cached:
             lease.release("reused")
-    return result
+    return _track_reuse(plan, result)
 
 
 def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
@@ -171,7 +171,7 @@ def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
     try:
         made = produce(StageRun(store, step, manifest.run_id, manifest.cache_key))
         produced = made if isinstance(made, Produced) else Produced(made)
-        committed = manifest.finish(produced.outputs)
+        committed = _tracked(plan, manifest.finish(produced.outputs))
         commit_manifest(store, committed)
     except BaseException as exc:
         # Record the failure (of the work or of the commit itself); if even that cannot be
@@ -181,6 +181,26 @@ def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
             setattr(exc, RECORDED_FAILURE, f"{step} stage of run {manifest.run_id}")
         raise
     return StageOutcome(committed, cached=False, detail=produced.detail)
+
+
+def _tracked(plan: StagePlan, finished: Manifest) -> Manifest:
+    """The finished manifest with where the experiment tracker logged it (or why it could not), before its commit."""
+    target = plan.context.tracking
+    if target is None:
+        return finished
+    from ..tracking.mlflow_log import log_stage
+
+    return replace(finished, tracking=log_stage(target, plan.store, finished))
+
+
+def _track_reuse(plan: StagePlan, outcome: StageOutcome) -> StageOutcome:
+    """A reused stage is logged too (as the run it reused, tagged so): a pipeline run's tracker shows every stage."""
+    target = plan.context.tracking
+    if target is not None and outcome.cached:
+        from ..tracking.mlflow_log import log_stage
+
+        log_stage(target, plan.store, replace(outcome.manifest, run_id=plan.manifest.run_id, stage=plan.step), reused_from=outcome.manifest)
+    return outcome
 
 
 def _refuse_committed(store: ArtifactStore, run_id: str, step: str) -> None:

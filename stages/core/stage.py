@@ -19,8 +19,9 @@ A stage module (`stages/<stage>.py`) defines
   drift apart. Fields marked `cache=True` are the parameters that form the store's cache key
   (`config.cache_parameters()`), together with the sha256 of every input.
 - The context carries what is the same for every stage: the artifact store (None: local
-  outputs only), the run id, force, the work folder and progress bars. Its options (--store,
-  --run-id, --force, --work-dir, --progress, --s3-endpoint-url) are added to every stage.
+  outputs only), the run id, force, the work folder, progress bars and the experiment tracker.
+  Its options (--store, --run-id, --force, --work-dir, --progress, --s3-endpoint-url,
+  --mlflow-*) are added to every stage.
 - Inputs that a pipeline fills from an upstream stage are declared on the option itself:
   `option(wired=From(SNR_SCAN), …)` takes the upstream stage's run (a typed StageRef; on the
   command line `RUN` or `RUN/STEP`), `From(DOWNLOAD, "model")` one of its named outputs
@@ -52,6 +53,7 @@ from ..base.library_output import follow_progress
 from ..store import ArtifactStore, Manifest, StageRef, new_run_id
 from ..store.keys import NAME, validate_name
 from ..store.scrub import check_values
+from ..tracking import MlflowTarget
 
 OPTION = "spectrum_option"
 PIPELINE_INPUTS = "pipeline"  # From(PIPELINE_INPUTS, "model"): the pipeline config's own model:, revision: or data:
@@ -163,6 +165,7 @@ class StageContext:
     work_dir: Path | None = None  # None: $SPECTRUM_WORK_DIR or ~/.cache/spectrum/work
     progress: bool | None = None  # None: progress bars when stderr is a terminal
     step: str | None = None  # run the stage as the step `<stage>.<step>` of the run (a second scan, say)
+    tracking: MlflowTarget | None = None  # log the stage to MLflow (stages.tracking); None: not tracked
 
     def __post_init__(self) -> None:
         """Names are checked before any work, so a bad or secret-looking run id never leaves outputs behind."""
