@@ -90,6 +90,7 @@ def run_stage_deployment(stage_name: str, config: StageConfig, context: StageCon
         "run_id": context.run_id,
         "step": context.step,
         "force": context.force,
+        "tracking": context.tracking.to_dict() if context.tracking else None,
     }
     if scrub(repr(parameters)) != repr(parameters):  # flow run parameters are stored by the Prefect server and shown in its UI
         raise InputError(
