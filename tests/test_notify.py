@@ -22,6 +22,7 @@ from stages.store.compute import Prices
 from .test_pipeline import inputs, write_config  # noqa: F401 - the tiny pipeline's inputs fixture
 
 SECRET = "T0SECRET/B0SECRET/xoxbSecretToken"
+DATA_SECRET = "Pw0rdSecret99"  # a credential in the config's data URL
 HANG_GUARD_S = 600
 
 
@@ -210,7 +211,7 @@ def test_a_refused_connection_is_one_warning_and_the_run_succeeds(tmp_path, monk
 def test_a_run_that_fails_posts_its_failing_step_and_error_once(prefect_api, tmp_path, receiver, tiny_model):
     hook = receiver()
     config = load_pipeline_config(
-        config_in(tmp_path, {"webhook": hook.url}, model=str(tiny_model), data=f"https://reader:{SECRET}@data.example.invalid/drop")
+        config_in(tmp_path, {"webhook": hook.url}, model=str(tiny_model), data=f"https://reader:{DATA_SECRET}@data.example.invalid/drop")
     )
     with pytest.raises(InputError) as caught:
         run_pipeline(config, run="broken")
@@ -218,7 +219,7 @@ def test_a_run_that_fails_posts_its_failing_step_and_error_once(prefect_api, tmp
     assert post["status"] == "failed" and post["run_id"] == "broken" and post["failed_step"] == "download"
     assert post["error"] and "\n" not in post["error"] and len(post["error"]) <= 500 and "data.example.invalid" in post["error"]
     assert post["text"].startswith("Spectrum pipeline run broken failed at download: ")
-    assert SECRET not in json.dumps(post) and SECRET not in str(caught.value)
+    assert DATA_SECRET not in json.dumps(post) and DATA_SECRET not in str(caught.value) and "https://***@data" in post["error"]
 
 
 def test_an_interrupted_run_posts_a_failure_and_stays_interrupted(tmp_path, monkeypatch, receiver):
