@@ -9,7 +9,6 @@ from stages.base.contracts import CPT
 from stages.base.errors import InputError
 from stages.base.files import ensure_writable, write_atomic
 from stages.core.cli import add_store_location_arguments, require_store
-from stages.report.card import card_facts, render_card
 from stages.store.compute import Prices
 
 HELP = "the Hugging Face model card (README.md) of a trained model, with its evaluation and compute"
@@ -39,6 +38,8 @@ def run(args: argparse.Namespace) -> str:
         ensure_writable(out, args.overwrite)  # before any reading: a taken file is refused at once
     elif args.overwrite:
         raise InputError("--overwrite applies only with --out FILE")
+    from stages.report.card import card_facts, render_card  # the report package loads matplotlib: only when a card is asked for
+
     text = render_card(card_facts(require_store(args, writable=False), run_id, step, args.evaluation_run, prices))
     if out is None:
         return text.rstrip("\n")

@@ -37,7 +37,6 @@ from ..base.errors import InputError, OutputExistsError
 from ..base.files import all_files, ensure_writable_folder
 from ..core.execution import Produced, StageRun, execute_plan, plan_stage, require_store_in
 from ..core.stage import From, StageConfig, StageContext, StageResult, option, options_of
-from ..report.card import CARD_FILE, render_card, training_facts
 from ..store import ArtifactStore, Manifest, ObjectInfo, StageRef
 from ..store.trees import file_ref, local_copy
 from ..weights.checkpoint import ModelWeights
@@ -189,6 +188,9 @@ def run_training(
                 "total_parameters": freeze.total_parameters,
             }
             # The model card, from the records about to be published: one of the model's files (model/README.md).
+            # Imported here: the report package loads matplotlib, which no other training path needs.
+            from ..report.card import CARD_FILE, render_card, training_facts
+
             card = training_facts(store, plan.manifest, training, audit.to_pylist(), selection.ref if selection else None)
             with disk_errors(trained_dir):
                 (trained_dir / CARD_FILE).write_text(render_card(card), encoding="utf-8")
