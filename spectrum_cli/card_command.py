@@ -9,7 +9,9 @@ from stages.base.contracts import CPT
 from stages.base.errors import InputError
 from stages.base.files import ensure_writable, write_atomic
 from stages.core.cli import add_store_location_arguments, require_store
-from stages.store.compute import Prices
+from stages.store import ArtifactStore
+
+from .prices import add_price_argument, prices_from_args
 
 HELP = "the Hugging Face model card (README.md) of a trained model, with its evaluation and compute"
 DESCRIPTION = """The model card of the model a cpt or sft step of RUN trained, generated from the artifact store's
@@ -21,33 +23,45 @@ in the model folder (model/README.md) is the same without evaluation and compute
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_id", metavar="RUN", help="the run that trained the model (RUN, or RUN/STEP such as RUN/sft)")
-    parser.add_argument("--step", default=None, help="the training step: cpt (default), sft or a step of them such as cpt.x")
-    parser.add_argument("--evaluation-run", metavar="RUN", default=None, help="the evaluate run to show (default: RUN's own evaluate step)")
-    parser.add_argument("--price-per-device-hour", type=float, default=None, metavar="X", help="show a cost at this price per device-hour")
+    add_card_source_arguments(parser)
     parser.add_argument("--out", "-o", default=None, help="write the card to this file instead of printing it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_store_location_arguments(parser)
 
 
+def add_card_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which training's card, with which evaluation and prices: `spectrum card` and `spectrum register` take the same."""
+    parser.add_argument("run_id", metavar="RUN", help="the run that trained the model (RUN, or RUN/STEP such as RUN/sft)")
+    parser.add_argument("--step", default=None, help="the training step: cpt (default), sft or a step of them such as cpt.x")
+    parser.add_argument("--evaluation-run", metavar="RUN", default=None, help="the evaluate run to show (default: RUN's own evaluate step)")
+    add_price_argument(parser)
+
+
+def card_of_args(args: argparse.Namespace, store: ArtifactStore) -> tuple[str, str, str]:
+    """(run id, step, the full card) of the training the arguments name."""
+    run_id, step = run_and_step(args.run_id, args.step)
+    prices = prices_from_args(args)
+    from stages.report.card import card_facts, render_card  # the report package loads matplotlib: only when a card is asked for
+
+    return run_id, step, render_card(card_facts(store, run_id, step, args.evaluation_run, prices))
+
+
 def run(args: argparse.Namespace) -> str:
-    run_id, step = _run_and_step(args.run_id, args.step)
-    prices = Prices.parse(args.price_per_device_hour, "--price-per-device-hour")
+    run_and_step(args.run_id, args.step)
+    prices_from_args(args)
     out = Path(args.out) if args.out else None
     if out is not None:
         ensure_writable(out, args.overwrite)  # before any reading: a taken file is refused at once
     elif args.overwrite:
         raise InputError("--overwrite applies only with --out FILE")
-    from stages.report.card import card_facts, render_card  # the report package loads matplotlib: only when a card is asked for
-
-    text = render_card(card_facts(require_store(args, writable=False), run_id, step, args.evaluation_run, prices))
+    run_id, step, text = card_of_args(args, require_store(args, writable=False))
     if out is None:
         return text.rstrip("\n")
     write_atomic(out, text.encode(), overwrite=args.overwrite)
     return f"wrote the model card of {run_id}/{step} to {out}"
 
 
-def _run_and_step(reference: str, step: str | None) -> tuple[str, str]:
+def run_and_step(reference: str, step: str | None) -> tuple[str, str]:
     """RUN with --step, or RUN/STEP; both naming a step is refused unless they agree."""
     run_id, _, named = reference.partition("/")
     if named and step and named != step:

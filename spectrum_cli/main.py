@@ -7,7 +7,7 @@ import argparse
 from stages import __version__, compare, cpt, download, evaluate, layer_select, promote, sft, snr_scan
 from stages.core.cli import execute, stage_parser
 
-from . import audit, compare_command, demo, line_command, pipeline_command, report
+from . import audit, card_command, compare_command, demo, line_command, pipeline_command, register_command, report
 
 STAGES = (download.STAGE, snr_scan.STAGE, layer_select.STAGE, cpt.STAGE, sft.STAGE, evaluate.STAGE, promote.STAGE)
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("runs", audit.RUNS_HELP, audit.RUNS_DESCRIPTION, audit.add_runs_arguments, audit.runs_command),
         ("audit", audit.AUDIT_HELP, audit.AUDIT_DESCRIPTION, audit.add_audit_arguments, audit.audit_command),
         ("report", report.HELP, report.DESCRIPTION, report.add_arguments, report.run),
+        ("card", card_command.HELP, card_command.DESCRIPTION, card_command.add_arguments, card_command.run),
+        ("register", register_command.HELP, register_command.DESCRIPTION, register_command.add_arguments, register_command.run),
         ("pipeline", pipeline_command.HELP, pipeline_command.DESCRIPTION, pipeline_command.add_arguments, None),
         (
             "watch",

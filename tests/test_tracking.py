@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from spectrum_cli.main import main
 from stages import cpt, layer_select, snr_scan
-from stages.base.contracts import SELECTION_JSON_FILE, UNFROZEN_YAML_FILE
+from stages.base.contracts import SELECTION_JSON_FILE, SNR_TABLE, UNFROZEN_YAML_FILE
 from stages.core.cli import command_line, context_from_args, stage_parser
 from stages.core.stage import StageContext
 from stages.store import load_manifest, open_store, read_output
+from stages.store.tables import read_table_output
 from stages.tracking import MlflowTarget, start_pipeline_run
 from stages.tracking.mlflow_log import LOGGED, UNAVAILABLE
 
@@ -63,7 +63,7 @@ def test_a_pipeline_of_stages_is_one_mlflow_run_with_a_nested_run_per_stage(base
     assert by_stage["layer_select"].data.tags["spectrum.selection_sha256"] == selection_sha
     assert by_stage["layer_select"].data.tags["spectrum.estimator"] == "reference"
     snr = mlflow_client.download_artifacts(by_stage["snr_scan"].info.run_id, "tables/snr.parquet", str(tmp_path / "download"))
-    assert pq.read_table(snr).num_rows == len(scanned.detail)
+    assert Path(snr).read_bytes() == read_table_output(store, scanned.manifest, SNR_TABLE)[0]
     # one point per optimizer step of each training curve
     cpt_run = by_stage["cpt"].info.run_id
     for curve in ("loss", "learning_rate", "grad_norm", "tokens_per_second"):

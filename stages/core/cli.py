@@ -64,7 +64,7 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     add_tracking_arguments(parser)
 
 
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+def add_tracking_arguments(parser: argparse.ArgumentParser, parent: bool = True) -> None:
     """Where the stage is logged in MLflow: off unless a tracking URI is given (here or in $MLFLOW_TRACKING_URI)."""
     parser.add_argument(
         "--mlflow-tracking-uri",
@@ -74,7 +74,8 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mlflow-experiment", metavar="NAME", help=f"MLflow experiment (default: ${EXPERIMENT_ENV}, else {DEFAULT_EXPERIMENT})"
     )
-    parser.add_argument("--mlflow-parent-run", metavar="ID", help="nest the stage's MLflow run in this one (a pipeline run's)")
+    if parent:
+        parser.add_argument("--mlflow-parent-run", metavar="ID", help="nest the stage's MLflow run in this one (a pipeline run's)")
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: Stage) -> None:

@@ -45,7 +45,7 @@ _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
 LOGGED, UNAVAILABLE = "logged", "unavailable"
 
 
-def _client(target: MlflowTarget):
+def tracker_client(target: MlflowTarget):
     for name, value in _CLIENT_ENV.items():
         os.environ.setdefault(name, value)
     from mlflow import MlflowClient
@@ -53,7 +53,7 @@ def _client(target: MlflowTarget):
     return MlflowClient(tracking_uri=target.tracking_uri)
 
 
-def _experiment_id(client, name: str) -> str:
+def ensure_experiment(client, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -74,8 +74,8 @@ def log_stage(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, re
     """
     source = reused_from or manifest
     try:
-        client = _client(target)
-        experiment_id = _experiment_id(client, target.experiment)
+        client = tracker_client(target)
+        experiment_id = ensure_experiment(client, target.experiment)
         tags = {**_stage_tags(store, source), "mlflow.runName": manifest.stage, "spectrum.run_id": manifest.run_id}
         if reused_from is not None:
             tags["spectrum.reused_from"] = reused_from.run_id
@@ -104,8 +104,8 @@ def log_stage(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, re
 def start_pipeline_run(target: MlflowTarget, run_id: str, store_uri: str, parameters: Mapping[str, Any]) -> MlflowTarget:
     """The pipeline run's MLflow run, which the stages nest in: the target with its parent set (unchanged if the tracker is down)."""
     try:
-        client = _client(target)
-        experiment_id = _experiment_id(client, target.experiment)
+        client = tracker_client(target)
+        experiment_id = ensure_experiment(client, target.experiment)
         tags = {
             "mlflow.runName": f"pipeline {run_id}",
             "spectrum.run_id": run_id,
@@ -125,7 +125,7 @@ def finish_pipeline_run(target: MlflowTarget, succeeded: bool, metrics: Mapping[
     if target.parent_run_id is None:
         return
     try:
-        client = _client(target)
+        client = tracker_client(target)
         _log_metrics(client, target.parent_run_id, [(name, float(value), 0) for name, value in metrics.items()])
         for name, path in artifacts.items():
             client.log_artifact(target.parent_run_id, str(path), artifact_path=name or None)
