@@ -80,7 +80,7 @@ def _register(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, mo
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    existing = _existing_version(client, model_name, manifest)
+    existing = _existing_version(client, model_name, tags)
     by_reference = not isinstance(store, FileStore)
     if existing is not None:
         version, source, mlflow_run_id, already = existing.version, existing.source, existing.run_id, True
@@ -117,10 +117,11 @@ def _files_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
 
 
-def _existing_version(client, model_name: str, manifest: Manifest):
-    """The version already registered for this run and step (registering twice adds nothing)."""
+def _existing_version(client, model_name: str, tags: dict[str, str]):
+    """The version already registered for these files of this run, step and store (registering twice adds nothing)."""
+    same = ("spectrum.run_id", "spectrum.step", "spectrum.store", "spectrum.model_sha256")
     for version in client.search_model_versions(f"name = '{model_name}'"):
-        if version.tags.get("spectrum.run_id") == manifest.run_id and version.tags.get("spectrum.step") == manifest.stage:
+        if all(version.tags.get(tag) == tags[tag] for tag in same):
             return version
     return None
 
