@@ -106,7 +106,7 @@ def run_end(
         evaluation=headlines(store, manifests.get(EVALUATE)),
         gpu_hours=round(use.gpu_hours, 6),
         device_hours={kind: round(hours, 6) for kind, hours in use.device_hours.items()},
-        cost=None if use.cost is None else round(use.cost, 4),
+        cost=None if use.cost is None else round(use.cost, 6),
         currency=currency,
         usage=describe_usage(use, currency),
         report=report,
