@@ -121,6 +121,11 @@ def run_usage(run_id: str, manifests: Mapping[str, Manifest], cost: CostSettings
     return usage(computes, cost.prices if cost else None)
 
 
+def describe_run_usage(run_id: str, manifests: Mapping[str, Manifest], cost: CostSettings | None) -> str:
+    """`0.0000 GPU-h, 0.0023 CPU-h, cost $0.01`: what the run spent, as the CLI and the message show it."""
+    return describe_usage(run_usage(run_id, manifests, cost), cost.currency if cost else "")
+
+
 def one_line_error(exc: BaseException) -> str:
     """What went wrong, on one scrubbed, clipped line (an interrupt says so)."""
     if isinstance(exc, KeyboardInterrupt):

@@ -86,6 +86,7 @@ def pipeline_flow(
         "cached": result.cached,
         "report": str(result.report) if result.report else None,
         "lines": [scrub(line) for line in result.lines],
+        "compute": notify.describe_run_usage(result.run_id, result.manifests, config.cost),  # this run's device time (and cost)
     }
 
 

@@ -47,6 +47,7 @@ def run_command(args: argparse.Namespace) -> str:
     for stage, run_id in outcome["stages"].items():
         how = "reused from run " + run_id if stage in outcome["cached"] else "ran" if stage in outcome["ran"] else "committed earlier"
         lines.append(f"  {stage}: {how}")
+    lines.append(f"compute: {outcome['compute']}")  # the device time this run spent (reused stages: none), priced by cost:
     if outcome["report"]:
         lines.append(f"report: {outcome['report']}")
     return "\n".join(lines)

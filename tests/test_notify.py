@@ -262,6 +262,7 @@ def test_a_completed_pipeline_flow_posts_its_stages_evaluation_cost_and_report(p
         assert entry["delta"] == pytest.approx(entry["trained"] - entry["base"])
     assert post["device_hours"] and post["cost"] == pytest.approx(2.0 * sum(post["device_hours"].values()), abs=1e-3)
     assert "cost $" in post["text"] and "perplexity on " in post["text"] and f"report: {outcome['report']}" in post["text"]
+    assert outcome["compute"].endswith(f"cost ${post['cost']:.2f}") and outcome["compute"] in post["text"]
     with get_client(sync_client=True) as client:
         stored = [*client.read_flow_runs(), *client.read_task_runs(), *client.read_logs(), *client.read_artifacts()]
     assert SECRET not in "\n".join(item.model_dump_json() for item in stored)
