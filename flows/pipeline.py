@@ -129,9 +129,10 @@ def run_pipeline(
             f"run {result.run_id!r} is being run by another pipeline ({exc}); nothing was done: wait for it (`spectrum runs` "
             "shows it), or run under another run id"
         ) from None
-    tracking = _start_tracking(config, store, result, only=only, from_stage=from_stage, force=force)
+    tracking = None
     try:
         with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
+            tracking = _start_tracking(config, store, result, only=only, from_stage=from_stage, force=force)
             if not (only or from_stage):  # a re-run keeps the starting model its committed download recorded
                 config = _starting_point(config, store, result)
             _run_stages(config, store, result, only, from_stage, force, run, work_dir, progress, tracking)

@@ -85,3 +85,19 @@ def test_a_tracker_that_is_down_is_one_warning_and_the_run_completes(tmp_path, m
         assert run_pipeline(config, run="untracked").run_id == "untracked"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "experiment tracker" in r.getMessage()]
     assert len(warnings) == 1 and f"127.0.0.1:{port}" in warnings[0].getMessage()
+
+
+def test_a_pipeline_stopped_while_its_tracking_starts_releases_its_lease(tmp_path, monkeypatch):
+    from stages.store import open_store
+    from stages.store.lease import lease_state
+    from stages.store.manifest import lease_folder
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_start_tracking", stopped)
+    document = {"model": "m", "data": "d", "store": "store", "report": False}
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_pipeline_config(tracked_config(tmp_path, document, "http://127.0.0.1:9", "x")), run="stopped")
+    released = lease_state(open_store(str(tmp_path / "store")), lease_folder("stopped", pipeline.PIPELINE_LEASE)).released
+    assert released["outcome"] == "interrupted"
