@@ -298,7 +298,8 @@ def _run_stages(
 
         result.step = "report"
         result.report = config.source.parent / REPORT_FILE
-        build_report(store, run_id, result.report, overwrite=True)
+        prices, currency = (config.cost.prices, config.cost.currency) if config.cost else (None, "")
+        build_report(store, run_id, result.report, overwrite=True, prices=prices, currency=currency)
 
 
 def open_pipeline_store(config: PipelineConfig) -> ArtifactStore:

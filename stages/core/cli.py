@@ -240,11 +240,12 @@ class _StderrHandler(logging.Handler):
 
 
 def configure_logging() -> None:
-    """Warnings of the stages (a skipped manifest, a retry) reach the user on stderr."""
-    logger = logging.getLogger("stages")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler(logging.WARNING))
-    logger.setLevel(logging.WARNING)
+    """Warnings of the stages and flows (a skipped manifest, a retry, a tracker or webhook down) reach the user on stderr."""
+    for name in ("stages", "flows"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+            logger.addHandler(_StderrHandler(logging.WARNING))
+        logger.setLevel(logging.WARNING)
 
 
 def execute(action: Action, args: argparse.Namespace) -> int:
