@@ -14,7 +14,6 @@ from stages.store.lineage import audit_run, list_run_summaries
 
 from .prices import add_price_argument, prices_from_args
 
-RUNS_HELP = "list the runs in an artifact store with their stages and status"
 RUNS_DESCRIPTION = """List every run in the artifact store: its stages, their status, when it started.
 
 A run is a set of stages committed under one run id (runs/<run>/<stage>/manifest.json).
@@ -26,7 +25,6 @@ With --cost (or a price): each run's device time from its manifests (device-hour
 with --price-per-device-hour, its cost; then the total over the runs listed. A stage a run
 reused from an earlier run counts there only, so a re-run does not count the work twice.
 The store is only read, never created or changed."""
-AUDIT_HELP = "a run's inputs, outputs, selection and training changes; or a model line's whole history (--line)"
 AUDIT_DESCRIPTION = """Show what one run did: for each stage its parameters, code version, host and time,
 every input and output with its sha256 (and S3 version id), the runs that produced its
 inputs (back to the downloaded model files), the tensors the selection made trainable with

@@ -13,7 +13,6 @@ from stages.store import ArtifactStore
 
 from .prices import add_price_argument, prices_from_args
 
-HELP = "the Hugging Face model card (README.md) of a trained model, with its evaluation and compute"
 DESCRIPTION = """The model card of the model a cpt or sft step of RUN trained, generated from the artifact store's
 records: Hugging Face metadata (base model, datasets by sha256, tags), the selection policy and SNR
 estimator, the trainable share with the embedding tensors counted, every trained tensor with its

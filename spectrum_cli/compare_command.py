@@ -15,7 +15,7 @@ from stages.core.record import write_record
 from stages.core.stage import StageResult
 from stages.store import StageRef
 
-HELP = "the same CPT budget for full fine-tuning, Spectrum-50/25 (reference, depth-aware, Gavish–Donoho) and LoRA, compared"
+DESCRIPTION = compare.__doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from stages.base.errors import InputError
 from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.sample_models.tokenizer import EOS, domain_corpus, write_tokenizer
 
-HELP = "run the whole pipeline on a generated model and data drop (the embedded default), with its report"
+DESCRIPTION = __doc__
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

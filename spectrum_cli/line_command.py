@@ -9,7 +9,6 @@ from typing import Any
 from stages.core.cli import add_store_location_arguments, require_store
 from stages.store import lines
 
-HELP = "a model line's generations, decisions and production model; promote or roll back by hand"
 DESCRIPTION = """A model line (a pipeline config's `line: {name: …}`) trains one generation per data drop, each
 continuing from the line's production model; a generation becomes production when it passes the
 promotion gate. The line's records live in the store under lines/<line>/, append-only: promoting

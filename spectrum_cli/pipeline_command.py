@@ -9,7 +9,6 @@ from flows.prefect_api import PrefectUnavailableError, scrub, start_prefect
 from stages.base.errors import InputError
 from stages.store import StoreUnavailableError
 
-HELP = "run the pipeline of a config file (download → snr_scan → layer_select → cpt → sft → evaluate + report)"
 DESCRIPTION = """Run the pipeline a YAML config describes (see flows/pipeline_config.py) as one Prefect flow
 run under one run id. Stages whose inputs and parameters were committed before are reused.
 
@@ -53,7 +52,6 @@ def run_command(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-WATCH_HELP = "start one pipeline run per new data drop under a store prefix (exactly once, however many watchers)"
 WATCH_DESCRIPTION = """Watch PREFIX in the config's store for data drops: a drop is <prefix>/<drop>/…, ready once
 <drop>/_SUCCESS exists. Each ready drop is claimed with a conditional create in the store (one
 of two racing watchers wins), copied locally and run through the pipeline with the drop as its

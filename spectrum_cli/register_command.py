@@ -12,7 +12,6 @@ from stages.tracking.registry import PRODUCTION_ALIAS
 
 from .card_command import add_card_source_arguments, card_of_args
 
-HELP = "register a trained model in the MLflow model registry, with its model card and run id"
 DESCRIPTION = f"""Registers the model a cpt or sft step of RUN trained as a new version of the registered model
 --mlflow-model NAME on the MLflow server (--mlflow-tracking-uri, else $MLFLOW_TRACKING_URI).
 

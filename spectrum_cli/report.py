@@ -15,7 +15,6 @@ from stages.report.line import build_line_report
 
 from .prices import add_price_argument, prices_from_args
 
-HELP = "a self-contained HTML report (and Markdown beside it) of a run, a comparison or a model line"
 DESCRIPTION = """The report of RUN, read from the artifact store: the SNR map (layers x module types, the
 selection outlined, tensors that training changed marked), loss and learning-rate curves, the
 evaluation with deltas, the comparison of methods, the SNR drift, the compute (GPU-hours per stage

@@ -57,7 +57,6 @@ STAGE = Stage(
     command="cpt",
     config=CptConfig,
     run=run,
-    summary="continued pre-training with DeepSpeed of the selected tensors on a data drop",
     description=__doc__,
     check=check,
     outputs={"model": trained_model},

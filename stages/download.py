@@ -314,7 +314,6 @@ STAGE = Stage(
     command="download",
     config=DownloadConfig,
     run=run,
-    summary="copy a model and/or a data drop into the artifact store, content-addressed",
     description=__doc__,
     outputs={"model": lambda store, manifest: stored_uri(store, manifest, "model"), "data": lambda store, m: stored_uri(store, m, "data")},
 )

@@ -488,7 +488,6 @@ STAGE = Stage(
     command="evaluate",
     config=EvaluateConfig,
     run=run,
-    summary="perplexity (domain held-out and a general forgetting probe), SFT eval loss and SNR drift, base vs trained",
     description=__doc__,
     check=_validate,
 )

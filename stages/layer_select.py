@@ -634,7 +634,6 @@ STAGE = Stage(
     command="select",
     config=SelectConfig,
     run=run,
-    summary="choose the tensors to train from an SNR table or reference JSON",
     description=__doc__,
     check=_validate,
 )

@@ -102,7 +102,6 @@ STAGE = Stage(
     command="promote",
     config=PromoteConfig,
     run=run,
-    summary="the promotion gate: check an evaluation against rules and record the decision",
     description=__doc__,
     check=check,
 )

@@ -92,7 +92,6 @@ STAGE = Stage(
     command="sft",
     config=SftConfig,
     run=run,
-    summary="supervised fine-tuning with DeepSpeed of the selected tensors on chat data (loss on assistant tokens)",
     description=__doc__,
     check=check,
     outputs={"model": trained_model},

@@ -231,7 +231,6 @@ STAGE = Stage(
     command="scan",
     config=ScanConfig,
     run=run,
-    summary="compute the SNR of every weight matrix of a safetensors model",
     description=__doc__,
     check=_validate,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -261,3 +262,40 @@ def test_a_stage_flow_names_a_stage_and_its_options(tmp_path):
     for stage, options, message in (("train", {}, "unknown stage 'train'"), ("snr_scan", {"modeldir": "m"}, "options of snr_scan:")):
         with pytest.raises(InputError, match=message):
             stage_flow.fn(stage, options, str(tmp_path / "store"))
+
+
+_LOADED = """
+import sys
+from spectrum_cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "not_loaded"),
+    [
+        (["--version"], ("torch", "prefect", "deepspeed", "stages.store", "stages.core", "pyarrow", "pandas")),
+        (["--help"], ("torch", "prefect", "deepspeed", "stages.store", "stages.core", "pyarrow", "pandas")),
+        (["scan", "--help"], ("prefect", "deepspeed", "stages.training", "stages.cpt", "mlflow", "matplotlib")),
+        (["runs", "--help"], ("torch", "prefect", "deepspeed", "mlflow")),
+    ],
+)
+def test_a_command_imports_only_what_it_uses(argv, not_loaded):
+    """`spectrum --version` must answer at once: no stage, framework or orchestrator is imported for it."""
+    done = subprocess.run([sys.executable, "-c", _LOADED, *argv], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.strip().splitlines()[-1].split())
+    assert not [name for name in not_loaded if name in loaded]
+
+
+def test_every_command_builds_and_each_stage_command_is_its_stage_s():
+    from spectrum_cli.main import COMMANDS, build_parser
+
+    build_parser([], every_command=True)  # every module's options, as argparse takes them
+    for command in COMMANDS:
+        if command.is_stage:
+            assert importlib.import_module(command.module).STAGE.command == command.name

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from spectrum_cli.main import STAGES
+from spectrum_cli.main import STAGE_MODULES
 
 from .helpers import REPO_ROOT
 
@@ -62,7 +62,7 @@ def test_the_entrypoint_runs_real_stage_modules(dockerfile):
     steps = dict(instructions(dockerfile))
     assert steps["ENTRYPOINT"] == '["python", "-m"]'
     module = re.findall(r'"([^"]+)"', steps["CMD"])[0]
-    assert module in {stage.module for stage in STAGES} and importlib.util.find_spec(module) is not None
+    assert module in STAGE_MODULES and importlib.util.find_spec(module) is not None
     for mentioned in re.findall(r"\bstages\.([a-z_]+)\b", dockerfile.read_text()):
         assert importlib.util.find_spec(f"stages.{mentioned}") is not None, mentioned
 

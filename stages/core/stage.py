@@ -9,7 +9,7 @@ A stage module (`stages/<stage>.py`) defines
 
     def run(config: XConfig, context: StageContext) -> StageResult: ...
 
-    STAGE = Stage(name=contracts.X, command="x", config=XConfig, run=run, summary="...", description=__doc__)
+    STAGE = Stage(name=contracts.X, command="x", config=XConfig, run=run, description=__doc__)
 
     if __name__ == "__main__":
         raise SystemExit(stage_main(STAGE))      # `python -m stages.x`, the container entrypoint
@@ -233,7 +233,6 @@ class Stage(Generic[ConfigT]):
     command: str  # `spectrum <command>`
     config: type[ConfigT]
     run: Callable[[ConfigT, StageContext], StageResult]
-    summary: str  # one line for `spectrum --help`
     description: str | None = None  # the module docstring, for `spectrum <command> --help`
     # The checks of the options alone, before any input is read: `run` calls them first, and a
     # pipeline calls them for every stage before the first one starts.
