@@ -65,8 +65,9 @@ def format_cost(costs: dict[str, Any]) -> str:
         lines.append(f"{run_id:36} {status:10} {use['gpu_hours']:>10.4f} {hours.get('cpu', 0.0):>10.4f}{cost} {stages}{mark}".rstrip())
     if costs["total"]["stages_without_compute"]:
         lines.append("* stages without a compute record (written before it was recorded): their time is not counted")
-    if priced and costs["total"]["cost"] is None:
-        lines.append("cost -: a device kind these runs used has no price (--price-per-device-hour KIND=X)")
+    if priced and costs["total"]["unpriced"]:
+        unpriced = ", ".join(costs["total"]["unpriced"])
+        lines.append(f"cost: {unpriced} time has no price and is counted at 0 (--price-per-device-hour KIND=X prices it)")
     return "\n".join(lines)
 
 
@@ -84,6 +85,7 @@ def _usage_dict(use: Usage) -> dict[str, Any]:
         "gpu_hours": use.gpu_hours,
         "stages_without_compute": use.unknown,
         "cost": use.cost,
+        "unpriced": list(use.unpriced),
     }
 
 

@@ -173,10 +173,22 @@ def test_runs_cost_sums_each_run_and_counts_a_reuse_once(costed, capsys):
     costs = json.loads(capsys.readouterr().out)
     assert code == 0
     by_run = {r["run_id"]: r["usage"] for r in costs["runs"]}
-    assert by_run["orig"] == {"device_hours": {"cpu": 0.5, "cuda": 1.0}, "gpu_hours": 1.0, "stages_without_compute": 0, "cost": None}
-    assert by_run["rerun"] == {"device_hours": {"cuda": 0.25}, "gpu_hours": 0.25, "stages_without_compute": 0, "cost": None}
-    assert by_run["old"] == {"device_hours": {}, "gpu_hours": 0.0, "stages_without_compute": 1, "cost": None}
-    assert costs["total"] == {"device_hours": {"cpu": 0.5, "cuda": 1.25}, "gpu_hours": 1.25, "stages_without_compute": 1, "cost": None}
+    assert by_run["orig"] == {
+        "device_hours": {"cpu": 0.5, "cuda": 1.0},
+        "gpu_hours": 1.0,
+        "stages_without_compute": 0,
+        "cost": None,
+        "unpriced": [],
+    }
+    assert by_run["rerun"] == {"device_hours": {"cuda": 0.25}, "gpu_hours": 0.25, "stages_without_compute": 0, "cost": None, "unpriced": []}
+    assert by_run["old"] == {"device_hours": {}, "gpu_hours": 0.0, "stages_without_compute": 1, "cost": None, "unpriced": []}
+    assert costs["total"] == {
+        "device_hours": {"cpu": 0.5, "cuda": 1.25},
+        "gpu_hours": 1.25,
+        "stages_without_compute": 1,
+        "cost": None,
+        "unpriced": [],
+    }
     assert costs["prices"] is None
 
 
@@ -191,11 +203,14 @@ def test_runs_cost_prices_per_kind_in_the_table(costed, capsys):
     assert "* stages without a compute record" in out
 
 
-def test_runs_cost_without_a_price_for_a_used_kind_is_unknown(costed, capsys):
+def test_runs_cost_counts_an_unpriced_kind_at_zero_and_says_so(costed, capsys):
     assert main(["runs", "--store", costed.root_uri, "--price-per-device-hour", "cuda=4", "--json"]) == 0  # a price asks for the cost
     costs = json.loads(capsys.readouterr().out)
-    assert {r["run_id"]: r["usage"]["cost"] for r in costs["runs"]} == {"old": 0.0, "orig": None, "rerun": 1.0}  # orig used the CPU
-    assert costs["total"]["cost"] is None and costs["prices"] == {"by_device": {"cuda": 4.0}, "default": None}
+    assert {r["run_id"]: r["usage"]["cost"] for r in costs["runs"]} == {"old": 0.0, "orig": 4.0, "rerun": 1.0}  # orig's CPU time is free
+    assert costs["total"]["cost"] == 5.0 and costs["total"]["unpriced"] == ["cpu"]
+    assert costs["prices"] == {"by_device": {"cuda": 4.0}, "default": None}
+    assert main(["runs", "--store", costed.root_uri, "--price-per-device-hour", "cuda=4"]) == 0
+    assert "cost: cpu time has no price and is counted at 0" in capsys.readouterr().out
 
 
 def test_runs_without_cost_is_unchanged(costed, capsys):

@@ -14,16 +14,23 @@ from stages.base.errors import InputError
 from stages.core.execution import Produced, execute_stage
 from stages.core.stage import StageContext
 from stages.store import load_manifest, open_store, record_reuse, start_manifest
-from stages.store.compute import Prices, Usage, compute_record, describe_usage, reused_compute, usage
+from stages.store.compute import Prices, Usage, begin_compute, compute_record, describe_usage, reused_compute, usage
 from stages.store.manifest import Manifest, _load_own_manifest
 
 HOUR = 3600.0
 
 
-def fake_torch(initialized: bool, count: int = 8, name: str = "NVIDIA H200") -> types.ModuleType:
-    """A loaded torch whose CUDA is available; `initialized`: this process has used it."""
+def fake_torch(initialized: bool, count: int = 8, name: str = "NVIDIA H200", allocated: int = 1024) -> types.ModuleType:
+    """A loaded torch whose CUDA is available; `initialized`: this process has used it; `allocated`: its peak since the reset."""
+    peak = {"bytes": allocated}
     cuda = types.SimpleNamespace(
-        is_available=lambda: True, is_initialized=lambda: initialized, device_count=lambda: count, get_device_name=lambda index: name
+        is_available=lambda: True,
+        is_initialized=lambda: initialized,
+        device_count=lambda: count,
+        current_device=lambda: 0,
+        get_device_name=lambda index: name,
+        max_memory_allocated=lambda: peak["bytes"],
+        reset_peak_memory_stats=lambda: peak.update(bytes=0),
     )
     return types.SimpleNamespace(cuda=cuda)
 
@@ -57,14 +64,11 @@ def test_cuda_counts_only_when_the_process_used_it(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setitem(sys.modules, "torch", fake_torch(initialized=False))
     assert compute_record(5.0)["device"] == "cpu"  # a CPU stage on a GPU machine: CUDA available, never used
-    monkeypatch.setitem(sys.modules, "torch", fake_torch(initialized=True, count=2))
-    assert compute_record(5.0) | {"seconds": None} == {
-        "device": "cuda",
-        "device_name": "NVIDIA H200",
-        "device_count": 2,
-        "seconds": None,
-        "device_seconds": 10.0,
-    }
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(initialized=True, count=8))
+    # one process uses one device, however many the machine has
+    assert compute_record(5.0) == {"device": "cuda", "device_name": "NVIDIA H200", "device_count": 1, "seconds": 5.0, "device_seconds": 5.0}
+    begin_compute()  # a later stage of the same process that allocates nothing on the GPU ran on the CPU
+    assert compute_record(5.0)["device"] == "cpu"
 
 
 def test_a_reuse_keeps_the_device_and_costs_nothing():
@@ -115,10 +119,12 @@ def test_usage_sums_device_hours_by_kind_and_counts_unknown_stages():
     assert usage([], Prices({}, 4.5)) == Usage({}, 0, 0.0)
 
 
-def test_the_cost_is_unknown_when_a_used_kind_has_no_price():
-    assert usage([compute("cuda", HOUR), compute("cpu", HOUR)], Prices({"cuda": 4.5})).cost is None
-    # a kind that took no time (a reuse record's) needs no price
-    assert usage([compute("cuda", HOUR), compute("cpu", 0.0)], Prices({"cuda": 4.5})).cost == 4.5
+def test_a_used_kind_without_a_price_counts_at_zero_and_is_named():
+    use = usage([compute("cuda", HOUR), compute("cpu", HOUR)], Prices({"cuda": 4.5}))
+    assert use.cost == 4.5 and use.unpriced == ("cpu",)
+    assert describe_usage(use, "$") == "1.0000 GPU-h, 1.0000 CPU-h, cost $4.50 (CPU time not priced)"
+    # a kind that took no time (a reuse record's) is not named
+    assert usage([compute("cuda", HOUR), compute("cpu", 0.0)], Prices({"cuda": 4.5})).unpriced == ()
 
 
 def test_describe_usage():

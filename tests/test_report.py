@@ -222,7 +222,7 @@ def test_the_compute_section_shows_gpu_hours_per_stage_and_for_the_run_and_a_cos
     assert "<p>Run eval: 0.1000 GPU-h, cost $0.40.</p>" in page and '<th class="num">cost</th>' in page
 
     gpu_only = build_report(store, "eval", tmp_path / "gpu.html", prices=Prices({"cuda": 4.0}))
-    assert "No cost: a device kind these stages used has no price per device-hour." in gpu_only.markdown_path.read_text()
+    assert "The cost counts cpu time at 0: no price per device-hour was given for it." in gpu_only.markdown_path.read_text()
 
     from spectrum_cli.main import main
 

@@ -119,3 +119,75 @@ def test_the_tracker_travels_on_a_stage_command_line(tmp_path, monkeypatch):
     plain = StageContext(None)
     args = stage_parser(layer_select.STAGE).parse_args(command_line(layer_select.STAGE, config, plain))
     assert context_from_args(args).tracking == MlflowTarget("http://from-env:5000")
+
+
+def _quick_stage(store, context, produce):
+    from stages.core.execution import execute_stage
+
+    return execute_stage("layer_select", context, {"top_percent": 25}, [], produce)
+
+
+@pytest.mark.integration
+def test_a_failed_stage_is_a_failed_mlflow_run_and_a_failed_commit_never_shows_finished(
+    tmp_path, mlflow_client, mlflow_server, monkeypatch
+):  # noqa: E501
+    from stages.core import execution
+
+    store = open_store(str(tmp_path / "store"))
+    target = MlflowTarget(mlflow_server.uri, "failures")
+
+    def broken(stage):
+        raise RuntimeError("the work broke")
+
+    with pytest.raises(RuntimeError):
+        _quick_stage(store, StageContext(store, run_id="broken", tracking=target), broken)
+    failed = load_manifest(store, "broken", "layer_select")
+    assert failed.status == "failed" and failed.tracking["mlflow"]["status"] == LOGGED
+    assert mlflow_client.get_run(failed.tracking["mlflow"]["run_id"]).info.status == "FAILED"
+
+    real_commit = execution.commit_manifest
+
+    def commit_fails_once(store, manifest):
+        if manifest.status == "succeeded":
+            raise OSError("the store went away")
+        return real_commit(store, manifest)
+
+    monkeypatch.setattr(execution, "commit_manifest", commit_fails_once)
+    with pytest.raises(OSError):
+        _quick_stage(store, StageContext(store, run_id="uncommitted", tracking=target), lambda stage: [stage.put_bytes("a.json", b"{}")])
+    record = load_manifest(store, "uncommitted", "layer_select")
+    assert record.status == "failed"  # the store says failed, and so does MLflow: never a finished stage the store lacks
+    assert mlflow_client.get_run(record.tracking["mlflow"]["run_id"]).info.status == "FAILED"
+
+
+def test_a_target_known_to_be_down_is_not_contacted(tmp_path, caplog):
+    store = open_store(str(tmp_path / "store"))
+    down = MlflowTarget(f"http://127.0.0.1:{free_ports(1)[0]}").marked_unavailable("ConnectionError: refused")
+    with caplog.at_level(logging.WARNING, logger="stages"):
+        result = _quick_stage(store, StageContext(store, tracking=down), lambda stage: [stage.put_bytes("a.json", b"{}")])
+    assert result.manifest.tracking["mlflow"] == {
+        "status": UNAVAILABLE,
+        "tracking_uri": down.tracking_uri,
+        "error": "not contacted: ConnectionError: refused",
+    }
+    assert not caplog.records  # the one warning was the pipeline's, when it found the tracker down
+
+
+@pytest.mark.integration
+def test_a_stage_in_its_own_process_nests_in_the_pipeline_run_and_an_untracked_one_ignores_the_environment(
+    tiny_model, tmp_path, mlflow_client, mlflow_server, monkeypatch
+):
+    from stages.core.process import run_in_own_process
+
+    store = open_store(str(tmp_path / "store"))
+    target = start_pipeline_run(MlflowTarget(mlflow_server.uri, "own-process"), "proc", store.root_uri, {})
+    scanned = snr_scan.run(snr_scan.ScanConfig(model_dir=str(tiny_model), workers=1), StageContext(store, run_id="proc"))
+    context = StageContext(store, run_id="proc", progress=False, work_dir=tmp_path / "work", tracking=target)
+    tracked = run_in_own_process(layer_select.STAGE, layer_select.SelectConfig(snr_run=scanned.run_id, top_percent=25), context, "select")
+    [run] = mlflow_client.search_runs([_experiment(mlflow_client, "own-process")], f"tags.mlflow.parentRunId = '{target.parent_run_id}'")
+    assert run.info.run_id == tracked.manifest.tracking["mlflow"]["run_id"] and run.data.tags["spectrum.stage"] == "layer_select"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # the pipeline did not ask for tracking: the child must not track
+    untracked = run_in_own_process(
+        layer_select.STAGE, layer_select.SelectConfig(snr_run=scanned.run_id, top_percent=50), StageContext(store, run_id="quiet"), "select"
+    )
+    assert untracked.manifest.tracking is None

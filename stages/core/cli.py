@@ -76,6 +76,7 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, parent: bool = True)
     )
     if parent:
         parser.add_argument("--mlflow-parent-run", metavar="ID", help="nest the stage's MLflow run in this one (a pipeline run's)")
+        parser.add_argument("--mlflow-unavailable", metavar="WHY", help=argparse.SUPPRESS)  # the pipeline found the tracker down
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: Stage) -> None:
@@ -163,7 +164,7 @@ def context_from_args(args: argparse.Namespace) -> StageContext:
         force=args.force,
         work_dir=Path(args.work_dir) if args.work_dir else None,
         progress=args.progress,
-        tracking=target_from_settings(args.mlflow_tracking_uri, args.mlflow_experiment, args.mlflow_parent_run),
+        tracking=target_from_settings(args.mlflow_tracking_uri, args.mlflow_experiment, args.mlflow_parent_run, args.mlflow_unavailable),
     )
 
 
@@ -208,6 +209,7 @@ def command_line(stage: Stage, config: StageConfig, context: StageContext, recor
     if context.tracking is not None:
         flags += ["--mlflow-tracking-uri", context.tracking.tracking_uri, "--mlflow-experiment", context.tracking.experiment]
         flags += ["--mlflow-parent-run", context.tracking.parent_run_id] if context.tracking.parent_run_id else []
+        flags += ["--mlflow-unavailable", context.tracking.unavailable] if context.tracking.unavailable else []
     return [*positional, *flags]
 
 

@@ -34,6 +34,7 @@ from ..store import (
     start_manifest,
     write_table,
 )
+from ..store.compute import begin_compute
 from ..store.lease import LeaseHeldError, acquire_lease, holder_identity
 from ..store.manifest import lease_folder
 from .stage import StageContext
@@ -142,7 +143,8 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
     if not context.force:
         earlier = plan.committed()
         if earlier is not None and (context.run_id in (None, earlier.run_id) or store.exists(manifest_key(context.run_id, step))):
-            return _track_reuse(plan, StageOutcome(earlier, cached=True))
+            _track_reuse(plan, earlier)
+            return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
     holder = holder_identity(run_id=manifest.run_id, stage=step, cache_key=manifest.cache_key)
     try:
@@ -156,7 +158,7 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
         result = _execute_leased(plan, produce)
         if result.cached:
             lease.release("reused")
-    return _track_reuse(plan, result)
+    return result
 
 
 def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
@@ -164,43 +166,67 @@ def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
     if not context.force:
         earlier = plan.committed()
         if earlier is not None:
+            tracking = _track_reuse(plan, earlier)
             if context.run_id and context.run_id != earlier.run_id:  # a named run records what it reused
-                record_reuse(store, earlier, context.run_id, step)
+                record_reuse(store, earlier, context.run_id, step, tracking=tracking)
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
+    begin_compute()
+    tracking = None
     try:
         made = produce(StageRun(store, step, manifest.run_id, manifest.cache_key))
         produced = made if isinstance(made, Produced) else Produced(made)
-        committed = _tracked(plan, manifest.finish(produced.outputs))
+        finished = manifest.finish(produced.outputs)
+        tracking = _track(plan, finished, end=False)  # the MLflow run ends once the commit did (end_stage_run below)
+        committed = replace(finished, tracking=tracking)
         commit_manifest(store, committed)
     except BaseException as exc:
         # Record the failure (of the work or of the commit itself); if even that cannot be
         # stored (server down), the original error matters more.
         with contextlib.suppress(Exception):
-            commit_manifest(store, manifest.finish([], status=FAILED))
+            failed = manifest.finish([], status=FAILED)
+            commit_manifest(store, replace(failed, tracking=_track_failure(plan, failed, tracking, exc)))
             setattr(exc, RECORDED_FAILURE, f"{step} stage of run {manifest.run_id}")
         raise
+    _end_tracked(plan, tracking, succeeded=True)
     return StageOutcome(committed, cached=False, detail=produced.detail)
 
 
-def _tracked(plan: StagePlan, finished: Manifest) -> Manifest:
-    """The finished manifest with where the experiment tracker logged it (or why it could not), before its commit."""
-    target = plan.context.tracking
-    if target is None:
-        return finished
+def _track(plan: StagePlan, manifest: Manifest, end: bool = True) -> dict[str, Any] | None:
+    """Where the experiment tracker logged the stage (or why it could not): the manifest's `tracking`; None untracked."""
+    if plan.context.tracking is None:
+        return None
     from ..tracking.mlflow_log import log_stage
 
-    return replace(finished, tracking=log_stage(target, plan.store, finished))
+    return log_stage(plan.context.tracking, plan.store, manifest, end=end)
 
 
-def _track_reuse(plan: StagePlan, outcome: StageOutcome) -> StageOutcome:
-    """A reused stage is logged too (as the run it reused, tagged so): a pipeline run's tracker shows every stage."""
-    target = plan.context.tracking
-    if target is not None and outcome.cached:
-        from ..tracking.mlflow_log import log_stage
+def _end_tracked(plan: StagePlan, tracking: dict[str, Any] | None, succeeded: bool) -> None:
+    if plan.context.tracking is not None and tracking is not None:
+        from ..tracking.mlflow_log import end_stage_run
 
-        log_stage(target, plan.store, replace(outcome.manifest, run_id=plan.manifest.run_id, stage=plan.step), reused_from=outcome.manifest)
-    return outcome
+        end_stage_run(plan.context.tracking, tracking, succeeded)
+
+
+def _track_failure(plan: StagePlan, failed: Manifest, tracking: dict[str, Any] | None, exc: BaseException) -> dict[str, Any] | None:
+    """A stage that failed is tracked as failed: its open run ends FAILED, or (a failed work) a FAILED run is logged.
+
+    An interrupt (Ctrl-C, SIGTERM) only ends what is open: a stopping process must not wait for a tracker.
+    """
+    if tracking is not None:
+        _end_tracked(plan, tracking, succeeded=False)
+        return tracking
+    return _track(plan, failed) if isinstance(exc, Exception) else None
+
+
+def _track_reuse(plan: StagePlan, earlier: Manifest) -> dict[str, Any] | None:
+    """A reused stage is logged too, as the run it reused (tagged so): a pipeline run's tracker shows every stage."""
+    if plan.context.tracking is None:
+        return None
+    from ..tracking.mlflow_log import log_stage
+
+    as_run = replace(earlier, run_id=plan.context.run_id or earlier.run_id, stage=plan.step)
+    return log_stage(plan.context.tracking, plan.store, as_run, reused_from=earlier)
 
 
 def _refuse_committed(store: ArtifactStore, run_id: str, step: str) -> None:

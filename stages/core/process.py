@@ -3,7 +3,8 @@
 The arguments come from the config and context (cli.command_line); the child writes the
 manifest it committed or reused, and whether it reused it, to a file (`--record`, core.record):
 the only way the caller learns the outcome. The child starts as a fresh single process: the caller's own DeepSpeed rendezvous
-variables (which name a port the caller's process group holds) are not passed on.
+variables (which name a port the caller's process group holds) are not passed on, nor is $MLFLOW_TRACKING_URI
+when the caller does not track (its context decides, not the environment).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 from ..base.errors import SpectrumError
+from ..tracking.target import TRACKING_URI_ENV
 from .cli import command_line
 from .record import read_record
 from .stage import Stage, StageConfig, StageContext, StageResult
@@ -31,7 +33,9 @@ def run_in_own_process(stage: Stage, config: StageConfig, context: StageContext,
     with context.scratch(f"{label}-record") as folder:
         record = folder / "manifest.json"
         command = [sys.executable, "-m", stage.module, *command_line(stage, config, context, record)]
-        environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+        # The caller decided about tracking (its context): a child must not turn it on from $MLFLOW_TRACKING_URI.
+        dropped = RENDEZVOUS_VARIABLES + (() if context.tracking else (TRACKING_URI_ENV,))
+        environment = {k: v for k, v in os.environ.items() if k not in dropped}
         done = subprocess.run(command, check=False, env=environment, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0 or not record.is_file():
             raise StageProcessError(

@@ -376,8 +376,9 @@ def _compute(data: ReportData) -> Section:
     section.blocks.append(Text(f"Run {data.run_id}: {describe_usage(own, data.currency)}."))
     if any(not data.own(node.key) for node in data.stages):
         section.blocks.append(Text(f"With the earlier runs it builds on: {describe_usage(everything, data.currency)}."))
-    if data.prices is not None and everything.cost is None:
-        section.blocks.append(Text("No cost: a device kind these stages used has no price per device-hour."))
+    if everything.unpriced:
+        unpriced = ", ".join(everything.unpriced)
+        section.blocks.append(Text(f"The cost counts {unpriced} time at 0: no price per device-hour was given for it."))
     headers = ["run", "stage", "device", "seconds", "GPU-h", "CPU-h"] + (["cost"] if data.prices is not None else [])
     rows = [_compute_row(data, node.manifest) for node in data.stages]
     section.blocks.append(Table(headers, rows, [MONO, MONO, TEXT] + [NUM] * (len(headers) - 3)))

@@ -25,18 +25,25 @@ CPU = "cpu"
 DEVICE_KINDS = (CUDA, CPU)  # the kinds compute_record writes, and so the kinds a price may name
 
 
-def compute_record(seconds: float) -> dict[str, Any]:
-    """The compute of a stage that ran `seconds` in this process: CUDA devices when torch uses them, else the CPU.
-
-    A distributed run counts its WORLD_SIZE devices (each rank holds one); torch is looked at only if already loaded,
-    and CUDA counts only once this process initialised it (a CPU stage on a GPU machine ran on the CPU).
-    """
+def begin_compute() -> None:
+    """Called as a stage's work starts: CUDA memory peaks are counted from here, so a later stage of the same process
+    that stays on the CPU is not taken for a GPU stage because an earlier one used the GPU."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        count = int(os.environ.get("WORLD_SIZE") or torch.cuda.device_count() or 1)
-        device, name = CUDA, torch.cuda.get_device_name(0)
+        torch.cuda.reset_peak_memory_stats()
+
+
+def compute_record(seconds: float) -> dict[str, Any]:
+    """The compute of a stage that ran `seconds` in this process: a CUDA device when it allocated CUDA memory since
+    begin_compute, else the CPU. Each process counts one device; a distributed run counts its WORLD_SIZE processes.
+
+    torch is looked at only if already loaded (a stage that never imported it ran on the CPU).
+    """
+    torch = sys.modules.get("torch")
+    count = int(os.environ.get("WORLD_SIZE") or 1)
+    if torch is not None and torch.cuda.is_initialized() and torch.cuda.max_memory_allocated() > 0:
+        device, name = CUDA, torch.cuda.get_device_name(torch.cuda.current_device())
     else:
-        count = int(os.environ.get("WORLD_SIZE") or 1)
         device, name = CPU, None
     seconds = max(0.0, float(seconds))
     return {
@@ -55,7 +62,8 @@ def reused_compute(compute: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Prices:
-    """Price per device-hour, by device kind; `default` for kinds not named. Parsed from a number or a mapping."""
+    """Price per device-hour, by device kind; `default` for kinds not named (None: they cost nothing, and are said
+    to be unpriced). Parsed from a number or a mapping: `{cuda: 4.5}` prices GPU time and leaves CPU time free."""
 
     by_device: Mapping[str, float]
     default: float | None = None
@@ -78,6 +86,7 @@ class Prices:
         return cls({}, _price(value, where))
 
     def of(self, device: str) -> float | None:
+        """The price of `device`'s hours; None when it is not priced (it is counted at 0)."""
         return self.by_device.get(device, self.default)
 
 
@@ -93,7 +102,8 @@ class Usage:
 
     device_hours: Mapping[str, float]
     unknown: int  # stages whose manifest records no compute (written before it was recorded)
-    cost: float | None  # None: no price given, or a device kind has no price
+    cost: float | None  # None: no price given
+    unpriced: tuple[str, ...] = ()  # device kinds used but given no price: counted at 0 in the cost
 
     @property
     def gpu_hours(self) -> float:
@@ -109,25 +119,19 @@ def usage(computes: Iterable[Mapping[str, Any] | None], prices: Prices | None = 
             unknown += 1
             continue
         hours[compute["device"]] = hours.get(compute["device"], 0.0) + float(compute["device_seconds"]) / 3600
-    return Usage(hours, unknown, _cost(hours, prices))
-
-
-def _cost(hours: Mapping[str, float], prices: Prices | None) -> float | None:
-    """The price of `hours`; None without prices or when a kind that was used (hours > 0) has no price."""
     if prices is None:
-        return None
+        return Usage(hours, unknown, None)
     used = {device: h for device, h in hours.items() if h > 0}
-    priced = {device: prices.of(device) for device in used}
-    if any(price is None for price in priced.values()):
-        return None
-    return sum(h * (priced[device] or 0.0) for device, h in used.items())
+    unpriced = tuple(sorted(device for device in used if prices.of(device) is None))
+    return Usage(hours, unknown, sum(h * (prices.of(device) or 0.0) for device, h in used.items()), unpriced)
 
 
 def describe_usage(use: Usage, currency: str = "") -> str:
-    """`0.0123 GPU-h, 0.2500 CPU-h, cost 0.06` (the cost only when priced)."""
+    """`0.0123 GPU-h, 0.2500 CPU-h, cost 0.06` (the cost only when priced; unpriced kinds said)."""
     parts = [f"{use.gpu_hours:.4f} GPU-h"] + [f"{h:.4f} {d.upper()}-h" for d, h in sorted(use.device_hours.items()) if d != CUDA]
     if use.unknown:
         parts.append(f"{use.unknown} stage(s) without a compute record")
     if use.cost is not None:
-        parts.append(f"cost {currency}{use.cost:.2f}")
+        unpriced = f" ({', '.join(d.upper() for d in use.unpriced)} time not priced)" if use.unpriced else ""
+        parts.append(f"cost {currency}{use.cost:.2f}{unpriced}")
     return ", ".join(parts)

@@ -199,7 +199,7 @@ def commit_manifest(store: ArtifactStore, manifest: Manifest) -> ObjectInfo:
     return store.put_bytes(key, manifest.to_json())
 
 
-def record_reuse(store: ArtifactStore, earlier: Manifest, run_id: str, stage: str) -> None:
+def record_reuse(store: ArtifactStore, earlier: Manifest, run_id: str, stage: str, tracking: dict[str, Any] | None = None) -> None:
     """Record in `run_id` that its `stage` reused the committed `earlier` run (unless the run has that stage already).
 
     The record is a manifest whose `reused_from` names the earlier run; load_manifest follows it,
@@ -216,7 +216,7 @@ def record_reuse(store: ArtifactStore, earlier: Manifest, run_id: str, stage: st
         finished_at=now,
         seconds=0.0,
         compute=reused_compute(earlier.compute),
-        tracking=None,
+        tracking=tracking,  # where the reuse itself was logged, if it was
         host=socket.gethostname(),
         reused_from={"run_id": earlier.run_id, "stage": earlier.stage},
     )

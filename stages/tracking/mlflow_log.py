@@ -19,11 +19,25 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ..base.contracts import EVALUATION_TABLE, MODEL_FOLDER, SELECTION_JSON_FILE, SUCCEEDED, TRAINING_METRICS_TABLE
+from ..base.contracts import (
+    DECISION_FILE,
+    DOWNLOAD_SUMMARY_FILE,
+    EVALUATION_JSON_FILE,
+    EVALUATION_TABLE,
+    HELDOUT_FILE,
+    MODEL_FOLDER,
+    REFERENCE_JSON_FILE,
+    SELECTION_JSON_FILE,
+    SUCCEEDED,
+    TRAINING_FILE,
+    TRAINING_METRICS_TABLE,
+    UNFROZEN_YAML_FILE,
+)
 from ..base.documents import clip
 from ..store import ArtifactStore, Manifest
 from ..store.compute import usage
-from ..store.scrub import redact
+from ..store.errors import SecretLeakError
+from ..store.scrub import check_values, redact
 from ..store.tables import table_key
 from .target import MlflowTarget
 
@@ -41,8 +55,22 @@ MAX_ARTIFACT_BYTES = 16 * 1024 * 1024  # larger outputs (model weights, checkpoi
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 _BATCH = 100  # MLflow accepts at most 100 parameters or 1000 metrics per log_batch
 _TRAINING_CURVES = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
-_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
+_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")  # what MLflow accepts in parameter and metric names
 LOGGED, UNAVAILABLE = "logged", "unavailable"
+# A stage's own files a tracker shows (besides its Parquet tables): its records, never data or weights.
+ARTIFACT_FILES = frozenset(
+    {
+        UNFROZEN_YAML_FILE,
+        SELECTION_JSON_FILE,
+        TRAINING_FILE,
+        HELDOUT_FILE,
+        EVALUATION_JSON_FILE,
+        DECISION_FILE,
+        DOWNLOAD_SUMMARY_FILE,
+        REFERENCE_JSON_FILE,
+        f"{MODEL_FOLDER}/README.md",
+    }
+)
 
 
 def tracker_client(target: MlflowTarget):
@@ -66,12 +94,17 @@ def ensure_experiment(client, name: str) -> str:
         return found.experiment_id
 
 
-def log_stage(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, reused_from: Manifest | None = None) -> dict[str, Any]:
+def log_stage(
+    target: MlflowTarget, store: ArtifactStore, manifest: Manifest, reused_from: Manifest | None = None, end: bool = True
+) -> dict[str, Any]:
     """Log one stage as an MLflow run; returns the record its manifest keeps (`{"mlflow": {...}}`), never raises.
 
-    `manifest` may be the finished manifest about to be committed: its outputs are stored already.
-    `reused_from`: the committed run a reused stage took its results from (logged as that run's results, tagged).
+    `manifest` may be the finished manifest about to be committed: its outputs are stored already. With `end=False`
+    the MLflow run stays open until end_stage_run says whether the commit succeeded: MLflow never shows a stage
+    finished that the store does not hold. `reused_from`: the committed run a reused stage took its results from.
     """
+    if target.unavailable:
+        return _record(target, UNAVAILABLE, error=f"not contacted: {target.unavailable}")
     source = reused_from or manifest
     try:
         client = tracker_client(target)
@@ -95,14 +128,30 @@ def log_stage(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, re
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise
-        client.set_terminated(run_id, "FINISHED" if source.status == SUCCEEDED else "FAILED")
-        return {"mlflow": {"status": LOGGED, "tracking_uri": redact(target.tracking_uri), "experiment_id": experiment_id, "run_id": run_id}}
+        if end or source.status != SUCCEEDED:
+            client.set_terminated(run_id, "FINISHED" if source.status == SUCCEEDED else "FAILED")
+        return _record(target, LOGGED, experiment_id=experiment_id, run_id=run_id)
     except Exception as exc:  # tracking never decides anything: the stage commits all the same
         return _unavailable(target, f"the {manifest.stage} stage of run {manifest.run_id}", exc)
 
 
+def end_stage_run(target: MlflowTarget, record: dict[str, Any] | None, succeeded: bool) -> None:
+    """End a stage's MLflow run that log_stage left open: FINISHED once its manifest is committed, else FAILED."""
+    logged = (record or {}).get("mlflow") or {}
+    if logged.get("status") != LOGGED:
+        return
+    try:
+        tracker_client(target).set_terminated(logged["run_id"], "FINISHED" if succeeded else "FAILED")
+    except Exception as exc:
+        _unavailable(target, f"the end of MLflow run {logged['run_id']}", exc)
+
+
 def start_pipeline_run(target: MlflowTarget, run_id: str, store_uri: str, parameters: Mapping[str, Any]) -> MlflowTarget:
-    """The pipeline run's MLflow run, which the stages nest in: the target with its parent set (unchanged if the tracker is down)."""
+    """The pipeline run's MLflow run, which the stages nest in: the target with its parent set.
+
+    A tracker that is down costs this one warning: the target comes back marked unavailable, and its stages record
+    that in their manifests without each waiting for the same timeout.
+    """
     try:
         client = tracker_client(target)
         experiment_id = ensure_experiment(client, target.experiment)
@@ -116,13 +165,13 @@ def start_pipeline_run(target: MlflowTarget, run_id: str, store_uri: str, parame
         _log_params(client, run.info.run_id, _flatten(parameters))
         return target.nested_in(run.info.run_id)
     except Exception as exc:
-        _unavailable(target, f"pipeline run {run_id}", exc)
-        return target
+        record = _unavailable(target, f"pipeline run {run_id}", exc)
+        return target.marked_unavailable(record["mlflow"]["error"])
 
 
 def finish_pipeline_run(target: MlflowTarget, succeeded: bool, metrics: Mapping[str, float], artifacts: Mapping[str, Path]) -> None:
     """End the pipeline's MLflow run with its totals and files (the report); a no-op when it never started."""
-    if target.parent_run_id is None:
+    if target.parent_run_id is None or target.unavailable:
         return
     try:
         client = tracker_client(target)
@@ -134,15 +183,24 @@ def finish_pipeline_run(target: MlflowTarget, succeeded: bool, metrics: Mapping[
         _unavailable(target, f"the pipeline's MLflow run {target.parent_run_id}", exc)
 
 
+def _record(target: MlflowTarget, status: str, **fields: Any) -> dict[str, Any]:
+    return {"mlflow": {"status": status, "tracking_uri": redact(target.tracking_uri), **fields}}
+
+
 def _unavailable(target: MlflowTarget, what: str, exc: Exception) -> dict[str, Any]:
+    """One warning, and the record a manifest keeps; the error text only when it is safe to store (no secret in it)."""
     error = clip(redact(f"{type(exc).__name__}: {exc}"), 300)
+    try:
+        check_values({"error": error}, "tracking error")
+    except SecretLeakError:
+        error = f"{type(exc).__name__} (its message named a credential and is not kept)"
     log.warning(
         "experiment tracker %s could not log %s (%s); the store holds everything, tracking is skipped",
         redact(target.tracking_uri),
         what,
         error,
     )
-    return {"mlflow": {"status": UNAVAILABLE, "tracking_uri": redact(target.tracking_uri), "error": error}}
+    return _record(target, UNAVAILABLE, error=error)
 
 
 def _stage_tags(store: ArtifactStore, manifest: Manifest) -> dict[str, str]:
@@ -153,61 +211,35 @@ def _stage_tags(store: ArtifactStore, manifest: Manifest) -> dict[str, str]:
         "spectrum.code_version": manifest.code_version,
         "spectrum.status": manifest.status,
     }
-    selection = _selection_sha256(store, manifest)
-    if selection:
-        tags["spectrum.selection_sha256"] = selection
-    estimator = _estimator(store, manifest)
-    if estimator:
-        tags["spectrum.estimator"] = estimator
+    selection = _selection_facts(store, manifest)
+    for name in ("sha256", "policy", "estimator"):
+        if selection.get(name):
+            tags[f"spectrum.selection_{name}" if name != "estimator" else "spectrum.estimator"] = str(selection[name])
+    if isinstance(manifest.parameters.get("estimator"), str):  # the scan's own
+        tags["spectrum.estimator"] = manifest.parameters["estimator"]
     if manifest.compute:
-        tags["spectrum.device"] = manifest.compute["device"] + (
-            f" ({manifest.compute['device_name']})" if manifest.compute.get("device_name") else ""
-        )
+        name = manifest.compute.get("device_name")
+        tags["spectrum.device"] = manifest.compute["device"] + (f" ({name})" if name else "")
     return tags
 
 
-def _selection_sha256(store: ArtifactStore, manifest: Manifest) -> str | None:
-    """The selection this stage made (layer_select) or trained with (an input named like a selection file)."""
+def _selection_facts(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
+    """The selection a stage made (layer_select: its selection.json) or trained (cpt/sft: training.json's record)."""
     for output in manifest.outputs:
-        if output.get("key", "").endswith(f"/{SELECTION_JSON_FILE}"):
-            return output.get("sha256")
-    for ref in manifest.inputs:
-        if ref["uri"].endswith((f"/{SELECTION_JSON_FILE}", ".yaml", ".yml")):
-            return ref["sha256"]
-    return None
-
-
-def _estimator(store: ArtifactStore, manifest: Manifest) -> str | None:
-    if isinstance(manifest.parameters.get("estimator"), str):
-        return manifest.parameters["estimator"]
-    document = _selection_document(store, manifest)
-    return _find_key(document, "estimator") if document else None
-
-
-def _selection_document(store: ArtifactStore, manifest: Manifest) -> Any:
-    for output in manifest.outputs:
-        if output.get("key", "").endswith(f"/{SELECTION_JSON_FILE}"):
-            return json.loads(store.read_recorded(output)[0])
-    return None
-
-
-def _find_key(document: Any, key: str) -> str | None:
-    if isinstance(document, Mapping):
-        if isinstance(document.get(key), str):
-            return document[key]
-        values: Iterable[Any] = document.values()
-    elif isinstance(document, list):
-        values = document
-    else:
-        return None
-    return next((found for value in values if (found := _find_key(value, key))), None)
+        key = output.get("key", "")
+        if key.endswith(f"/{SELECTION_JSON_FILE}"):
+            document = json.loads(store.read_recorded(output)[0])
+            return {"sha256": output.get("sha256"), "policy": document.get("policy"), "estimator": document.get("estimator")}
+        if key.endswith(f"/{TRAINING_FILE}"):
+            return json.loads(store.read_recorded(output)[0]).get("selection") or {}
+    return {}
 
 
 def _flatten(parameters: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """`{"a": {"b": 1}}` -> `{"a.b": "1"}`; lists as JSON; values clipped to MLflow's limit."""
     flat: dict[str, str] = {}
     for name, value in parameters.items():
-        key = f"{prefix}{name}"
+        key = prefix + _NAME.sub("_", str(name))  # MLflow refuses other characters in a name (a user's mapping key, say)
         if isinstance(value, Mapping) and value:
             flat.update(_flatten(value, f"{key}."))
         else:
@@ -228,7 +260,7 @@ def _log_metrics(client, run_id: str, metrics: Iterable[tuple[str, float, int]])
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(_METRIC_NAME.sub("_", name), value, now, step) for name, value, step in metrics if value == value]  # NaN dropped
+    items = [Metric(_NAME.sub("_", name), value, now, step) for name, value, step in metrics if value == value]  # NaN dropped
     for start in range(0, len(items), 10 * _BATCH):
         client.log_batch(run_id, metrics=items[start : start + 10 * _BATCH])
 
@@ -257,18 +289,16 @@ def _table_rows(store: ArtifactStore, manifest: Manifest, table: str) -> list[di
 
 
 def _artifacts(store: ArtifactStore, manifest: Manifest) -> Iterator[tuple[str, bytes]]:
-    """(artifact name, bytes) of the stage's small outputs: selection YAML/JSON, tables, records, the model card.
+    """(artifact name, bytes) of the stage's records a team looks at: ARTIFACT_FILES and the Parquet tables.
 
-    Model weights and checkpoints stay in the store (tags name it); the model's card comes along.
+    Model weights, checkpoints and the held-out data itself stay in the store (the tags say where): a tracker is
+    not a second copy of a team's data.
     """
     prefix = f"runs/{manifest.run_id}/{manifest.stage}/"
     for output in manifest.outputs:
         key = output.get("key", "")
-        if key.startswith(prefix):
+        if key.startswith(prefix) and key.removeprefix(prefix) in ARTIFACT_FILES:
             name = key.removeprefix(prefix)
-            top = name.split("/")[0]
-            if top == MODEL_FOLDER and name != f"{MODEL_FOLDER}/README.md" or top == "checkpoints":
-                continue
         elif key.startswith("tables/"):
             name = f"tables/{key.split('/')[1]}.parquet"
         else:
@@ -277,4 +307,4 @@ def _artifacts(store: ArtifactStore, manifest: Manifest) -> Iterator[tuple[str, 
             yield name, store.read_recorded(output)[0]
 
 
-__all__ = ["LOGGED", "UNAVAILABLE", "finish_pipeline_run", "log_stage", "start_pipeline_run"]
+__all__ = ["LOGGED", "UNAVAILABLE", "end_stage_run", "finish_pipeline_run", "log_stage", "start_pipeline_run"]

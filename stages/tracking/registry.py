@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..base.contracts import MODEL_FOLDER
 from ..base.documents import clip
-from ..base.errors import OS_ERROR_EXIT, SpectrumError
+from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError
 from ..store import ArtifactStore, FileStore, Manifest, lines, output_key
 from ..store.scrub import redact
 from .mlflow_log import LOGGED, ensure_experiment, tracker_client
@@ -28,6 +29,13 @@ from .target import MlflowTarget
 
 PRODUCTION_ALIAS = "production"
 CARD_ARTIFACT = "model_card/README.md"
+# MLflow keeps a version's description in a 5000-character column (PostgreSQL and MySQL enforce it): a 70B model's
+# card is longer, so a long card is cut, and the description names the artifact that holds it whole.
+MAX_DESCRIPTION_CHARS = 4000
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,249}")
+
+
+_REFUSALS = {"INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 
 
 class TrackerUnavailableError(SpectrumError):
@@ -50,11 +58,21 @@ class Registered:
 
 def register_model(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, model_name: str, card: str) -> Registered:
     """Register the model folder of a committed training stage (`manifest`) as a version of `model_name`."""
+    if not _MODEL_NAME.fullmatch(model_name):
+        raise InputError(
+            f"--mlflow-model {model_name!r} is not a model name this tool registers: use letters, digits, '_', '.' or '-' "
+            "(at most 250, starting with a letter or digit)"
+        )
     try:
         return _register(target, store, manifest, model_name, card)
     except SpectrumError:
         raise
     except Exception as exc:
+        if getattr(exc, "error_code", None) in _REFUSALS:  # the server answered: it refused the request itself
+            raise InputError(
+                f"the MLflow server {redact(target.tracking_uri)} refused to register run {manifest.run_id}'s model: "
+                f"{clip(redact(str(exc)), 400)}"
+            ) from exc
         raise TrackerUnavailableError(
             f"could not register run {manifest.run_id}'s model at the MLflow server {redact(target.tracking_uri)}: "
             f"{clip(redact(f'{type(exc).__name__}: {exc}'), 400)}; check the server (and MLFLOW_TRACKING_USERNAME/PASSWORD), then run again"
@@ -95,7 +113,9 @@ def _register(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, mo
             else:
                 _upload_model(client, mlflow_run_id, store, files, Path(folder) / MODEL_FOLDER, manifest)
                 source = f"runs:/{mlflow_run_id}/{MODEL_FOLDER}"
-        created = client.create_model_version(model_name, source, run_id=mlflow_run_id, tags=tags, description=card)
+        created = client.create_model_version(
+            model_name, source, run_id=mlflow_run_id, tags=tags, description=_description(card, mlflow_run_id)
+        )
         version, already = created.version, False
     aliases = ()
     if production is not None:
@@ -104,6 +124,13 @@ def _register(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, mo
     return Registered(
         model_name, str(version), source, mlflow_run_id, by_reference, aliases, production.line if production else None, already
     )
+
+
+def _description(card: str, mlflow_run_id: str) -> str:
+    if len(card) <= MAX_DESCRIPTION_CHARS:
+        return card
+    cut = card[: MAX_DESCRIPTION_CHARS - 200].rsplit("\n", 1)[0]
+    return f"{cut}\n\n… the card is cut here: the whole card is the artifact {CARD_ARTIFACT} of MLflow run {mlflow_run_id}.\n"
 
 
 def _model_outputs(manifest: Manifest) -> list[dict[str, Any]]:

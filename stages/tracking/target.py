@@ -20,6 +20,7 @@ class MlflowTarget:
     tracking_uri: str
     experiment: str = DEFAULT_EXPERIMENT
     parent_run_id: str | None = None  # the pipeline run's MLflow run: the stage's run is nested in it
+    unavailable: str | None = None  # why the tracker is known to be down (the pipeline could not start its run): not contacted
 
     def __post_init__(self) -> None:
         """Checked before any work: a URI with credentials would be stored in manifests and Prefect parameters."""
@@ -38,16 +39,29 @@ class MlflowTarget:
     def nested_in(self, parent_run_id: str | None) -> MlflowTarget:
         return replace(self, parent_run_id=parent_run_id)
 
+    def marked_unavailable(self, why: str) -> MlflowTarget:
+        """This target, known to be down: its stages record why instead of each waiting for the same timeout."""
+        return replace(self, unavailable=why)
+
     def to_dict(self) -> dict[str, str | None]:
         """Plain values: what a deployment's parameters and a record carry."""
-        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_run_id": self.parent_run_id}
+        return {
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "parent_run_id": self.parent_run_id,
+            "unavailable": self.unavailable,
+        }
 
 
-def target_from_settings(tracking_uri: str | None, experiment: str | None = None, parent_run_id: str | None = None) -> MlflowTarget | None:
+def target_from_settings(
+    tracking_uri: str | None, experiment: str | None = None, parent_run_id: str | None = None, unavailable: str | None = None
+) -> MlflowTarget | None:
     """The target the options (else MLflow's environment variables) name; None when no tracking URI is given."""
     uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or None
     if uri is None:
-        if parent_run_id:
-            raise InputError("--mlflow-parent-run needs a tracker: pass --mlflow-tracking-uri (or set $MLFLOW_TRACKING_URI)")
+        given = [flag for flag, value in (("--mlflow-experiment", experiment), ("--mlflow-parent-run", parent_run_id)) if value]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise InputError(f"{' and '.join(given)} {verb} a tracker: pass --mlflow-tracking-uri (or set ${TRACKING_URI_ENV})")
         return None
-    return MlflowTarget(uri, experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT, parent_run_id)
+    return MlflowTarget(uri, experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT, parent_run_id, unavailable)

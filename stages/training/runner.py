@@ -186,6 +186,7 @@ def run_training(
                 "seconds": round(outcome.seconds, 3),
                 "trainable_parameters": freeze.trainable_parameters,
                 "total_parameters": freeze.total_parameters,
+                "selection": _selection_record(selection),  # what was trained, for the tracker and the card
             }
             # The model card, from the records about to be published: one of the model's files (model/README.md).
             # Imported here: the report package loads matplotlib, which no other training path needs.
@@ -218,6 +219,19 @@ def run_training(
     if config.out_dir:
         lines.append(f"wrote the trained model to {config.out_dir}")
     return StageResult(stage_name, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
+
+
+def _selection_record(selection: Selection | None) -> dict[str, Any] | None:
+    """The selection a training used (None: full or LoRA): where, its sha256, and the policy and estimator it records."""
+    if selection is None:
+        return None
+    document = selection.document
+    return {
+        "uri": selection.ref["uri"],
+        "sha256": selection.ref["sha256"],
+        "policy": document.recorded_policy.get("policy") if document else None,
+        "estimator": document.estimator if document else None,
+    }
 
 
 def _committed_model(store, manifest) -> Path:
