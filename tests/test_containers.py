@@ -94,3 +94,11 @@ def test_infra_files_agree_with_prefect_yaml():
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
     assert template["variables"]["properties"]["image"]["default"] == "spectrum-cuda:latest"
+
+
+def test_the_cpu_image_compiles_deepspeeds_op_at_build_time_not_at_run_time():
+    steps = instructions(REPO_ROOT / "containers" / "cpu.Dockerfile")
+    env = " ".join(args for op, args in steps if op == "ENV")
+    runs = [args for op, args in steps if op == "RUN"]
+    assert "TORCH_EXTENSIONS_DIR=/opt/torch-extensions" in env  # a fixed path: the build depends on it
+    assert any("build_ops()" in run for run in runs[1:])  # after the project is installed

@@ -346,3 +346,22 @@ def test_lora_baseline_trains_adapters_and_merges_them(base_model, drop, tmp_pat
     assert not any(r["changed"] for r in table if "norm" in r["tensor_name"] or "embed" in r["tensor_name"])
     with pytest.raises(InputError, match="--lora-rank trains adapters instead of a selection"):
         cpt.run(config(base_model, drop, lora_rank=4, full=True), context(tmp_path / "store", tmp_path / "work"))
+
+
+@pytest.mark.integration
+def test_one_process_trains_without_compiling_an_op(base_model, drop, selection, tmp_path):
+    """A first start in a fresh venv or container: one rank makes no collectives, so nothing is compiled."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import REPO_ROOT
+
+    extensions = tmp_path / "torch-extensions"  # empty: an op DeepSpeed built would appear here
+    command = [sys.executable, "-m", "stages.cpt", str(base_model), "--data", str(drop), "--selection", str(selection)]
+    command += ["--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"), "--max-steps", "2", "--seq-len", "64"]
+    command += ["--save-steps", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(extensions.rglob("*.so")) and "built successfully" not in done.stdout + done.stderr

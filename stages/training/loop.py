@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..base.errors import CorruptWeightsError, InputError
 from ..base.library_output import deepspeed_start, import_deepspeed
-from .opbuild import build_ops
+from .opbuild import build_ops, skip_ops
 
 
 class TrainingDivergedError(CorruptWeightsError):
@@ -342,7 +342,10 @@ def init_distributed() -> None:
     """
     if torch.distributed.is_initialized():
         return
-    build_ops()  # before any rendezvous: a rank waiting for a build holds up no collective
+    if int(os.environ.get("WORLD_SIZE") or 1) == 1:
+        skip_ops()  # one rank makes no collectives: nothing to compile on a first start
+    else:
+        build_ops()  # before any rendezvous: a rank waiting for a build holds up no collective
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # DeepSpeed otherwise looks for MPI; the address and port are never used (no rendezvous).
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "0")):

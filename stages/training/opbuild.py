@@ -22,7 +22,7 @@ from ..base.library_output import import_deepspeed
 
 log = logging.getLogger(__name__)
 
-OPS = ("ShareMemCommBuilder",)  # what DeepSpeed compiles when a process group starts on the CPU
+OPS = ("ShareMemCommBuilder",)  # what DeepSpeed compiles when a process group starts on the CPU (used by several ranks)
 
 
 def extensions_root() -> Path:
@@ -76,8 +76,22 @@ def _clear(baton: Path) -> None:
         time.sleep(2.0)
 
 
+def skip_ops() -> None:
+    """One process: DeepSpeed's CPU communication op would be compiled (~100 s on 2 cores, again in every new venv or
+    container) for collectives a single rank never makes. Marked incompatible for this process, DeepSpeed runs without
+    it, as it does on a machine that cannot build it; its files are not touched."""
+    import_deepspeed()
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    for name in OPS:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def build_ops() -> None:
-    """Build (or load, when built) the ops DeepSpeed will load, before any process group exists."""
+    """Build (or load, when built) the ops DeepSpeed will load, before any process group exists (several ranks)."""
     import_deepspeed()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
