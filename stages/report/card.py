@@ -5,19 +5,23 @@
 
 `training_facts` builds a card's facts from one training's records: its parameters and inputs (the
 manifest's), its training.json, its trained_tensors rows and the selection input; the selection's
-layer_select run, the SNR scan it selected from and the download the base model came from are
-found in the store by lineage. The training stage calls it at produce time with what it is about to
-publish (no evaluation and no compute: the training has not finished), and `card_facts` calls it
-with what a committed run recorded, adding the evaluation and the compute; so the card in a model
-folder is `render_card(card_facts(store, run))` without those two, for a pipeline run and a
-hand-run stage alike.
+layer_select run and the SNR scan it selected from are read where their keys (`runs/<run>/<step>/…`)
+say, and the download the base model came from in the training's and the scan's runs, else among
+the store's downloads (the cache index): no other run's manifest is read. The training stage calls
+it at produce time with what it is about to publish (no evaluation and no compute: the training has
+not finished), and `card_facts` calls it with what a committed run recorded, adding the evaluation
+and the compute; so the card in a model folder is `render_card(card_facts(store, run))` without
+those two, for a pipeline run and a hand-run stage alike. At training time nothing about the card
+fails the stage: on any error the card is a minimal one that says why (`training_card`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -48,10 +52,9 @@ from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, 
 from ..store.base import sha256_bytes
 from ..store.compute import Prices, describe_usage, usage
 from ..store.keys import NAME
-from ..store.lineage import Producers
-from ..store.manifest import committed_manifests, load_manifest_or_none
+from ..store.manifest import load_manifest_or_none
 from ..store.scrub import redact
-from ..store.trees import ListedFile, Listing, StoreLocation, as_tree, resolve_uri
+from ..store.trees import STORE_SCHEME, ListedFile, Listing, StoreLocation, as_tree, resolve_uri
 from ..weights.hub import is_hub_id
 from ..weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_conventional_names
 
@@ -59,6 +62,8 @@ CARD_FILE = "README.md"  # in the model folder: runs/<run>/<cpt|sft>/model/READM
 STAGE_TAGS = {CPT: "continued-pretraining", SFT: "sft"}
 NOT_AVAILABLE = "n/a"
 MAX_SELECTION_FILE_BYTES = 64 * 1024 * 1024
+MAX_REASON_CHARS = 300  # of the one-line reason a minimal card gives
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class CardFacts:
     compute: str | None = None  # describe_usage of the training's compute
     gpu_hours: float | None = None
     cost: float | None = None
+    selection_run: str | None = None  # RUN/STEP of the layer_select that wrote the selection; None: not traced to one
+    unavailable: str | None = None  # why only a minimal card could be built at training time (one line); None: the full card
 
     @property
     def stage(self) -> str:
@@ -133,25 +140,59 @@ def training_facts(
     record: Mapping[str, Any],
     tensors: Sequence[Mapping[str, Any]],
     selection_ref: Mapping[str, Any] | None,
-    manifests: Mapping[str, list[Manifest]] | None = None,
+) -> CardFacts:
+    """The card facts the training stage writes at produce time, after training: never raises (a card must not fail a
+    finished training). On any error: the minimal facts, saying why, and one warning."""
+    try:
+        return _training_facts(_Lineage(store), manifest, record, tensors, selection_ref)
+    except Exception as exc:  # noqa: BLE001 - any failure here would throw away a finished training
+        return _minimal_facts(store, manifest, record, selection_ref, _minimal_because(manifest, exc))
+
+
+def training_card(
+    store: ArtifactStore,
+    manifest: Manifest,
+    record: Mapping[str, Any],
+    tensors: Sequence[Mapping[str, Any]],
+    selection_ref: Mapping[str, Any] | None,
+) -> str:
+    """The README.md the training stage writes into the model folder; never raises (see training_facts)."""
+    facts = training_facts(store, manifest, record, tensors, selection_ref)
+    try:
+        return render_card(facts)
+    except Exception as exc:  # noqa: BLE001 - as in training_facts
+        return render_card(_minimal_facts(store, manifest, record, selection_ref, _minimal_because(manifest, exc)))
+
+
+def _minimal_because(manifest: Manifest, exc: Exception) -> str:
+    """The one-line reason a minimal card gives, warned about once."""
+    reason = _one_line(redact(f"{type(exc).__name__}: {exc}"))[:MAX_REASON_CHARS]
+    log.warning("the model card of %s/%s is minimal: %s", manifest.run_id, manifest.stage, reason)
+    return reason
+
+
+def _training_facts(
+    lineage: _Lineage,
+    manifest: Manifest,
+    record: Mapping[str, Any],
+    tensors: Sequence[Mapping[str, Any]],
+    selection_ref: Mapping[str, Any] | None,
 ) -> CardFacts:
     """A training's card facts from its manifest (started or committed: parameters and inputs), its training.json
     record, its trained_tensors rows and its selection input; no evaluation, no compute."""
-    manifests = committed_manifests(store) if manifests is None else manifests
-    producers = Producers(manifests)
-    parameters = manifest.parameters
-    lora_rank = int(parameters.get("lora_rank") or 0)
-    method = "full" if parameters.get("full") else "lora" if lora_rank else "selection"
-    selection = _selection(store, selection_ref, producers, manifests) if method == "selection" else _Selection()
+    store = lineage.store
+    method, lora_rank = _method(manifest)
+    selection = _selection(lineage, selection_ref, record) if method == "selection" else _Selection()
     snr = {row["tensor_name"]: row for row in selection.snr_rows}
     trainable = [row for row in tensors if row.get("trainable")]
     data = record.get("data")
+    runs = (manifest.run_id, *((selection.scan_run,) if selection.scan_run else ()))
     return CardFacts(
         run_id=manifest.run_id,
         step=manifest.stage,
         code_version=manifest.code_version,
         store_uri=redact(store.root_uri),
-        base_model=_base_model(str(record.get("model") or ""), manifest.inputs, producers),
+        base_model=_base_model(str(record.get("model") or ""), manifest.inputs, lineage, runs),
         datasets=tuple(filter(None, [_data_tree(str(data), manifest.inputs, store)])) if data else (),
         data_location=redact(str(data)) if data else None,
         method=method,
@@ -166,27 +207,63 @@ def training_facts(
         embeddings=_embeddings(tensors, selection.snr_rows),
         tensors=tuple(_tensor(row, snr.get(row["tensor_name"])) for row in trainable),
         steps=_count(record.get("steps")),
+        selection_run=selection.run,
     )
 
 
+def _minimal_facts(
+    store: ArtifactStore, manifest: Manifest, record: Mapping[str, Any], selection_ref: Mapping[str, Any] | None, reason: str
+) -> CardFacts:
+    """What a card can say without reading anything: the run, the base model's and the data's locations, the method."""
+    method, lora_rank = _method(manifest)
+    model, data = record.get("model"), record.get("data")
+    return CardFacts(
+        run_id=manifest.run_id,
+        step=manifest.stage,
+        code_version=str(manifest.code_version),
+        store_uri=redact(store.root_uri),
+        base_model=redact(str(model)) if model else NOT_AVAILABLE,
+        datasets=(),
+        data_location=redact(str(data)) if data else None,
+        method=method,
+        lora_rank=lora_rank,
+        selection_source=redact(str(selection_ref.get("uri"))) if selection_ref else None,
+        selection_sha256=str(selection_ref.get("sha256")) if selection_ref else None,
+        policy=None,
+        estimator=None,
+        scan=None,
+        trainable_parameters=_count(record.get("trainable_parameters")),
+        total_parameters=_count(record.get("total_parameters")),
+        embeddings=(),
+        tensors=(),
+        steps=_count(record.get("steps")),
+        unavailable=reason,
+    )
+
+
+def _method(manifest: Manifest) -> tuple[str, int]:
+    lora_rank = _count(manifest.parameters.get("lora_rank")) or 0
+    return ("full" if manifest.parameters.get("full") else "lora" if lora_rank else "selection"), lora_rank
+
+
 def card_facts(
-    store: ArtifactStore, run_id: str, step: str = CPT, evaluation_run: str | None = None, prices: Prices | None = None
+    store: ArtifactStore, run_id: str, step: str = CPT, evaluation_run: str | None = None, prices: Prices | None = None, currency: str = ""
 ) -> CardFacts:
     """The full card of a committed training: its facts, the evaluation (the run's own evaluate step, or `evaluation_run`)
-    and the training's compute (priced with `prices`). InputError when the run has no such training or it failed."""
-    manifests = committed_manifests(store)
+    and the training's compute (priced with `prices`, the cost shown with `currency`). InputError when the run has no
+    such training or it failed; unlike training_facts, any other error is raised."""
     manifest = _committed_training(store, run_id, step)
     record = json.loads(read_output(store, manifest, TRAINING_FILE)[0])
     rows = _table_rows(store, manifest, TRAINED_TENSORS_TABLE)
     selection_ref = manifest.inputs[-1] if _trains_a_selection(manifest) and manifest.inputs else None
-    facts = training_facts(store, manifest, record, rows, selection_ref, manifests)
+    facts = _training_facts(_Lineage(store), manifest, record, rows, selection_ref)
     evaluation, source = _evaluation(store, run_id, manifest, evaluation_run)
     use = usage([manifest.compute], prices)
     return replace(
         facts,
         evaluation=evaluation,
         evaluation_source=source,
-        compute=describe_usage(use),
+        compute=describe_usage(use, currency),
         gpu_hours=use.gpu_hours if not use.unknown else None,
         cost=use.cost,
     )
@@ -230,41 +307,97 @@ def _tensor(row: Mapping[str, Any], scanned: Mapping[str, Any] | None) -> Tensor
     return TensorFact(str(row["tensor_name"]), int(row.get("parameter_count") or 0), snr, row.get("relative_change"))
 
 
+class _Lineage:
+    """The store's manifests, each read by its key once: a card reads the lineage it shows, never every manifest of the
+    store (a store holds thousands of runs; the training stage writes the card while it holds the GPUs)."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+        self._root = store.root_uri.rstrip("/") + "/"
+        self._manifests: dict[tuple[str, str], Manifest | None] = {}
+
+    def manifest(self, run_id: str, step: str) -> Manifest | None:
+        """The committed manifest of a run's step (a reuse record followed), None when there is none."""
+        if not (NAME.fullmatch(run_id) and NAME.fullmatch(step)):
+            return None
+        if (run_id, step) not in self._manifests:
+            self._manifests[run_id, step] = load_manifest_or_none(self.store, run_id, step)
+        return self._manifests[run_id, step]
+
+    def key(self, uri: str) -> str | None:
+        """The key of a URI in this store (`store:<key>` or under its root), None for anything else."""
+        if uri.startswith(STORE_SCHEME):
+            return uri[len(STORE_SCHEME) :].strip("/")
+        return uri[len(self._root) :] if uri.startswith(self._root) else None
+
+    def producer(self, ref: Mapping[str, Any]) -> Manifest | None:
+        """The succeeded stage that wrote the stored object `ref` names: its key `runs/<run>/<step>/…` says which."""
+        key = self.key(str(ref.get("uri") or ""))
+        parts = key.split("/") if key else []
+        if len(parts) < 4 or parts[0] != "runs":
+            return None
+        manifest = self.manifest(parts[1], parts[2])
+        if manifest is None or manifest.status != SUCCEEDED:
+            return None
+        return manifest if any(o.get("key") == key and o.get("sha256") == ref.get("sha256") for o in manifest.outputs) else None
+
+    def downloads(self) -> Iterator[Manifest]:
+        """The downloads that did their work, newest run first: the cache index names them (one small listing of
+        `cache/download/`; reuse records are not indexed), and each manifest is read only when the one before did not match."""
+        prefix = f"cache/{DOWNLOAD}/"
+        found = set()
+        for key in self.store.list(prefix):
+            parts = key.removeprefix(prefix).split("/")  # <cache key>/<run>.json, or <cache key>/<step>/<run>.json
+            found.add((parts[-1].removesuffix(".json"), parts[1] if len(parts) == 3 else DOWNLOAD))
+        for run_id, step in sorted(found, reverse=True):
+            manifest = self.manifest(run_id, step)
+            if manifest is not None:
+                yield manifest
+
+
 @dataclass(frozen=True)
 class _Selection:
     policy: Mapping[str, Any] | None = None
     estimator: str | None = None
-    scan: str | None = None
+    scan: str | None = None  # RUN/STEP of the SNR scan
     snr_rows: tuple[dict[str, Any], ...] = ()
+    run: str | None = None  # RUN/STEP of the layer_select that wrote the selection
+
+    @property
+    def scan_run(self) -> str | None:
+        return self.scan.split("/")[0] if self.scan else None
 
 
-def _selection(
-    store: ArtifactStore, ref: Mapping[str, Any] | None, producers: Producers, manifests: Mapping[str, list[Manifest]]
-) -> _Selection:
-    """What the selection recorded: from the layer_select run that wrote it (found by URI, else by sha256), else the file."""
+def _selection(lineage: _Lineage, ref: Mapping[str, Any] | None, record: Mapping[str, Any]) -> _Selection:
+    """What the selection recorded: from the layer_select run that wrote it (its key names it), else the local file when
+    it is still there, else what training.json recorded of it. A local copy of a stored selection is not matched to its
+    run by sha256: that would read every layer_select manifest of the store."""
     if not ref:
         return _Selection()
-    selector = next(iter(producers.of([ref])), None) or _layer_select_with(ref["sha256"], manifests)
+    uri = str(ref["uri"])
+    selector = lineage.producer(ref)
     if selector is None or base_stage(selector.stage) != LAYER_SELECT:
-        data = _local_bytes(str(ref["uri"]), str(ref["sha256"]))
-        return _document(data, str(ref["uri"])) if data is not None else _Selection()
-    selection = _document(read_output(store, selector, SELECTION_JSON_FILE)[0], str(ref["uri"]))
-    scan = next((m for m in producers.of(selector.inputs) if base_stage(m.stage) == SNR_SCAN), None)
+        data = _local_bytes(uri, str(ref["sha256"]))
+        return _document(data, uri) if data is not None else _recorded_selection(record)
+    selection = replace(
+        _document(read_output(lineage.store, selector, SELECTION_JSON_FILE)[0], uri), run=f"{selector.run_id}/{selector.stage}"
+    )
+    scan = next((m for r in selector.inputs if (m := lineage.producer(r)) and base_stage(m.stage) == SNR_SCAN), None)
     if scan is None:
         return selection
-    rows = tuple(_table_rows(store, scan, SNR_TABLE))
+    rows = tuple(_table_rows(lineage.store, scan, SNR_TABLE))
     return replace(selection, scan=f"{scan.run_id}/{scan.stage}", snr_rows=rows)
 
 
-def _layer_select_with(sha256: str, manifests: Mapping[str, list[Manifest]]) -> Manifest | None:
-    """A succeeded layer_select run whose selection.json has these bytes (a local copy of a stored selection)."""
-    for run_manifests in manifests.values():
-        for manifest in run_manifests:
-            key = output_key(manifest.run_id, manifest.stage, SELECTION_JSON_FILE)
-            selects = base_stage(manifest.stage) == LAYER_SELECT and manifest.status == SUCCEEDED
-            if selects and any(o.get("key") == key and o.get("sha256") == sha256 for o in manifest.outputs):
-                return manifest
-    return None
+def _recorded_selection(record: Mapping[str, Any]) -> _Selection:
+    """The policy name and estimator training.json recorded of a selection that can no longer be read."""
+    recorded = record.get("selection")
+    if not isinstance(recorded, Mapping):
+        return _Selection()
+    policy, estimator = recorded.get("policy"), recorded.get("estimator")
+    return _Selection(
+        policy={"policy": policy} if isinstance(policy, str) else None, estimator=estimator if isinstance(estimator, str) else None
+    )
 
 
 def _local_bytes(uri: str, sha256: str) -> bytes | None:
@@ -289,13 +422,20 @@ def _document(data: bytes, where: str) -> _Selection:
     return _Selection(policy=dict(document.recorded_policy) or None, estimator=document.estimator)
 
 
-def _base_model(location: str, inputs: Iterable[Mapping[str, Any]], producers: Producers) -> str:
-    """The hub id when the base model's files were downloaded from the hub, else the location training.json recorded."""
-    for producer in producers.of(inputs):
-        model = producer.parameters.get("model")
-        downloaded = base_stage(producer.stage) == DOWNLOAD and producer.parameters.get("model_commit")
-        if downloaded and isinstance(model, str) and is_hub_id(model):
+def _base_model(location: str, inputs: Iterable[Mapping[str, Any]], lineage: _Lineage, runs: Sequence[str]) -> str:
+    """The hub id when the base model's files (a `models/` tree of the store) were downloaded from the hub, else the location
+    training.json recorded. The download is looked for in the training's run and the scan's (a pipeline's own download),
+    then among the store's downloads, newest first; the first that wrote the files says where they came from."""
+    files = {(key, ref.get("sha256")) for ref in inputs if (key := lineage.key(str(ref.get("uri") or ""))) and key.startswith("models/")}
+    if not files:
+        return redact(location)
+    for download in chain((lineage.manifest(run, DOWNLOAD) for run in runs), lineage.downloads()):
+        if download is None or download.status != SUCCEEDED or not any((o.get("key"), o.get("sha256")) in files for o in download.outputs):
+            continue
+        model = download.parameters.get("model")
+        if download.parameters.get("model_commit") and isinstance(model, str) and is_hub_id(model):
             return model
+        break  # these files came from a folder, not the hub
     return redact(location)
 
 
@@ -393,8 +533,12 @@ def render_card(facts: CardFacts) -> str:
         "datasets": list(facts.datasets),
     }
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000)
+    title = f"# {_one_line(facts.base_model)}: {STAGE_TAGS.get(facts.stage, facts.stage)} with Spectrum"
+    if facts.unavailable is not None:  # what training_facts could say without the store's lineage
+        reason = f"The full card could not be built at training time: {_one_line(facts.unavailable)}; run `{facts.card_command}` for it."
+        return f"---\n{front}---\n\n" + "\n\n".join([title, reason, _overview(facts), "## Audit\n\n" + _audit_text(facts)]) + "\n"
     sections = [
-        f"# {_one_line(facts.base_model)}: {STAGE_TAGS.get(facts.stage, facts.stage)} with Spectrum",
+        title,
         _overview(facts),
         "## Selection\n\n" + _selection_text(facts),
         "## Trainable share\n\n" + _share_text(facts),
@@ -422,11 +566,17 @@ def _selection_text(facts: CardFacts) -> str:
         return "Full fine-tuning: every parameter was trained (no selection)."
     if facts.method == "lora":
         return f"LoRA adapters of rank {facts.lora_rank} on every linear layer, merged into the weights after training (no selection)."
-    lines = [f"- selection: `{_one_line(facts.selection_source or NOT_AVAILABLE)}` (sha256 `{facts.selection_sha256 or NOT_AVAILABLE}`)"]
+    source = _one_line(facts.selection_source or NOT_AVAILABLE)
+    if facts.selection_run:
+        where = f"`{source}`, written by `{facts.selection_run}`"
+    else:
+        local = "a local selection file " if source.startswith("file://") else ""
+        where = f"{local}`{source}`, not traced to a layer_select run of the store"
+    lines = [f"- selection: {where} (sha256 `{facts.selection_sha256 or NOT_AVAILABLE}`)"]
     if facts.policy:
         lines += [f"- {name}: `{_one_line(json.dumps(value))}`" for name, value in facts.policy.items()]
     else:
-        lines.append("- policy: not recorded (the selection file is not in the store)")
+        lines.append("- policy: not recorded (the selection file can no longer be read)")
     lines.append(f"- SNR estimator: {_one_line(facts.estimator or NOT_AVAILABLE)}")
     lines.append(f"- SNR scan: `{facts.scan}`" if facts.scan else "- SNR scan: not found in the store")
     return "\n".join(lines)
@@ -489,4 +639,4 @@ def _cell(text: str) -> str:
     return _one_line(text).replace("|", "\\|")
 
 
-__all__ = ["CARD_FILE", "CardFacts", "EvaluationFact", "TensorFact", "card_facts", "render_card", "training_facts"]
+__all__ = ["CARD_FILE", "CardFacts", "EvaluationFact", "TensorFact", "card_facts", "render_card", "training_card", "training_facts"]
