@@ -5,7 +5,7 @@
     cost: {price_per_device_hour: 4.5, currency: "$"}                               # or {cuda: 4.5, cpu: 0.05}
 
 The webhook URL is a secret (Slack's carries its token in the path): it is never shown, only
-`scheme://host/***`. A tracking URI with credentials in it is refused: MLflow reads them from
+`scheme://host/***`. A tracking URI with credentials in it is refused (MlflowTarget's check): MLflow reads them from
 $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, which stay out of every record.
 """
 
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from stages.base.documents import shown
 from stages.base.errors import InputError
@@ -56,23 +56,38 @@ class CostSettings:
 
 
 def shown_url(url: str) -> str:
-    """A secret URL as messages may show it: scheme://host/*** (no user, port is kept, no path or query)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if _port(parts) else ""
-    return f"{parts.scheme}://{host}{port}/***"
+    """A secret URL as messages may show it: scheme://host/*** (no user, port is kept, no path or query); never raises."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unreadable (an unclosed `[`): only its scheme is shown
+        scheme = _SCHEME.match(url)
+        return f"{scheme.group()[:-1] if scheme else '?'}://?/***"
+    port = _port(parts)
+    return f"{parts.scheme}://{parts.hostname or '?'}{f':{port}' if port else ''}/***"
 
 
-def _port(parts) -> int | None:
+def _port(parts: SplitResult) -> int | None:
+    """The URL's port; None when it names none, or one that is not a number in range (urlsplit raises only when asked)."""
     try:
         return parts.port
     except ValueError:
         return None
 
 
-def _valid_port(parts) -> bool:
+def _http_url(url: str) -> bool:
+    """`url` is an http(s) URL with a host (and a valid port, if any) that can be read."""
     try:
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _readable_uri(uri: str) -> bool:
+    """A URI with a scheme that urlsplit (and so MLflow) can read: not an unclosed `[`."""
+    try:
+        urlsplit(uri)
     except ValueError:
         return False
     return True
@@ -94,17 +109,17 @@ def parse_tracking(value: Any, folder: Path, where: str) -> MlflowTarget | None:
             raise InputError(f"{where}: tracking.mlflow.tracking_uri: missing, and ${TRACKING_URI_ENV} is not set; name the MLflow server")
     if not isinstance(uri, str) or not uri.strip():
         raise InputError(f"{origin}: expected a URI (http://host:5000, a folder), found {shown(uri)}")
-    if _SCHEME.match(uri) and "@" in urlsplit(uri).netloc:
-        raise InputError(
-            f"{origin}: {shown_url(uri)} carries credentials in the URI, which would be printed and stored; leave them out and "
-            "set $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (or $MLFLOW_TRACKING_TOKEN) instead"
-        )
+    if _SCHEME.match(uri) and not _readable_uri(uri):
+        raise InputError(f"{origin}: {shown_url(uri)} cannot be read as a URI; name the MLflow server (http://host:5000) or a folder")
     if not _SCHEME.match(uri):  # a local MLflow folder, relative to the config's folder like every path in it
         uri = os.path.abspath(folder / os.path.expanduser(uri))
     experiment = mlflow.get("experiment", DEFAULT_EXPERIMENT)
     if not isinstance(experiment, str) or not experiment.strip():
         raise InputError(f"{where}: tracking.mlflow.experiment: expected an experiment name, found {shown(experiment)}")
-    return MlflowTarget(uri, experiment.strip())
+    try:
+        return MlflowTarget(uri, experiment.strip())
+    except InputError as exc:  # the target's own check, the one left once the URI and experiment are known non-empty: credentials
+        raise InputError(f"{origin}: {shown_url(uri)} carries credentials: {exc}") from None
 
 
 def parse_notify(value: Any, where: str) -> NotifySettings | None:
@@ -114,8 +129,7 @@ def parse_notify(value: Any, where: str) -> NotifySettings | None:
     webhook = value.get("webhook")
     if not isinstance(webhook, str) or not webhook.strip():
         raise InputError(f"{where}: notify.webhook: missing; name the URL to post to (http or https), or leave notify: out")
-    parts = urlsplit(webhook.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or not _valid_port(parts):
+    if not _http_url(webhook.strip()):
         raise InputError(f"{where}: notify.webhook: {shown_url(webhook)} is not an http(s) URL with a host; name the URL to post to")
     on = value.get("on", list(NOTIFY_ON))
     on = [on] if isinstance(on, str) else on

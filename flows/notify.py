@@ -115,6 +115,22 @@ def run_end(
     )
 
 
+def failed_start(run_id: str, store_uri: str, wall_seconds: float, cost: CostSettings | None, failure: BaseException) -> RunEnd:
+    """The end of a run that failed before it held its lease (store unreachable, run held by another pipeline): nothing ran."""
+    use, currency = run_usage(run_id, {}, cost), cost.currency if cost else ""
+    return RunEnd(
+        run_id=run_id,
+        status=FAILED,
+        store=scrub(store_uri),
+        wall_seconds=round(wall_seconds, 1),
+        cost=None if use.cost is None else 0.0,
+        currency=currency,
+        usage=describe_usage(use, currency),
+        failed_step="start",
+        error=one_line_error(failure),
+    )
+
+
 def run_usage(run_id: str, manifests: Mapping[str, Manifest], cost: CostSettings | None) -> Usage:
     """The device time this run spent: a step whose manifest is another run's (reused, pinned) cost it nothing."""
     computes = [m.compute if m.run_id == run_id else reused_compute(m.compute) for m in manifests.values()]
@@ -196,7 +212,9 @@ def _post(settings: NotifySettings, body: bytes, outcome: dict[str, Any]) -> Non
     """One POST; its outcome (HTTP status or a scrubbed error without the URL) in `outcome`."""
     import httpx
 
-    _HIDE.urls[settings.webhook] = settings.shown_webhook
+    forms = _written_forms(settings.webhook)
+    for form in forms:
+        _HIDE.urls[form] = settings.shown_webhook
     if _HIDE not in logging.getLogger("httpx").filters:
         logging.getLogger("httpx").addFilter(_HIDE)
     try:
@@ -204,13 +222,26 @@ def _post(settings: NotifySettings, body: bytes, outcome: dict[str, Any]) -> Non
             response = client.post(settings.webhook, content=body, headers={"Content-Type": "application/json"})
         outcome["status"] = response.status_code
     except Exception as exc:  # noqa: BLE001 - a receiver's failure is reported as a warning, never raised
-        outcome["error"] = type(exc).__name__ + _detail(exc, settings.webhook)
+        outcome["error"] = type(exc).__name__ + _detail(exc, forms)
 
 
-def _detail(exc: Exception, url: str) -> str:
-    """The exception's message unless it names the URL (httpx's messages may)."""
+def _written_forms(webhook: str) -> list[str]:
+    """The webhook as configured and as httpx writes it in its logs and errors (host lower-cased, default port dropped,
+    percent-encoded): each is hidden. The longer first, so that neither is left half-replaced."""
+    import httpx
+
+    try:
+        normalised = str(httpx.URL(webhook))
+    except Exception:  # noqa: BLE001 - a URL httpx cannot read is not posted either: its error is hidden by the written form
+        normalised = webhook
+    return sorted({webhook, normalised}, key=len, reverse=True)
+
+
+def _detail(exc: Exception, forms: list[str]) -> str:
+    """The exception's message unless it names the URL or a part of its path (httpx's messages may)."""
     text = str(exc)
-    return "" if not text or url in text or any(part and part in text for part in url.split("/")[3:]) else f": {clip(scrub(text), 200)}"
+    named = any(form in text or any(part and part in text for part in form.split("/")[3:]) for form in forms)
+    return "" if not text or named else f": {clip(scrub(text), 200)}"
 
 
 def _g(value: Any) -> str:

@@ -36,7 +36,7 @@ from stages.download import read_summary
 from stages.store import ArtifactStore, Manifest, StageRef, lines, new_run_id, open_store, read_output, record_reuse
 from stages.store.errors import ArtifactNotFoundError
 from stages.store.keys import validate_name
-from stages.store.lease import LeaseHeldError, acquire_lease, holder_identity
+from stages.store.lease import Lease, LeaseHeldError, acquire_lease, holder_identity
 from stages.store.manifest import lease_folder
 from stages.tracking import MlflowTarget
 
@@ -112,23 +112,24 @@ def run_pipeline(
     renewed while it works and released with its outcome: succeeded, failed (with the reason) or interrupted.
     Once it holds the lease, the run is tracked (`tracking:`, one MLflow run with a run nested per stage) and its
     end is posted (`notify:`, flows/notify.py), succeeded or failed, exactly once, however the pipeline was started.
+    A run that fails before it holds the lease (its store unreachable, or the run id held by another pipeline) is posted
+    as failed at "start"; a config error (a re-run's options, the drop's name, no store named: InputError) is not posted:
+    nothing ran, and whoever started the run is told at once.
     """
     started = time.monotonic()
     check_rerun(config, only, from_stage, force, run)
     if config.line is not None:  # the drop is named in the line's record: refused before anything runs, not after training
         validate_name(Path(drop or config.data).name, "drop name (the data folder's name, which the line records)")
-    store = open_pipeline_store(config)
-    rerun = bool(only or from_stage)
-    result = PipelineResult(run_id=(None if rerun else run or config.run_id) or new_run_id(), store=store.root_uri)
+    run_id = (None if only or from_stage else run or config.run_id) or new_run_id()
     try:
-        lease = acquire_lease(
-            store, lease_folder(result.run_id, PIPELINE_LEASE), holder_identity(run_id=result.run_id, stage=PIPELINE_LEASE)
-        )
-    except LeaseHeldError as exc:
-        raise LeaseHeldError(
-            f"run {result.run_id!r} is being run by another pipeline ({exc}); nothing was done: wait for it (`spectrum runs` "
-            "shows it), or run under another run id"
-        ) from None
+        store = open_pipeline_store(config)
+        lease = _acquire_pipeline_lease(store, run_id)
+    except InputError:  # the config names no store, or one that cannot be: nothing ran and the caller is told at once
+        raise
+    except BaseException as exc:  # the store is unreachable or the run is another pipeline's: a scheduled run says so too
+        _finish_before_start(config, run_id, time.monotonic() - started, exc)
+        raise
+    result = PipelineResult(run_id=run_id, store=store.root_uri)
     tracking = None
     try:
         with lease.held(reason=lambda exc: clip(scrub(str(exc)), 1000)):
@@ -145,6 +146,25 @@ def run_pipeline(
         raise
     _finish(config, store, result, tracking, time.monotonic() - started, None)
     return result
+
+
+def _acquire_pipeline_lease(store: ArtifactStore, run_id: str) -> Lease:
+    """The run's pipeline lease, or LeaseHeldError saying that another pipeline has the run and nothing was done."""
+    try:
+        return acquire_lease(store, lease_folder(run_id, PIPELINE_LEASE), holder_identity(run_id=run_id, stage=PIPELINE_LEASE))
+    except LeaseHeldError as exc:
+        raise LeaseHeldError(
+            f"run {run_id!r} is being run by another pipeline ({exc}); nothing was done: wait for it (`spectrum runs` "
+            "shows it), or run under another run id"
+        ) from None
+
+
+def _finish_before_start(config: PipelineConfig, run_id: str, wall_seconds: float, failure: BaseException) -> None:
+    """The end of a run that failed before it held its lease: posted as failed at "start" (nothing ran, nothing is tracked)."""
+    try:
+        notify.notify(config.notify, notify.failed_start(run_id, _store_uri(config), wall_seconds, config.cost, failure))
+    except Exception as exc:  # noqa: BLE001 - reporting the end must never change it
+        logging.getLogger(__name__).warning("the end of run %s could not be reported (%s)", run_id, notify.one_line_error(exc))
 
 
 def _start_tracking(config: PipelineConfig, store: ArtifactStore, result: PipelineResult, **rerun: Any) -> MlflowTarget | None:
@@ -303,12 +323,19 @@ def _run_stages(
 
 
 def open_pipeline_store(config: PipelineConfig) -> ArtifactStore:
-    from stages.base import settings
-
-    uri = config.store or settings.default_store()
+    uri = _store_uri(config)
     if not uri:
+        from stages.base import settings
+
         raise InputError(f"{config.source}: store: missing, and ${settings.STORE_ENV} is not set; name the artifact store")
     return open_store(uri)  # a relative store: in the config is already relative to the config's folder (pipeline_config)
+
+
+def _store_uri(config: PipelineConfig) -> str:
+    """The config's store, else the default one ($SPECTRUM_STORE); empty when neither is set."""
+    from stages.base import settings
+
+    return config.store or settings.default_store() or ""
 
 
 def _committed(store: ArtifactStore, run_id: str, stage: str) -> Manifest:

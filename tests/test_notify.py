@@ -144,6 +144,9 @@ def test_the_tracking_uri_defaults_to_mlflows_variable(tmp_path, monkeypatch):
         ({"cost": {"price_per_device_hour": -1}}, r"cost.price_per_device_hour: a price per device-hour must be a number >= 0"),
         ({"cost": {"price_per_gpu_hour": 4}}, r"cost.price_per_gpu_hour: not a setting \(did you mean price_per_device_hour\?\)"),
         ({"cost": {"price_per_device_hour": 4, "currency": 5}}, r"cost.currency: expected a short currency mark"),
+        ({"notify": {"webhook": f"https://[host/{SECRET}"}}, r"notify.webhook: https://\?/\*\*\* is not an http\(s\) URL with a host"),
+        ({"tracking": {"mlflow": {"tracking_uri": f"http://[h/{SECRET}"}}}, r"tracking_uri: http://\?/\*\*\* cannot be read as a URI"),
+        ({"tracking": {"mlflow": {"tracking_uri": "https://u:pw12345678@h/x"}}}, r"tracking_uri: https://h/\*\*\* carries credentials: "),
     ],
 )
 def test_bad_notify_tracking_and_cost_sections_name_the_key_and_never_show_the_secret(tmp_path, section, message):
@@ -156,6 +159,8 @@ def test_bad_notify_tracking_and_cost_sections_name_the_key_and_never_show_the_s
 def test_a_shown_url_keeps_only_scheme_host_and_port():
     assert shown_url(f"https://user:pw@hooks.slack.com/services/{SECRET}?x=1") == "https://hooks.slack.com/***"
     assert shown_url(f"http://127.0.0.1:8080/{SECRET}") == "http://127.0.0.1:8080/***"
+    assert shown_url(f"https://[hooks.slack.com/{SECRET}") == "https://?/***"  # unreadable: never a ValueError
+
 
 
 # --- the post -----------------------------------------------------------------------------------------------------
@@ -208,6 +213,83 @@ def test_a_refused_connection_is_one_warning_and_the_run_succeeds(tmp_path, monk
     message = warning.getMessage()
     assert f"did not reach http://127.0.0.1:{port}/*** (ConnectError" in message and "the run is not affected" in message
     assert SECRET not in caplog.text
+
+
+def test_httpx_s_own_form_of_the_webhook_is_hidden_in_its_log(tmp_path, monkeypatch, caplog):
+    """httpx logs the URL lower-cased, without its default port and percent-encoded: that form is hidden too."""
+    import httpx
+
+    from flows.integration_settings import NotifySettings
+    from flows.notify import RunEnd, notify
+
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200)
+
+    client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **options: client(transport=httpx.MockTransport(answer), **options))
+    webhook = f"https://Hooks.Example.COM:443/services/{SECRET}/a b"
+    with caplog.at_level(logging.DEBUG):
+        assert notify(NotifySettings(webhook), RunEnd("r1", "completed", "store", 1.0)) is True
+    assert seen == [f"https://hooks.example.com/services/{SECRET}/a%20b"]  # the form httpx sends and logs
+    requests = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert requests and all("https://hooks.example.com:443/***" in message for message in requests), requests
+    assert SECRET not in caplog.text and "/services/" not in caplog.text
+
+
+# --- a run that fails before it holds its lease ---------------------------------------------------------------------
+
+
+def test_a_run_whose_store_cannot_be_reached_posts_a_failure_at_start(tmp_path, monkeypatch, receiver):
+    from stages.store import StoreUnavailableError
+
+    from .s3_server import free_ports
+
+    hook = receiver()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY12345")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-value")
+    monkeypatch.setenv("SPECTRUM_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens there
+    config = load_pipeline_config(config_in(tmp_path, {"webhook": hook.url}, store="s3://spectrum-runs/prod"))
+    with pytest.raises(StoreUnavailableError) as caught:
+        run_pipeline(config, run="unreached")
+    (post,) = hook.posts
+    assert (post["status"], post["run_id"], post["failed_step"]) == ("failed", "unreached", "start")
+    assert post["stages_run"] == [] and post["store"] == "s3://spectrum-runs/prod" and post["error"] == str(caught.value)[:500]
+    assert post["text"].startswith("Spectrum pipeline run unreached failed at start: ")
+    assert "not-a-real-secret-value" not in json.dumps(post)
+
+
+def test_a_run_held_by_another_pipeline_posts_a_failure_at_start_and_leaves_the_lease(tmp_path, monkeypatch, receiver):
+    from stages.store import open_store
+    from stages.store.lease import LeaseHeldError, acquire_lease, lease_state
+    from stages.store.manifest import lease_folder
+
+    hook = receiver()
+    monkeypatch.setattr(pipeline, "_run_stages", no_stages)
+    config = load_pipeline_config(config_in(tmp_path, {"webhook": hook.url}))
+    store = open_store(str(tmp_path / "store"))
+    folder = lease_folder("busy", pipeline.PIPELINE_LEASE)
+    acquire_lease(store, folder, {"host": "elsewhere", "pid": 1, "run_id": "busy"})
+    with pytest.raises(LeaseHeldError, match="is being run by another pipeline"):
+        run_pipeline(config, run="busy")
+    (post,) = hook.posts
+    assert (post["status"], post["run_id"], post["failed_step"]) == ("failed", "busy", "start")
+    assert "being run by another pipeline" in post["error"] and post["text"].startswith("Spectrum pipeline run busy failed at start: ")
+    assert lease_state(store, folder).released is None  # the other pipeline's lease is untouched
+
+
+def test_a_config_error_found_before_the_run_is_not_posted(tmp_path, monkeypatch, receiver):
+    hook = receiver()
+    monkeypatch.setattr(pipeline, "_run_stages", no_stages)
+    monkeypatch.delenv("SPECTRUM_STORE", raising=False)
+    config = load_pipeline_config(config_in(tmp_path, {"webhook": hook.url}))
+    with pytest.raises(InputError, match="re-runs a stage of a committed run"):
+        run_pipeline(config, only="cpt")
+    with pytest.raises(InputError, match="store: missing"):
+        run_pipeline(load_pipeline_config(config_in(tmp_path / "nostore", {"webhook": hook.url}, store=None)), run="n")
+    assert hook.posts == []
 
 
 def test_a_run_that_fails_posts_its_failing_step_and_error_once(prefect_api, tmp_path, receiver, tiny_model):
