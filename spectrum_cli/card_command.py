@@ -11,13 +11,13 @@ from stages.base.files import ensure_writable, write_atomic
 from stages.core.cli import add_store_location_arguments, require_store
 from stages.store import ArtifactStore
 
-from .prices import add_price_argument, prices_from_args
+from .prices import add_price_argument, currency_from_args, prices_from_args
 
 DESCRIPTION = """The model card of the model a cpt or sft step of RUN trained, generated from the artifact store's
 records: Hugging Face metadata (base model, datasets by sha256, tags), the selection policy and SNR
 estimator, the trainable share with the embedding tensors counted, every trained tensor with its
 SNR, the evaluation with base, trained and delta (the run's own evaluate step, or --evaluation-run),
-the GPU-hours (and a cost with --price-per-device-hour) and the command to audit the run. The card
+the GPU-hours (and a cost with --price-per-device-hour, marked with --currency) and the command to audit the run. The card
 in the model folder (model/README.md) is the same without evaluation and compute, which come later."""
 
 
@@ -42,7 +42,8 @@ def card_of_args(args: argparse.Namespace, store: ArtifactStore) -> tuple[str, s
     prices = prices_from_args(args)
     from stages.report.card import card_facts, render_card  # the report package loads matplotlib: only when a card is asked for
 
-    return run_id, step, render_card(card_facts(store, run_id, step, args.evaluation_run, prices))
+    facts = card_facts(store, run_id, step, args.evaluation_run, prices, currency_from_args(args))
+    return run_id, step, render_card(facts)
 
 
 def run(args: argparse.Namespace) -> str:

@@ -13,12 +13,12 @@ from stages.core.cli import add_store_location_arguments, require_store
 from stages.report import build_report
 from stages.report.line import build_line_report
 
-from .prices import add_price_argument, prices_from_args
+from .prices import CURRENCY_FLAG, FLAG, add_price_argument, currency_from_args, prices_from_args
 
 DESCRIPTION = """The report of RUN, read from the artifact store: the SNR map (layers x module types, the
 selection outlined, tensors that training changed marked), loss and learning-rate curves, the
 evaluation with deltas, the comparison of methods, the SNR drift, the compute (GPU-hours per stage
-and for the run; a cost with --price-per-device-hour) and the lineage of every stage it came
+and for the run; a cost with --price-per-device-hour and --currency) and the lineage of every stage it came
 from. Charts are PNGs embedded in the page: it opens offline, from a file or an e-mail.
 
 With --line LINE instead of RUN: the model line over its generations (held-out and general
@@ -41,11 +41,13 @@ def run(args: argparse.Namespace) -> str:
     prices = prices_from_args(args)
     if args.line is not None:
         if prices is not None:
-            raise InputError("--price-per-device-hour prices a run's compute: give it with RUN, not with --line")
+            raise InputError(f"{FLAG} prices a run's compute: give it (and {CURRENCY_FLAG}) with RUN, not with --line")
         result = build_line_report(require_store(args, writable=False), args.line, Path(args.out), overwrite=args.overwrite)
         what = f"line {args.line}"
     else:
-        result = build_report(require_store(args, writable=False), args.run_id, Path(args.out), overwrite=args.overwrite, prices=prices)
+        store = require_store(args, writable=False)
+        currency = currency_from_args(args)
+        result = build_report(store, args.run_id, Path(args.out), overwrite=args.overwrite, prices=prices, currency=currency)
         what = f"run {args.run_id}"
     sections = ", ".join(result.sections)
     return f"report of {what}: {result.html_path} ({result.images} charts; {sections}) and {result.markdown_path}"

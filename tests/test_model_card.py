@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
 from spectrum_cli import card_command
+from spectrum_cli.prices import add_price_argument, currency_from_args, prices_from_args
 from stages import cpt, evaluate, layer_select, snr_scan
-from stages.base.contracts import CPT, EVALUATE
-from stages.base.errors import InputError
+from stages.base.contracts import (
+    CPT,
+    DOWNLOAD,
+    EVALUATE,
+    LAYER_SELECT,
+    SELECTION_JSON_FILE,
+    SNR_SCAN,
+    SNR_TABLE,
+    TRAINED_TENSORS_TABLE,
+    TRAINING_FILE,
+)
+from stages.base.errors import InputError, SpectrumError
 from stages.core.cli import execute
 from stages.core.stage import StageContext
 from stages.download import DownloadConfig, read_summary
 from stages.download import run as download
-from stages.report.card import CardFacts, EvaluationFact, TensorFact, card_facts, render_card
+from stages.report.card import CardFacts, EvaluationFact, TensorFact, card_facts, render_card, training_card, training_facts
 from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
-from stages.selection.document import POLICY_OPTIONS
-from stages.store import commit_manifest, load_manifest, open_store, read_table, start_manifest
+from stages.selection.document import POLICY_OPTIONS, SelectionDocument
+from stages.store import commit_manifest, load_manifest, open_store, output_key, read_output, read_table, start_manifest, write_table
 from stages.store.compute import Prices
 
 from .helpers import COMMIT, TINY, hub_cache_snapshot
@@ -122,6 +136,182 @@ def test_a_run_without_the_training_step_or_whose_training_failed_is_one_error_l
     (tmp_path / "taken.md").write_text("mine")
     code, _, err = card_cli(capsys, "broken", "--out", str(tmp_path / "taken.md"), "--store", str(tmp_path / "store"))
     assert code == 4 and "already exists" in err and (tmp_path / "taken.md").read_text() == "mine"
+
+
+# --- the card reads the lineage it shows, not the store: fast ------------------------------------------------
+
+TREE = "models/sha256-" + "c" * 64
+UNRELATED = 30
+
+
+def commit_stage(store, run_id, stage, inputs, parameters=None, outputs=()):
+    manifest = start_manifest(stage, "1.0", run_id, parameters or {}, list(inputs)).finish(list(outputs))
+    commit_manifest(store, manifest)
+    return manifest
+
+
+def publish_download(store, run_id, tree, hub_id):
+    """A download of a hub model: its files in the `models/` tree, named by the download's manifest."""
+    files = [store.put_bytes(f"{tree}/config.json", tree.encode())]
+    source = [{"uri": f"hf://{hub_id}/config.json", "sha256": files[0].sha256, "size": files[0].size}]
+    commit_stage(store, run_id, DOWNLOAD, source, {"model": hub_id, "model_commit": COMMIT}, files)
+    return files
+
+
+def lineage_store(root: Path, *, training_run: str = "train", download_run: str = "fetch", unrelated_downloads: bool = False):
+    """scan -> select -> cpt of a model downloaded from the hub, each in its own run unless told; then UNRELATED runs of every
+    stage (and, with `unrelated_downloads`, downloads of other models) that a card of the training must not read."""
+    store = open_store(str(root / "store"))
+    model_files = publish_download(store, download_run, TREE, HUB_ID)
+    snr = [
+        {"tensor_name": name, "scanned": True, "snr": snr, "is_input_embedding": False, "is_output_embedding": name == "lm_head.weight"}
+        for name, snr in (("lm_head.weight", 7.5), ("model.layers.0.mlp.down_proj.weight", 2.0))
+    ]
+    table = write_table(store, SNR_TABLE, pa.Table.from_pylist(snr), stage=SNR_SCAN, run_id="scan")
+    commit_stage(store, "scan", SNR_SCAN, model_files, outputs=[table])
+    document = SelectionDocument(("lm_head.weight",), recorded_policy={"policy": "top_percent", "top_percent": 50.0}, estimator="mp")
+    selection = store.put_bytes(output_key("select", LAYER_SELECT, SELECTION_JSON_FILE), document.to_json())
+    commit_stage(store, "select", LAYER_SELECT, [table], outputs=[selection])
+    record = {"model": f"store:{TREE}", "data": None, "steps": 2, "trainable_parameters": 10, "total_parameters": 40}
+    rows = [
+        {"tensor_name": "lm_head.weight", "trainable": True, "parameter_count": 10, "relative_change": 0.01},
+        {"tensor_name": "model.layers.0.mlp.down_proj.weight", "trainable": False, "parameter_count": 30, "relative_change": 0.0},
+    ]
+    outputs = [
+        store.put_bytes(output_key(training_run, CPT, TRAINING_FILE), json.dumps(record).encode()),
+        write_table(store, TRAINED_TENSORS_TABLE, pa.Table.from_pylist(rows), stage=CPT, run_id=training_run),
+    ]
+    commit_stage(store, training_run, CPT, [*model_files, selection], outputs=outputs)
+    for index in range(UNRELATED):
+        run_id = f"unrelated-{index:03d}"
+        other = store.put_bytes(f"blobs/{run_id}", run_id.encode())
+        for stage in (SNR_SCAN, LAYER_SELECT, CPT, EVALUATE):
+            commit_stage(store, run_id, stage, [other], {"index": index})
+        if unrelated_downloads:
+            publish_download(store, run_id, f"models/sha256-{index:064d}", f"org/other-{index}")
+    return store
+
+
+def count_reads(store, monkeypatch) -> tuple[list[str], list[str]]:
+    """The manifest keys the store is asked for, and the prefixes it lists."""
+    manifests, listed = [], []
+    get_bytes, listing = store.get_bytes, store.list
+
+    def counted_get(key, *args, **kwargs):
+        if key.endswith("/manifest.json"):
+            manifests.append(key)
+        return get_bytes(key, *args, **kwargs)
+
+    def counted_list(prefix, *args, **kwargs):
+        listed.append(prefix)
+        return listing(prefix, *args, **kwargs)
+
+    monkeypatch.setattr(store, "get_bytes", counted_get)
+    monkeypatch.setattr(store, "list", counted_list)
+    return manifests, listed
+
+
+def read_runs(keys: list[str]) -> set[str]:
+    return {key.split("/")[1] for key in keys}
+
+
+def test_a_card_reads_its_lineage_by_key_and_no_manifest_of_an_unrelated_run(tmp_path, monkeypatch):
+    store = lineage_store(tmp_path)
+    manifests, listed = count_reads(store, monkeypatch)
+
+    card = render_card(card_facts(store, "train"))
+
+    assert read_runs(manifests) == {"train", "select", "scan", "fetch"}  # the download found through the download index
+    assert not any(prefix in ("", "runs/") or prefix.startswith("runs") for prefix in listed)
+    metadata = front_matter(card)
+    assert metadata["base_model"] == HUB_ID
+    assert "written by `select/layer_select`" in card and "- top_percent: `50.0`" in card and "SNR estimator: mp" in card
+    assert "SNR scan: `scan/snr_scan`" in card and "| `lm_head.weight` | 10 | 7.5 | 0.01 |" in card
+    assert "`lm_head.weight` (output embeddings, trained)" in card
+
+
+def test_a_pipelines_own_download_is_read_and_no_other(tmp_path, monkeypatch):
+    store = lineage_store(tmp_path, training_run="pipe", download_run="pipe", unrelated_downloads=True)
+    manifests, _ = count_reads(store, monkeypatch)
+
+    assert card_facts(store, "pipe").base_model == HUB_ID
+    assert read_runs(manifests) == {"pipe", "select", "scan"}
+
+
+def training_inputs(store, run_id="train"):
+    manifest = load_manifest(store, run_id, CPT)
+    record = json.loads(read_output(store, manifest, TRAINING_FILE)[0])
+    rows = read_table(store, TRAINED_TENSORS_TABLE, run_id=run_id).to_pylist()
+    return manifest, record, rows, manifest.inputs[-1]
+
+
+def test_a_broken_snr_table_gives_a_minimal_card_at_training_time_and_an_error_afterwards(tmp_path, caplog):
+    store = lineage_store(tmp_path)
+    manifest, record, rows, selection = training_inputs(store)
+    assert training_facts(store, manifest, record, rows, selection) == card_facts(store, "train").at_training()
+    part = next((tmp_path / "store" / "tables" / SNR_TABLE).rglob("*.parquet"))
+    part.chmod(0o644)
+    part.write_bytes(b"not parquet")
+
+    with caplog.at_level(logging.WARNING, logger="stages.report.card"):
+        card = training_card(store, manifest, record, rows, selection)
+    assert [r.getMessage() for r in caplog.records if r.name == "stages.report.card"] == [
+        f"the model card of train/cpt is minimal: {card.split('at training time: ')[1].split('; run `')[0]}"
+    ]
+    assert front_matter(card) == {
+        "base_model": f"store:{TREE}",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["spectrum", "continued-pretraining"],
+        "datasets": [],
+    }
+    reason = card.split("The full card could not be built at training time: ")[1]
+    assert "\n" not in reason.split("`")[0] and f"; run `spectrum card train --step cpt --store {store.root_uri}` for it." in card
+    assert "spectrum audit train" in card and "## Tensors trained" not in card
+    with pytest.raises(SpectrumError):  # `spectrum card` says what is wrong instead
+        card_facts(store, "train")
+
+
+def test_a_store_that_fails_while_the_card_is_built_gives_a_minimal_card(tmp_path, monkeypatch):
+    store = lineage_store(tmp_path)
+    manifest, record, rows, selection = training_inputs(store)
+
+    def down(*args, **kwargs):
+        raise OSError("s3://key:secret@host/bucket: connection reset\nretry later")
+
+    monkeypatch.setattr(store, "list", down)  # the download index cannot be listed
+    facts = training_facts(store, manifest, record, rows, selection)
+    assert facts.unavailable is not None and "secret" not in facts.unavailable and "\n" not in facts.unavailable
+    assert facts.unavailable.startswith("OSError: s3://***@host/bucket: connection reset retry later")
+
+
+def price_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_price_argument(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_currency_marks_the_cost_and_is_checked():
+    assert currency_from_args(price_args()) == ""
+    assert currency_from_args(price_args("--price-per-device-hour", "2", "--currency", "$")) == "$"
+    with pytest.raises(InputError, match=r"--currency '\$' marks a cost: give it with --price-per-device-hour"):
+        prices_from_args(price_args("--currency", "$"))
+    with pytest.raises(InputError, match="expected a short currency mark"):
+        prices_from_args(price_args("--price-per-device-hour", "2", "--currency", "dollars!!"))
+    with pytest.raises(InputError, match="expected a short currency mark"):
+        currency_from_args(price_args("--price-per-device-hour", "2", "--currency", "$\n"))
+
+
+def test_spectrum_card_shows_the_cost_in_the_currency_given(tmp_path, capsys):
+    store = lineage_store(tmp_path)
+    compute = {"device": "cuda", "device_name": "H200", "device_count": 2, "seconds": 1800.0, "device_seconds": 3600.0}
+    manifest = load_manifest(store, "train", CPT)
+    (tmp_path / "store" / "runs" / "train" / CPT / "manifest.json").unlink()
+    commit_manifest(store, replace(manifest, compute=compute))
+    code, out, err = card_cli(capsys, "train", "--store", store.root_uri, "--price-per-device-hour", "4.5", "--currency", "EUR ")
+    assert code == 0 and err == "" and "Training: 1.0000 GPU-h, cost EUR 4.50." in out
+    code, _, err = card_cli(capsys, "train", "--store", store.root_uri, "--currency", "$")
+    assert code == 2 and err.startswith("error: --currency '$' marks a cost") and err.count("\n") == 1
 
 
 # --- the real thing: trained models carry their card ------------------------------------------------------

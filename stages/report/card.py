@@ -62,7 +62,7 @@ CARD_FILE = "README.md"  # in the model folder: runs/<run>/<cpt|sft>/model/READM
 STAGE_TAGS = {CPT: "continued-pretraining", SFT: "sft"}
 NOT_AVAILABLE = "n/a"
 MAX_SELECTION_FILE_BYTES = 64 * 1024 * 1024
-MAX_REASON_CHARS = 300  # of the one-line reason a minimal card gives
+MAX_REASON_CHARS = 500  # of the one-line reason a minimal card gives
 log = logging.getLogger(__name__)
 
 
@@ -166,7 +166,8 @@ def training_card(
 
 def _minimal_because(manifest: Manifest, exc: Exception) -> str:
     """The one-line reason a minimal card gives, warned about once."""
-    reason = _one_line(redact(f"{type(exc).__name__}: {exc}"))[:MAX_REASON_CHARS]
+    reason = _one_line(redact(f"{type(exc).__name__}: {exc}"))
+    reason = reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1].rstrip() + "…"
     log.warning("the model card of %s/%s is minimal: %s", manifest.run_id, manifest.stage, reason)
     return reason
 
@@ -328,15 +329,16 @@ class _Lineage:
         """The key of a URI in this store (`store:<key>` or under its root), None for anything else."""
         if uri.startswith(STORE_SCHEME):
             return uri[len(STORE_SCHEME) :].strip("/")
-        return uri[len(self._root) :] if uri.startswith(self._root) else None
+        if not uri.startswith(self._root):
+            return None
+        key = uri[len(self._root) :]
+        return unquote(key) if self._root.startswith("file:") else key  # a file store's URIs are percent-encoded paths
 
     def producer(self, ref: Mapping[str, Any]) -> Manifest | None:
-        """The succeeded stage that wrote the stored object `ref` names: its key `runs/<run>/<step>/…` says which."""
+        """The succeeded stage that wrote the stored object `ref` names: its key says which run and step (`_writer`)."""
         key = self.key(str(ref.get("uri") or ""))
-        parts = key.split("/") if key else []
-        if len(parts) < 4 or parts[0] != "runs":
-            return None
-        manifest = self.manifest(parts[1], parts[2])
+        writer = _writer(key) if key else None
+        manifest = self.manifest(*writer) if writer else None
         if manifest is None or manifest.status != SUCCEEDED:
             return None
         return manifest if any(o.get("key") == key and o.get("sha256") == ref.get("sha256") for o in manifest.outputs) else None
@@ -353,6 +355,17 @@ class _Lineage:
             manifest = self.manifest(run_id, step)
             if manifest is not None:
                 yield manifest
+
+
+def _writer(key: str) -> tuple[str, str] | None:
+    """(run, step) of a run's output key: `runs/<run>/<step>/<name>` (output_key) or
+    `tables/<table>/stage=<step>/run_id=<run>/<part>` (table_key); None for any other key (a tree, the cache index)."""
+    parts = key.split("/")
+    if len(parts) >= 4 and parts[0] == "runs":
+        return parts[1], parts[2]
+    if len(parts) == 5 and parts[0] == "tables" and parts[2].startswith("stage=") and parts[3].startswith("run_id="):
+        return parts[3].removeprefix("run_id="), parts[2].removeprefix("stage=")
+    return None
 
 
 @dataclass(frozen=True)
