@@ -426,3 +426,30 @@ def test_a_model_trained_from_local_folders_has_its_card_in_the_store_and_in_out
     assert "unfrozen_parameters: `\"2 patterns (an Axolotl YAML)\"`" in card
     assert "`lm_head.weight` (output embeddings, trained)" in card
     assert "No evaluation: run local has no committed evaluate step" in render_card(card_facts(store, "local"))
+
+
+@pytest.mark.integration
+def test_a_training_whose_snr_table_is_broken_commits_with_a_minimal_card(trained, caplog):
+    store, root, summary = trained
+    quiet = {"work_dir": root / "work", "progress": False}
+    models, data = (f"store:{summary[kind]['uri'].split(store.root_uri.rstrip('/') + '/')[1]}" for kind in ("model", "data"))
+    scan_config = snr_scan.ScanConfig(model_dir=models, model_id="another-label", workers=1)  # not the fixture's scan: not reused
+    snr_scan.run(scan_config, StageContext(store, run_id="scan-broken", **quiet))
+    layer_select.run(layer_select.SelectConfig(snr_run="scan-broken", top_percent=50), StageContext(store, run_id="select-broken", **quiet))
+    part = next((Path(store.root_uri.removeprefix("file://")) / "tables" / SNR_TABLE).glob("stage=*/run_id=scan-broken/*.parquet"))
+    part.chmod(0o644)
+    part.write_bytes(b"not parquet")  # the selection reads fine; the card's SNR column cannot be read
+    config = cpt.CptConfig(
+        model=models, data=data, selection_run="select-broken", max_steps=1, seq_len=64, micro_batch_size=2, warmup_steps=1, save_steps=0,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="stages.report.card"):
+        cpt.run(config, StageContext(store, run_id="broken", **quiet))
+
+    manifest = load_manifest(store, "broken", CPT)
+    assert manifest.status == "succeeded"
+    card = committed_card(store, "broken")
+    assert "The full card could not be built at training time: IntegrityError: " in card
+    assert f"run `spectrum card broken --step cpt --store {store.root_uri}` for it." in card
+    assert front_matter(card)["tags"] == ["spectrum", "continued-pretraining"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "stages.report.card"]
+    assert len(warned) == 1 and warned[0].startswith("the model card of broken/cpt is minimal: IntegrityError: ")
