@@ -368,16 +368,6 @@ def same_on_every_rank(value: Any) -> Any:
     return holder[0]
 
 
-def memory_estimate(
-    total_parameters: int, trainable_parameters: int, settings: TrainSettings, seq_len: int, hidden: int, layers: int
-) -> int:
-    """Bytes a run needs at least: fp32 weights, gradients and two Adam moments of the trainable ones, activations."""
-    weights = total_parameters * (2 if settings.bf16 else 4)
-    trainable = trainable_parameters * (4 + 4 + 8)  # gradient, fp32 master/moments
-    activations = settings.micro_batch_size * seq_len * hidden * layers * 34  # per-layer activations, bytes (rough)
-    return weights + trainable + activations
-
-
 def available_memory() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.mem_get_info()[1])
@@ -385,6 +375,7 @@ def available_memory() -> int:
 
 
 def require_fits(estimate: int, where: str) -> None:
+    """Refuse a run whose planned memory (training.memory_plan) exceeds this device's before anything starts."""
     available = available_memory()
     if estimate > available:
         raise InputError(

@@ -47,7 +47,6 @@ from .loop import (
     TrainSettings,
     deepspeed_config,
     disk_errors,
-    memory_estimate,
     require_fits,
     same_on_every_rank,
     train,
@@ -190,11 +189,11 @@ def run_training(
             }
             # The model card, from the records about to be published: one of the model's files (model/README.md).
             # Imported here: the report package loads matplotlib, which no other training path needs.
-            from ..report.card import CARD_FILE, render_card, training_facts
+            from ..report.card import CARD_FILE, training_card
 
-            card = training_facts(store, plan.manifest, training, audit.to_pylist(), selection.ref if selection else None)
+            card = training_card(store, plan.manifest, training, audit.to_pylist(), selection.ref if selection else None)
             with disk_errors(trained_dir):
-                (trained_dir / CARD_FILE).write_text(render_card(card), encoding="utf-8")
+                (trained_dir / CARD_FILE).write_text(card, encoding="utf-8")
             outputs = published + [stage.put_file(f"{MODEL_FOLDER}/{name}", trained_dir / name) for name in all_files(trained_dir)]
             outputs.append(stage.write_table(TRAINED_TENSORS_TABLE, audit))
             outputs.append(stage.write_table(TRAINING_METRICS_TABLE, pa.Table.from_pylist(outcome.metrics)))
@@ -366,19 +365,32 @@ def load_tokenizer(model_dir: Path):
 
 
 def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingConfig, settings: TrainSettings) -> None:
-    """The selection applied to the model built on the meta device (no weights read), and the memory estimate."""
+    """The selection applied to the model built on the meta device (no weights read), and its memory plan per device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
+    from .memory_plan import PlannedModel, Setup, meta_model, trainable_of
+
+    skeleton = meta_model(AutoConfig.from_pretrained(str(model_dir)))
     freeze = _freeze(skeleton, selection, config)
-    text = model_config.get_text_config()
-    estimate = memory_estimate(
-        freeze.total_parameters, freeze.trainable_parameters, settings, config.seq_len, text.hidden_size, text.num_hidden_layers
+    if config.lora_rank:  # the adapters train, the model's own parameters stay frozen
+        for parameter in skeleton.parameters():
+            parameter.requires_grad_(False)
+    on_gpu = torch.cuda.is_available()
+    setup = Setup(
+        gpus=int(os.environ.get("WORLD_SIZE", "1")),
+        zero_stage=settings.zero_stage,
+        bf16=settings.bf16,
+        offload_optimizer=settings.offload_optimizer,
+        offload_params=settings.offload_params,
+        micro_batch_size=settings.micro_batch_size,
+        seq_len=config.seq_len,
+        gradient_checkpointing=config.gradient_checkpointing,
+        device="cuda" if on_gpu else "cpu",
     )
-    require_fits(estimate, f"training {freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters")
+    plan = PlannedModel(skeleton, trainable_of(skeleton, "this run", config.lora_rank), config.lora_rank).plan(setup)
+    needed = plan.total if on_gpu else plan.total + plan.host  # offloaded state lives in the same memory on the CPU
+    require_fits(needed, f"training {freeze.trainable_parameters:,} of {freeze.total_parameters:,} parameters")
 
 
 def _load_model(model_dir: Path, selection: Selection | None, config: TrainingConfig):
