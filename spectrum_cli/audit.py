@@ -12,7 +12,7 @@ from stages.store.compute import Prices, Usage, usage
 from stages.store.line_audit import audit_line
 from stages.store.lineage import audit_run, list_run_summaries
 
-from .prices import add_price_argument, prices_from_args
+from .prices import add_price_argument, currency_from_args, prices_from_args
 
 RUNS_DESCRIPTION = """List every run in the artifact store: its stages, their status, when it started.
 
@@ -49,8 +49,8 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_cost(costs: dict[str, Any]) -> str:
-    """The runs with their device-hours and cost (`runs_cost`), then the total."""
+def format_cost(costs: dict[str, Any], currency: str = "") -> str:
+    """The runs with their device-hours and cost (`runs_cost`, in `currency`), then the total."""
     if not costs["runs"]:
         return "no runs"
     priced = costs["prices"] is not None
@@ -60,7 +60,7 @@ def format_cost(costs: dict[str, Any]) -> str:
     rows.append((f"total ({len(costs['runs'])} runs)", "", costs["total"], ""))
     for run_id, status, use, stages in rows:
         mark = "*" if use["stages_without_compute"] else ""
-        cost = f" {_money(use['cost']):>10}" if priced else ""
+        cost = f" {_money(use['cost'], currency):>10}" if priced else ""
         hours = use["device_hours"]
         lines.append(f"{run_id:36} {status:10} {use['gpu_hours']:>10.4f} {hours.get('cpu', 0.0):>10.4f}{cost} {stages}{mark}".rstrip())
     if costs["total"]["stages_without_compute"]:
@@ -89,8 +89,8 @@ def _usage_dict(use: Usage) -> dict[str, Any]:
     }
 
 
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.2f}"
+def _money(value: float | None, currency: str = "") -> str:
+    return "-" if value is None else f"{currency}{value:,.2f}"
 
 
 def format_audit(report: dict[str, Any]) -> str:
@@ -208,7 +208,7 @@ def runs_command(args: argparse.Namespace) -> str:
     store = require_store(args, writable=False)
     if args.cost or prices is not None:  # a price asks for the cost
         costs = runs_cost(list_run_summaries(store, with_compute=True), prices)
-        return json.dumps(costs, indent=2) if args.json else format_cost(costs)
+        return json.dumps(costs, indent=2) if args.json else format_cost(costs, currency_from_args(args))
     summaries = list_run_summaries(store)
     return json.dumps(summaries, indent=2) if args.json else format_runs(summaries)
 
