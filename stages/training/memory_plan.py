@@ -16,9 +16,11 @@ devices, as our runner trains (loop.deepspeed_config: torch AdamW, bf16 on a GPU
   freezing.enable_checkpointing arranges), attention as a fused kernel keeps it (no seq_len^2
   scores); with gradient checkpointing each layer backward reaches keeps its input, plus one
   layer recomputed; plus the loss's fp32 logits and their gradient;
+  backward also holds the gradients of one layer's activations at a time;
 - buffers: DeepSpeed's gradient reduce bucket (reduce_bucket_size, DeepSpeed's default, as our
-  config sets none) and under ZeRO-3 the gathered parameters of two layers (the one computing and
-  the one prefetched). On a GPU a bucket is allocated whole; on the CPU only the pages written are
+  config sets none), the fp32 copies its ZeRO step makes of the rank's partition (STEP_COPIES,
+  measured), at ZeRO 0 the gradients flattened for the all-reduce, and under ZeRO-3 the gathered
+  parameters of two layers (the one computing and the one prefetched). On a GPU a bucket is allocated whole; on the CPU only the pages written are
   resident, so there a bucket counts what it holds (at most the trainable parameters).
 """
 
@@ -37,6 +39,10 @@ REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size (our dee
 ALLREDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's allreduce bucket at ZeRO 0 with several ranks
 MAX_LIVE_PARAMETERS = 1_000_000_000  # elements: ZeRO-3's stage3_max_live_parameters default
 ZERO_STAGES = (0, 1, 2, 3)
+# fp32 copies of the rank's trainable partition that DeepSpeed's ZeRO step holds at its peak beyond the gradient
+# partition (flattened and converted gradients, their clipped copy, the updated parameters on their way back):
+# measured on the CPU (benchmarks/plan_vs_measured.py), not derived.
+STEP_COPIES = {1: 4, 2: 4, 3: 5}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -75,7 +81,8 @@ class ActivationProfile:
         reached = [saved for saved in self.layers if saved]
         # checkpointing: each layer backward reaches keeps its input, and one layer is recomputed at a time
         kept = len(reached) * self.layer_input + max(reached, default=0) if checkpointing else sum(reached)
-        return micro_batch * (kept + self.head + self.logits)
+        working = max(reached, default=0)  # the gradients of one layer's activations while its backward runs
+        return micro_batch * (kept + working + self.head + self.logits)
 
 
 @dataclass(frozen=True)
@@ -178,8 +185,9 @@ def plan_memory(model: PlannedModel, setup: Setup) -> MemoryPlan:
     if zero >= 1:
         bucket_width = 4 if zero == 1 else width
         buffers += _bucket(REDUCE_BUCKET, trained, setup) * bucket_width
-    elif n > 1:
-        buffers += _bucket(ALLREDUCE_BUCKET, trained, setup) * width
+        buffers += STEP_COPIES[zero] * trained * 4 // n
+    else:  # the gradients flattened for the all-reduce, on one rank too (exactly their size: no bucket is preallocated)
+        buffers += min(ALLREDUCE_BUCKET, trained) * width
     if zero == 3:
         buffers += min(2 * t.largest_layer_parameters, MAX_LIVE_PARAMETERS) * width
 
