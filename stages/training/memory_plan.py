@@ -15,13 +15,14 @@ devices, as our runner trains (loop.deepspeed_config: torch AdamW, bf16 on a GPU
   run's requires_grad flags (a frozen prefix below the lowest trainable tensor keeps nothing, as
   freezing.enable_checkpointing arranges), attention as a fused kernel keeps it (no seq_len^2
   scores); with gradient checkpointing each layer backward reaches keeps its input, plus one
-  layer recomputed; plus the loss's fp32 logits and their gradient;
-  backward also holds the gradients of one layer's activations at a time;
+  layer recomputed; plus the loss's fp32 logits and their gradient, and the gradients of one
+  layer's activations (backward holds them for the layer it is in);
 - buffers: DeepSpeed's gradient reduce bucket (reduce_bucket_size, DeepSpeed's default, as our
   config sets none), the fp32 copies its ZeRO step makes of the rank's partition (STEP_COPIES,
   measured), at ZeRO 0 the gradients flattened for the all-reduce, and under ZeRO-3 the gathered
-  parameters of two layers (the one computing and the one prefetched). On a GPU a bucket is allocated whole; on the CPU only the pages written are
-  resident, so there a bucket counts what it holds (at most the trainable parameters).
+  parameters of two layers (the one computing and the one prefetched). On a GPU a bucket is
+  allocated whole; on the CPU only the pages written are resident, so there a bucket counts what
+  it holds (at most the trainable parameters).
 """
 
 from __future__ import annotations
