@@ -44,6 +44,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 # partition (flattened and converted gradients, their clipped copy, the updated parameters on their way back):
 # measured on the CPU (benchmarks/plan_vs_measured.py), not derived.
 STEP_COPIES = {1: 4, 2: 4, 3: 5}
+SUB_GROUP = 1_000_000_000  # elements: ZeRO-3's sub_group_size default
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -186,7 +187,8 @@ def plan_memory(model: PlannedModel, setup: Setup) -> MemoryPlan:
     if zero >= 1:
         bucket_width = 4 if zero == 1 else width
         buffers += _bucket(REDUCE_BUCKET, trained, setup) * bucket_width
-        buffers += STEP_COPIES[zero] * trained * 4 // n
+        stepped = trained // n if zero < 3 else min(trained // n, SUB_GROUP)  # ZeRO-3 steps one sub-group at a time
+        buffers += STEP_COPIES[zero] * stepped * 4
     else:  # the gradients flattened for the all-reduce, on one rank too (exactly their size: no bucket is preallocated)
         buffers += min(ALLREDUCE_BUCKET, trained) * width
     if zero == 3:
