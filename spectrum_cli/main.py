@@ -65,6 +65,11 @@ COMMANDS = (
         "spectrum_cli.compare_command",
     ),
     Command(
+        "plan",
+        "plan the GPU memory of training a selection, LoRA or the full model (per device, by component) and the cheapest setup that fits",
+        "spectrum_cli.plan_command",
+    ),
+    Command(
         "runs",
         "list the runs in an artifact store with their stages and status (and their GPU-hours and cost: --cost)",
         "spectrum_cli.audit",
