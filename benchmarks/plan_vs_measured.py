@@ -143,7 +143,9 @@ def run_case(size: str, selection: str, zero: int, seq_len: int, micro_batch: in
     import os
 
     case = json.dumps([size, selection, zero, seq_len, micro_batch, steps])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # A clean environment: a caller that trained in-process (a test session) leaves DeepSpeed's and torch's variables behind.
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TORCH_EXTENSIONS_DIR")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--measure", case], capture_output=True, text=True, env=env, timeout=timeout
     )

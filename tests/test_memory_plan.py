@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import pytest
 import torch
@@ -184,14 +183,3 @@ def test_spectrum_plan_refuses_a_selection_that_matches_nothing_and_a_folder_wit
 
 
 # --- planned against measured --------------------------------------------------------------------------
-
-
-@pytest.mark.integration
-def test_the_plan_is_near_the_peak_a_cpu_run_measures():
-    """One small case of benchmarks/plan_vs_measured.py (each measured in its own process, less the baseline run's)."""
-    from benchmarks.plan_vs_measured import run_case
-
-    baseline = run_case("baseline", "full", 2, 8, 1, 3, timeout=900)
-    case = run_case("small", "depth-aware", 2, 256, 2, 3, timeout=900)
-    measured = case["measured"] - baseline["measured"]
-    assert 0.7 * measured < case["planned"] < 1.3 * measured, json.dumps([case, baseline])
