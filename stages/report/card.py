@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from ..base.contracts import (
@@ -48,12 +46,13 @@ from ..base.contracts import (
 )
 from ..base.errors import InputError
 from ..selection.document import SelectionDocument, UnfrozenParameters
-from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, read_output, read_table_output, resolve_run_reference
+from ..store import ArtifactNotFoundError, ArtifactStore, Manifest, output_key, read_output, resolve_run_reference
 from ..store.base import sha256_bytes
 from ..store.compute import Prices, describe_usage, usage
 from ..store.keys import NAME
 from ..store.manifest import load_manifest_or_none
 from ..store.scrub import redact
+from ..store.tables import table_rows
 from ..store.trees import STORE_SCHEME, ListedFile, Listing, StoreLocation, as_tree, resolve_uri
 from ..weights.hub import is_hub_id
 from ..weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, roles_from_conventional_names
@@ -255,7 +254,7 @@ def card_facts(
     such training or it failed; unlike training_facts, any other error is raised."""
     manifest = _committed_training(store, run_id, step)
     record = json.loads(read_output(store, manifest, TRAINING_FILE)[0])
-    rows = _table_rows(store, manifest, TRAINED_TENSORS_TABLE)
+    rows = table_rows(store, manifest, TRAINED_TENSORS_TABLE)
     selection_ref = manifest.inputs[-1] if _trains_a_selection(manifest) and manifest.inputs else None
     facts = _training_facts(_Lineage(store), manifest, record, rows, selection_ref)
     evaluation, source = _evaluation(store, run_id, manifest, evaluation_run)
@@ -292,11 +291,6 @@ def _committed_training(store: ArtifactStore, run_id: str, step: str) -> Manifes
 def _trains_a_selection(manifest: Manifest) -> bool:
     """The runner lists a selection input last, after the model's and the data's files (stages/training/runner.py)."""
     return not manifest.parameters.get("full") and not manifest.parameters.get("lora_rank")
-
-
-def _table_rows(store: ArtifactStore, manifest: Manifest, table: str) -> list[dict[str, Any]]:
-    data, _ = read_table_output(store, manifest, table)
-    return pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
 
 
 def _count(value: Any) -> int | None:
@@ -398,7 +392,7 @@ def _selection(lineage: _Lineage, ref: Mapping[str, Any] | None, record: Mapping
     scan = next((m for r in selector.inputs if (m := lineage.producer(r)) and base_stage(m.stage) == SNR_SCAN), None)
     if scan is None:
         return selection
-    rows = tuple(_table_rows(lineage.store, scan, SNR_TABLE))
+    rows = tuple(table_rows(lineage.store, scan, SNR_TABLE))
     return replace(selection, scan=f"{scan.run_id}/{scan.stage}", snr_rows=rows)
 
 
@@ -513,7 +507,7 @@ def _evaluation(
         if not _measured(manifest, training):
             return None, f"no evaluation: {run_id}/{EVALUATE} evaluated another model (pass --evaluation-run RUN)"
     try:
-        rows = _table_rows(store, manifest, EVALUATION_TABLE)
+        rows = table_rows(store, manifest, EVALUATION_TABLE)
     except (ArtifactNotFoundError, InputError):
         return None, f"no evaluation: {manifest.run_id}/{manifest.stage} recorded no evaluation table"
     return _pivot(rows), f"{manifest.run_id}/{manifest.stage}"

@@ -26,16 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ..base.contracts import CPT, SNR_SCAN, SNR_TABLE, SUCCEEDED, TRAINED_TENSORS_TABLE
 from ..base.errors import CorruptWeightsError, InputError
 from . import lines
 from .base import ArtifactStore
 from .lines import GenerationRecord
-from .manifest import Manifest, load_manifest_or_none
-from .tables import read_table_output, table_key
+from .manifest import load_manifest_or_none
+from .tables import table_rows
 
 IDENTICAL = "identical to base (sha256 chain)"
 
@@ -140,25 +137,17 @@ def _member(store: ArtifactStore, line: str, record: GenerationRecord) -> _Membe
             f"{where} has no succeeded cpt stage in {store.root_uri}, so the tensors it trained are unknown; "
             "restore the run's runs/<run>/cpt/ records"
         )
-    rows = _table_rows(store, cpt, TRAINED_TENSORS_TABLE)
+    rows = table_rows(store, cpt, TRAINED_TENSORS_TABLE, required=False)
     if rows is None:
         raise InputError(f"{where}: its cpt stage recorded no trained_tensors table, so what it changed cannot be proved")
     scan = load_manifest_or_none(store, record.run_id, SNR_SCAN)
-    scan_rows = _table_rows(store, scan, SNR_TABLE) if scan is not None and scan.status == SUCCEEDED else None
+    scan_rows = table_rows(store, scan, SNR_TABLE, required=False) if scan is not None and scan.status == SUCCEEDED else None
     return _Member(
         record=record,
         rows={row["tensor_name"]: row for row in rows},
         scan_run=scan.run_id if scan_rows is not None else None,
         scan={row["tensor_name"]: {"snr": row.get("snr"), "tensor_sha256": row.get("tensor_sha256")} for row in scan_rows or []},
     )
-
-
-def _table_rows(store: ArtifactStore, manifest: Manifest, table: str) -> list[dict[str, Any]] | None:
-    """The rows of the stage's partition of `table` (read verified), or None when the stage recorded none."""
-    if not any(o.get("key") == table_key(table, manifest.stage, manifest.run_id) for o in manifest.outputs):
-        return None
-    data, _ = read_table_output(store, manifest, table)
-    return pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
 
 
 def _prove(line: str, chain: list[_Member]) -> None:

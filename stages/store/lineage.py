@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ..base.contracts import (
     CPT,
     FAILED,
@@ -45,7 +42,7 @@ from .errors import ArtifactNotFoundError
 from .keys import NAME
 from .lease import LeaseState, lease_state
 from .manifest import LEASE_FOLDER, Manifest, committed_manifests, lease_folder, load_manifest_or_none, manifest_key
-from .tables import read_table_output, table_key
+from .tables import table_rows
 
 log = logging.getLogger(__name__)
 CRASHED = "crashed"  # a holder that stopped beating without releasing its lease: killed (kill -9, OOM, a lost node)
@@ -268,9 +265,7 @@ def ancestors(nodes: Iterable[LineageNode], key: Key) -> set[Key]:
 
 
 def _selection(store: ArtifactStore, manifest: Manifest) -> dict[str, Any]:
-    data, _ = read_table_output(store, manifest, SELECTION_TABLE)
-    table = pq.read_table(pa.BufferReader(data), use_threads=False)
-    rows = table.to_pylist()
+    rows = table_rows(store, manifest, SELECTION_TABLE)
     trainable = [r for r in rows if r["selected"]]
     frozen = [r for r in rows if not r["selected"]]
     fields = ("tensor_name", "module_type", "snr", "parameter_count", "rank", "reason")
@@ -308,10 +303,7 @@ def _training(store: ArtifactStore, records: list[Manifest], work: list[Manifest
 
 def _trained(store: ArtifactStore, manifest: Manifest, step: str, via: str) -> dict[str, Any]:
     """One training stage's changed tensors, from its trained_tensors partition (none recorded: no rows)."""
-    rows: list[dict[str, Any]] = []
-    if any(o.get("key") == table_key(TRAINED_TENSORS_TABLE, manifest.stage, manifest.run_id) for o in manifest.outputs):
-        data, _ = read_table_output(store, manifest, TRAINED_TENSORS_TABLE)
-        rows = pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
+    rows = table_rows(store, manifest, TRAINED_TENSORS_TABLE, required=False) or []
     return {
         "stage": step,
         "run_id": manifest.run_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -38,6 +39,17 @@ def table_key(table_name: str, stage: str, run_id: str) -> str:
 def read_table_output(store: ArtifactStore, manifest: Manifest, table_name: str) -> tuple[bytes, ObjectInfo]:
     """The Parquet partition of `table_name` a committed stage wrote, read as its manifest recorded it."""
     return store.read_recorded(manifest.recorded_output(table_key(table_name, manifest.stage, manifest.run_id)))
+
+
+def table_rows(store: ArtifactStore, manifest: Manifest, table_name: str, *, required: bool = True) -> list[dict[str, Any]] | None:
+    """The rows of the stage's partition of `table_name`, read verified (read_table_output).
+
+    A stage that recorded no such partition: an error when `required` (as read_table_output), else None.
+    """
+    if not required and not any(o.get("key") == table_key(table_name, manifest.stage, manifest.run_id) for o in manifest.outputs):
+        return None
+    data, _ = read_table_output(store, manifest, table_name)
+    return pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
 
 
 def write_table(store: ArtifactStore, table_name: str, table: pa.Table, *, stage: str, run_id: str) -> ObjectInfo:

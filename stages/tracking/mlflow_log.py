@@ -6,7 +6,6 @@ whether it ran in a pipeline, by hand, in its own process or on a deployment's w
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,8 +15,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from ..base.contracts import (
     DECISION_FILE,
@@ -38,7 +35,7 @@ from ..store import ArtifactStore, Manifest
 from ..store.compute import usage
 from ..store.errors import SecretLeakError
 from ..store.scrub import check_values, redact
-from ..store.tables import table_key
+from ..store.tables import table_rows
 from .target import MlflowTarget
 
 log = logging.getLogger(__name__)
@@ -271,21 +268,13 @@ def _stage_metrics(store: ArtifactStore, manifest: Manifest, computed: bool) -> 
         use = usage([manifest.compute])
         yield "device_seconds", float(manifest.compute["device_seconds"]), 0
         yield "gpu_hours", use.gpu_hours, 0
-    for row in _table_rows(store, manifest, TRAINING_METRICS_TABLE):
+    for row in table_rows(store, manifest, TRAINING_METRICS_TABLE, required=False) or []:
         for name in _TRAINING_CURVES:
             if row.get(name) is not None:
                 yield name, float(row[name]), int(row["step"])
-    for row in _table_rows(store, manifest, EVALUATION_TABLE):
+    for row in table_rows(store, manifest, EVALUATION_TABLE, required=False) or []:
         if row.get("value") is not None:
             yield f"{row['metric']}/{row['dataset']}/{row['model']}", float(row["value"]), 0
-
-
-def _table_rows(store: ArtifactStore, manifest: Manifest, table: str) -> list[dict[str, Any]]:
-    key = table_key(table, manifest.stage, manifest.run_id)
-    output = next((o for o in manifest.outputs if o.get("key") == key), None)
-    if output is None:
-        return []
-    return pq.read_table(io.BytesIO(store.read_recorded(output)[0])).to_pylist()
 
 
 def _artifacts(store: ArtifactStore, manifest: Manifest) -> Iterator[tuple[str, bytes]]:
