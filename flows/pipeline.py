@@ -48,6 +48,7 @@ from .prefect_api import install_scrubbing, redacted, scrub
 from .stage_tasks import run_step
 
 REPORT_FILE = "report.html"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,14 +165,14 @@ def _finish_before_start(config: PipelineConfig, run_id: str, wall_seconds: floa
     try:
         notify.notify(config.notify, notify.failed_start(run_id, _store_uri(config), wall_seconds, config.cost, failure))
     except Exception as exc:  # noqa: BLE001 - reporting the end must never change it
-        logging.getLogger(__name__).warning("the end of run %s could not be reported (%s)", run_id, notify.one_line_error(exc))
+        log.warning("the end of run %s could not be reported (%s)", run_id, notify.one_line_error(exc))
 
 
 def _start_tracking(config: PipelineConfig, store: ArtifactStore, result: PipelineResult, **rerun: Any) -> MlflowTarget | None:
     """The pipeline run's MLflow run, which every stage nests in (the target unchanged, with a warning, if the tracker is down)."""
     if config.tracking is None:
         return None
-    from stages.tracking import start_pipeline_run
+    from stages.tracking.mlflow_log import start_pipeline_run
 
     parameters = {
         "model": config.model,
@@ -201,7 +202,7 @@ def _finish(
             report=str(result.report) if result.report and failure is None else None, failure=failure, failed_step=result.step,
         )  # fmt: skip
         if tracking is not None:
-            from stages.tracking import finish_pipeline_run
+            from stages.tracking.mlflow_log import finish_pipeline_run
 
             metrics = {"wall_seconds": end.wall_seconds, "gpu_hours": end.gpu_hours, "device_hours": sum(end.device_hours.values())}
             metrics |= {f"device_hours_{kind}": hours for kind, hours in end.device_hours.items()}
@@ -212,7 +213,7 @@ def _finish(
             finish_pipeline_run(tracking, failure is None, metrics, artifacts)
         notify.notify(config.notify, end)
     except Exception as exc:  # noqa: BLE001 - reporting the end must never change it
-        logging.getLogger(__name__).warning("the end of run %s could not be reported (%s)", result.run_id, notify.one_line_error(exc))
+        log.warning("the end of run %s could not be reported (%s)", result.run_id, notify.one_line_error(exc))
 
 
 def _scrubbed(value: Any) -> Any:

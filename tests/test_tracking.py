@@ -14,8 +14,8 @@ from stages.core.cli import command_line, context_from_args, stage_parser
 from stages.core.stage import StageContext
 from stages.store import load_manifest, open_store, read_output
 from stages.store.tables import read_table_output
-from stages.tracking import MlflowTarget, start_pipeline_run
-from stages.tracking.mlflow_log import LOGGED, UNAVAILABLE
+from stages.tracking import MlflowTarget
+from stages.tracking.mlflow_log import LOGGED, UNAVAILABLE, start_pipeline_run
 
 from .mlflow_server import free_ports
 from .test_cpt import base_model, config, corpus, drop  # noqa: F401 - the tiny model, its tokenizer and drop

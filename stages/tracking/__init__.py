@@ -4,20 +4,12 @@ A stage given an `MlflowTarget` (StageContext.tracking; `--mlflow-tracking-uri` 
 stage commands) logs itself as one MLflow run, nested in `parent_run_id` when a pipeline run started one: its
 parameters, tags naming our run, metrics (training curves, the evaluation) and its small outputs as artifacts,
 all read back from what the stage stored. A tracker that cannot be reached costs one warning; the stage still
-commits and its manifest's `tracking` says what happened. mlflow is imported only when tracking is used.
+commits and its manifest's `tracking` says what happened. mlflow is imported only when tracking is used: the
+functions that call it live in `mlflow_log` (and `registry`), which callers import where they use them.
 """
 
 from __future__ import annotations
 
 from .target import DEFAULT_EXPERIMENT, MlflowTarget, target_from_settings
 
-__all__ = ["DEFAULT_EXPERIMENT", "MlflowTarget", "finish_pipeline_run", "log_stage", "start_pipeline_run", "target_from_settings"]
-
-
-def __getattr__(name: str):
-    """The MLflow-backed functions load mlflow on first use, not when a stage imports this package."""
-    if name in ("log_stage", "start_pipeline_run", "finish_pipeline_run"):
-        from . import mlflow_log
-
-        return getattr(mlflow_log, name)
-    raise AttributeError(name)
+__all__ = ["DEFAULT_EXPERIMENT", "MlflowTarget", "target_from_settings"]  # the MLflow calls: stages.tracking.mlflow_log
