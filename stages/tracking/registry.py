@@ -11,8 +11,6 @@ is the version's description (and an artifact), and tags name our run, step and 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from ..base.documents import clip
 from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError
 from ..store import ArtifactStore, FileStore, Manifest, lines, output_key
 from ..store.scrub import redact
+from ..store.trees import ListedFile, Listing
 from .mlflow_log import LOGGED, ensure_experiment, tracker_client
 from .target import MlflowTarget
 
@@ -139,9 +138,9 @@ def _model_outputs(manifest: Manifest) -> list[dict[str, Any]]:
 
 
 def _files_digest(files: list[dict[str, Any]]) -> str:
-    """sha256 over the model's (file name, sha256) pairs: one value that says which files the version is."""
-    pairs = sorted((output["key"].rsplit(f"/{MODEL_FOLDER}/", 1)[1], output["sha256"]) for output in files)
-    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+    """The model files' tree digest (store.trees.Listing): the name a download of this model folder would give it."""
+    listed = (ListedFile(output["key"].rsplit(f"/{MODEL_FOLDER}/", 1)[1], output["sha256"], int(output["size"])) for output in files)
+    return Listing("models", tuple(listed)).tree.removeprefix("sha256-")
 
 
 def _existing_version(client, model_name: str, tags: dict[str, str]):
