@@ -11,7 +11,6 @@ $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, which stay out of every
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from stages.base.errors import InputError
 from stages.store.compute import Prices
 from stages.tracking import DEFAULT_EXPERIMENT, MlflowTarget
 from stages.tracking.target import TRACKING_URI_ENV
+
+from .config_keys import key_name, suggest
 
 FAILED, COMPLETED = "failed", "completed"
 NOTIFY_ON = (FAILED, COMPLETED)
@@ -161,7 +162,4 @@ def _mapping(value: Any, keys: tuple[str, ...], where: str, example: str, secret
         raise InputError(f"{where}: expected a mapping ({example}), found {found}")
     for key in value:
         if key not in keys:
-            name = key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else shown(key, 60)
-            close = difflib.get_close_matches(key, keys, n=1) if isinstance(key, str) and len(key) <= 100 else []
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise InputError(f"{where}.{name}: not a setting{hint}; the settings are {', '.join(keys)}")
+            raise InputError(f"{where}.{key_name(key)}: not a setting{suggest(key, keys)}; the settings are {', '.join(keys)}")

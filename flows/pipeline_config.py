@@ -33,7 +33,6 @@ are optional and off when absent (flows/integration_settings.py).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import types
@@ -53,6 +52,7 @@ from stages.store.uri import parse_store_uri, uri_scheme
 from stages.tracking import MlflowTarget
 from stages.weights.hub import HUB_ID
 
+from .config_keys import key_name, suggest
 from .integration_settings import CostSettings, NotifySettings, parse_cost, parse_notify, parse_tracking
 from .pipeline_definition import STAGE_BY_NAME, PipelineStep, path_options, settable_options, steps_of
 
@@ -127,7 +127,8 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
     unknown = [k for k in document if k not in TOP_KEYS]
     if unknown:
         raise InputError(
-            f"{where}: {_name(unknown[0])}: not a pipeline setting{_suggest(unknown[0], TOP_KEYS)}; the settings are {', '.join(TOP_KEYS)}"
+            f"{where}: {key_name(unknown[0])}: not a pipeline setting{suggest(unknown[0], TOP_KEYS)}; "
+            f"the settings are {', '.join(TOP_KEYS)}"
         )
     for key in ("model", "data"):
         if not isinstance(document.get(key), str) or not document[key].strip():
@@ -144,7 +145,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
     for name, values in stages.items():
         if name not in STAGE_BY_NAME:
             raise InputError(
-                f"{where}: stages.{_name(name)}: not a stage{_suggest(name, STAGE_BY_NAME)}; the stages are {', '.join(STAGE_BY_NAME)}"
+                f"{where}: stages.{key_name(name)}: not a stage{suggest(name, STAGE_BY_NAME)}; the stages are {', '.join(STAGE_BY_NAME)}"
             )
         options[name] = _stage_options(STAGE_BY_NAME[name], values or {}, f"{where}: stages.{name}")
     if PROMOTE in options:
@@ -208,7 +209,7 @@ def check_rerun(
     stages = config.stages
     for name, flag in ((only, "--only"), (from_stage, "--from"), *((f, "--force") for f in force)):
         if name is not None and name not in stages:
-            raise InputError(f"{flag} {_name(name)}: not a stage of this pipeline; its stages are {', '.join(stages)}")
+            raise InputError(f"{flag} {key_name(name)}: not a stage of this pipeline; its stages are {', '.join(stages)}")
     if only and from_stage:
         raise InputError("pass --only or --from, not both")
     if (only or from_stage) and not run:
@@ -225,7 +226,7 @@ def _pins(value: Any, options: dict[str, dict[str, Any]], where: str) -> dict[st
     for name, run in value.items():
         if name not in PINNABLE:
             raise InputError(
-                f"{where}: pin.{_name(name)}: not a step that can be pinned{_suggest(name, PINNABLE)}; they are {', '.join(PINNABLE)}"
+                f"{where}: pin.{key_name(name)}: not a step that can be pinned{suggest(name, PINNABLE)}; they are {', '.join(PINNABLE)}"
             )
         if not isinstance(run, str):
             raise InputError(f"{where}: pin.{name}: expected a run id (RUN or RUN/STEP), found {shown(run)}")
@@ -245,7 +246,7 @@ def _line(value: Any, where: str) -> LineSettings | None:
     unknown = [k for k in value if k not in LINE_KEYS]
     if unknown:
         raise InputError(
-            f"{where}: line.{_name(unknown[0])}: not a line setting{_suggest(unknown[0], LINE_KEYS)}; they are name, continue_from"
+            f"{where}: line.{key_name(unknown[0])}: not a line setting{suggest(unknown[0], LINE_KEYS)}; they are name, continue_from"
         )
     name, source = value.get("name"), value.get("continue_from", "promoted")
     if not isinstance(name, str) or not name:
@@ -266,7 +267,7 @@ def _execution(value: Any, where: str) -> dict[str, str]:
         raise InputError(f"{where}: execution: expected {' or '.join(EXECUTIONS)}, or a mapping of stage to one of them")
     for name, mode in modes.items():
         if name not in STAGE_BY_NAME:
-            raise InputError(f"{where}: execution.{_name(name)}: not a stage{_suggest(name, STAGE_BY_NAME)}")
+            raise InputError(f"{where}: execution.{key_name(name)}: not a stage{suggest(name, STAGE_BY_NAME)}")
         if not isinstance(mode, str) or mode not in EXECUTIONS:
             raise InputError(f"{where}: execution.{name}: {shown(mode)} is not one of {', '.join(EXECUTIONS)}")
     return dict(modes)
@@ -289,7 +290,8 @@ def _stage_options(stage: Stage, values: Any, where: str) -> dict[str, Any]:
             raise InputError(f"{where}.{key}: an option for local files on the command line; a pipeline works in the store: leave it out")
         if key not in specs:
             raise InputError(
-                f"{where}.{_name(key)}: not an option of {stage.name}{_suggest(key, allowed)}; its options are {', '.join(sorted(allowed))}"
+                f"{where}.{key_name(key)}: not an option of {stage.name}{suggest(key, allowed)}; "
+                f"its options are {', '.join(sorted(allowed))}"
             )
         checked[key] = _typed(value, hints[key], f"{where}.{key}")
     missing = [n for n in allowed if specs[n][0].default is MISSING and specs[n][0].default_factory is MISSING]
@@ -325,15 +327,3 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise InputError(f"{where}: expected {hint.__name__}, found {shown(value)}")
     return value
-
-
-def _suggest(word: Any, choices) -> str:
-    if not isinstance(word, str) or len(word) > 100:  # difflib is quadratic in the word's length
-        return ""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _name(key: Any) -> str:
-    """A key as a message shows it: as written if short text, else bounded."""
-    return key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else shown(key, 60)
