@@ -8,7 +8,7 @@ from stages.base.errors import InputError
 from stages.core.cli import add_store_location_arguments, add_tracking_arguments, require_store
 from stages.store import succeeded_manifest
 from stages.tracking import target_from_settings
-from stages.tracking.registry import PRODUCTION_ALIAS
+from stages.tracking.registry import PRODUCTION_ALIAS, check_model_name, register_model
 
 from .card_command import add_card_source_arguments, card_of_args
 
@@ -36,12 +36,9 @@ def run(args: argparse.Namespace) -> str:
     target = target_from_settings(args.mlflow_tracking_uri, args.mlflow_experiment)
     if target is None:
         raise InputError("no MLflow server to register in: pass --mlflow-tracking-uri URI (or set $MLFLOW_TRACKING_URI)")
-    if not args.mlflow_model.strip():
-        raise InputError("--mlflow-model is empty; name the registered model")
+    check_model_name(args.mlflow_model)  # before the store is read
     store = require_store(args, writable=False)
     run_id, step, card = card_of_args(args, store)
-    from stages.tracking.registry import register_model
-
     manifest = succeeded_manifest(store, run_id, step, "trained model to register")
     registered = register_model(target, store, manifest, args.mlflow_model, card)
     how = "by reference" if registered.by_reference else "with its files as artifacts"

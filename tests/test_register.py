@@ -88,3 +88,6 @@ def test_registering_without_a_server_or_with_one_down_is_one_clear_error(tmp_pa
     down = f"http://127.0.0.1:{free_ports(1)[0]}"
     assert main(["register", "train", "--mlflow-model", "m", "--store", store.root_uri, "--mlflow-tracking-uri", down]) == 2
     assert "run 'train' has no committed cpt step" in capsys.readouterr().err  # the store is read before the server
+    for bad in ("", "it's", "_under", "a" * 251):  # refused before the store is read
+        assert main(["register", "train", "--mlflow-model", bad, "--store", store.root_uri, "--mlflow-tracking-uri", down]) == 2
+        assert f"--mlflow-model {bad!r} is not a model name" in capsys.readouterr().err

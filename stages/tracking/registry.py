@@ -55,13 +55,18 @@ class Registered:
     already: bool  # the version existed (same run and step): nothing new was registered
 
 
-def register_model(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, model_name: str, card: str) -> Registered:
-    """Register the model folder of a committed training stage (`manifest`) as a version of `model_name`."""
+def check_model_name(model_name: str) -> None:
+    """A registered model's name this tool writes (it is quoted in MLflow's search filters): InputError otherwise."""
     if not _MODEL_NAME.fullmatch(model_name):
         raise InputError(
             f"--mlflow-model {model_name!r} is not a model name this tool registers: use letters, digits, '_', '.' or '-' "
             "(at most 250, starting with a letter or digit)"
         )
+
+
+def register_model(target: MlflowTarget, store: ArtifactStore, manifest: Manifest, model_name: str, card: str) -> Registered:
+    """Register the model folder of a committed training stage (`manifest`) as a version of `model_name`."""
+    check_model_name(model_name)
     try:
         return _register(target, store, manifest, model_name, card)
     except SpectrumError:
