@@ -54,7 +54,7 @@ def interrupt_scan_after(monkeypatch, count: int) -> None:
     """Make the scan stop (as on Ctrl-C) when it is about to decompose the (count+1)-th matrix."""
     from stages.scan import engine
 
-    real = engine.singular_values
+    real = engine.matrix_stats  # every matrix, streamed or read whole, is decomposed through it
     calls = {"n": 0}
 
     def counting(*args, **kwargs):
@@ -63,7 +63,7 @@ def interrupt_scan_after(monkeypatch, count: int) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "singular_values", counting)
+    monkeypatch.setattr(engine, "matrix_stats", counting)
 
 
 def hub_cache_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
@@ -125,7 +125,7 @@ def no_decomposition(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("a matrix was decomposed although the work should have been reused")
 
-    monkeypatch.setattr(engine, "singular_values", boom)
+    monkeypatch.setattr(engine, "matrix_stats", boom)
 
 
 LLAMA_TYPES = {

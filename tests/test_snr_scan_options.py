@@ -185,12 +185,12 @@ def test_overwrite_replaces_the_output(tiny_model, tiny_snr_table, tmp_path):
 
 def test_a_decomposition_that_does_not_converge_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
     from stages.base.errors import SpectrumError
-    from stages.scan import engine
+    from stages.scan import spectra
 
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
-    monkeypatch.setattr(engine, "singular_values", failing)
+    monkeypatch.setattr(spectra, "gram_singular_values", failing)  # the eigen step of every matrix, streamed or not
     with pytest.raises(SpectrumError, match=r"did not converge with --svd-method gram.*retry with the other --svd-method"):
         scan(tiny_model, tmp_path / "snr.parquet")
     assert not (tmp_path / "snr.parquet").exists()

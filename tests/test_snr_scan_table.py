@@ -276,6 +276,38 @@ def test_gavish_donoho_scan_estimates_the_planted_noise_level(tiny_model, tmp_pa
         assert r["snr"] == pytest.approx(r["signal_sum"] / r["noise_sum"], rel=1e-12)
 
 
+def test_tall_matrices_are_read_a_block_of_rows_at_a_time(tiny_model, tiny_snr_table, tmp_path, monkeypatch):
+    """An embedding is never in memory whole: its rows stream into the Gram matrix, and the digest and scores are unchanged."""
+    from stages.scan import spectra
+    from stages.weights.checkpoint import ModelWeights
+
+    read_whole, blocks = [], {}
+    real_read, real_rows = ModelWeights.read, ModelWeights.read_rows
+    monkeypatch.setattr(ModelWeights, "read", lambda self, info: read_whole.append(info) or real_read(self, info))
+
+    def read_rows(self, info, start, stop):
+        blocks.setdefault(info.name, []).append((start, stop))
+        return real_rows(self, info, start, stop)
+
+    monkeypatch.setattr(ModelWeights, "read_rows", read_rows)
+    monkeypatch.setattr(spectra, "BLOCK_ELEMENTS", 64 * 7)  # a few rows per block, the last block partial
+    result = scan(tiny_model, tmp_path / "snr.parquet", model_id="tiny-llama")
+    reference = by_name(rows_of(tiny_snr_table))
+    for row in rows_of(result.output):
+        if not row["scanned"]:
+            continue
+        rows, cols = row["shape"]
+        assert (row["tensor_name"] in blocks) == (rows >= cols)
+        if rows >= cols:
+            spans = blocks[row["tensor_name"]]
+            assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == rows
+            assert all(previous[1] == following[0] for previous, following in zip(spans, spans[1:], strict=False))
+        expected = reference[row["tensor_name"]]
+        assert row["tensor_sha256"] == expected["tensor_sha256"]
+        assert row["snr"] == pytest.approx(expected["snr"], rel=1e-10)
+    assert all(info.shape[0] < info.shape[1] for info in read_whole if len(info.shape) == 2)
+
+
 @pytest.mark.parametrize("workers", [1, 3, 8])
 def test_parallel_workers_give_the_same_table(tiny_model, tiny_snr_table, tmp_path, workers):
     threads = torch.get_num_threads()

@@ -188,8 +188,8 @@ def test_a_changed_config_json_makes_a_new_run(store, synthetic_model, tmp_path)
 def test_force_recomputes_under_a_new_run_id(store, tiny_model, tmp_path, monkeypatch):
     first, _ = store_scan(store, tiny_model, tmp_path / "work")
     calls = []
-    real = engine.singular_values
-    monkeypatch.setattr(engine, "singular_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.matrix_stats
+    monkeypatch.setattr(engine, "matrix_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     forced, result = store_scan(store, tiny_model, tmp_path / "work", force=True)
     assert not forced.cached and result is not None and result.resumed == 0
     assert len(calls) == result.scanned > 0

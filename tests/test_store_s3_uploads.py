@@ -12,7 +12,8 @@ from stages.base.errors import SpectrumError
 @pytest.mark.integration
 def test_unfinished_s3_uploads_are_aborted(s3_env, tmp_path, monkeypatch):
     """A writer killed mid-upload leaves parts that are stored (and billed) until aborted."""
-    from stages.store import S3Store, parse_store_uri, s3_backend
+    from stages.store import parse_store_uri, s3_backend
+    from stages.store.s3_backend import S3Store
 
     from .s3_server import fresh_bucket
 

@@ -12,18 +12,20 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from .. import __version__
 from ..base.errors import CorruptWeightsError, InputError, SpectrumError
 from ..weights.checkpoint import FLOAT_DTYPES, ModelWeights, TensorInfo
 from ..weights.naming import layer_index, module_name, module_type
+from . import spectra
 from .estimators import SpectrumStats, estimate
-from .spectra import NonFiniteMatrixError, singular_values
+from .spectra import NonFiniteMatrixError, descending, rows_per_block, singular_values
 
 EXPERTS = "experts"  # transformers fuses MoE experts into one [experts, rows, cols] parameter under an `experts` module
 
@@ -125,11 +127,17 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, settings: ScanSettings
     per-expert values), summed counts and sums, and the largest singular value.
     """
     started = time.perf_counter()
-    tensor = weights.read(info)
-    digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
-    matrices = tensor.unbind(0) if tensor.ndim == 3 else (tensor,)
-    per_matrix = [_matrix_stats(matrix, tensor, info, weights, settings, device) for matrix in matrices]
-    del tensor, matrices
+    if _streamed(info, settings):
+        digest, per_matrix = _scan_streamed(weights, info, settings, device)
+    else:
+        tensor = weights.read(info)
+        digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+        matrices = tensor.unbind(0) if tensor.ndim == 3 else (tensor,)
+        per_matrix = [
+            matrix_stats(lambda m=matrix: singular_values(m, settings.svd_method, device), tuple(matrix.shape), info, weights, settings)
+            for matrix in matrices
+        ]
+        del tensor, matrices
     if all(s is None for s, _ in per_matrix):
         # No singular value above 0: both estimators would divide 0 by 0 (the reference scores it
         # +inf and would rank it first). There is nothing to score, so it is not scanned.
@@ -166,14 +174,43 @@ def _combine(stats: list[SpectrumStats]) -> SpectrumStats:
     )
 
 
-def _matrix_stats(
-    matrix: torch.Tensor, tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights, settings: ScanSettings, device: torch.device
+def _streamed(info: TensorInfo, settings: ScanSettings) -> bool:
+    """A tall 2-D matrix on the Gram route is read a block of rows at a time (an embedding is never in memory whole)."""
+    return settings.svd_method == "gram" and len(info.shape) == 2 and info.shape[0] >= info.shape[1]
+
+
+def _scan_streamed(
+    weights: ModelWeights, info: TensorInfo, settings: ScanSettings, device: torch.device
+) -> tuple[str, list[tuple[SpectrumStats | None, int]]]:
+    """The digest and statistics of a tall matrix from its row blocks: the digest of the blocks' bytes in order is the tensor's."""
+    rows, cols = info.shape
+    digest = hashlib.sha256()
+    step = rows_per_block(cols)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for start in range(0, rows, step):
+            block = weights.read_rows(info, start, min(start + step, rows))
+            digest.update(block.view(torch.uint8).numpy())
+            yield block
+
+    def values() -> np.ndarray:
+        return descending(spectra.gram_singular_values(spectra.gram_lower(blocks(), cols, device)))
+
+    stats = matrix_stats(values, (rows, cols), info, weights, settings)
+    return digest.hexdigest(), [stats]
+
+
+def matrix_stats(
+    compute: Callable[[], np.ndarray], shape: tuple[int, int], info: TensorInfo, weights: ModelWeights, settings: ScanSettings
 ) -> tuple[SpectrumStats | None, int]:
-    """The estimator's statistics for one matrix of `tensor` (None: an all-zero matrix), and its number of singular values."""
+    """The estimator's statistics for one matrix from its singular values (None: an all-zero matrix), and their number.
+
+    Every matrix, read whole or streamed, is decomposed (`compute`) and scored here.
+    """
     try:
-        values = singular_values(matrix, settings.svd_method, device)
+        values = compute()
     except NonFiniteMatrixError as exc:
-        _require_finite(tensor, info, weights)  # names the NaN/Inf values
+        _require_finite(weights.read(info), info, weights)  # names the NaN/Inf values
         raise CorruptWeightsError(
             f"tensor {info.name!r} in {weights.root / info.shard} is too large in magnitude for the Gram route ({exc}); "
             "scan it with --svd-method svd"
@@ -183,7 +220,7 @@ def _matrix_stats(
             f"the singular values of {info.name!r} did not converge with --svd-method {settings.svd_method} ({exc}); "
             "retry with the other --svd-method"
         ) from exc
-    rows, cols = matrix.shape
+    rows, cols = shape
     if values.size == 0 or values[0] <= 0:
         return None, int(values.size)
     return estimate(settings.estimator, values, rows, cols), int(values.size)

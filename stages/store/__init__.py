@@ -36,7 +36,6 @@ from .manifest import (
     start_manifest,
     succeeded_manifest,
 )
-from .s3_backend import S3Store
 from .tables import TableFiles, read_table, read_table_output, table_files, table_key, write_table
 from .uri import FileLocation, parse_store_uri
 
@@ -51,6 +50,8 @@ def open_store(uri: str, *, endpoint_url: str | None = None, writable: bool = Tr
     location = parse_store_uri(uri)
     if isinstance(location, FileLocation):
         return FileStore(location.root, writable=writable)
+    from .s3_backend import S3Store  # boto3 is imported only when an S3 store is opened
+
     return S3Store(location, endpoint_url=endpoint_url, writable=writable)
 
 
@@ -62,7 +63,6 @@ __all__ = [
     "IntegrityError",
     "Manifest",
     "ObjectInfo",
-    "S3Store",
     "SecretLeakError",
     "StoreError",
     "StoreUnavailableError",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -25,7 +24,6 @@ from .keys import NAME, validate_name
 from .manifest import Manifest, load_manifest_or_none
 
 PARTITION_COLUMNS = ("stage", "run_id")
-PARTITIONING = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
 PART_NAME = "part-0.parquet"
 
 
@@ -79,13 +77,19 @@ class TableFiles:
     uris: list[str]
     keys: list[str]
 
-    def dataset(self) -> ds.Dataset:
-        """All files as one dataset; the schema is unified over every file (later runs may add columns)."""
+    def dataset(self) -> Any:
+        """All files as one pyarrow.dataset.Dataset; the schema is unified over every file (later runs may add columns).
+
+        pyarrow.dataset (which loads pandas) is imported here, not by every command that opens a store.
+        """
+        import pyarrow.dataset as ds
+
+        partitioning = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
         factory = ds.FileSystemDatasetFactory(
             self.filesystem,
             self.paths,
             ds.ParquetFileFormat(),
-            ds.FileSystemFactoryOptions(partitioning=PARTITIONING, partition_base_dir=self.base_path),
+            ds.FileSystemFactoryOptions(partitioning=partitioning, partition_base_dir=self.base_path),
         )
         return factory.finish(factory.inspect())
 

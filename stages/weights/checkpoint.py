@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -101,10 +102,17 @@ class ModelWeights:
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """Read one tensor into memory, in its stored dtype."""
+        return self._read(info, lambda handle: handle.get_tensor(info.name))
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, in its stored dtype; the shard is mapped only while they are copied out."""
+        return self._read(info, lambda handle: handle.get_slice(info.name)[start:stop].contiguous())
+
+    def _read(self, info: TensorInfo, take: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         path = self.root / info.shard
         try:
             with safe_open(str(path), framework="pt") as handle:
-                return handle.get_tensor(info.name)
+                return take(handle)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CorruptWeightsError(f"cannot read tensor {info.name!r} from {path}: {exc}; re-download the shard") from exc
 
