@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from stages.base.errors import InputError
 from stages.core.cli import add_store_location_arguments, store_from_args
+from stages.selection.fit import add_setup_arguments, setup_of
 
 DESCRIPTION = __doc__
 SUMMARY = "plan the GPU memory of training a selection, LoRA or the full model (per device, by component) and the cheapest setup that fits"
@@ -29,30 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chosen.add_argument("--selection-run", metavar="RUN_ID", help="the layer_select run in --store")
     chosen.add_argument("--full", action="store_true", help="plan full fine-tuning only")
     chosen.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on every linear layer")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs training together (default 1)")
     parser.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 80GB, 24GiB (default 80GiB)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    parser.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
-    parser.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage 0-3 of the plan shown (default 2)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation checkpointing")
+    add_setup_arguments(parser)  # --gpus, --seq-len, --micro-batch-size, --zero-stage, --gradient-checkpointing, as select's
     add_store_location_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> str:
-    from stages.training.memory_plan import Setup, check_setup, parse_size
+    from stages.training.memory_plan import parse_size
 
     device_memory = parse_size(args.gpu_memory, "--gpu-memory")
     if args.lora_rank < 0:
         raise InputError(f"--lora-rank must be 0 (off) or positive, got {args.lora_rank}")
-    setup = Setup(
-        gpus=args.gpus,
-        zero_stage=args.zero_stage,
-        bf16=True,
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-    check_setup(setup)
+    setup = setup_of(args)
     models = _planned_models(args)
     lines = [f"per GPU, {args.gpus} GPU(s) of {args.gpu_memory}, {setup.describe()}, bf16:"]
     plans = [model.plan(setup) for model in models]
@@ -116,8 +105,9 @@ def _fit_line(model, setup, device_memory: int, memory_text: str) -> str:
 
     fit = cheapest_fit(model, replace(setup, micro_batch_size=setup.micro_batch_size), device_memory)
     if fit is None:
-        smallest = model.plan(replace(setup, zero_stage=3, gradient_checkpointing=True, offload_optimizer=True, offload_params=True,
-                                      micro_batch_size=1))
+        smallest = model.plan(
+            replace(setup, zero_stage=3, gradient_checkpointing=True, offload_optimizer=True, offload_params=True, micro_batch_size=1)
+        )
         return (
             f"{model.trainable.label}: nothing fits {memory_text} per GPU (at least {gib(smallest.total)} with ZeRO-3, "
             "checkpointing, offload and micro-batch 1): use more GPUs, a shorter --seq-len or train fewer tensors"

@@ -12,11 +12,13 @@ its rank and the reason it was or was not selected, an Axolotl `unfrozen_paramet
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,14 +39,18 @@ from .base.patterns import compile_pattern
 from .core.cli import stage_main
 from .core.execution import StageRun, execute_stage
 from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
-from .scan.table import load_reference_json, read_snr_table, read_table_metadata
+from .scan.table import METADATA_PREFIX, load_reference_json, read_snr_table, read_table_metadata
 from .selection.document import SelectionDocument, UnfrozenParameters
+from .selection.fit import SETUP_OPTIONS, setup_option
 from .selection.matching import PatternSet
 from .store import ArtifactStore, ObjectInfo, StageRef, read_table_output, resolve_run_reference, succeeded_manifest
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index, module_bias
 from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
+
+if TYPE_CHECKING:
+    from .selection.fit import MemoryFit
 
 POLICIES = ("per-type", "global", "budget")
 # What the reference tool always writes for the two embedding roles (Llama names).
@@ -114,6 +120,24 @@ class SelectConfig(StageConfig):
     budget_percent: float | None = option(
         default=None, cache=True, help="budget policy: train at most this share of the model's parameters"
     )
+    # The memory fit: in the cache key only when asked for (cache_parameters), so other selections keep their keys.
+    fit_gpu_memory: str | None = option(
+        default=None,
+        metavar="SIZE",
+        help="budget policy, instead of --budget-percent: the largest budget whose memory plan (as `spectrum plan`, and cpt's "
+        "check) fits SIZE per GPU, e.g. 80GiB, at --gpus, --seq-len, --micro-batch-size, --zero-stage, --gradient-checkpointing",
+    )
+    gpus: int = setup_option("gpus")
+    seq_len: int = setup_option("seq_len")
+    micro_batch_size: int = setup_option("micro_batch_size")
+    zero_stage: int = setup_option("zero_stage")
+    gradient_checkpointing: bool = setup_option("gradient_checkpointing")
+    model: str | None = option(
+        default=None,
+        pipeline=False,
+        help="with --fit-gpu-memory: the scanned model (folder, config.json or store URI) whose config to plan; "
+        "default: the config.json the scan read",
+    )
     include_types: list[str] = option(
         "--include-type", default_factory=list, cache=True, metavar="REGEX", help="only select from module types matching REGEX"
     )
@@ -141,6 +165,12 @@ class SelectConfig(StageConfig):
         super().__post_init__()
         if self.always_train is None:  # the embeddings: trained by the reference policy, frozen when depth-aware
             self.always_train = [] if self.depth_aware else list(ROLES)
+
+    def cache_parameters(self) -> dict[str, Any]:
+        parameters = super().cache_parameters()
+        if self.fit_gpu_memory is not None:
+            parameters |= {"fit_gpu_memory": self.fit_gpu_memory, **{name: getattr(self, name) for name in SETUP_OPTIONS}}
+        return parameters
 
 
 @dataclass
@@ -177,7 +207,8 @@ def run(config: SelectConfig, context: StageContext) -> StageResult[SelectResult
         for name in (SELECTION_TABLE_FILE, UNFROZEN_YAML_FILE, SELECTION_JSON_FILE):
             ensure_writable(Path(config.out_dir) / name, config.overwrite)
     source, input_ref = _open_source(config, store)
-    result = select(config, source)
+    fit = _open_memory_fit(config, store, source) if config.fit_gpu_memory is not None else None
+    result = select(config, source, fit)
     files = result.files()
     if config.out_dir is not None:
         result.out_dir = Path(config.out_dir)
@@ -191,7 +222,8 @@ def run(config: SelectConfig, context: StageContext) -> StageResult[SelectResult
         table = run.write_table(SELECTION_TABLE, result.table)
         return [table] + [run.put_bytes(name, data) for name, data in files.items() if name != SELECTION_TABLE_FILE]
 
-    outcome = execute_stage(LAYER_SELECT, context, config.cache_parameters(), [input_ref], publish)
+    inputs = [input_ref, fit.model_config.ref] if fit is not None else [input_ref]
+    outcome = execute_stage(LAYER_SELECT, context, config.cache_parameters(), inputs, publish)
     return StageResult(LAYER_SELECT, (*lines, outcome.describe(store)), outcome.manifest, outcome.cached, detail=result)
 
 
@@ -217,12 +249,17 @@ def _open_source(config: SelectConfig, store: ArtifactStore | None) -> tuple[Snr
     return source, {"uri": path.resolve().as_uri(), "sha256": digest, "size": size}
 
 
-def select(config: SelectConfig, source: SnrSource) -> SelectResult:
-    """The selection itself, in memory."""
+def select(config: SelectConfig, source: SnrSource, fit: MemoryFit | None = None) -> SelectResult:
+    """The selection itself, in memory (`fit`: the memory plan --fit-gpu-memory selects with)."""
     entries = source.entries
     always_lines = _apply_always_train(entries, source.roles, config.always_train)
     groups = _eligible_groups(entries, config)
-    _apply_policy(groups, config, source.sort_key, entries)
+    memory_fit = None
+    if fit is not None:  # recorded as the budget it came to, which selects the same again (sft --rescan)
+        budget_percent, memory_fit = _take_memory_fit(groups, source.sort_key, entries, fit)
+        config = replace(config, budget_percent=budget_percent)
+    else:
+        _apply_policy(groups, config, source.sort_key, entries)
     if not any(e.chosen for e in entries):
         raise InputError(
             f"the selection would train nothing: {config.policy} at {_percent_text(config)} keeps no tensor and no always-train "
@@ -230,8 +267,9 @@ def select(config: SelectConfig, source: SnrSource) -> SelectResult:
         )
     always_lines += _train_module_parameters(entries)
     yaml_text = unfrozen_parameters(always_lines, groups).to_yaml()
-    document = _document(config, source, entries, groups, always_lines)
-    return SelectResult(out_dir=None, entries=entries, document=document, yaml_text=yaml_text, table=_selection_table(entries, config))
+    document = _document(config, source, entries, groups, always_lines, memory_fit)
+    table = _selection_table(entries, config, memory_fit)
+    return SelectResult(out_dir=None, entries=entries, document=document, yaml_text=yaml_text, table=table)
 
 
 def _validate(config: SelectConfig) -> None:
@@ -239,10 +277,16 @@ def _validate(config: SelectConfig) -> None:
         raise InputError(f"--depth-aware applies to the per-type policy, not {config.policy}")
     if config.policy not in POLICIES:
         raise InputError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
+    if config.fit_gpu_memory is not None or config.model is not None:
+        _validate_memory_fit(config)
     if config.policy == "budget":
-        if config.budget_percent is None:
-            raise InputError("the budget policy needs --budget-percent (the share of the model's parameters to train)")
-        _check_percent("--budget-percent", config.budget_percent)
+        if config.budget_percent is None and config.fit_gpu_memory is None:
+            raise InputError(
+                "the budget policy needs --budget-percent (the share of the model's parameters to train) "
+                "or --fit-gpu-memory SIZE (the largest share whose training fits SIZE per GPU)"
+            )
+        if config.budget_percent is not None:
+            _check_percent("--budget-percent", config.budget_percent)
     else:
         if config.top_percent is None:
             raise InputError(f"the {config.policy} policy needs --top-percent")
@@ -253,6 +297,20 @@ def _validate(config: SelectConfig) -> None:
     for flag, patterns in regex_options.items():
         for pattern in patterns:
             compile_pattern(pattern, flag)
+
+
+def _validate_memory_fit(config: SelectConfig) -> None:
+    from .selection.fit import setup_of
+    from .training.memory_plan import parse_size
+
+    if config.fit_gpu_memory is None:
+        raise InputError("--model names the model --fit-gpu-memory plans; pass --fit-gpu-memory SIZE too, or leave --model out")
+    if config.policy != "budget":
+        raise InputError(f"--fit-gpu-memory picks the largest budget that fits, so it needs --policy budget, not {config.policy}")
+    if config.budget_percent is not None:
+        raise InputError("pass either --budget-percent or --fit-gpu-memory, not both: the memory fit chooses the budget")
+    parse_size(config.fit_gpu_memory, "--fit-gpu-memory")
+    setup_of(config)
 
 
 def _check_percent(flag: str, value: float) -> None:
@@ -438,16 +496,9 @@ def _take_top_of_upper_layers(members: list[Entry], key: Callable[[Entry], float
 
 
 def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[Entry], float], entries: list[Entry]) -> None:
-    if any(e.parameter_count is None for e in entries):
-        raise InputError("the budget policy needs parameter counts, which a reference JSON lacks; use an SNR table from `spectrum scan`")
+    cost = _budget_cost(entries)
     total = sum(e.parameter_count for e in entries)
     budget = total * percent / 100
-    biases = _module_biases(entries)
-
-    def cost(entry: Entry) -> int:  # a module trains its weight and its bias
-        bias = biases.get(entry.tensor_name)
-        return entry.parameter_count + (bias.parameter_count if bias is not None and not bias.always_train else 0)
-
     used = sum(cost(e) for e in entries if e.always_train)
     if used > budget:
         raise InputError(
@@ -465,6 +516,80 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
             entry.reason = f"selected: rank {rank} of {len(ranked)} by snr, fits the {percent:g}% parameter budget"
         else:
             entry.reason = f"frozen: rank {rank} of {len(ranked)} by snr, would exceed the {percent:g}% parameter budget"
+
+
+def _require_parameter_counts(entries: list[Entry]) -> None:
+    if any(e.parameter_count is None for e in entries):
+        raise InputError("the budget policy needs parameter counts, which a reference JSON lacks; use an SNR table from `spectrum scan`")
+
+
+def _budget_cost(entries: list[Entry]) -> Callable[[Entry], int]:
+    """The budget's cost rule: a module trains its weight and its bias (an always-trained bias counts as always-train)."""
+    _require_parameter_counts(entries)
+    biases = _module_biases(entries)
+
+    def cost(entry: Entry) -> int:
+        bias = biases.get(entry.tensor_name)
+        return entry.parameter_count + (bias.parameter_count if bias is not None and not bias.always_train else 0)
+
+    return cost
+
+
+def _open_memory_fit(config: SelectConfig, store: ArtifactStore | None, source: SnrSource) -> MemoryFit:
+    """The model of the SNR input on the meta device, checked against the table, and the setup and memory to fit."""
+    from .selection.fit import MemoryFit, find_model_config, setup_of
+    from .training.memory_plan import parse_size
+
+    _require_parameter_counts(source.entries)
+    model_config = find_model_config(config.model, config.snr_input, config.snr_run, store)
+    fit = MemoryFit(model_config, setup_of(config), parse_size(config.fit_gpu_memory, "--fit-gpu-memory"), config.fit_gpu_memory)
+    fit.check_structure([e.tensor_name for e in source.entries], source.structure)
+    return fit
+
+
+def _take_memory_fit(
+    groups: dict[str, list[Entry]], key: Callable[[Entry], float], entries: list[Entry], fit: MemoryFit
+) -> tuple[float, dict[str, Any]]:
+    """The budget policy's ranking trained from the top while the memory plan fits: (the budget it comes to, the fit's record).
+
+    Each pick trains its weight and its module's bias (the budget's cost rule), after the always-train tensors.
+    """
+    from .training.memory_plan import gib
+
+    cost = _budget_cost(entries)
+    biases = _module_biases(entries)
+
+    def trained(entry: Entry) -> tuple[str, ...]:
+        bias = biases.get(entry.tensor_name)
+        return (entry.tensor_name, bias.tensor_name) if bias is not None else (entry.tensor_name,)
+
+    ranked = sorted((e for members in groups.values() for e in members), key=key, reverse=True)
+    for rank, entry in enumerate(ranked, start=1):
+        entry.rank, entry.group_size = rank, len(ranked)
+    order = [e for e in ranked if not e.always_train]
+    always = [name for e in entries if e.always_train for name in trained(e)]
+    found = fit.largest(always, [trained(e) for e in order], [e.tensor_name for e in order])
+    per_gpu = f"{fit.memory_text} per GPU"
+    for position, entry in enumerate(order):
+        where = f"rank {entry.rank} of {len(ranked)} by snr"
+        if position < found.count:
+            entry.picked = True
+            entry.reason = f"selected: {where}; the top {found.count} plan {gib(found.plan.total)}, within {per_gpu}"
+        elif position == found.count:
+            entry.reason = f"frozen: {where}; training it too plans {gib(found.next_plan.total)}, more than {per_gpu}"
+        else:
+            entry.reason = f"frozen: {where}, below the largest selection that fits {per_gpu}"
+    used, total = sum(cost(e) for e in entries if e.chosen), sum(e.parameter_count for e in entries)
+    next_tensor = order[found.count].tensor_name if found.next_plan is not None else None
+    return _percent_covering(used, total), fit.record(found, next_tensor)
+
+
+def _percent_covering(used: int, total: int) -> float:
+    """The smallest percentage whose budget (total * percent / 100, as the budget policy computes it) holds `used`."""
+    percent = 100 * used / total
+    while total * percent / 100 < used:
+        percent = math.nextafter(percent, math.inf)
+    return percent
 
 
 def _module_biases(entries: list[Entry]) -> dict[str, Entry]:
@@ -540,7 +665,12 @@ def _percent_text(config: SelectConfig) -> str:
 
 
 def _document(
-    config: SelectConfig, source: SnrSource, entries: list[Entry], groups: dict[str, list[Entry]], always_lines: list[str]
+    config: SelectConfig,
+    source: SnrSource,
+    entries: list[Entry],
+    groups: dict[str, list[Entry]],
+    always_lines: list[str],
+    memory_fit: dict[str, Any] | None = None,
 ) -> SelectionDocument:
     selected = [e for e in entries if e.selected]
     counts_known = all(e.parameter_count is not None for e in entries)
@@ -573,10 +703,11 @@ def _document(
         total_parameters=total,
         trainable_fraction=(trainable / total) if counts_known and total else None,
         by_type={kind: {"selected": sum(e.selected for e in members), "candidates": len(members)} for kind, members in groups.items()},
+        memory_fit=memory_fit,
     )
 
 
-def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
+def _selection_table(entries: list[Entry], config: SelectConfig, memory_fit: dict[str, Any] | None = None) -> pa.Table:
     schema = pa.schema(
         [
             ("tensor_name", pa.string()),
@@ -616,6 +747,8 @@ def _selection_table(entries: list[Entry], config: SelectConfig) -> pa.Table:
         }
         for e in entries
     ]
+    if memory_fit is not None:  # what was asked and what the selection plans, beside the rows it explains
+        schema = schema.with_metadata({f"{METADATA_PREFIX}memory_fit": json.dumps(memory_fit)})
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -626,6 +759,9 @@ def report(result: SelectResult) -> str:
         params = f", {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters ({100 * s['trainable_fraction']:.1f}%)"
     extra = len(s["parameters"]) - len(s["trainable_tensors"]) if s["parameters"] is not None else 0
     with_modules = f" (and {extra} bias{'es' if extra != 1 else ''} of their modules)" if extra else ""
+    fit = s.get("memory_fit")
+    if fit is not None:
+        params += f"; plans {fit['planned_bytes']['total'] / 2**30:.2f} GiB per GPU of the {fit['gpu_memory']} it was fitted to"
     return f"selected {len(s['trainable_tensors'])} tensors{with_modules}{params}" + (f" -> {result.out_dir}" if result.out_dir else "")
 
 

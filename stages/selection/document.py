@@ -45,6 +45,7 @@ class SelectionDocument:
     total_parameters: int | None = None
     trainable_fraction: float | None = None
     by_type: dict[str, dict[str, int]] = field(default_factory=dict)
+    memory_fit: dict[str, Any] | None = None  # --fit-gpu-memory: what was asked and what the selection plans (None: not fitted)
     where: str = field(default="selection.json", compare=False)  # where it was read, for messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class SelectionDocument:
             "total_parameters": self.total_parameters,
             "trainable_fraction": self.trainable_fraction,
             "by_type": self.by_type,
+            **({"memory_fit": self.memory_fit} if self.memory_fit is not None else {}),  # only when fitted: other bytes unchanged
         }
 
     def to_json(self) -> bytes:
@@ -96,6 +98,7 @@ class SelectionDocument:
             **{key: value if _is_count(value := document.get(key)) else None for key in _COUNTS},
             trainable_fraction=fraction if _number_or_none(fraction := document.get("trainable_fraction")) else None,
             by_type=document["by_type"] if isinstance(document.get("by_type"), dict) else {},
+            memory_fit=document["memory_fit"] if isinstance(document.get("memory_fit"), dict) else None,
             where=where,
         )
 
