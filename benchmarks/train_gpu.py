@@ -13,9 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.train_vs_full import main  # noqa: E402
+from benchmarks.train_vs_full import Shape, main  # noqa: E402
 
-ONE_B = ["--layers", "16", "--hidden", "2048", "--intermediate", "5632", "--vocab", "32000", "--seq-len", "1024", "--steps", "20"]
+ONE_B_SHAPE = Shape(layers=16, hidden=2048, intermediate=5632, vocab=32000)  # 0.95B parameters
+ONE_B_SEQ_LEN = 1024
+ONE_B = [
+    *("--layers", str(ONE_B_SHAPE.layers), "--hidden", str(ONE_B_SHAPE.hidden), "--intermediate", str(ONE_B_SHAPE.intermediate)),
+    *("--vocab", str(ONE_B_SHAPE.vocab), "--seq-len", str(ONE_B_SEQ_LEN), "--steps", "20"),
+]
 
 if __name__ == "__main__":
     main([*ONE_B, "--gpu", "--workdir", str(Path(__file__).resolve().parent.parent / "benchmark-run" / "train-gpu"), *sys.argv[1:]])

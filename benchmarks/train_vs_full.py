@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +68,124 @@ def flop_floor(config, trainable: set[str], tokens: int, lora_rank: int = 0) -> 
     return total
 
 
+SELECT_OPTIONS = {  # the Spectrum arms: layer_select options
+    "spectrum-50": {"top_percent": 50.0},
+    "spectrum-25": {"top_percent": 25.0},
+    "spectrum-25-depth-aware": {"top_percent": 25.0, "depth_aware": True},
+}
+LORA_RANK = 16
+ARMS = ("full", *SELECT_OPTIONS, f"lora-{LORA_RANK}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A generated Llama's shape."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+def generate(work: Path, shape: Shape, dtype: str = "float32") -> tuple[Path, Path]:
+    """A generated Llama (once per shape and dtype) with a tokenizer trained on the corpus, and a drop of that corpus."""
+    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
+    from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"model-l{shape.layers}-h{shape.hidden}-i{shape.intermediate}-v{shape.vocab}-{dtype}"
+    corpus = domain_corpus(3000)
+    if not (model / "tokenizer.json").exists():
+        spec = SyntheticSpec(
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=max(1, shape.hidden // 64),
+            num_key_value_heads=max(1, shape.hidden // 64),
+            vocab_size=shape.vocab,
+            dtype=dtype,
+            max_shard_bytes=500 * 2**20,
+        )
+        write_synthetic_model(model, spec)
+        write_tokenizer(model, corpus, shape.vocab)
+    drop = work / "drop"
+    drop.mkdir(exist_ok=True)
+    (drop / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+    return model, drop
+
+
+def scan(model: Path, table: Path) -> Path:
+    """The model's SNR table (our scan on the CPU, in this process), once."""
+    from stages import snr_scan
+    from stages.core.stage import StageContext
+
+    if not table.exists():
+        snr_scan.run(snr_scan.ScanConfig(model_dir=str(model), output=str(table)), StageContext(progress=False))
+    return table
+
+
+def arms(work: Path, table: Path, labels: tuple[str, ...] = ARMS) -> dict[str, Path | str | None]:
+    """Each arm's training input: None (full), "lora", or a selection.json that layer_select made from `table`."""
+    from stages import layer_select
+    from stages.core.stage import StageContext
+
+    chosen: dict[str, Path | str | None] = {}
+    for label in labels:
+        if label == "full":
+            chosen[label] = None
+        elif label.startswith("lora-"):
+            chosen[label] = "lora"
+        else:
+            out = work / label
+            config = layer_select.SelectConfig(snr_input=str(table), out_dir=str(out), overwrite=True, **SELECT_OPTIONS[label])
+            layer_select.run(config, StageContext())
+            chosen[label] = out / "selection.json"
+    return chosen
+
+
+def cpt_arguments(model: Path, drop: Path, selection: Path | str | None, steps: int, seq_len: int, zero_stage: int) -> list[str]:
+    """`python -m stages.cpt` arguments of one arm, without the store, work folder and run options."""
+    argv = [str(model), "--data", str(drop), "--max-steps", str(steps), "--seq-len", str(seq_len), "--micro-batch-size", "1"]
+    argv += ["--learning-rate", "1e-4", "--zero-stage", str(zero_stage), "--no-progress"]
+    if selection is None:
+        return [*argv, "--full"]
+    if selection == "lora":
+        return [*argv, "--lora-rank", str(LORA_RANK)]
+    return [*argv, "--selection", str(selection)]
+
+
+def train_arm(
+    model: Path, drop: Path, work: Path, label: str, selection: Path | str | None, steps: int, seq_len: int, zero_stage: int,
+    gpu: bool, extra: tuple[str, ...] = (),
+) -> dict:  # fmt: skip
+    """Train one arm in its own `python -m stages.cpt` process; its step time, peak memory and counts.
+
+    Raises SystemExit naming the child's log when the child fails (benchmarks.scan_vs_reference.run_child).
+    """
+    from transformers import AutoConfig
+
+    store = work / f"store-{label}"
+    shutil.rmtree(store, ignore_errors=True)  # one run per store: its metrics and training.json are this arm's
+    argv = cpt_arguments(model, drop, selection, steps, seq_len, zero_stage)
+    argv += ["--store", str(store), "--work-dir", str(work / "cpt-work"), "--save-steps", "0", "--force", *extra]
+    seconds, rss_mib = run_child("stages.cpt", argv, work, label)
+    metrics = metrics_of(store)
+    # On a GPU the stage records torch.cuda.max_memory_allocated per step; on the CPU the child's peak RSS counts.
+    peak_mib = max(m["peak_memory_bytes"] for m in metrics) / 2**20 if gpu else rss_mib
+    parameters = training_record(store)["trainable_parameters"]  # for LoRA: the adapters, not the merged weights
+    lora = LORA_RANK if selection == "lora" else 0
+    return {
+        "seconds": seconds,
+        "step_seconds": statistics.median(m["step_seconds"] for m in metrics[WARMUP_STEPS:] or metrics),
+        "peak_mib": peak_mib,
+        "optimizer_bytes": parameters * 8,
+        "trainable": parameters,
+        "flops": flop_floor(AutoConfig.from_pretrained(str(model)), set(_trainable(store)), seq_len, lora_rank=lora),
+        "first_loss": metrics[0]["loss"],
+        "last_loss": metrics[-1]["loss"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(ROOT / "benchmark-run" / "train"))
@@ -81,73 +201,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoConfig
 
-    from stages import layer_select, snr_scan
-    from stages.core.stage import StageContext
-    from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
-    from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
-
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model = work / f"model-l{args.layers}-h{args.hidden}"
-    corpus = domain_corpus(3000)
-    if not (model / "tokenizer.json").exists():
-        spec = SyntheticSpec(
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=max(1, args.hidden // 64),
-            num_key_value_heads=max(1, args.hidden // 64),
-            vocab_size=args.vocab,
-            dtype="float32",
-        )
-        write_synthetic_model(model, spec)
-        write_tokenizer(model, corpus, args.vocab)
-    drop = work / "drop"
-    drop.mkdir(exist_ok=True)
-    (drop / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+    # A bf16 checkpoint on the GPU (frozen weights stay bf16 there), fp32 on the CPU, as each trains.
+    model, drop = generate(work, Shape(args.layers, args.hidden, args.intermediate, args.vocab), "bfloat16" if args.gpu else "float32")
     config = AutoConfig.from_pretrained(str(model))
-    print(f"model: {model.name}; data: {len(corpus)} documents")
-
-    table = work / f"snr-{model.name}.parquet"
-    if not table.exists():
-        snr_scan.run(snr_scan.ScanConfig(model_dir=str(model), output=str(table)), StageContext(progress=False))
-    arms: dict[str, Path | str | None] = {"full": None}
-    for label, options in (("spectrum-50", {"top_percent": 50.0}), ("spectrum-25", {"top_percent": 25.0}),
-                           ("spectrum-25-depth-aware", {"top_percent": 25.0, "depth_aware": True})):  # fmt: skip
-        out = work / label
-        layer_select.run(layer_select.SelectConfig(snr_input=str(table), out_dir=str(out), overwrite=True, **options), StageContext())
-        arms[label] = out / "selection.json"
-    arms["lora-16"] = "lora"
-
-    tokens = args.seq_len
+    print(f"model: {model.name}")
+    table = scan(model, work / f"snr-{model.name}.parquet")
     total_parameters = sum(p.numel() for p in _meta_model(config).parameters())
-    rows = {}
-    for label, selection in arms.items():
-        store = work / f"store-{label}"
-        argv = [str(model), "--data", str(drop), "--store", str(store), "--work-dir", str(work / "cpt-work")]
-        argv += ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--micro-batch-size", "1"]
-        argv += ["--learning-rate", "1e-4", "--save-steps", "0", "--zero-stage", str(args.zero_stage), "--no-progress", "--force"]
-        if selection is None:
-            argv += ["--full"]
-        elif selection == "lora":
-            argv += ["--lora-rank", "16"]
-        else:
-            argv += ["--selection", str(selection)]
-        _, rss_mib = run_child("stages.cpt", argv, work, label)
-        metrics = _metrics(store)
-        # On a GPU the stage records torch.cuda.max_memory_allocated per step; on the CPU the child's peak RSS counts.
-        peak_mib = max(m["peak_memory_bytes"] for m in metrics) / 2**20 if args.gpu else rss_mib
-        trainable = _trainable(store)
-        step = statistics.median(m["step_seconds"] for m in metrics[WARMUP_STEPS:])
-        parameters = _training_record(store)["trainable_parameters"]  # for LoRA: the adapters, not the merged weights
-        rows[label] = {
-            "step_seconds": step,
-            "peak_mib": peak_mib,
-            "optimizer_bytes": parameters * 8,
-            "trainable": parameters,
-            "flops": flop_floor(config, set(trainable), tokens, lora_rank=16 if selection == "lora" else 0),
-            "loss": f"{metrics[0]['loss']:.3f}->{metrics[-1]['loss']:.3f}",
-        }
+    rows = {
+        label: train_arm(model, drop, work, label, selection, args.steps, args.seq_len, args.zero_stage, args.gpu)
+        for label, selection in arms(work, table).items()
+    }
     base = rows["full"]
     where = "bf16 on the GPU" if args.gpu else "fp32 on the CPU"
     print(f"\n{total_parameters / 1e6:.1f}M parameters, seq {args.seq_len}, {args.steps} steps, ZeRO-{args.zero_stage}, {where}")
@@ -156,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{label:26} {row['step_seconds']:8.3f} {row['step_seconds'] / base['step_seconds']:6.2f} {row['peak_mib']:9.0f} "
             f"{row['peak_mib'] / base['peak_mib']:7.2f} {row['optimizer_bytes'] / base['optimizer_bytes']:6.2f} "
-            f"{row['trainable'] / base['trainable']:10.2f} {row['flops'] / base['flops']:10.2f}  {row['loss']}"
+            f"{row['trainable'] / base['trainable']:10.2f} {row['flops'] / base['flops']:10.2f}  "
+            f"{row['first_loss']:.3f}->{row['last_loss']:.3f}"
         )
 
 
@@ -168,13 +233,13 @@ def _meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _metrics(store: Path) -> list[dict]:
+def metrics_of(store: Path) -> list[dict]:
     from stages.store import open_store, read_table
 
     return sorted(read_table(open_store(str(store)), "training_metrics").to_pylist(), key=lambda r: r["step"])
 
 
-def _training_record(store: Path) -> dict:
+def training_record(store: Path) -> dict:
     (record,) = store.glob("runs/*/cpt/training.json")
     return json.loads(record.read_text())
 
