@@ -2,7 +2,10 @@
 
 Policies: `per-type` (the reference: in each module type, the top `int(count * pct / 100)` by
 snr, descending), `global` (top pct across all types) and `budget` (highest snr first while the
-trainable parameters stay within a share of the model). "Always train" entries are roles
+trainable parameters stay within a share of the model). `--rank-by` orders the tensors every
+policy takes from: `snr` (the default, highest first), `inverse` (lowest snr first) or `random`
+(a uniform order from `--rank-seed`): the controls of a comparison, with the same counts and the
+same always-trained tensors as the snr ranking. A tensor without an snr (NaN) ranks last in each. "Always train" entries are roles
 (`input_embeddings`, `output_embeddings`, resolved against the model's real tensor names) or
 regular expressions; each must match something. Outputs: a Parquet table of every tensor with
 its rank and the reason it was or was not selected, an Axolotl `unfrozen_parameters` YAML
@@ -14,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from .selection.fit import MemoryFit
 
 POLICIES = ("per-type", "global", "budget")
+RANKINGS = ("snr", "inverse", "random")
 # What the reference tool always writes for the two embedding roles (Llama names).
 REFERENCE_ROLE_PATTERNS = {OUTPUT_EMBEDDINGS: "^lm_head.weight$", INPUT_EMBEDDINGS: "^model.embed_tokens.weight$"}
 
@@ -138,6 +143,14 @@ class SelectConfig(StageConfig):
         help="with --fit-gpu-memory: the scanned model (folder, config.json or store URI) whose config to plan; "
         "default: the config.json the scan read",
     )
+    # The ranking: in the cache key and the records only when not snr (cache_parameters), so other selections keep their keys.
+    rank_by: str = option(
+        default="snr",
+        choices=RANKINGS,
+        help="the order policies take tensors in: snr (highest first, default), inverse (lowest snr first) or random "
+        "(uniform, from --rank-seed): the latter two are controls with the same counts and always-trained tensors",
+    )
+    rank_seed: int | None = option(default=None, metavar="N", help="--rank-by random: the seed of the order (default 0)")
     include_types: list[str] = option(
         "--include-type", default_factory=list, cache=True, metavar="REGEX", help="only select from module types matching REGEX"
     )
@@ -170,7 +183,36 @@ class SelectConfig(StageConfig):
         parameters = super().cache_parameters()
         if self.fit_gpu_memory is not None:
             parameters |= {"fit_gpu_memory": self.fit_gpu_memory, **{name: getattr(self, name) for name in SETUP_OPTIONS}}
-        return parameters
+        return parameters | self.ranking_options()
+
+    def ranking_options(self) -> dict[str, Any]:
+        """rank_by (and the seed of a random order) when not the snr ranking: what the cache key and the records add."""
+        if self.rank_by == "snr":
+            return {}
+        return {"rank_by": self.rank_by, **({"rank_seed": self.seed_of_ranking} if self.rank_by == "random" else {})}
+
+    @property
+    def seed_of_ranking(self) -> int:
+        return 0 if self.rank_seed is None else self.rank_seed
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The order the policies take tensors in: a sort key (highest first) and how the reasons name it."""
+
+    key: Callable[[Entry], float]
+    label: str  # "snr", as the reasons have always said, for the default ranking
+
+
+def ranking_of(config: SelectConfig, source: SnrSource) -> Ranking:
+    """`--rank-by` over `source`: snr as the source sorts it; inverse and random keep a tensor without an snr last."""
+    if config.rank_by == "snr":
+        return Ranking(source.sort_key, "snr")
+    if config.rank_by == "inverse":
+        return Ranking(lambda e: -math.inf if _no_snr(e) else -e.snr, "inverse snr (lowest first)")
+    generator = random.Random(config.seed_of_ranking)
+    order = {e.tensor_name: generator.random() for e in source.entries}  # the table's order: the same seed, the same draw
+    return Ranking(lambda e: -math.inf if _no_snr(e) else order[e.tensor_name], f"random order (seed {config.seed_of_ranking})")
 
 
 @dataclass
@@ -254,12 +296,13 @@ def select(config: SelectConfig, source: SnrSource, fit: MemoryFit | None = None
     entries = source.entries
     always_lines = _apply_always_train(entries, source.roles, config.always_train)
     groups = _eligible_groups(entries, config)
+    ranking = ranking_of(config, source)
     memory_fit = None
     if fit is not None:  # recorded as the budget it came to, which selects the same again (sft --rescan)
-        budget_percent, memory_fit = _take_memory_fit(groups, source.sort_key, entries, fit)
+        budget_percent, memory_fit = _take_memory_fit(groups, ranking, entries, fit)
         config = replace(config, budget_percent=budget_percent)
     else:
-        _apply_policy(groups, config, source.sort_key, entries)
+        _apply_policy(groups, config, ranking, entries)
     if not any(e.chosen for e in entries):
         raise InputError(
             f"the selection would train nothing: {config.policy} at {_percent_text(config)} keeps no tensor and no always-train "
@@ -279,6 +322,7 @@ def _validate(config: SelectConfig) -> None:
         raise InputError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
     if config.fit_gpu_memory is not None or config.model is not None:
         _validate_memory_fit(config)
+    _validate_ranking(config)
     if config.policy == "budget":
         if config.budget_percent is None and config.fit_gpu_memory is None:
             raise InputError(
@@ -311,6 +355,16 @@ def _validate_memory_fit(config: SelectConfig) -> None:
         raise InputError("pass either --budget-percent or --fit-gpu-memory, not both: the memory fit chooses the budget")
     parse_size(config.fit_gpu_memory, "--fit-gpu-memory")
     setup_of(config)
+
+
+def _validate_ranking(config: SelectConfig) -> None:
+    if config.rank_by not in RANKINGS:
+        raise InputError(f"unknown --rank-by {config.rank_by!r}; choose one of {', '.join(RANKINGS)}")
+    if config.rank_seed is not None:
+        if config.rank_by != "random":
+            raise InputError(f"--rank-seed seeds --rank-by random, not {config.rank_by}; pass --rank-by random or leave it out")
+        if isinstance(config.rank_seed, bool) or not isinstance(config.rank_seed, int) or config.rank_seed < 0:
+            raise InputError(f"--rank-seed must be a whole number 0 or more, got {config.rank_seed!r}")
 
 
 def _check_percent(flag: str, value: float) -> None:
@@ -377,7 +431,11 @@ def _roles_from_table(table: pa.Table, metadata: dict[str, str]) -> RoleMap:
 
 
 def _nan_last(entry: Entry) -> float:
-    return -math.inf if entry.snr is None or math.isnan(entry.snr) else entry.snr
+    return -math.inf if _no_snr(entry) else entry.snr
+
+
+def _no_snr(entry: Entry) -> bool:
+    return entry.snr is None or math.isnan(entry.snr)
 
 
 def _apply_always_train(entries: list[Entry], roles: RoleMap, requested: list[str]) -> list[str]:
@@ -448,25 +506,25 @@ def _eligible_groups(entries: list[Entry], config: SelectConfig) -> dict[str, li
     return groups
 
 
-def _apply_policy(groups: dict[str, list[Entry]], config: SelectConfig, key: Callable[[Entry], float], entries: list[Entry]) -> None:
+def _apply_policy(groups: dict[str, list[Entry]], config: SelectConfig, ranking: Ranking, entries: list[Entry]) -> None:
     if config.policy == "per-type" and config.depth_aware:
         for kind, members in groups.items():
-            _take_top_of_upper_layers(members, key, config.top_percent, f"in {kind}")
+            _take_top_of_upper_layers(members, ranking, config.top_percent, f"in {kind}")
     elif config.policy == "per-type":
         for kind, members in groups.items():
-            _take_top(sorted(members, key=key, reverse=True), config.top_percent, f"in {kind}")
+            _take_top(members, ranking, config.top_percent, f"in {kind}")
     elif config.policy == "global":
-        pooled = [e for members in groups.values() for e in members]
-        _take_top(sorted(pooled, key=key, reverse=True), config.top_percent, "across all selected types")
+        _take_top([e for members in groups.values() for e in members], ranking, config.top_percent, "across all selected types")
     else:
-        _take_budget(groups, config.budget_percent, key, entries)
+        _take_budget(groups, config.budget_percent, ranking, entries)
 
 
-def _take_top(ranked: list[Entry], percent: float, scope: str) -> None:
+def _take_top(members: list[Entry], ranking: Ranking, percent: float, scope: str) -> None:
+    ranked = sorted(members, key=ranking.key, reverse=True)
     keep = int(len(ranked) * percent / 100)
     for rank, entry in enumerate(ranked, start=1):
         entry.rank, entry.group_size = rank, len(ranked)
-        where = f"rank {rank} of {len(ranked)} {scope} by snr; the top {percent:g}% keeps {keep}"
+        where = f"rank {rank} of {len(ranked)} {scope} by {ranking.label}; the top {percent:g}% keeps {keep}"
         if rank <= keep:
             entry.picked = True
             entry.reason = f"{entry.reason}; also {where}" if entry.always_train else f"selected: {where}"
@@ -474,7 +532,7 @@ def _take_top(ranked: list[Entry], percent: float, scope: str) -> None:
             entry.reason = f"frozen: {where}"
 
 
-def _take_top_of_upper_layers(members: list[Entry], key: Callable[[Entry], float], percent: float, scope: str) -> None:
+def _take_top_of_upper_layers(members: list[Entry], ranking: Ranking, percent: float, scope: str) -> None:
     """The same share as the reference, chosen by snr among the upper 2x share of layers.
 
     Backward stops at the lowest trainable tensor, so the deepest trainable layer sets the cost
@@ -483,11 +541,12 @@ def _take_top_of_upper_layers(members: list[Entry], key: Callable[[Entry], float
     keep = int(len(members) * percent / 100)
     by_depth = sorted(members, key=lambda e: layer_index(e.tensor_name) if layer_index(e.tensor_name) is not None else -1, reverse=True)
     pool = {id(e) for e in by_depth[: min(len(members), 2 * keep)]}
-    ranked = sorted(members, key=key, reverse=True)
+    ranked = sorted(members, key=ranking.key, reverse=True)
     chosen = {id(e) for e in [e for e in ranked if id(e) in pool][:keep]}
+    kept = f"depth-aware keeps the best {keep} of the upper {len(pool)} layers"
     for rank, entry in enumerate(ranked, start=1):
         entry.rank, entry.group_size = rank, len(ranked)
-        where = f"rank {rank} of {len(ranked)} {scope} by snr; depth-aware keeps the best {keep} of the upper {len(pool)} layers"
+        where = f"rank {rank} of {len(ranked)} {scope} by {ranking.label}; {kept}"
         if id(entry) in chosen:
             entry.picked = True
             entry.reason = f"{entry.reason}; also {where}" if entry.always_train else f"selected: {where}"
@@ -495,7 +554,7 @@ def _take_top_of_upper_layers(members: list[Entry], key: Callable[[Entry], float
             entry.reason = f"frozen: {where}"
 
 
-def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[Entry], float], entries: list[Entry]) -> None:
+def _take_budget(groups: dict[str, list[Entry]], percent: float, ranking: Ranking, entries: list[Entry]) -> None:
     cost = _budget_cost(entries)
     total = sum(e.parameter_count for e in entries)
     budget = total * percent / 100
@@ -505,7 +564,7 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
             f"the always-train tensors alone hold {used:,} parameters, more than the {percent:g}% budget ({int(budget):,} of {total:,}); "
             "raise --budget-percent or change --always-train"
         )
-    ranked = sorted((e for members in groups.values() for e in members), key=key, reverse=True)
+    ranked = sorted((e for members in groups.values() for e in members), key=ranking.key, reverse=True)
     for rank, entry in enumerate(ranked, start=1):
         entry.rank, entry.group_size = rank, len(ranked)
         if entry.always_train:
@@ -513,9 +572,9 @@ def _take_budget(groups: dict[str, list[Entry]], percent: float, key: Callable[[
         if used + cost(entry) <= budget:
             used += cost(entry)
             entry.picked = True
-            entry.reason = f"selected: rank {rank} of {len(ranked)} by snr, fits the {percent:g}% parameter budget"
+            entry.reason = f"selected: rank {rank} of {len(ranked)} by {ranking.label}, fits the {percent:g}% parameter budget"
         else:
-            entry.reason = f"frozen: rank {rank} of {len(ranked)} by snr, would exceed the {percent:g}% parameter budget"
+            entry.reason = f"frozen: rank {rank} of {len(ranked)} by {ranking.label}, would exceed the {percent:g}% parameter budget"
 
 
 def _require_parameter_counts(entries: list[Entry]) -> None:
@@ -548,7 +607,7 @@ def _open_memory_fit(config: SelectConfig, store: ArtifactStore | None, source: 
 
 
 def _take_memory_fit(
-    groups: dict[str, list[Entry]], key: Callable[[Entry], float], entries: list[Entry], fit: MemoryFit
+    groups: dict[str, list[Entry]], ranking: Ranking, entries: list[Entry], fit: MemoryFit
 ) -> tuple[float, dict[str, Any]]:
     """The budget policy's ranking trained from the top while the memory plan fits: (the budget it comes to, the fit's record).
 
@@ -563,7 +622,7 @@ def _take_memory_fit(
         bias = biases.get(entry.tensor_name)
         return (entry.tensor_name, bias.tensor_name) if bias is not None else (entry.tensor_name,)
 
-    ranked = sorted((e for members in groups.values() for e in members), key=key, reverse=True)
+    ranked = sorted((e for members in groups.values() for e in members), key=ranking.key, reverse=True)
     for rank, entry in enumerate(ranked, start=1):
         entry.rank, entry.group_size = rank, len(ranked)
     order = [e for e in ranked if not e.always_train]
@@ -571,7 +630,7 @@ def _take_memory_fit(
     found = fit.largest(always, [trained(e) for e in order], [e.tensor_name for e in order])
     per_gpu = f"{fit.memory_text} per GPU"
     for position, entry in enumerate(order):
-        where = f"rank {entry.rank} of {len(ranked)} by snr"
+        where = f"rank {entry.rank} of {len(ranked)} by {ranking.label}"
         if position < found.count:
             entry.picked = True
             entry.reason = f"selected: {where}; the top {found.count} plan {gib(found.plan.total)}, within {per_gpu}"
@@ -684,6 +743,7 @@ def _document(
         "exclude_types": config.exclude_types,
         "depth_aware": config.depth_aware,
         "always_train": config.always_train,
+        **config.ranking_options(),  # only when not the snr ranking: other selection.json bytes unchanged
     }
     return SelectionDocument(
         trainable_tensors=tuple(e.tensor_name for e in entries if e.chosen),
@@ -747,8 +807,13 @@ def _selection_table(entries: list[Entry], config: SelectConfig, memory_fit: dic
         }
         for e in entries
     ]
+    metadata = {}
     if memory_fit is not None:  # what was asked and what the selection plans, beside the rows it explains
-        schema = schema.with_metadata({f"{METADATA_PREFIX}memory_fit": json.dumps(memory_fit)})
+        metadata[f"{METADATA_PREFIX}memory_fit"] = json.dumps(memory_fit)
+    if config.ranking_options():  # a control's ranking (inverse, random and its seed); none for the snr ranking
+        metadata[f"{METADATA_PREFIX}ranking"] = json.dumps(config.ranking_options())
+    if metadata:
+        schema = schema.with_metadata(metadata)
     return pa.Table.from_pylist(rows, schema=schema)
 
 

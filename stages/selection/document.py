@@ -24,6 +24,8 @@ from ..data.drops import decode_utf8
 MAX_SELECTION_BYTES = 64 * 1024 * 1024  # a selection.json of every tensor of a 100k-tensor model is well below this
 # The layer_select options a selection was made with, in selection.json's order: what sft --rescan selects with again.
 POLICY_OPTIONS = ("policy", "top_percent", "budget_percent", "include_types", "exclude_types", "depth_aware", "always_train")
+# Recorded after them only for a control's ranking (--rank-by inverse or random): an snr selection's bytes are unchanged.
+RANKING_OPTIONS = ("rank_by", "rank_seed")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class SelectionDocument:
     trainable_tensors: tuple[str, ...]  # chosen by the policy or always-train (exact names)
     parameters: tuple[str, ...] | None = None  # what training updates: the chosen tensors and their modules' biases; None: not known
     unfrozen_parameters: tuple[str, ...] = ()  # the YAML's lines (always-train first, then each type's picks in table order)
-    recorded_policy: dict[str, Any] = field(default_factory=dict)  # POLICY_OPTIONS as recorded (an older document may lack some)
+    recorded_policy: dict[str, Any] = field(default_factory=dict)  # POLICY_OPTIONS, RANKING_OPTIONS as recorded (older: fewer)
     stage: str | None = LAYER_SELECT
     code_version: str | None = None
     source: str | None = None
@@ -57,7 +59,7 @@ class SelectionDocument:
             "model_id": self.model_id,
             "model_structure": self.model_structure,
             "estimator": self.estimator,
-            **{name: self.recorded_policy[name] for name in POLICY_OPTIONS if name in self.recorded_policy},
+            **{name: self.recorded_policy[name] for name in (*POLICY_OPTIONS, *RANKING_OPTIONS) if name in self.recorded_policy},
             "roles_source": self.roles_source,
             "trainable_tensors": list(self.trainable_tensors),
             "parameters": list(self.parameters) if self.parameters is not None else None,
@@ -93,7 +95,7 @@ class SelectionDocument:
             trainable_tensors=tuple(names or ()),
             parameters=tuple(parameters) if parameters is not None else None,
             unfrozen_parameters=tuple(unfrozen) if isinstance(unfrozen, list) and all(isinstance(u, str) for u in unfrozen) else (),
-            recorded_policy={name: document[name] for name in POLICY_OPTIONS if name in document},
+            recorded_policy={name: document[name] for name in (*POLICY_OPTIONS, *RANKING_OPTIONS) if name in document},
             **{key: value if isinstance(value := document.get(key), str) else None for key in _TEXTS},
             **{key: value if _is_count(value := document.get(key)) else None for key in _COUNTS},
             trainable_fraction=fraction if _number_or_none(fraction := document.get("trainable_fraction")) else None,
@@ -139,6 +141,8 @@ _POLICY_TYPES = {
     "exclude_types": ("a list of patterns", _texts),
     "depth_aware": ("true or false", lambda v: isinstance(v, bool)),
     "always_train": ("a list of roles and patterns, or null", lambda v: v is None or _texts(v)),
+    "rank_by": ("a ranking name", lambda v: isinstance(v, str)),
+    "rank_seed": ("a whole number", _is_count),
 }
 
 
