@@ -57,6 +57,7 @@ from benchmarks.train_vs_full import (  # noqa: E402
     train_arm,
     training_record,
 )
+from stages.base.errors import SpectrumError  # noqa: E402
 
 TRAIN_ARMS = ("full", "spectrum-25", "spectrum-25-depth-aware", f"lora-{LORA_RANK}")
 SETUPS = {"ZeRO-2": (2, ()), "ZeRO-3 + checkpointing": (3, ("--gradient-checkpointing",))}
@@ -249,18 +250,19 @@ def training_rows(
                 continue
             label = f"train-zero{zero}-{arm}"
             checkpointing = "--gradient-checkpointing" in extra
-            planned = planned_bytes(model, selection, zero, seq_len, checkpointing, device) / 2**20
+            try:
+                row.planned_mib = planned_bytes(model, selection, zero, seq_len, checkpointing, device) / 2**20
+            except SpectrumError as exc:  # the child's pre-flight check says the same, and fails the row
+                row.notes = f"no plan: {exc}"
             try:
                 result = train_arm(model, drop, work, label, selection, steps, seq_len, zero, device == "cuda", extra)
             except SystemExit as exc:
-                row.status, row.notes = "FAILED", _failure(work, label, exc)
-                row.planned_mib = planned
+                row.status, row.notes = "FAILED", _join(row.notes, _failure(work, label, exc))
             else:
-                row.seconds, row.peak_mib, row.planned_mib = result["step_seconds"], result["peak_mib"], planned
-                row.planned_ratio = planned / result["peak_mib"]
+                row.seconds, row.peak_mib, row.values = result["step_seconds"], result["peak_mib"], result
+                row.planned_ratio = _ratio(row.planned_mib, result["peak_mib"])
                 row.loss = f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}"
-                row.notes = f"{result['trainable'] / 1e6:.1f}M trainable"
-                row.values = result
+                row.notes = _join(row.notes, f"{result['trainable'] / 1e6:.1f}M trainable")
             measured[arm] = row
             rows.append(row)
         full = measured.get("full")
@@ -315,20 +317,21 @@ def resume_rows(work: Path, model: Path, drop: Path, selection: Path, seq_len: i
         losses["uninterrupted"] = metrics_of(work / "store-uninterrupted")[-1]["loss"]
     except SystemExit as exc:
         uninterrupted.status, uninterrupted.notes = "FAILED", _failure(work, "resume-uninterrupted", exc)
-    killed_after = kill_after_checkpoint(base + runs["killed"], work / "work-killed", work / "resume-killed.log")
+    killed_after = kill_after_checkpoint(base + runs["killed"], work / "work-killed", RESUME_SAVE, work / "resume-killed.log")
     if killed_after is None:
         resumed.status, resumed.notes = "FAILED", f"the run ended before its step-{RESUME_SAVE} checkpoint could be killed; see {work}"
     else:
         try:
             resumed.seconds, _ = run_child("stages.cpt", base + runs["killed"], work, "resume-resumed")
-            losses["resumed"] = metrics_of(work / "store-killed")[-1]["loss"]
-            step = training_record(work / "store-killed")["resumed_from_step"]
-            resumed.notes = f"killed after {killed_after:.1f} s; resumed from step {step}"
-            if step != RESUME_SAVE:
-                resumed.status = "FAILED"
-                resumed.notes += f" (expected step {RESUME_SAVE})"
         except SystemExit as exc:
             resumed.status, resumed.notes = "FAILED", _failure(work, "resume-resumed", exc)
+        else:
+            step = training_record(work / "store-killed")["resumed_from_step"]
+            resumed.notes = f"killed after {killed_after:.1f} s; resumed from step {step}"
+            if step == RESUME_SAVE:
+                losses["resumed"] = metrics_of(work / "store-killed")[-1]["loss"]
+            else:  # from scratch, or from a later checkpoint than the one it was killed after
+                resumed.status, resumed.notes = "FAILED", f"{resumed.notes}, not from step {RESUME_SAVE}"
     for row, key in ((uninterrupted, "uninterrupted"), (resumed, "resumed")):
         if key in losses:
             row.loss, row.values = f"{losses[key]:.6f}", {"final_loss": losses[key]}
@@ -342,8 +345,8 @@ def resume_rows(work: Path, model: Path, drop: Path, selection: Path, seq_len: i
     return [uninterrupted, resumed, difference]
 
 
-def kill_after_checkpoint(argv: list[str], work_dir: Path, log: Path) -> float | None:
-    """Start `python -m stages.cpt argv`, SIGKILL it once a checkpoint's completion marker exists; seconds it ran.
+def kill_after_checkpoint(argv: list[str], work_dir: Path, step: int, log: Path) -> float | None:
+    """Start `python -m stages.cpt argv`, SIGKILL it once the checkpoint of `step` is complete; seconds it ran.
 
     None when the process ended by itself first (nothing was interrupted).
     """
@@ -351,7 +354,7 @@ def kill_after_checkpoint(argv: list[str], work_dir: Path, log: Path) -> float |
     with log.open("w") as handle:
         process = subprocess.Popen([sys.executable, "-m", "stages.cpt", *argv], stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
         while process.poll() is None:
-            if any(work_dir.glob("*/checkpoints/step-*/complete.json")):
+            if any(work_dir.glob(f"*/checkpoints/step-{step}/complete.json")):  # written last (checkpoints.publish_checkpoint)
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
                 return time.perf_counter() - started

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,21 @@ def test_the_tiny_run_on_the_cpu_fills_every_row(tmp_path):
     assert table.strip() in done.stdout  # one table, printed and written
     assert "fp32" in table and "peak RSS" in table  # the CPU's header says what was measured
     assert all(f"| {section} | {case} |" in table for section, case in rows)
+
+
+@pytest.mark.integration
+def test_a_child_that_fails_is_a_failed_row_with_its_error(tiny_model, tmp_path):
+    """A damaged shard fails all three scan children: three FAILED rows naming the error, and no crash."""
+    model = tmp_path / "damaged"
+    shutil.copytree(tiny_model, model)
+    shard = model / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    rows = gpu_acceptance.scan_rows(tmp_path, model, tmp_path / "snr.parquet", "cpu")
+    assert [row.status for row in rows] == ["FAILED"] * 3
+    assert all(f"(log: {tmp_path}" in row.notes and row.seconds is None for row in rows)
+    ours = rows[2].notes
+    assert "model.safetensors" in ours and "Traceback" not in ours, ours  # the stage's own error line
+    assert all(line.count("|") == 12 for line in gpu_acceptance.markdown(rows)[2:])
 
 
 def test_steps_below_one_are_refused(capsys):
