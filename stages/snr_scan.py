@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class ScanConfig(StageConfig):
         metavar="PATH", default=None, pipeline=False, help="also write the reference tool's snr_results JSON (flat layout)"
     )
     workers: int | None = option(
-        default=None, help="matrices decomposed side by side, sharing the CPU threads (default: half the cores; 1 on a GPU)"
+        default=None, help="matrices decomposed side by side, sharing the CPU threads (default: half the cores, at least 2; 1 on a GPU)"
     )
     overwrite: bool = option(default=False, help="replace existing output files")
 
@@ -152,25 +153,27 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
     done = partial.load()
     to_scan = [info for info, reason in plan if reason is None and info.name not in done]
     rows: dict[str, dict] = dict(done)
-    with tqdm(
-        total=sum(1 for _, reason in plan if reason is None),
-        initial=len(done),
-        unit="matrix",
-        desc=f"SNR scan {model_id}",
-        disable=(not progress) if progress is not None else None,
-    ) as bar:
-        for row in scan_concurrently(weights, to_scan, settings, device):
-            partial.append(row)
-            rows[row["tensor_name"]] = row
-            bar.set_postfix_str(row["tensor_name"], refresh=False)
-            bar.update(1)
+    # The roles come from the model's class, built by transformers (2-3 s of imports): resolved in a
+    # thread while the matrices are decomposed, whose LAPACK calls release the GIL.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snr-roles") as roles_pool:
+        roles_future = roles_pool.submit(roles_from_model_config, weights.root, [t.name for t in weights.tensors])
+        with tqdm(
+            total=sum(1 for _, reason in plan if reason is None),
+            initial=len(done),
+            unit="matrix",
+            desc=f"SNR scan {model_id}",
+            disable=(not progress) if progress is not None else None,
+        ) as bar:
+            for row in scan_concurrently(weights, to_scan, settings, device):
+                partial.append(row)
+                rows[row["tensor_name"]] = row
+                bar.set_postfix_str(row["tensor_name"], refresh=False)
+                bar.update(1)
+        roles = roles_future.result()
     for info, reason in plan:
         if reason is not None:
             rows[info.name] = skipped_row(info, reason, settings)
     ordered = [rows[info.name] for info, _ in plan]
-    # After the scan: building the model class imports transformers, and its memory should not
-    # stack on top of the matrices in flight.
-    roles = roles_from_model_config(weights.root, [t.name for t in weights.tensors])
     for row in ordered:
         row["model_id"] = model_id
         row["is_input_embedding"] = row["tensor_name"] in roles.names(INPUT_EMBEDDINGS)
