@@ -1,12 +1,13 @@
 """compare as a flow: every arm's stages as the same stage tasks as the pipeline, then the comparison table.
 
 For each estimator a Spectrum arm needs, the scan of MODEL is a step of the comparison run
-(`snr_scan`, `snr_scan.gavish_donoho`); each arm is the run `<run>-<method>`: layer_select (a
-Spectrum arm), cpt and evaluate. Each stage's inputs come from the steps before it exactly as the
-stages declare them (flows/pipeline_definition.py), MODEL and --data standing where the pipeline
-has its download; each task waits on the steps whose outputs it takes, and runs in the execution
-mode `--execution` gives its stage (default: cpt in a process of its own, so its peak memory is
-its own). stages.compare decides each arm's own options and tabulates the result.
+(`snr_scan`, `snr_scan.gavish_donoho`); each arm is the run `<run>-<method>` (with --seeds over 1,
+`<run>-<method>-s<seed>` per seed): layer_select (a Spectrum arm), cpt and evaluate. Each stage's
+inputs come from the steps before it exactly as the stages declare them
+(flows/pipeline_definition.py), MODEL and --data standing where the pipeline has its download;
+each task waits on the steps whose outputs it takes, and runs in the execution mode `--execution`
+gives its stage (default: cpt in a process of its own, so its peak memory is its own).
+stages.compare decides each arm's own options and tabulates the result.
 """
 
 from __future__ import annotations
@@ -43,18 +44,19 @@ def run_compare(config: compare.CompareConfig, context: StageContext) -> StageRe
         result, state = _step(SCAN, scan_config, context.as_step(compare.scan_step(estimator)), modes)
         scans[estimator] = (result.manifest, state)
     arms = []
-    for method in methods:
-        arm_context = replace(context, run_id=compare.arm_run_id(context.run_id, method), step=None)
-        options = compare.stage_options(method, config)
-        done: dict[str, tuple[Manifest, State]] = {SNR_SCAN: scans[method.estimator]} if SNR_SCAN in options else {}
-        for step in ARM:
-            if step.stage.name not in options:
-                continue
-            stage_config = step.config(options[step.stage.name], _inputs(config, store, {k: m for k, (m, _) in done.items()}))
-            after = [done[name][1] for name in step.upstream if name in done]
-            result, state = _step(step, stage_config, arm_context, modes, after)
-            done[step.name] = (result.manifest, state)
-        arms.append(compare.Arm(method, done[cpt.STAGE.name][0], done[evaluate.STAGE.name][0]))
+    for seed in config.training_seeds:  # every arm of one seed before the next: an interrupted comparison has whole seeds
+        for method in methods:
+            arm_context = replace(context, run_id=compare.arm_run_id(context.run_id, method, seed, config), step=None)
+            options = compare.stage_options(method, config, seed)
+            done: dict[str, tuple[Manifest, State]] = {SNR_SCAN: scans[method.estimator]} if SNR_SCAN in options else {}
+            for step in ARM:
+                if step.stage.name not in options:
+                    continue
+                stage_config = step.config(options[step.stage.name], _inputs(config, store, {k: m for k, (m, _) in done.items()}))
+                after = [done[name][1] for name in step.upstream if name in done]
+                result, state = _step(step, stage_config, arm_context, modes, after)
+                done[step.name] = (result.manifest, state)
+            arms.append(compare.Arm(method, seed, done[cpt.STAGE.name][0], done[evaluate.STAGE.name][0]))
     return compare.tabulate(config, context, arms)
 
 

@@ -13,6 +13,14 @@ the run id `<run>-<method>`. The `comparison` table then holds per method: train
 median time per step after warm-up, total training time, peak memory, final loss, held-out and
 general perplexity (base and trained), and ratios to full fine-tuning. Arms already committed are
 reused through the stages' cache keys, so an interrupted comparison resumes where it stopped.
+
+The controls: `spectrum-25-random` and `spectrum-25-inverse` select Spectrum-25's per-type counts
+and always-trained embeddings by a seeded random order and by the lowest snr (layer_select
+--rank-by); `spectrum-25-no-embeddings` is Spectrum-25's selection with the embeddings frozen.
+With `--seeds N` every arm runs N times, with the training seeds --seed … --seed+N-1 (the data
+order, and the random arm's draw), as the runs `<run>-<method>-s<seed>`; the table keeps a row per
+arm and seed, and comparison.json/.md add each arm's mean ± standard deviation and its paired 95%
+interval to Spectrum-25 (stages/compare_stats.py).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import cpt
+from . import compare_stats, cpt
 from .base.contracts import (
     COMPARE,
     COMPARISON_TABLE,
@@ -60,6 +68,8 @@ class Method:
     depth_aware: bool = False
     full: bool = False
     lora: bool = False
+    rank_by: str = "snr"  # layer_select --rank-by: inverse and random are the controls of the snr ranking
+    embeddings: bool = True  # the embeddings and lm_head always trained (layer_select's default always-train roles)
 
 
 METHODS = {
@@ -68,14 +78,18 @@ METHODS = {
         Method("full", "full fine-tuning (every parameter)", full=True),
         Method("spectrum-50", "Spectrum, top 50% per module type (reference policy)", top_percent=50.0),
         Method("spectrum-25", "Spectrum, top 25% per module type (reference policy)", top_percent=25.0),
+        Method("spectrum-25-no-embeddings", "Spectrum-25's selection, embeddings and lm_head frozen", top_percent=25.0, embeddings=False),
         Method("spectrum-25-depth-aware", "Spectrum-25 from the upper layers, embeddings frozen", top_percent=25.0, depth_aware=True),
         Method("spectrum-25-gavish-donoho", "Spectrum-25 ranked by the Gavish–Donoho SNR", top_percent=25.0, estimator="gavish-donoho"),
+        Method("spectrum-25-random", "control: Spectrum-25's per-type counts, chosen at random", top_percent=25.0, rank_by="random"),
+        Method("spectrum-25-inverse", "control: Spectrum-25's per-type counts, the lowest SNR", top_percent=25.0, rank_by="inverse"),
         Method("lora", "LoRA adapters on every linear layer (peft), merged after training", lora=True),
     )
 }
 COMPARISON_SCHEMA = pa.schema(
     [
         ("method", pa.string()),
+        ("seed", pa.int64()),  # the arm's training seed (the data order; the random arm's draw)
         ("cpt_run", pa.string()),
         ("evaluate_run", pa.string()),
         ("trainable_parameters", pa.int64()),
@@ -134,6 +148,12 @@ class CompareConfig(StageConfig):
     learning_rate: float = _training_option("learning_rate", 1e-4)
     warmup_steps: int = _training_option("warmup_steps", 2)
     seed: int = _training_option("seed", 0)
+    seeds: int = option(
+        default=1,
+        metavar="N",
+        help="run every arm N times, with the training seeds --seed … --seed+N-1 (the data order; the random arm's draw), "
+        "and report each arm's mean ± sd and its paired 95-percent t-interval to spectrum-25 (default 1)",
+    )
     zero_stage: int = _training_option("zero_stage", 2)
     lora_rank: int = _training_option("lora_rank", 16, "rank of the LoRA arm")
     heldout_percent: float = _training_option("heldout_percent", 5.0)
@@ -149,10 +169,20 @@ class CompareConfig(StageConfig):
         "repeatable; default cpt=subprocess, the others in-process",
     )
 
+    def cache_parameters(self) -> dict[str, Any]:
+        """--seeds is in the cache key only when more than one, so a one-seed comparison keeps its key."""
+        parameters = super().cache_parameters()
+        return parameters | {"seeds": self.seeds} if self.seeds != 1 else parameters
+
+    @property
+    def training_seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.seeds))
+
 
 @dataclass(frozen=True)
 class Arm:
     method: Method
+    seed: int
     training: Manifest
     evaluation: Manifest
 
@@ -162,6 +192,10 @@ def check(config: CompareConfig) -> list[Method]:
     methods = _methods(config)
     if config.data is None:
         raise InputError("no data: pass --data (the drop every arm trains on)")
+    if isinstance(config.seeds, bool) or not isinstance(config.seeds, int) or config.seeds < 1:
+        raise InputError(f"--seeds must be a whole number 1 or more (the runs of each arm), got {config.seeds!r}")
+    if config.seed < 0:
+        raise InputError(f"--seed must be 0 or more, got {config.seed}")
     if config.out_dir:
         for name in (COMPARISON_JSON_FILE, COMPARISON_MARKDOWN_FILE):
             ensure_writable(Path(config.out_dir) / name, config.overwrite)
@@ -201,20 +235,25 @@ def scan_step(estimator: str) -> str | None:
     return None if estimator == "reference" else estimator.replace("-", "_")
 
 
-def arm_run_id(run_id: str, method: Method) -> str:
-    return f"{run_id}-{method.name}"
+def arm_run_id(run_id: str, method: Method, seed: int, config: CompareConfig) -> str:
+    """`<run>-<method>`, and `-s<seed>` after it when the comparison runs more than one seed."""
+    return f"{run_id}-{method.name}" if config.seeds == 1 else f"{run_id}-{method.name}-s{seed}"
 
 
-def stage_options(method: Method, config: CompareConfig) -> dict[str, dict[str, Any]]:
-    """The own options of each stage an arm runs (its inputs come from the steps before, as the stages declare them).
+def stage_options(method: Method, config: CompareConfig, seed: int | None = None) -> dict[str, dict[str, Any]]:
+    """The own options of each stage an arm runs with training seed `seed` (default --seed); its inputs come from the
+    steps before, as the stages declare them.
 
-    snr_scan is the comparison run's scan by the method's estimator; layer_select runs for a Spectrum arm only.
+    snr_scan is the comparison run's scan by the method's estimator; layer_select runs for a Spectrum arm only (the random
+    arm draws with the training seed).
     """
+    seed = config.seed if seed is None else seed
     options: dict[str, dict[str, Any]] = {
         CPT: {
             "full": method.full,
             "lora_rank": config.lora_rank if method.lora else 0,
             **{name: getattr(config, name) for name in TRAINING_OPTIONS},
+            "seed": seed,
         },
         EVALUATE: {
             "general": config.general,
@@ -227,6 +266,10 @@ def stage_options(method: Method, config: CompareConfig) -> dict[str, dict[str, 
     if method.top_percent is not None:
         options[SNR_SCAN] = {"estimator": method.estimator}
         options[LAYER_SELECT] = {"top_percent": method.top_percent, "depth_aware": method.depth_aware}
+        if method.rank_by != "snr":
+            options[LAYER_SELECT] |= {"rank_by": method.rank_by, **({"rank_seed": seed} if method.rank_by == "random" else {})}
+        if not method.embeddings:
+            options[LAYER_SELECT]["always_train"] = []
     return options
 
 
@@ -240,18 +283,21 @@ def tabulate(config: CompareConfig, context: StageContext, arms: list[Arm]) -> S
         for manifest, name in ((arm.training, TRAINING_FILE), (arm.evaluation, EVALUATION_JSON_FILE))
         for recorded in [manifest.recorded_output(output_key(manifest.run_id, manifest.stage, name))]
     ]
-    markdown = markdown_table(rows)
+    summary = compare_stats.summarize(rows) if config.seeds > 1 else None
+    markdown = markdown_table(rows) if summary is None else summary_markdown(summary) + "\n" + markdown_table(rows)
+    document = {"methods": rows} if summary is None else {"methods": rows, "baseline": compare_stats.BASELINE, "summary": summary}
+    document_bytes = (json.dumps(document, indent=2) + "\n").encode()
 
     def produce(stage: StageRun) -> list[ObjectInfo]:
         return [
             stage.write_table(COMPARISON_TABLE, pa.Table.from_pylist(rows, schema=COMPARISON_SCHEMA)),
-            stage.put_bytes(COMPARISON_JSON_FILE, (json.dumps({"methods": rows}, indent=2) + "\n").encode()),
+            stage.put_bytes(COMPARISON_JSON_FILE, document_bytes),
             stage.put_bytes(COMPARISON_MARKDOWN_FILE, markdown.encode()),
         ]
 
     outcome = execute_stage(COMPARE, context, config.cache_parameters(), inputs, produce)
     if config.out_dir:
-        write_atomic(Path(config.out_dir) / COMPARISON_JSON_FILE, (json.dumps({"methods": rows}, indent=2) + "\n").encode(), True)
+        write_atomic(Path(config.out_dir) / COMPARISON_JSON_FILE, document_bytes, True)
         write_atomic(Path(config.out_dir) / COMPARISON_MARKDOWN_FILE, markdown.encode(), overwrite=True)
     return StageResult(COMPARE, (markdown.rstrip(), outcome.describe(store)), outcome.manifest, outcome.cached, detail=rows)
 
@@ -267,9 +313,11 @@ def _methods(config: CompareConfig) -> list[Method]:
 
 
 def _rows(store: ArtifactStore, arms: list[Arm]) -> list[dict[str, Any]]:
+    """One row per arm and seed; the ratios are to full fine-tuning with the same seed."""
     rows = [_row(store, arm) for arm in arms]
-    full = next((r for r in rows if r["method"] == "full"), None)
+    fulls = {r["seed"]: r for r in rows if r["method"] == "full"}
     for row in rows:
+        full = fulls.get(row["seed"])
         row["time_ratio"] = row["step_seconds"] / full["step_seconds"] if full and full["step_seconds"] else None
         row["memory_ratio"] = row["peak_memory_mib"] / full["peak_memory_mib"] if full and full["peak_memory_mib"] else None
     return rows
@@ -287,6 +335,7 @@ def _row(store: ArtifactStore, arm: Arm) -> dict[str, Any]:
     general = next((r["dataset"] for r in evaluation if r["metric"] == "perplexity" and r.get("role") == "general"), None)
     return {
         "method": arm.method.name,
+        "seed": arm.seed,
         "cpt_run": training_manifest.run_id,
         "evaluate_run": evaluation_manifest.run_id,
         "trainable_parameters": training["trainable_parameters"],
@@ -308,19 +357,46 @@ def _rows_of(store: ArtifactStore, table: str, manifest: Manifest) -> list[dict[
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| method | trainable | s/step | time | peak MiB | memory | final loss | held-out ppl | general ppl |\n"
-    header += "|---|---|---|---|---|---|---|---|---|\n"
+    """One line per arm; a seed column after the method when the rows hold more than one seed."""
+    seeded = len({r.get("seed") for r in rows}) > 1
+    columns = "trainable | s/step | time | peak MiB | memory | final loss | held-out ppl | general ppl |"
+    header = f"| method | {'seed | ' * seeded}{columns}\n|---|{'---|' * seeded}---|---|---|---|---|---|---|---|\n"
 
     def ratio(value: float | None) -> str:
         return "–" if value is None else f"{value:.2f}×"
 
     lines = [
-        f"| {r['method']} | {r['trainable_share']:.1%} | {r['step_seconds']:.3f} | {ratio(r['time_ratio'])} | "
-        f"{r['peak_memory_mib']:.0f} | {ratio(r['memory_ratio'])} | {r['final_loss']:.3f} | "
+        f"| {r['method']} | {_seed_cell(r) * seeded}{r['trainable_share']:.1%} | {r['step_seconds']:.3f} | "
+        f"{ratio(r['time_ratio'])} | {r['peak_memory_mib']:.0f} | {ratio(r['memory_ratio'])} | {r['final_loss']:.3f} | "
         f"{_pair(r['heldout_perplexity_base'], r['heldout_perplexity'])} | {_pair(r['general_perplexity_base'], r['general_perplexity'])} |"
         for r in rows
     ]
     return header + "\n".join(lines) + "\n"
+
+
+def _seed_cell(row: dict[str, Any]) -> str:
+    return f"{row.get('seed')} | "
+
+
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+    """Mean ± sd per arm over its seeds, then each arm's paired difference to the baseline with its 95% t-interval."""
+    seeds = max(len(entry["seeds"]) for entry in summary)
+    headings = " | ".join(heading for _, heading, _ in compare_stats.COLUMNS)
+    rule = "---|" * len(compare_stats.COLUMNS)
+    lines = [f"Mean ± standard deviation over {seeds} seeds:", "", f"| method | seeds | {headings} |", f"|---|---|{rule}"]
+    for entry in summary:
+        cells = " | ".join(compare_stats.spread_text(entry["metrics"][metric], digits) for metric, _, digits in compare_stats.COLUMNS)
+        lines.append(f"| {entry['method']} | {len(entry['seeds'])} | {cells} |")
+    base = compare_stats.BASELINE
+    compared = [entry for entry in summary if entry["differences"] is not None]
+    if not compared:
+        return "\n".join([*lines, "", f"No paired differences: {base} is not among the arms."]) + "\n"
+    lines += ["", f"Paired difference to {base} (arm − {base}, paired by seed): mean [95% t-interval]; * marks an interval"]
+    lines += ["that excludes 0 (a significant difference at 95%).", "", f"| method | {headings} |", f"|---|{rule}"]
+    for entry in compared:
+        cells = " | ".join(compare_stats.interval_text(entry["differences"][metric], digits) for metric, _, digits in compare_stats.COLUMNS)
+        lines.append(f"| {entry['method']} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def _pair(before: float | None, after: float | None) -> str:

@@ -77,6 +77,31 @@ def test_every_cpu_method_runs_as_its_own_run_and_an_interrupted_comparison_resu
     again = run_compare(config(inputs), StageContext(store, **context))
     assert again.cached and again.run_id == "c2"
 
+    # two seeds of two arms: seed 0 is the arms above (reused), seed 1 trains anew; the random arm draws with the seed
+    seeded = run_compare(
+        config(inputs, methods=["spectrum-25", "spectrum-25-random"], seeds=2, out_dir=str(tmp_path / "seeds")),
+        StageContext(store, run_id="c3", **context),
+    )
+    assert [(r["method"], r["seed"]) for r in seeded.detail] == [("spectrum-25", 0), ("spectrum-25-random", 0)] + [
+        ("spectrum-25", 1),
+        ("spectrum-25-random", 1),
+    ]
+    assert [r["cpt_run"] for r in seeded.detail] == [
+        "c1-spectrum-25",
+        "c2-spectrum-25-random",
+        "c3-spectrum-25-s1",
+        "c3-spectrum-25-random-s1",
+    ]
+    assert load_manifest(store, "c3-spectrum-25-random-s1", "layer_select").parameters["rank_seed"] == 1
+    assert load_manifest(store, "c3-spectrum-25-s1", "cpt").parameters["seed"] == 1
+    written = json.loads((tmp_path / "seeds" / "comparison.json").read_text())
+    random_arm = written["summary"][1]
+    assert written["baseline"] == "spectrum-25" and random_arm["method"] == "spectrum-25-random" and random_arm["seeds"] == [0, 1]
+    interval = random_arm["differences"]["heldout_perplexity"]
+    assert interval["n"] == 2 and interval["low"] <= interval["mean"] <= interval["high"]
+    assert "Paired difference to spectrum-25" in (tmp_path / "seeds" / "comparison.md").read_text()
+    assert [r["seed"] for r in read_table(store, COMPARISON_TABLE, run_id="c3").to_pylist()] == [0, 0, 1, 1]
+
 
 def test_unknown_or_repeated_methods_are_clear_errors(inputs, tmp_path):
     store = open_store(str(tmp_path / "store"))

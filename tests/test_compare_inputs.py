@@ -39,6 +39,7 @@ def refused(capsys, tmp_path: Path, *argv: str, code: int = 2) -> str:
         (["--method", "full", "--method", "lora", "--method", "magic", "--method", "other"], "unknown comparison method(s) magic, other"),
         (["--method", "full", "--method", "full"], "--method lists a method twice: full, full"),
         (["--step", "x"], "--step does not apply to compare: its arms are runs of their own"),
+        (["--seeds", "0"], "--seeds must be a whole number 1 or more (the runs of each arm), got 0"),
     ],
 )
 def test_bad_options_are_refused(tmp_path, drop, capsys, options, message):
