@@ -141,20 +141,23 @@ def loss_curves(curves: Sequence[Curve]) -> bytes:
 
 
 @_no_latex
-def comparison_bars(rows: Sequence[dict]) -> bytes:
-    """Time per step, peak memory and perplexity of each method (ratios to full fine-tuning above the bars)."""
-    methods = [literal(r.get("method")) for r in rows]
-    figure = Figure(figsize=(11, 4.2), dpi=DPI, layout="constrained")
-    time_ax, memory_ax, ppl_ax = figure.subplots(1, 3)
+def comparison_bars(rows: Sequence[dict], summary: Sequence[dict] | None = None) -> bytes:
+    """Time per step, peak memory and perplexity of each method (ratios to full fine-tuning above the bars).
+
+    With `summary` (compare_stats.summarize of rows over several seeds) the bars are the means over seeds with ±1 sd
+    error bars, and a fourth panel draws each arm's paired difference in perplexity to the baseline with its 95% interval.
+    """
+    arms = _seed_means(summary) if summary is not None else [_one_seed(r) for r in rows]
+    methods = [literal(a["method"]) for a in arms]
+    figure = Figure(figsize=(14 if summary is not None else 11, 4.2), dpi=DPI, layout="constrained")
+    axes = figure.subplots(1, 4 if summary is not None else 3)
+    time_ax, memory_ax, ppl_ax = axes[:3]
     x = np.arange(len(methods))
-    for ax, column, ratio, title in (
-        (time_ax, "step_seconds", "time_ratio", "time per step (s)"),
-        (memory_ax, "peak_memory_mib", "memory_ratio", "peak memory (MiB)"),
-    ):
-        values = np.array([_float(r.get(column)) for r in rows])
-        bars = ax.bar(x, np.nan_to_num(values), color="#4c72b0")
-        for bar, value, row in zip(bars, values, rows, strict=True):
-            factor = _float(row.get(ratio))
+    for ax, column, title in ((time_ax, "step_seconds", "time per step (s)"), (memory_ax, "peak_memory_mib", "peak memory (MiB)")):
+        values, errors = np.array([a[column][0] for a in arms]), np.array([a[column][1] for a in arms])
+        bars = ax.bar(x, np.nan_to_num(values), color="#4c72b0", yerr=_errors(errors), capsize=3)
+        for bar, value, arm in zip(bars, values, arms, strict=True):
+            factor = arm["ratios"][column]
             text = "n/a" if math.isnan(value) else (f"×{factor:.2f}" if not math.isnan(factor) else "")
             ax.annotate(
                 text,
@@ -168,28 +171,87 @@ def comparison_bars(rows: Sequence[dict]) -> bytes:
         ax.set_title(title, fontsize=11)
         ax.margins(y=0.15)
     width = 0.38
-    for offset, (column, base, label, color) in enumerate(
-        (
-            ("heldout_perplexity", "heldout_perplexity_base", "held-out", "#55a868"),
-            ("general_perplexity", "general_perplexity_base", "general", "#c44e52"),
-        )
-    ):
-        values = np.array([_float(r.get(column)) for r in rows])
+    for offset, (column, base, label, color) in enumerate(PERPLEXITIES):
+        values, errors = np.array([a[column][0] for a in arms]), np.array([a[column][1] for a in arms])
         positions = x + (offset - 0.5) * width
-        ppl_ax.bar(positions, np.nan_to_num(values), width, label=f"{label} (trained)", color=color)
+        ppl_ax.bar(positions, np.nan_to_num(values), width, label=f"{label} (trained)", color=color, yerr=_errors(errors), capsize=2)
         for position in positions[np.isnan(values)]:
             ppl_ax.annotate("n/a", (position, 0), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
         bases = [b for r in rows if not math.isnan(b := _float(r.get(base)))]
         if bases:
             ppl_ax.axhline(bases[0], color=color, linestyle="--", linewidth=1.2, label=f"{label} (base model)")
-    ppl_ax.set_title("perplexity (lower is better)", fontsize=11)
+    ppl_ax.set_title("perplexity (lower is better)" + (", mean ± sd" if summary is not None else ""), fontsize=11)
     figure.legend(*ppl_ax.get_legend_handles_labels(), loc="outside lower right", ncols=4, fontsize=9, frameon=False)
     ppl_ax.margins(y=0.1)
     for ax in (time_ax, memory_ax, ppl_ax):
         ax.set_xticks(x, methods, rotation=30, ha="right", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
+    if summary is not None:
+        _paired_intervals(axes[3], summary)
     return _png(figure)
+
+
+PERPLEXITIES = (
+    ("heldout_perplexity", "heldout_perplexity_base", "held-out", "#55a868"),
+    ("general_perplexity", "general_perplexity_base", "general", "#c44e52"),
+)
+
+
+def _paired_intervals(ax, summary: Sequence[dict]) -> None:
+    """Each arm's perplexity − the baseline's, paired by seed: the mean and its 95% interval (a filled marker: excludes 0)."""
+    compared = [entry for entry in summary if entry.get("differences") is not None]
+    y = np.arange(len(compared))
+    for offset, (column, _, label, color) in enumerate(PERPLEXITIES):
+        for position, entry in zip(y + (offset - 0.5) * 0.3, compared, strict=True):
+            interval = entry["differences"].get(column)
+            if interval is None:
+                continue
+            low, high = interval["mean"] - interval["low"], interval["high"] - interval["mean"]
+            ax.errorbar(
+                interval["mean"],
+                position,
+                xerr=[[low], [high]],
+                fmt="o",
+                color=color,
+                markerfacecolor=color if interval["excludes_zero"] else "white",
+                capsize=3,
+                label=label,
+            )
+    ax.axvline(0, color="#555555", linewidth=1)
+    ax.set_yticks(y, [literal(entry["method"]) for entry in compared], fontsize=9)
+    ax.invert_yaxis()
+    baseline = next((entry["method"] for entry in summary if entry.get("differences") is None), "baseline")
+    ax.set_title(f"perplexity − {literal(baseline)}\n95% interval, paired by seed", fontsize=11)
+    ax.set_xlabel("filled marker: the interval excludes 0", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    if not compared:
+        ax.text(0.5, 0.5, "no arm to pair with", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+
+
+CHARTED = ("step_seconds", "peak_memory_mib", *(p[0] for p in PERPLEXITIES))
+
+
+def _one_seed(row: dict) -> dict:
+    """A row as (value, no error) per charted metric, and its ratios to full fine-tuning."""
+    ratios = {"step_seconds": _float(row.get("time_ratio")), "peak_memory_mib": _float(row.get("memory_ratio"))}
+    return {"method": row.get("method"), "ratios": ratios, **{c: (_float(row.get(c)), math.nan) for c in CHARTED}}
+
+
+def _seed_means(summary: Sequence[dict]) -> list[dict]:
+    """Each arm of a summary as (mean, sd) per charted metric, and the ratios of its means to full fine-tuning's."""
+    arms = []
+    for entry in summary:
+        spreads = {c: entry["metrics"].get(c) or {} for c in CHARTED}
+        arms.append({"method": entry["method"], **{c: (_float(s.get("mean")), _float(s.get("sd"))) for c, s in spreads.items()}})
+    full = next((a for a in arms if a["method"] == "full"), None)
+    for arm in arms:
+        arm["ratios"] = {c: arm[c][0] / full[c][0] if full is not None and full[c][0] else math.nan for c in CHARTED[:2]}
+    return arms
+
+
+def _errors(errors: np.ndarray) -> np.ndarray | None:
+    return None if np.isnan(errors).all() else np.nan_to_num(errors)
 
 
 @_no_latex

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
+from .. import compare_stats
 from ..store.compute import CPU, CUDA, describe_usage, usage
 from . import charts
 from .build import Evaluation, ReportData, Selection
@@ -96,6 +97,13 @@ def compose(data: ReportData) -> Document:
 
 def _summary(data: ReportData) -> list[str]:
     facts = [f"model {data.model}"] if data.model else []
+    if data.comparison and _seeded(data.comparison):
+        summary = compare_stats.summarize(data.comparison)
+        seeds = max(len(entry["seeds"]) for entry in summary)
+        facts.append(f"{len(summary)} methods compared over {seeds} seeds: {', '.join(str(entry['method']) for entry in summary)}")
+        found = compare_stats.significant(summary)
+        facts += found or [f"no paired difference to {compare_stats.BASELINE} excludes 0 at 95%"]
+        return facts
     if data.comparison:
         facts.append(f"{len(data.comparison)} methods compared: {', '.join(str(r.get('method')) for r in data.comparison)}")
         for r in data.comparison:
@@ -289,8 +297,10 @@ def _comparison(data: ReportData) -> Section:
     if not data.comparison:
         section.blocks.append(Text("Not a comparison: no comparison table in this run or the runs it builds on.", missing=True))
         return section
+    seeded = _seeded(data.comparison)
     headers = [
         "method",
+        *(["seed"] if seeded else []),
         "trainable share",
         "s / step (vs full)",
         "peak memory MiB (vs full)",
@@ -302,6 +312,7 @@ def _comparison(data: ReportData) -> Section:
     rows = [
         [
             str(r.get("method")),
+            *([str(r.get("seed"))] if seeded else []),
             _percent(r.get("trainable_share")),
             _with_ratio(r.get("step_seconds"), r.get("time_ratio")),
             _with_ratio(r.get("peak_memory_mib"), r.get("memory_ratio")),
@@ -312,12 +323,64 @@ def _comparison(data: ReportData) -> Section:
         ]
         for r in data.comparison
     ]
+    text = "Every method trained the same model on the same data for the same steps; ratios are to full fine-tuning."
+    if not seeded:
+        section.blocks += [
+            Text(text),
+            Table(headers, rows, [CODE, *([NUM] * 7)]),
+            Image(charts.comparison_bars(data.comparison), "time per step, peak memory and perplexity per method"),
+        ]
+        return section
+    summary = compare_stats.summarize(data.comparison)
     section.blocks += [
-        Text("Every method trained the same model on the same data for the same steps; ratios are to full fine-tuning."),
-        Table(headers, rows, [CODE, *([NUM] * 7)]),
-        Image(charts.comparison_bars(data.comparison), "time per step, peak memory and perplexity per method"),
+        Text(f"{text} Each method ran once per training seed (the data order; the random arm's draw)."),
+        *_seed_tables(summary),
+    ]
+    section.blocks += [
+        Text("Every run, one row per method and seed:"),
+        Table(headers, rows, [CODE, *([NUM] * 8)]),
+        Image(
+            charts.comparison_bars(data.comparison, summary),
+            f"mean ± sd over seeds of time per step, peak memory and perplexity per method, and the paired 95% intervals to "
+            f"{compare_stats.BASELINE}",
+        ),
     ]
     return section
+
+
+def _seeded(comparison: list[dict[str, Any]]) -> bool:
+    """A comparison over more than one seed (a table from before seeds has none: one seed)."""
+    return len({r.get("seed") for r in comparison}) > 1
+
+
+def _seed_tables(summary: list[dict[str, Any]]) -> list[Block]:
+    """Mean ± sd per method, and the paired differences to the baseline with their 95% t-intervals."""
+    headings = [heading for _, heading, _ in compare_stats.COLUMNS]
+    spreads = [
+        [
+            str(entry["method"]),
+            str(len(entry["seeds"])),
+            *(compare_stats.spread_text(entry["metrics"][m], d) for m, _, d in compare_stats.COLUMNS),
+        ]
+        for entry in summary
+    ]
+    blocks: list[Block] = [
+        Text("Mean ± standard deviation over the seeds:"),
+        Table(["method", "seeds", *headings], spreads, [CODE] + [NUM] * (1 + len(headings))),
+    ]
+    compared = [entry for entry in summary if entry["differences"] is not None]
+    base = compare_stats.BASELINE
+    if not compared:
+        return [*blocks, Text(f"No paired differences: {base} is not among the methods.")]
+    differences = [
+        [str(entry["method"]), *(compare_stats.interval_text(entry["differences"][m], d) for m, _, d in compare_stats.COLUMNS)]
+        for entry in compared
+    ]
+    explained = (
+        f"Difference to {base} (method − {base}, paired by seed): mean [95% t-interval]; * marks an interval that excludes 0, "
+        "a difference significant at 95%. Lower is better for each."
+    )
+    return [*blocks, Text(explained), Table(["method", *headings], differences, [CODE] + [NUM] * len(headings))]
 
 
 def _drift(data: ReportData) -> Section:
