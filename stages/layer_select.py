@@ -5,11 +5,12 @@ snr, descending), `global` (top pct across all types) and `budget` (highest snr 
 trainable parameters stay within a share of the model). `--rank-by` orders the tensors every
 policy takes from: `snr` (the default, highest first), `inverse` (lowest snr first) or `random`
 (a uniform order from `--rank-seed`): the controls of a comparison, with the same counts and the
-same always-trained tensors as the snr ranking. A tensor without an snr (NaN) ranks last in each. "Always train" entries are roles
-(`input_embeddings`, `output_embeddings`, resolved against the model's real tensor names) or
-regular expressions; each must match something. Outputs: a Parquet table of every tensor with
-its rank and the reason it was or was not selected, an Axolotl `unfrozen_parameters` YAML
-(byte-identical to the reference tool's for the reference policy), and a JSON summary.
+same always-trained tensors as the snr ranking. A tensor without an snr (NaN) ranks last in
+each. "Always train" entries are roles (`input_embeddings`, `output_embeddings`, resolved
+against the model's real tensor names) or regular expressions; each must match something.
+Outputs: a Parquet table of every tensor with its rank and the reason it was or was not
+selected, an Axolotl `unfrozen_parameters` YAML (byte-identical to the reference tool's for the
+reference policy), and a JSON summary.
 """
 
 from __future__ import annotations
