@@ -61,7 +61,7 @@ COMMANDS = (
     Command("promote", "the promotion gate: check an evaluation against rules and record the decision", "stages.promote"),
     Command(
         "compare",
-        "the same CPT budget for full fine-tuning, Spectrum-50/25 (reference, depth-aware, Gavish–Donoho) and LoRA, compared",
+        "full fine-tuning, Spectrum selections (and random, inverse, no-embeddings controls) and LoRA at one CPT budget, over seeds",
         "spectrum_cli.compare_command",
     ),
     Command(

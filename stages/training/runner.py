@@ -126,7 +126,6 @@ def run_training(
     store = require_store_in(context, stage_name)
     model_dir, model_refs = local_copy(config.model, store)
     data_dir, data_refs = local_copy(config.data, store)
-    tokenizer = load_tokenizer(model_dir)
     selection = None if config.full or config.lora_rank else load_selection(config.selection, config.selection_run, store)
     if selection is not None and selection.model_structure:
         structure = ModelWeights.open(model_dir).structure()
@@ -148,10 +147,11 @@ def run_training(
     # Rank 0 holds the work folder's lock until its commit: an identical run on this machine waits, then reuses it.
     with work_folder_lock(context.work_root(), key) if rank == 0 else contextlib.nullcontext():
         reused = same_on_every_rank(not context.force and plan.committed() is not None)
-        if reused:  # execute_stage returns the committed run
-            data = None
+        if reused:  # execute_stage returns the committed run: no tokenizer (transformers' import) is needed for it
+            data = tokenizer = None
         else:
             # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+            tokenizer = load_tokenizer(model_dir)
             _check_fit(model_dir, selection, config, settings)
             data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
