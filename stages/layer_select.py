@@ -183,7 +183,10 @@ class SelectConfig(StageConfig):
     def cache_parameters(self) -> dict[str, Any]:
         parameters = super().cache_parameters()
         if self.fit_gpu_memory is not None:
-            parameters |= {"fit_gpu_memory": self.fit_gpu_memory, **{name: getattr(self, name) for name in SETUP_OPTIONS}}
+            from .training.memory_plan import parse_size  # the size in bytes: 80GiB, "80 GiB" and 85899345920 are one request
+
+            memory = parse_size(self.fit_gpu_memory, "--fit-gpu-memory")
+            parameters |= {"fit_gpu_memory": memory, **{name: getattr(self, name) for name in SETUP_OPTIONS}}
         return parameters | self.ranking_options()
 
     def ranking_options(self) -> dict[str, Any]:

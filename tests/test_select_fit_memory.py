@@ -129,7 +129,7 @@ def test_from_a_store_run_the_config_is_the_one_the_scan_read_and_it_is_an_input
     assert first.manifest.inputs[1] == {k: config_ref[k] for k in ("uri", "sha256", "size")}
     assert first.detail.document.memory_fit["model_config"]["sha256"] == config_ref["sha256"]
     assert "GiB per GPU of the 1GiB it was fitted to" in first.message
-    assert first.manifest.parameters["fit_gpu_memory"] == "1GiB" and first.manifest.parameters["gpus"] == 2
+    assert first.manifest.parameters["fit_gpu_memory"] == 2**30 and first.manifest.parameters["gpus"] == 2  # bytes: any spelling of 1GiB
     assert select_run(config, StageContext(store, progress=False)).cached
     other = SelectConfig(snr_run=scanned.manifest.run_id, policy="budget", fit_gpu_memory="1GiB", **{**SETUP, "gpus": 4})
     assert not select_run(other, StageContext(store, progress=False)).cached  # the setup is part of the cache key

@@ -18,7 +18,6 @@ from stages.store import (
     ArtifactNotFoundError,
     CredentialsRejectedError,
     IntegrityError,
-    S3Store,
     StoreUnavailableError,
     commit_manifest,
     list_runs,
@@ -30,6 +29,7 @@ from stages.store import (
     start_manifest,
     write_table,
 )
+from stages.store.s3_backend import S3Store
 from tests.s3_server import free_ports, fresh_bucket, use_s3_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

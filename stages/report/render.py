@@ -378,7 +378,7 @@ def _seed_tables(summary: list[dict[str, Any]]) -> list[Block]:
     ]
     explained = (
         f"Difference to {base} (method − {base}, paired by seed): mean [95% t-interval]; * marks an interval that excludes 0, "
-        "a difference significant at 95%. Lower is better for each."
+        "a difference significant at 95% for that interval alone (no correction for the many intervals tested). Lower is better for each."
     )
     return [*blocks, Text(explained), Table(["method", *headings], differences, [CODE] + [NUM] * len(headings))]
 

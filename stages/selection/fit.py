@@ -219,6 +219,8 @@ class MemoryFit:
     def largest(self, base: Sequence[str], steps: Sequence[tuple[str, ...]], labels: Sequence[str]) -> Fit:
         """The largest k such that `base` and `steps[:k]` fit (`labels`: each step's name, for the error when none does)."""
         plans: dict[int, MemoryPlan] = {}
+        if not base and not steps:
+            raise InputError("nothing to fit to --fit-gpu-memory: no always-trained tensor and no tensor the policy may train")
 
         def fits(k: int) -> bool:
             if k not in plans:
