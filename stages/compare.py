@@ -392,7 +392,8 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
     if not compared:
         return "\n".join([*lines, "", f"No paired differences: {base} is not among the arms."]) + "\n"
     lines += ["", f"Paired difference to {base} (arm − {base}, paired by seed): mean [95% t-interval]; * marks an interval"]
-    lines += ["that excludes 0 (significant at 95% for that interval alone: no correction for the many intervals tested).", "", f"| method | {headings} |", f"|---|{rule}"]
+    lines += ["that excludes 0 (significant at 95% for that interval alone: no correction for the many intervals tested).", ""]
+    lines += [f"| method | {headings} |", f"|---|{rule}"]
     for entry in compared:
         cells = " | ".join(compare_stats.interval_text(entry["differences"][metric], digits) for metric, _, digits in compare_stats.COLUMNS)
         lines.append(f"| {entry['method']} | {cells} |")
