@@ -69,11 +69,16 @@ class Domain:
     description: str
     probe: Callable[[], list[str]] | None  # None: compare's default probe (Python's documentation)
     probe_description: str
+    probe_name: str = ""  # the probe's file name, which the evaluation reports (general:<name>.jsonl)
 
 
 DOMAINS = {
     "stdlib-source": Domain(
-        stdlib_source_documents, "standard-library Python source", license_paragraphs, "the license texts of /usr/share/common-licenses"
+        stdlib_source_documents,
+        "standard-library Python source",
+        license_paragraphs,
+        "the license texts of /usr/share/common-licenses",
+        "common-licenses",
     ),
     "plant-logs": Domain(plant_log_documents, f"{PLANT_LOG_DOCUMENTS} generated plant logs", None, "Python's reference documentation"),
 }
@@ -119,7 +124,7 @@ def main() -> None:
         domain = DOMAINS[name]
         documents = domain.documents()
         drop = write_jsonl(work / "drops" / name / "train.jsonl", documents).parent
-        general = args.general or (str(write_jsonl(work / "probes" / f"{name}.jsonl", domain.probe())) if domain.probe else None)
+        general = args.general or (str(write_jsonl(work / "probes" / f"{domain.probe_name}.jsonl", domain.probe())) if domain.probe else None)
         probe = args.general or domain.probe_description
         print(f"{name}: {len(documents)} documents of {domain.description}; probe: {probe}", flush=True)
         config = compare.CompareConfig(
