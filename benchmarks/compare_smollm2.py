@@ -124,7 +124,8 @@ def main() -> None:
         domain = DOMAINS[name]
         documents = domain.documents()
         drop = write_jsonl(work / "drops" / name / "train.jsonl", documents).parent
-        general = args.general or (str(write_jsonl(work / "probes" / f"{domain.probe_name}.jsonl", domain.probe())) if domain.probe else None)
+        probe_file = work / "probes" / f"{domain.probe_name}.jsonl"
+        general = args.general or (str(write_jsonl(probe_file, domain.probe())) if domain.probe else None)
         probe = args.general or domain.probe_description
         print(f"{name}: {len(documents)} documents of {domain.description}; probe: {probe}", flush=True)
         config = compare.CompareConfig(
