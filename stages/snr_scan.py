@@ -154,7 +154,10 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
     to_scan = [info for info, reason in plan if reason is None and info.name not in done]
     rows: dict[str, dict] = dict(done)
     # The roles come from the model's class, built by transformers (2-3 s of imports): resolved in a
-    # thread while the matrices are decomposed, whose LAPACK calls release the GIL.
+    # thread while the matrices are decomposed, whose LAPACK calls release the GIL. Building it swaps
+    # process-wide state for a moment (warnings filters; transformers' no_init_weights makes
+    # torch.nn.init a no-op): the scan's workers use neither, but a caller must not build models in
+    # another thread of this process during a scan.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snr-roles") as roles_pool:
         roles_future = roles_pool.submit(roles_from_model_config, weights.root, [t.name for t in weights.tensors])
         with tqdm(
