@@ -381,23 +381,18 @@ def _seed_cell(row: dict[str, Any]) -> str:
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
     """Mean ± sd per arm over its seeds, then each arm's paired difference to the baseline with its 95% t-interval."""
     seeds = max(len(entry["seeds"]) for entry in summary)
-    headings = " | ".join(heading for _, heading, _ in compare_stats.COLUMNS)
-    rule = "---|" * len(compare_stats.COLUMNS)
-    lines = [f"Mean ± standard deviation over {seeds} seeds:", "", f"| method | seeds | {headings} |", f"|---|---|{rule}"]
-    for entry in summary:
-        cells = " | ".join(compare_stats.spread_text(entry["metrics"][metric], digits) for metric, _, digits in compare_stats.COLUMNS)
-        lines.append(f"| {entry['method']} | {len(entry['seeds'])} | {cells} |")
+    lines = [f"Mean ± standard deviation over {seeds} seeds:", "", *_markdown_rows(*compare_stats.spread_table(summary))]
     base = compare_stats.BASELINE
-    compared = [entry for entry in summary if entry["differences"] is not None]
-    if not compared:
+    differences = compare_stats.difference_table(summary)
+    if differences is None:
         return "\n".join([*lines, "", f"No paired differences: {base} is not among the arms."]) + "\n"
     lines += ["", f"Paired difference to {base} (arm − {base}, paired by seed): mean [95% t-interval]; * marks an interval"]
     lines += ["that excludes 0 (significant at 95% for that interval alone: no correction for the many intervals tested).", ""]
-    lines += [f"| method | {headings} |", f"|---|{rule}"]
-    for entry in compared:
-        cells = " | ".join(compare_stats.interval_text(entry["differences"][metric], digits) for metric, _, digits in compare_stats.COLUMNS)
-        lines.append(f"| {entry['method']} | {cells} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_markdown_rows(*differences)]) + "\n"
+
+
+def _markdown_rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(row)} |" for row in rows)]
 
 
 def _pair(before: float | None, after: float | None) -> str:

@@ -169,6 +169,22 @@ def interval_text(interval: dict[str, Any] | None, digits: int) -> str:
     return f"{interval['mean']:+.{digits}f} [{interval['low']:+.{digits}f}, {interval['high']:+.{digits}f}]{mark}"
 
 
+def spread_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the mean ± sd table: per method, its seed count and each metric's spread (markdown and report)."""
+    header = ["method", "seeds", *(heading for _, heading, _ in COLUMNS)]
+    rows = [[str(e["method"]), str(len(e["seeds"])), *(spread_text(e["metrics"][m], d) for m, _, d in COLUMNS)] for e in summary]
+    return header, rows
+
+
+def difference_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """The header and rows of the paired-difference table (None when the baseline did not run: nothing is paired)."""
+    compared = [entry for entry in summary if entry["differences"] is not None]
+    if not compared:
+        return None
+    header = ["method", *(heading for _, heading, _ in COLUMNS)]
+    return header, [[str(e["method"]), *(interval_text(e["differences"][m], d) for m, _, d in COLUMNS)] for e in compared]
+
+
 def _differences(arm: dict[Any, dict[str, Any]], base: dict[Any, dict[str, Any]], seeds: list[Any], metric: str) -> list[float]:
     """arm − base for `metric`, per seed both measured."""
     pairs = ((arm[seed].get(metric), base[seed].get(metric)) for seed in seeds)

@@ -355,32 +355,18 @@ def _seeded(comparison: list[dict[str, Any]]) -> bool:
 
 def _seed_tables(summary: list[dict[str, Any]]) -> list[Block]:
     """Mean ± sd per method, and the paired differences to the baseline with their 95% t-intervals."""
-    headings = [heading for _, heading, _ in compare_stats.COLUMNS]
-    spreads = [
-        [
-            str(entry["method"]),
-            str(len(entry["seeds"])),
-            *(compare_stats.spread_text(entry["metrics"][m], d) for m, _, d in compare_stats.COLUMNS),
-        ]
-        for entry in summary
-    ]
-    blocks: list[Block] = [
-        Text("Mean ± standard deviation over the seeds:"),
-        Table(["method", "seeds", *headings], spreads, [CODE] + [NUM] * (1 + len(headings))),
-    ]
-    compared = [entry for entry in summary if entry["differences"] is not None]
+    header, spreads = compare_stats.spread_table(summary)
+    blocks: list[Block] = [Text("Mean ± standard deviation over the seeds:"), Table(header, spreads, [CODE] + [NUM] * (len(header) - 1))]
     base = compare_stats.BASELINE
-    if not compared:
+    differences = compare_stats.difference_table(summary)
+    if differences is None:
         return [*blocks, Text(f"No paired differences: {base} is not among the methods.")]
-    differences = [
-        [str(entry["method"]), *(compare_stats.interval_text(entry["differences"][m], d) for m, _, d in compare_stats.COLUMNS)]
-        for entry in compared
-    ]
+    header, rows = differences
     explained = (
         f"Difference to {base} (method − {base}, paired by seed): mean [95% t-interval]; * marks an interval that excludes 0, "
         "a difference significant at 95% for that interval alone (no correction for the many intervals tested). Lower is better for each."
     )
-    return [*blocks, Text(explained), Table(["method", *headings], differences, [CODE] + [NUM] * len(headings))]
+    return [*blocks, Text(explained), Table(header, rows, [CODE] + [NUM] * (len(header) - 1))]
 
 
 def _drift(data: ReportData) -> Section:
