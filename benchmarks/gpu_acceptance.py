@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -209,12 +208,9 @@ def gpu_peak_child(peak_file: Path, module: str, argv: list[str]) -> int:
     """Run a module as `python -m` would, then record this process's torch.cuda.max_memory_allocated."""
     import torch
 
-    sys.argv = [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
+    from benchmarks.scan_vs_reference import run_as_main
+
+    run_as_main(module, argv)
     peak_file.write_text(str(torch.cuda.max_memory_allocated()))
     return 0
 

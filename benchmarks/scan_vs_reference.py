@@ -37,8 +37,8 @@ def reference_child(model_dir: str, out_json: str) -> None:
     Path(out_json).write_text(json.dumps(results, indent=4))
 
 
-def measured_child(peak_file: str, module: str, argv: list[str]) -> None:
-    """Run a module as `python -m` would, then record this process's peak RSS."""
+def run_as_main(module: str, argv: list[str]) -> None:
+    """Run a module as `python -m module argv…` would, in this process; a non-zero exit propagates."""
     import runpy
 
     sys.argv = [module, *argv]
@@ -47,6 +47,12 @@ def measured_child(peak_file: str, module: str, argv: list[str]) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
+
+
+def measured_child(peak_file: str, module: str, argv: list[str]) -> None:
+    """Run a module as `python -m` would, then record this process's peak RSS."""
+    try:
+        run_as_main(module, argv)
     finally:
         status = Path("/proc/self/status").read_text()
         peak_kib = int(status.split("VmHWM:")[1].split()[0])
