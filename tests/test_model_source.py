@@ -245,3 +245,24 @@ def test_a_good_copy_installed_by_another_process_is_never_moved_away(store, tmp
     assert results["A"] == results["B"] == local
     assert results["A-files"] == results["B-files"] == FILES
     assert not list(cache.glob(".damaged-*")) and not list(cache.glob(".partial-*"))
+
+
+def test_a_cache_folder_moved_away_while_it_is_checked_is_not_complete(store, tmp_path, monkeypatch):
+    """The unlocked check races another process's install: a file vanishing between is_file and stat means fetch."""
+    from stages.store import trees
+
+    _, stored = published(store, tmp_path)
+    local = materialize(stored.uri, store, cache_dir=tmp_path / "cache")
+    listing = Listing.of_folder("models", local, sorted(FILES))
+    assert trees._complete(local, listing)
+    real_stat, calls = Path.stat, {"n": 0}
+
+    def vanishing_stat(self, *args, **kwargs):
+        if self.name == "model.safetensors":
+            calls["n"] += 1
+            if calls["n"] == 2:  # is_file saw it; the size check that follows finds it gone
+                raise FileNotFoundError(str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing_stat)
+    assert trees._complete(local, listing) is False and calls["n"] == 2

@@ -372,19 +372,17 @@ def _complete(folder: Path, listing: Listing) -> bool:
     means damaged or incomplete: the caller fetches the tree again and replaces the folder.
     Files the listing does not name are not looked at.
     """
-    if not folder.is_dir():
-        return False
-    for entry in listing.files:
-        path = folder / entry.path
-        if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:  # cheap checks first
+    # read without the tree's lock: another process may move the folder away mid-check, which means "not complete"
+    try:
+        if not folder.is_dir():
             return False
-    for entry in listing.files:
-        try:
-            if sha256_file(folder / entry.path) != (entry.sha256, entry.size):
+        for entry in listing.files:
+            path = folder / entry.path
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:  # cheap checks first
                 return False
-        except OSError:
-            return False
-    return True
+        return all(sha256_file(folder / entry.path) == (entry.sha256, entry.size) for entry in listing.files)
+    except OSError:
+        return False
 
 
 def _quiet(progress: bool | None) -> bool | None:
