@@ -49,7 +49,7 @@ from .base.contracts import (
 from .base.errors import CorruptWeightsError, InputError
 from .base.files import all_files, ensure_writable, write_atomic
 from .core.cli import stage_main
-from .core.execution import Produced, StageRun, execute_stage, require_store_in
+from .core.execution import Produced, StageRun, execute_plan, plan_stage, require_store_in
 from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
 from .evaluation.corpus import CHAT, DOMAIN, GENERAL, TASK, Corpus, dataset_name, from_path, python_docs
 from .evaluation.drift import snr_drift
@@ -185,10 +185,6 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
     if base:
         model_inputs += [base[1].get(n) or file_ref(base[0] / n) for n in all_files(base[0])]
     template = read_chat_template(config.chat_template)
-    tokens = {"trained": _tokenize("trained", trained_dir, sources, config, template)}
-    if base:
-        tokens["base"] = _tokenize("base", base[0], sources, config, template)
-        _require_same_tokens(sources, tokens["base"], tokens["trained"])
     parameters = {
         **config.cache_parameters(),
         "general_corpus": {"name": sources.general.name, "source": sources.general.source, "sha256": sources.general.sha256},
@@ -196,6 +192,14 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
         "has_base": base is not None,
     }
     context = context.with_run_id()  # the rescans are steps of this run
+    plan = plan_stage(EVALUATE, context, parameters, [*model_inputs, *sources.inputs])
+    tokens: dict[str, Tokenized] = {}
+    if context.force or plan.committed() is None:  # a reused evaluation needs no tokenizer (transformers' import) and no tokens
+        # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+        tokens["trained"] = _tokenize("trained", trained_dir, sources, config, template)
+        if base:
+            tokens["base"] = _tokenize("base", base[0], sources, config, template)
+            _require_same_tokens(sources, tokens["base"], tokens["trained"])
 
     def produce(stage: StageRun) -> Produced[EvaluationResult]:
         models = {"trained": trained_dir, **({"base": base[0]} if base else {})}
@@ -212,7 +216,7 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
         outputs.append(stage.put_bytes(EVALUATION_JSON_FILE, _json(summary)))
         return Produced(outputs, EvaluationResult(rows, summary, drift))
 
-    outcome = execute_stage(EVALUATE, context, parameters, [*model_inputs, *sources.inputs], produce)
+    outcome = execute_plan(plan, produce)
     manifest = outcome.manifest
     data, _ = read_output(store, manifest, EVALUATION_JSON_FILE)
     if config.out_dir:
@@ -281,7 +285,6 @@ def _fetch_model(location: str, store: ArtifactStore, what: str) -> tuple[Path, 
         raise InputError(f"the {what} {location} cannot be used: {exc}") from exc
     if not any(name.endswith(".safetensors") for name in all_files(folder)):
         raise InputError(f"the {what} {folder} has no weights (*.safetensors): pass a Hugging Face model folder")
-    load_tokenizer(folder)  # a clear error for a folder without one
     return folder, refs
 
 

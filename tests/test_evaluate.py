@@ -66,7 +66,7 @@ def test_perplexity_is_exp_of_the_mean_nll_of_every_predicted_token(tiny, corpor
 
 
 @pytest.mark.integration
-def test_training_on_a_shifted_corpus_lowers_domain_perplexity_and_shows_forgetting(tiny, corpora, tmp_path):
+def test_training_on_a_shifted_corpus_lowers_domain_perplexity_and_shows_forgetting(tiny, corpora, tmp_path, monkeypatch):
     """A base that knows the general corpus, trained on the domain: domain perplexity falls, general rises."""
     domain, general = corpora
     store = open_store(str(tmp_path / "store"))
@@ -111,8 +111,12 @@ def test_training_on_a_shifted_corpus_lowers_domain_perplexity_and_shows_forgett
     split = json.loads((tmp_path / "store/runs/tuned/cpt/heldout.json").read_text())
     assert summary["datasets"]["heldout"]["documents"] == len(split["text_sha256"]) > 0
 
+    def no_tokenizer_needed(folder):
+        raise AssertionError(f"a reused evaluation loaded the tokenizer of {folder}")
+
+    monkeypatch.setattr(evaluate, "load_tokenizer", no_tokenizer_needed)
     again = evaluate.run(config.__class__(**{**config.__dict__, "overwrite": True}), StageContext(store, **quiet))
-    assert again.cached and again.run_id == "eval"  # same model and data: the same numbers, reused
+    assert again.cached and again.run_id == "eval"  # same model and data: the same numbers, reused, nothing tokenized
 
 
 def test_bad_evaluation_inputs_are_clear_errors(tiny, tmp_path):
