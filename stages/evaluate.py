@@ -22,10 +22,12 @@ refused before anything is committed (exit 3).
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from .core.stage import From, Stage, StageConfig, StageContext, StageResult, opt
 from .evaluation.corpus import CHAT, DOMAIN, GENERAL, TASK, Corpus, dataset_name, from_path, python_docs
 from .evaluation.drift import snr_drift
 from .evaluation.harness import require_tasks, run_tasks
+from .evaluation.measurements import measured_once, step_slug, tokens_digest
 from .evaluation.perplexity import Likelihood, assistant_loss, likelihood, token_stream
 from .scan.spectra import resolve_device
 from .store import (
@@ -179,11 +182,13 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
     if config.out_dir:
         ensure_writable(Path(config.out_dir) / EVALUATION_JSON_FILE, config.overwrite)
     sources = _resolve(config, store)
-    trained_dir, trained_refs = _fetch_model(sources.trained, store, "model")
-    base = _fetch_model(sources.base, store, "base model") if sources.base else None
-    model_inputs = [trained_refs.get(n) or file_ref(trained_dir / n) for n in all_files(trained_dir)]
-    if base:
-        model_inputs += [base[1].get(n) or file_ref(base[0] / n) for n in all_files(base[0])]
+    models = {"trained": _fetch_model(sources.trained, store, "model")}
+    if sources.base:
+        models["base"] = _fetch_model(sources.base, store, "base model")
+    files = {label: [refs.get(n) or file_ref(folder / n) for n in all_files(folder)] for label, (folder, refs) in models.items()}
+    model_inputs = [*files["trained"], *files.get("base", [])]
+    base = models.get("base")
+    trained_dir = models["trained"][0]
     template = read_chat_template(config.chat_template)
     parameters = {
         **config.cache_parameters(),
@@ -202,11 +207,10 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
             _require_same_tokens(sources, tokens["base"], tokens["trained"])
 
     def produce(stage: StageRun) -> Produced[EvaluationResult]:
-        models = {"trained": trained_dir, **({"base": base[0]} if base else {})}
         rows = []
         for label in MODELS:
             if label in models:
-                rows += _measure(label, models[label], tokens[label], sources, config, context.progress)
+                rows += _measure(label, models[label][0], files[label], tokens[label], sources, config, context)
         rows += _deltas(rows)
         drift = _drift(config, context, sources) if config.snr_drift and base else None
         summary = _summary(rows, drift, sources, config)
@@ -336,27 +340,51 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _measure(label: str, folder: Path, tokens: Tokenized, sources: Sources, config: EvaluateConfig, progress) -> list[dict]:
-    """Every metric of one model: perplexity on each corpus, the SFT eval loss."""
+def _measure(
+    label: str, folder: Path, files: list[dict], tokens: Tokenized, sources: Sources, config: EvaluateConfig, context: StageContext
+) -> list[dict]:
+    """Every metric of one model: perplexity on each corpus, the SFT eval loss; each measured once per store (measurements.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(config.device)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
-    _require_finite_weights(label, folder, model)
+    loaded: list = []
+
+    def model():  # loaded for the first measurement not made before; a model measured before on everything is not loaded
+        if not loaded:
+            loaded.append(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device))
+            _require_finite_weights(label, folder, loaded[0])
+        return loaded[0]
+
+    def once(qualifier: str, metric: str, ids: Any, dataset: str, compute: Callable[[Any], Likelihood]) -> Likelihood:
+        settings = {"metric": metric, "tokens_sha256": tokens_digest(ids), "seq_len": config.seq_len, "batch_size": config.batch_size}
+        settings["device"] = device.type
+        return measured_once(context, f"{label}_{qualifier}", files, settings, lambda: _finite(label, dataset, compute(model())))
+
     rows = []
     for corpus in sources.corpora:
-        measured = likelihood(model, tokens.streams[corpus.name], config.seq_len, config.batch_size, f"{label} {corpus.name}", progress)
-        rows += _rows(label, corpus.name, corpus.role, corpus.sha256, _finite(label, corpus.name, measured))
+        ids = tokens.streams[corpus.name]
+        measure = functools.partial(_likelihood_of, ids=ids, config=config, what=f"{label} {corpus.name}", progress=context.progress)
+        rows += _rows(label, corpus.name, corpus.role, corpus.sha256, once(step_slug(corpus.name), "perplexity", ids, corpus.name, measure))
     if sources.chats is not None:
-        loss = _finite(label, sources.chats.name, assistant_loss(model, tokens.chats, config.batch_size, progress))
+        chats = tokens.chats
+        measure = functools.partial(_assistant_loss_of, rows=chats, config=config, progress=context.progress)
+        loss = once("chat", "sft_eval_loss", chats, sources.chats.name, measure)
         rows.append(_row(label, "sft_eval_loss", sources.chats.name, CHAT, sources.chats.sha256, loss.mean, loss.tokens))
-    del model
+    loaded.clear()
     gc.collect()
     if config.tasks:
         tasks = run_tasks(folder, config.tasks, Path(config.tasks_dir), str(device), config.batch_size)
         rows += [{"model": label, "role": TASK, "dataset_sha256": None, **row} for row in tasks]
     return rows
+
+
+def _likelihood_of(model: Any, ids: list[int], config: EvaluateConfig, what: str, progress: bool | None) -> Likelihood:
+    return likelihood(model, ids, config.seq_len, config.batch_size, what, progress)
+
+
+def _assistant_loss_of(model: Any, rows: list, config: EvaluateConfig, progress: bool | None) -> Likelihood:
+    return assistant_loss(model, rows, config.batch_size, progress)
 
 
 def _require_finite_weights(label: str, folder: Path, model) -> None:

@@ -196,3 +196,43 @@ def test_lm_evaluation_harness_tasks_run_offline_from_a_local_folder(tiny, tmp_p
             evaluate.EvaluateConfig(model=str(tiny), tasks=["plant_mc"], tasks_dir=str(broken), snr_drift=False, max_tokens=256),
             StageContext(store, work_dir=tmp_path / "work", progress=False),
         )
+
+
+def test_a_model_measured_before_on_the_same_tokens_is_not_measured_again(tiny, corpora, tmp_path, monkeypatch):
+    """A model line's next base is its last trained model: its numbers are reused (bit-equal), the model not even loaded."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from stages.store import load_manifest
+
+    tuned = Path(shutil.copytree(tiny, tmp_path / "tuned"))
+    weights = next(tuned.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(n for n in state if n.endswith("mlp.down_proj.weight"))
+    state[name] = state[name] * 1.5
+    save_file(state, weights, metadata={"format": "pt"})
+    store = open_store(str(tmp_path / "store"))
+    data = write_texts(tmp_path / "data" / "logs.jsonl", corpora[0][:40])
+    settings = {"data": str(data), "seq_len": 32, "max_tokens": 512, "snr_drift": False}
+    first_config = evaluate.EvaluateConfig(model=str(tuned), base_model=str(tiny), **settings)
+    first = evaluate.run(first_config, StageContext(store, run_id="g1", progress=False))
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    swapped = evaluate.EvaluateConfig(model=str(tiny), base_model=str(tuned), **settings)
+    second = evaluate.run(swapped, StageContext(store, run_id="g2", progress=False))
+    assert not second.cached and loads == []  # a new evaluation (other roles), but every number was measured before
+    value = {(r["model"], r["metric"], r["dataset"]): r["value"] for r in first.detail.rows}
+    again = {(r["model"], r["metric"], r["dataset"]): r["value"] for r in second.detail.rows}
+    roles = {"base": "trained", "trained": "base"}
+    assert {k: v for k, v in again.items() if k[0] != "delta"} == {(roles[k[0]], *k[1:]): v for k, v in value.items() if k[0] != "delta"}
+    steps = set(list_runs(store)["g2"])
+    assert {"evaluate.measure_base_domain-logs-jsonl", "evaluate.measure_trained_python-docs"} <= steps
+    assert load_manifest(store, "g2", "evaluate.measure_base_domain-logs-jsonl").run_id == "g1"  # a reuse record: the work is g1's
+
+    other_seq_len = evaluate.EvaluateConfig(model=str(tiny), base_model=str(tuned), **{**settings, "seq_len": 16})
+    evaluate.run(other_seq_len, StageContext(store, run_id="g3", progress=False))
+    assert len(loads) == 2  # another window length is another measurement of both models
