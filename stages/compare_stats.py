@@ -3,7 +3,8 @@
 An arm's difference to the baseline arm (Spectrum-25) is paired by seed: the seed fixes the data
 order (and the random arm's draw), so arm − baseline per seed removes what the seed alone moves.
 The interval is mean(d) ± t(0.975, n − 1) · sd(d) / √n over the n seeds both arms ran; it
-"excludes zero" when both ends have the same sign. The t quantile comes from a table (n − 1 ≤ 30)
+"excludes zero" when both ends have the same sign. Differences that are the same for every seed
+(no spread: a zero-width interval) are reported as such and never as significant. The t quantile comes from a table (n − 1 ≤ 30)
 and a Cornish–Fisher expansion beyond (within 1e-4 there), so no statistics package is needed.
 """
 
@@ -94,11 +95,19 @@ class Interval:
     n: int
 
     @property
+    def constant(self) -> bool:
+        """Every seed gave the same difference: a t-interval needs spread, so it says nothing here (not significant)."""
+        return self.low == self.high
+
+    @property
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        return not self.constant and (self.low > 0 or self.high < 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "excludes_zero": self.excludes_zero}
+        return {
+            "mean": self.mean, "low": self.low, "high": self.high, "n": self.n,
+            "excludes_zero": self.excludes_zero, "constant": self.constant,
+        }  # fmt: skip
 
 
 def spread(values: Sequence[float]) -> Spread | None:
@@ -165,6 +174,8 @@ def interval_text(interval: dict[str, Any] | None, digits: int) -> str:
     """`+mean [+low, +high]`, with ` *` when the interval excludes zero (`–` without an interval)."""
     if interval is None:
         return "–"
+    if interval.get("constant"):
+        return f"{interval['mean']:+.{digits}f} (the same every seed)"
     mark = " *" if interval["excludes_zero"] else ""
     return f"{interval['mean']:+.{digits}f} [{interval['low']:+.{digits}f}, {interval['high']:+.{digits}f}]{mark}"
 

@@ -8,7 +8,7 @@ import pytest
 
 from stages import compare
 from stages.base.errors import InputError
-from stages.compare_stats import paired_interval, significant, spread, summarize, t_quantile_975
+from stages.compare_stats import interval_text, paired_interval, significant, spread, summarize, t_quantile_975
 from stages.layer_select import SelectConfig
 
 
@@ -31,6 +31,8 @@ def test_a_paired_interval_by_hand():
     assert (wide.low, wide.high) == (pytest.approx(-2.641241, abs=1e-6), pytest.approx(2.441241, abs=1e-6))
     assert not wide.excludes_zero
     assert paired_interval([0.2]) is None and paired_interval([]) is None  # no spread to measure
+    same = paired_interval([5.0, 5.0, 5.0])  # e.g. a memory peak that no seed moves: a zero-width interval says nothing
+    assert same.constant and not same.excludes_zero and interval_text(same.to_dict(), 0) == "+5 (the same every seed)"
     assert spread([1.0, 2.0, 4.0]).sd == pytest.approx(math.sqrt(7 / 3)) and spread([3.0]).sd is None and spread([]) is None
 
 
