@@ -41,11 +41,12 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.base.contracts import PROMOTE, SFT
+from stages.base.contracts import CPT, LAYER_SELECT, PROMOTE, SFT
 from stages.base.documents import clip, load_yaml_file, shown
 from stages.base.errors import InputError
 from stages.core.stage import PIPELINE_INPUTS, Stage, options_of
 from stages.promotion.gate import parse_gate
+from stages.selection.fit import SETUP_OPTIONS
 from stages.store import StageRef
 from stages.store.keys import validate_name
 from stages.store.uri import parse_store_uri, uri_scheme
@@ -156,6 +157,7 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         raise InputError(f"{where}: gate: missing; a model line promotes a generation only when it passes a gate (its rules per metric)")
     if SFT in options and "data" not in options[SFT]:
         raise InputError(f"{where}: stages.sft.data: missing; sft trains on chat data (a folder or store URI)")
+    _fit_at_training_setup(options, where)
     folder = source.parent
     for name, values in options.items():
         for key in path_options(STAGE_BY_NAME[name]) & values.keys():
@@ -179,6 +181,27 @@ def parse_pipeline_config(document: Any, source: Path) -> PipelineConfig:
         notify=parse_notify(document.get("notify"), where),
         cost=parse_cost(document.get("cost"), where),
     )
+
+
+def _fit_at_training_setup(options: dict[str, dict[str, Any]], where: str) -> None:
+    """A selection fit to GPU memory plans at the setup cpt trains with: stated once, in stages.cpt.
+
+    layer_select's setup options (seq_len, micro_batch_size, zero_stage, gradient_checkpointing) are
+    filled from cpt's; one stated in both with another value is refused (the fit would plan a run
+    that never happens). gpus stays layer_select's own: cpt's launcher decides it.
+    """
+    select = options.get(LAYER_SELECT)
+    if not select or select.get("fit_gpu_memory") is None:
+        return
+    defaults = {f.name: f.default for f, _ in options_of(STAGE_BY_NAME[CPT].config)}
+    training = {**defaults, **options.get(CPT, {})}
+    for name in SETUP_OPTIONS.keys() & training.keys():
+        if name in select and select[name] != training[name]:
+            raise InputError(
+                f"{where}: stages.layer_select.{name}: {shown(select[name])}, but cpt trains with {name} {shown(training[name])}; "
+                f"the memory fit plans cpt's run: state {name} once, in stages.cpt"
+            )
+        select[name] = training[name]
 
 
 def _path_value(value: str | None, folder: Path, hub_id: bool = False) -> str | None:

@@ -65,3 +65,17 @@ def test_an_upstream_run_given_as_text_becomes_a_checked_stage_ref():
         SelectConfig(snr_run="r1/cpt")
     with pytest.raises(InputError, match=r"invalid run id in --cpt-run"):
         EvaluateConfig(cpt_run="../x")
+
+
+def test_a_memory_fit_plans_at_the_setup_cpt_trains_with(tmp_path):
+    def parsed(stages: dict):
+        return parse_pipeline_config({"model": "m", "data": "d", "stages": stages}, tmp_path / "p.yaml").options["layer_select"]
+
+    fit = {"policy": "budget", "fit_gpu_memory": "80GiB", "gpus": 8}
+    select = parsed({"layer_select": dict(fit), "cpt": {"seq_len": 4096, "gradient_checkpointing": True}})
+    assert (select["seq_len"], select["gradient_checkpointing"], select["micro_batch_size"], select["zero_stage"]) == (4096, True, 1, 2)
+    assert select["gpus"] == 8  # the launcher's, not cpt's
+    assert parsed({"layer_select": {**fit, "seq_len": 4096}, "cpt": {"seq_len": 4096}})["seq_len"] == 4096  # the same twice is fine
+    with pytest.raises(Exception, match=r"stages.layer_select.seq_len: 2048, but cpt trains with seq_len 4096; .* state seq_len once"):
+        parsed({"layer_select": {**fit, "seq_len": 2048}, "cpt": {"seq_len": 4096}})
+    assert "seq_len" not in parsed({"layer_select": {"policy": "budget", "budget_percent": 30}, "cpt": {"seq_len": 4096}})  # no fit
