@@ -39,3 +39,17 @@ def test_compare_execution_modes_name_an_arm_stage_and_a_mode():
     for bad in ("cpt", "sft=subprocess", "cpt=docker"):
         with pytest.raises(InputError, match=rf"--execution '{bad}': expected STAGE=MODE"):
             execution_modes(CompareConfig(model="m", execution=[bad]), modes)
+
+
+def test_a_stage_that_fails_in_its_own_process_says_why(tmp_path, capfd):
+    """The child's `error:` line reaches the caller's exception (the flow state, the notification) and still passes through."""
+    from stages import layer_select
+    from stages.core.process import StageProcessError, run_in_own_process
+    from stages.core.stage import StageContext
+    from stages.store import open_store
+
+    context = StageContext(open_store(str(tmp_path / "store")), work_dir=tmp_path / "work", progress=False)
+    config = layer_select.SelectConfig(snr_input=str(tmp_path / "missing.parquet"), top_percent=25)
+    with pytest.raises(StageProcessError, match=r"failed in its own process \(exit 2\): .*missing\.parquet"):
+        run_in_own_process(layer_select.STAGE, config, context, "subprocess")
+    assert "error: " in capfd.readouterr().err

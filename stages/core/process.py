@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 from ..base.errors import SpectrumError
 from ..tracking.target import TRACKING_URI_ENV
@@ -36,11 +37,35 @@ def run_in_own_process(stage: Stage, config: StageConfig, context: StageContext,
         # The caller decided about tracking (its context): a child must not turn it on from $MLFLOW_TRACKING_URI.
         dropped = RENDEZVOUS_VARIABLES + (() if context.tracking else (TRACKING_URI_ENV,))
         environment = {k: v for k, v in os.environ.items() if k not in dropped}
-        done = subprocess.run(command, check=False, env=environment, stdout=subprocess.PIPE, text=True)
-        if done.returncode != 0 or not record.is_file():
+        returncode, stdout, error = _run_passing_stderr(command, environment)
+        if returncode != 0 or not record.is_file():
+            said = f": {error}" if error else ""
             raise StageProcessError(
-                f"the {stage.name} stage ({label}) failed in its own process (exit {done.returncode}); what it committed is "
+                f"the {stage.name} stage ({label}) failed in its own process (exit {returncode}){said}; what it committed is "
                 f"reused when it runs again. Command: {' '.join(command)}"
             )
         manifest, cached = read_record(record)
-    return StageResult(stage.name, tuple(done.stdout.splitlines()), manifest, cached)
+    return StageResult(stage.name, tuple(stdout.splitlines()), manifest, cached)
+
+
+def _run_passing_stderr(command: list[str], environment: dict[str, str]) -> tuple[int, str, str | None]:
+    """Run `command`: its exit code, its stdout, and the last `error: …` line of its stderr, which passes through as it comes.
+
+    The child's error line (cli.execute prints exactly one) is what its caller, the notification and
+    the flow's state should say, not only "it failed".
+    """
+    errors: list[str] = []
+
+    def pass_through(stream) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            if line.startswith("error: "):
+                errors.append(line.removeprefix("error: ").rstrip("\n"))
+
+    with subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        reader = threading.Thread(target=pass_through, args=(child.stderr,), daemon=True)
+        reader.start()
+        stdout = child.stdout.read()
+        returncode = child.wait()
+        reader.join()
+    return returncode, stdout, errors[-1] if errors else None
