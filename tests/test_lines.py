@@ -109,6 +109,28 @@ def test_racing_promotions_append_one_record_per_seq(store):
     assert L.production(store, LINE) == history[-1]
 
 
+def test_a_newer_generation_that_points_while_an_older_one_promotes_stays_production(store, monkeypatch):
+    """Generation 1 passed the "newest?" check; generation 2 then recorded and took the pointer seq 1 wanted."""
+    fields = {"starting_model": BASE, "decision": L.PROMOTED, "reasons": []}
+    L.record_generation(store, LINE, drop="drop-1", run_id="run-1", model="file:///models/run-1", **fields)
+    real = L.pointer_history
+    raced: list = []
+
+    def history_then_a_newer_generation_points(*args):
+        before = real(*args)
+        if not raced:
+            raced.append("run-2")
+            decide(store, "run-2")  # records generation 2 and points production at it (seq 1)
+        return before  # what generation 1's promotion read: no pointer yet
+
+    monkeypatch.setattr(L, "pointer_history", history_then_a_newer_generation_points)
+    with pytest.raises(InputError, match="the gate promoted generation 2 while this one was being decided"):
+        L.promote(store, LINE, 1, L.GATE, "passed the promotion gate")
+    monkeypatch.undo()
+    assert [(p.seq, p.generation) for p in L.pointer_history(store, LINE)] == [(1, 2)]
+    assert L.production(store, LINE).generation == 2
+
+
 # --- promotion by hand and rollback ------------------------------------------------------------------
 
 

@@ -212,6 +212,15 @@ def promote(store: ArtifactStore, line: str, generation: int, action: str, why: 
             earlier = next((p for p in history if p.action == GATE and p.generation == generation), None)
             if earlier is not None:
                 return earlier
+            # Checked again on each attempt: a newer generation that recorded and pointed after the check above took the
+            # seq this append tries (its conditional create fails), and production must not go back to an older one.
+            newer = max((p.generation for p in history if p.action == GATE and p.generation > generation), default=None)
+            if newer is not None:
+                raise InputError(
+                    f"generation {generation} of line {line} is not its newest: the gate promoted generation {newer} while this "
+                    f"one was being decided; promote it by hand if it should be production: "
+                    f"spectrum line promote {line} --run {target.run_id} --why TEXT"
+                )
         if action == ROLLBACK:
             _check_rollback(line, generation, history)
         elif action == MANUAL and history and history[-1].generation == generation:
