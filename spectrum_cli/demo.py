@@ -25,7 +25,6 @@ from pathlib import Path
 import yaml
 
 from stages.base.errors import InputError
-from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.sample_models.tokenizer import EOS, domain_corpus, write_tokenizer
 
 DESCRIPTION = __doc__
@@ -142,6 +141,8 @@ def write_inputs(workdir: Path, layers: int, top_percent: float, real: bool, ove
 
         write_smollm2(model)
     elif overwrite or not (model / "tokenizer.json").exists():
+        from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model  # torch: only to generate the model
+
         spec = SyntheticSpec(num_hidden_layers=layers, max_shard_bytes=4_000_000)
         write_synthetic_model(model, spec)
         write_tokenizer(model, corpus, spec.vocab_size)

@@ -12,14 +12,16 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..base.errors import CorruptWeightsError, InputError
 from ..base.files import link_roots, require_inside
 from .naming import natural_key
+
+if TYPE_CHECKING:  # torch is imported by safetensors' "pt" framework when a tensor is read, not to read headers (download)
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
