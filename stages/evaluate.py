@@ -198,19 +198,24 @@ def run(config: EvaluateConfig, context: StageContext) -> StageResult[Evaluation
     }
     context = context.with_run_id()  # the rescans are steps of this run
     plan = plan_stage(EVALUATE, context, parameters, [*model_inputs, *sources.inputs])
-    tokens: dict[str, Tokenized] = {}
-    if context.force or plan.committed() is None:  # a reused evaluation needs no tokenizer (transformers' import) and no tokens
-        # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
-        tokens["trained"] = _tokenize("trained", trained_dir, sources, config, template)
+
+    def tokenized() -> dict[str, Tokenized]:
+        found = {"trained": _tokenize("trained", trained_dir, sources, config, template)}
         if base:
-            tokens["base"] = _tokenize("base", base[0], sources, config, template)
-            _require_same_tokens(sources, tokens["base"], tokens["trained"])
+            found["base"] = _tokenize("base", base[0], sources, config, template)
+            _require_same_tokens(sources, found["base"], found["trained"])
+        return found
+
+    # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
+    # A reused evaluation needs no tokenizer (transformers' import) and no tokens.
+    tokens = tokenized() if context.force or plan.committed() is None else {}
 
     def produce(stage: StageRun) -> Produced[EvaluationResult]:
+        measured = tokens or tokenized()  # the run found at planning vanished (a cleaned store): computed after all
         rows = []
         for label in MODELS:
             if label in models:
-                rows += _measure(label, models[label][0], files[label], tokens[label], sources, config, context)
+                rows += _measure(label, models[label][0], files[label], measured[label], sources, config, context)
         rows += _deltas(rows)
         drift = _drift(config, context, sources) if config.snr_drift and base else None
         summary = _summary(rows, drift, sources, config)

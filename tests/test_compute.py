@@ -156,6 +156,29 @@ def test_a_committed_manifest_records_its_compute_and_a_reuse_record_costs_nothi
     assert usage([first.manifest.compute, record.compute]).device_hours["cpu"] == first.manifest.compute["device_seconds"] / HOUR
 
 
+def test_a_step_run_inside_a_stage_is_counted_once(tmp_path, monkeypatch):
+    """evaluate's drift scans and measurements record their own compute; evaluate's own leaves their time out."""
+    import time
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    store = open_store(str(tmp_path / "store"))
+    context = StageContext(store, run_id="r", progress=False)
+
+    def step(run):
+        time.sleep(0.3)
+        return [run.put_bytes("step.txt", b"step")]
+
+    def stage(run):
+        execute_stage("evaluate", context.as_step("measure"), {"inner": 1}, [], step)
+        return [run.put_bytes("out.txt", b"done")]
+
+    outer = execute_stage("evaluate", context, {"outer": 1}, [], stage).manifest
+    inner = load_manifest(store, "r", "evaluate.measure")
+    assert inner.compute["seconds"] >= 0.3 and outer.seconds >= inner.seconds  # wall time: the step ran inside
+    assert outer.compute["seconds"] <= outer.seconds - inner.seconds + 0.05  # compute: the step's seconds left out
+    assert outer.compute["seconds"] + inner.compute["seconds"] <= outer.seconds + 0.05
+
+
 def test_a_manifest_written_before_compute_was_recorded_reads_as_unknown():
     document = json.loads(start_manifest("snr_scan", "1.0", "old", {}, []).finish([]).to_json())
     del document["compute"]

@@ -124,7 +124,7 @@ def test_a_newer_generation_that_points_while_an_older_one_promotes_stays_produc
         return before  # what generation 1's promotion read: no pointer yet
 
     monkeypatch.setattr(L, "pointer_history", history_then_a_newer_generation_points)
-    with pytest.raises(InputError, match="the gate promoted generation 2 while this one was being decided"):
+    with pytest.raises(InputError, match="generation 2 was decided while this one was being promoted"):
         L.promote(store, LINE, 1, L.GATE, "passed the promotion gate")
     monkeypatch.undo()
     assert [(p.seq, p.generation) for p in L.pointer_history(store, LINE)] == [(1, 2)]

@@ -53,3 +53,41 @@ def test_a_stage_that_fails_in_its_own_process_says_why(tmp_path, capfd):
     with pytest.raises(StageProcessError, match=r"failed in its own process \(exit 2\): .*missing\.parquet"):
         run_in_own_process(layer_select.STAGE, config, context, "subprocess")
     assert "error: " in capfd.readouterr().err
+
+
+def test_the_error_line_is_found_after_a_progress_bar_and_odd_bytes():
+    import os
+    import sys
+
+    from stages.core.process import _run_passing_stderr
+
+    script = "import sys; sys.stderr.buffer.write(b'bar 50%\\rbar 99%\\r\\xff\\xfe\\nerror: boom here\\n'); print('out'); sys.exit(2)"
+    returncode, stdout, error = _run_passing_stderr([sys.executable, "-c", script], dict(os.environ))
+    assert (returncode, stdout.strip(), error) == (2, "out", "boom here")
+
+
+def test_a_caller_stopped_while_its_stage_process_runs_stops_the_child():
+    """Ctrl-C or SIGTERM in the caller must not leave it waiting hours for a training child (a hang guard, not a timing check)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from stages.core.process import _run_passing_stderr
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*_):
+        raise Stopped
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Stopped):
+            _run_passing_stderr([sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 300

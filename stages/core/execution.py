@@ -10,7 +10,9 @@ committed outputs.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -161,6 +163,11 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
     return result
 
 
+# The seconds the steps run inside the current stage's work spent (a list: the stage's own counter), so that a run's
+# compute counts each second once: a step records its own compute, the stage it ran in leaves it out.
+_NESTED_SECONDS: ContextVar[list[float] | None] = ContextVar("nested_step_seconds", default=None)
+
+
 def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
     store, step, context, manifest = plan.store, plan.step, plan.context, plan.manifest
     if not context.force:
@@ -173,10 +180,12 @@ def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
     _refuse_committed(store, manifest.run_id, step)
     begin_compute()
     tracking = None
+    enclosing, nested = _NESTED_SECONDS.get(), [0.0]
+    token, started = _NESTED_SECONDS.set(nested), time.monotonic()
     try:
         made = produce(StageRun(store, step, manifest.run_id, manifest.cache_key))
         produced = made if isinstance(made, Produced) else Produced(made)
-        finished = manifest.finish(produced.outputs)
+        finished = manifest.finish(produced.outputs, nested_seconds=nested[0])
         tracking = _track(plan, finished, end=False)  # the MLflow run ends once the commit did (end_stage_run below)
         committed = replace(finished, tracking=tracking)
         commit_manifest(store, committed)
@@ -184,10 +193,14 @@ def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
         # Record the failure (of the work or of the commit itself); if even that cannot be
         # stored (server down), the original error matters more.
         with contextlib.suppress(Exception):
-            failed = manifest.finish([], status=FAILED)
+            failed = manifest.finish([], status=FAILED, nested_seconds=nested[0])
             commit_manifest(store, replace(failed, tracking=_track_failure(plan, failed, tracking, exc)))
             setattr(exc, RECORDED_FAILURE, f"{step} stage of run {manifest.run_id}")
         raise
+    finally:
+        _NESTED_SECONDS.reset(token)
+        if enclosing is not None:  # a step run inside another stage's work: that stage's compute leaves this time out
+            enclosing[0] += time.monotonic() - started
     _end_tracked(plan, tracking, succeeded=True)
     return StageOutcome(committed, cached=False, detail=produced.detail)
 

@@ -10,9 +10,11 @@ when the caller does not track (its context decides, not the environment).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 from ..base.errors import SpectrumError
 from ..tracking.target import TRACKING_URI_ENV
@@ -20,6 +22,8 @@ from .cli import command_line
 from .record import read_record
 from .stage import Stage, StageConfig, StageContext, StageResult
 
+_ERROR_TAIL_BYTES = 16384  # the child's error line is its last; what precedes it need not be kept
+_STOP_SECONDS = 30
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -31,6 +35,8 @@ class StageProcessError(SpectrumError):
 
 def run_in_own_process(stage: Stage, config: StageConfig, context: StageContext, label: str) -> StageResult:
     """Run the stage as a child process; its stdout becomes the result's lines, its stderr passes through."""
+    if context.progress is None:  # the child's stderr is a pipe to this process: it decides for the child as for itself
+        context = replace(context, progress=sys.stderr.isatty())
     with context.scratch(f"{label}-record") as folder:
         record = folder / "manifest.json"
         command = [sys.executable, "-m", stage.module, *command_line(stage, config, context, record)]
@@ -52,20 +58,42 @@ def _run_passing_stderr(command: list[str], environment: dict[str, str]) -> tupl
     """Run `command`: its exit code, its stdout, and the last `error: …` line of its stderr, which passes through as it comes.
 
     The child's error line (cli.execute prints exactly one) is what its caller, the notification and
-    the flow's state should say, not only "it failed".
+    the flow's state should say, not only "it failed". stderr is relayed as bytes (progress bars'
+    carriage returns and undecodable library output pass untouched); only its tail is kept. A
+    caller stopped while waiting (Ctrl-C, SIGTERM, any error) stops the child too.
     """
-    errors: list[str] = []
+    tail = bytearray()
 
-    def pass_through(stream) -> None:
-        for line in stream:
-            sys.stderr.write(line)
-            if line.startswith("error: "):
-                errors.append(line.removeprefix("error: ").rstrip("\n"))
+    def relay(stream) -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+            if out is not None:
+                sys.stderr.flush()
+                out.write(chunk)
+                out.flush()
+            else:  # a replaced sys.stderr (a test's capture) takes text
+                sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+            tail.extend(chunk)
+            del tail[:-_ERROR_TAIL_BYTES]
 
-    with subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
-        reader = threading.Thread(target=pass_through, args=(child.stderr,), daemon=True)
-        reader.start()
-        stdout = child.stdout.read()
+    child = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = threading.Thread(target=relay, args=(child.stderr,), daemon=True)
+    reader.start()
+    try:
+        stdout = child.stdout.read().decode("utf-8", errors="replace")
         returncode = child.wait()
-        reader.join()
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(timeout=_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+    finally:
+        reader.join(timeout=_STOP_SECONDS)
+        child.stdout.close()
+        child.stderr.close()
+    lines = re.split(r"[\r\n]+", tail.decode("utf-8", errors="replace"))
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     return returncode, stdout, errors[-1] if errors else None

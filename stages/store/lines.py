@@ -214,11 +214,11 @@ def promote(store: ArtifactStore, line: str, generation: int, action: str, why: 
                 return earlier
             # Checked again on each attempt: a newer generation that recorded and pointed after the check above took the
             # seq this append tries (its conditional create fails), and production must not go back to an older one.
-            newer = max((p.generation for p in history if p.action == GATE and p.generation > generation), default=None)
+            newer = _newer_generation(store, line, generation)
             if newer is not None:
                 raise InputError(
-                    f"generation {generation} of line {line} is not its newest: the gate promoted generation {newer} while this "
-                    f"one was being decided; promote it by hand if it should be production: "
+                    f"generation {generation} of line {line} is not its newest: generation {newer} was decided while this one "
+                    f"was being promoted; promote it by hand if it should be production: "
                     f"spectrum line promote {line} --run {target.run_id} --why TEXT"
                 )
         if action == ROLLBACK:

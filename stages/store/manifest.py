@@ -55,8 +55,12 @@ class Manifest:
     tracking: dict[str, Any] | None = None  # where the stage was logged in an experiment tracker, or why it was not (stages.tracking)
     extra: dict[str, Any] = field(default_factory=dict)  # fields written by a newer version, kept as they were
 
-    def finish(self, outputs: Sequence[ObjectInfo], status: str = SUCCEEDED) -> Manifest:
-        """The manifest of the finished stage, ready for commit_manifest."""
+    def finish(self, outputs: Sequence[ObjectInfo], status: str = SUCCEEDED, nested_seconds: float = 0.0) -> Manifest:
+        """The manifest of the finished stage, ready for commit_manifest.
+
+        `nested_seconds`: the time steps run inside this stage's work spent computing (evaluate's drift scans and
+        measurements): they record their own compute, so this stage's compute leaves it out (a run's total counts it once).
+        """
         if status not in (SUCCEEDED, FAILED):
             raise InputError(f"a finished manifest's status must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
         finished = datetime.now(UTC)
@@ -67,7 +71,7 @@ class Manifest:
             status=status,
             finished_at=finished.isoformat(timespec="milliseconds"),
             seconds=round(seconds, 3),
-            compute=compute_record(seconds),
+            compute=compute_record(seconds - nested_seconds),
         )
 
     def recorded_output(self, key: str) -> dict[str, Any]:
