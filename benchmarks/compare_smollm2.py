@@ -166,13 +166,14 @@ def main() -> None:
 
 def shared_selection(store, rows: list[dict]) -> dict[str, int] | None:
     """How far the two estimators' 25% selections agree (the matrices each picks; the always-trained embeddings left out)."""
-    from stages.base.contracts import SELECTION_TABLE
-    from stages.store import read_table
+    from stages.base.contracts import LAYER_SELECT, SELECTION_TABLE
+    from stages.store import load_manifest, read_table
 
     chosen = {}
     for row in rows:
         if row["method"] in ("spectrum-25", GAVISH_DONOHO) and row["method"] not in chosen:
-            table = read_table(store, SELECTION_TABLE, run_id=row["cpt_run"]).to_pylist()
+            selected_by = load_manifest(store, row["cpt_run"], LAYER_SELECT).run_id  # a reused selection: the run that made it
+            table = read_table(store, SELECTION_TABLE, run_id=selected_by).to_pylist()
             chosen[row["method"]] = {r["tensor_name"] for r in table if r["selected"] and not r["reason"].startswith("always trained")}
     if len(chosen) < 2:
         return None
