@@ -159,6 +159,7 @@ def write_inputs(workdir: Path, layers: int, top_percent: float, real: bool, ove
         "data": str(drop),
         "store": "store",
         "stages": {
+            "snr_scan": {"estimator": "gavish-donoho"},  # the recommended estimator (README: "Which selection trains better?")
             "layer_select": {"top_percent": top_percent},
             "cpt": {"max_steps": 10, "warmup_steps": 2, **steps},
             "sft": {"data": str(chats), "max_steps": 6, "warmup_steps": 1, "heldout_percent": 10, **steps},
