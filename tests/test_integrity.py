@@ -103,6 +103,20 @@ def test_read_recorded_refuses_bytes_the_manifest_did_not_record(store, change):
     assert "re-run the stage that wrote it" in message
 
 
+def test_download_recorded_streams_the_recorded_bytes_or_refuses(store, tmp_path):
+    info = store.put_bytes("runs/r/x/out.json", b'{"a": 1}')
+    target = tmp_path / "copy.json"
+    assert store.download_recorded(info.to_dict(), target) == info and target.read_bytes() == b'{"a": 1}'
+    target.write_bytes(b"kept")
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.download_recorded({**info.to_dict(), "sha256": "0" * 64}, target)
+    assert target.read_bytes() == b"kept"  # other bytes never replace the file
+    with pytest.raises(IntegrityError, match="does not hold the bytes its manifest recorded"):
+        store.download_recorded({**info.to_dict(), "size": 3}, target)
+    with pytest.raises(IntegrityError, match="names no key and sha256"):
+        store.download_recorded({"uri": "file:///x"}, target)
+
+
 def test_read_recorded_needs_a_key_and_a_sha256(store):
     with pytest.raises(IntegrityError, match="names no key and sha256"):
         store.read_recorded({"uri": "file:///x"})

@@ -171,21 +171,37 @@ class ArtifactStore(ABC):
         exactly those bytes, so a stage records as its input what it really read. This is the
         one place that reads an object because a manifest names it: use it for every such read.
         """
-        try:
-            key, expected_sha256, expected_size = recorded["key"], recorded["sha256"], recorded.get("size")
-        except (KeyError, TypeError) as exc:
-            raise IntegrityError(
-                f"manifest output {recorded!r} names no key and sha256, so it cannot be read verified; the manifest is damaged"
-            ) from exc
-        version_id = recorded.get("version_id")
-        uri = self.uri(key)
-        where = f"{uri} (version {version_id})" if version_id else uri
+        key, expected_sha256, expected_size, version_id = _recorded_fields(recorded)
         data = self.get_bytes(key, version_id=version_id)
-        digest = sha256_bytes(data)
-        if digest != expected_sha256 or (expected_size is not None and len(data) != expected_size):
-            raise IntegrityError(
-                f"{where} does not hold the bytes its manifest recorded: it has sha256 {digest} ({len(data)} bytes), "
-                f"the manifest recorded {expected_sha256} ({expected_size} bytes); it was changed or damaged after it was "
-                "written, so it was not used. Restore the object, or re-run the stage that wrote it (--force) and use the new run"
-            )
-        return data, ObjectInfo(key, uri, digest, len(data), version_id)
+        info = ObjectInfo(key, self.uri(key), sha256_bytes(data), len(data), version_id)
+        _require_recorded(info, expected_sha256, expected_size)
+        return data, info
+
+    def download_recorded(self, recorded: Mapping[str, Any], local_path: str | Path) -> ObjectInfo:
+        """read_recorded for an object too large to hold in memory: streamed to `local_path` (replaced atomically), verified."""
+        key, expected_sha256, expected_size, version_id = _recorded_fields(recorded)
+        info = self.download_file(key, local_path, sha256=expected_sha256, version_id=version_id)
+        info = ObjectInfo(key, info.uri, info.sha256, info.size, version_id)
+        _require_recorded(info, expected_sha256, expected_size)
+        return info
+
+
+def _recorded_fields(recorded: Mapping[str, Any]) -> tuple[str, str, int | None, str | None]:
+    """A manifest output's key, sha256, size and version (read_recorded, download_recorded)."""
+    try:
+        return recorded["key"], recorded["sha256"], recorded.get("size"), recorded.get("version_id")
+    except (KeyError, TypeError) as exc:
+        raise IntegrityError(
+            f"manifest output {recorded!r} names no key and sha256, so it cannot be read verified; the manifest is damaged"
+        ) from exc
+
+
+def _require_recorded(info: ObjectInfo, expected_sha256: str, expected_size: int | None) -> None:
+    """The bytes read (`info`) must be those the manifest recorded."""
+    if info.sha256 != expected_sha256 or (expected_size is not None and info.size != expected_size):
+        where = f"{info.uri} (version {info.version_id})" if info.version_id else info.uri
+        raise IntegrityError(
+            f"{where} does not hold the bytes its manifest recorded: it has sha256 {info.sha256} ({info.size} bytes), "
+            f"the manifest recorded {expected_sha256} ({expected_size} bytes); it was changed or damaged after it was "
+            "written, so it was not used. Restore the object, or re-run the stage that wrote it (--force) and use the new run"
+        )

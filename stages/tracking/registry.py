@@ -20,7 +20,7 @@ from typing import Any
 from ..base.contracts import MODEL_FOLDER
 from ..base.documents import clip
 from ..base.errors import OS_ERROR_EXIT, InputError, SpectrumError
-from ..store import ArtifactStore, FileStore, IntegrityError, Manifest, lines, output_key
+from ..store import ArtifactStore, FileStore, Manifest, lines, output_key
 from ..store.scrub import redact
 from ..store.trees import ListedFile, Listing
 from .mlflow_log import LOGGED, ensure_experiment, tracker_client
@@ -183,10 +183,7 @@ def _upload_model(client, run_id: str, store: ArtifactStore, files: list[dict[st
     for output in files:
         path = folder / output["key"].removeprefix(prefix)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # streamed to disk (a shard need not fit in memory), the recorded version, sha256 checked as the manifest recorded it
-        info = store.download_file(output["key"], path, sha256=output["sha256"], version_id=output.get("version_id"))
-        if info.size != output["size"]:
-            raise IntegrityError(f"{info.uri} is {info.size} bytes but run {manifest.run_id}'s manifest records {output['size']}")
+        store.download_recorded(output, path)  # streamed (a shard need not fit in memory), verified as the manifest recorded it
     client.log_artifacts(run_id, str(folder), artifact_path=MODEL_FOLDER)
 
 
