@@ -66,7 +66,7 @@ def _run_passing_stderr(command: list[str], environment: dict[str, str]) -> tupl
 
     def relay(stream) -> None:
         out = getattr(sys.stderr, "buffer", None)
-        while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+        while chunk := stream.read1(65536):  # what is there now, up to 64 KiB: a bar shows as it is drawn
             if out is not None:
                 sys.stderr.flush()
                 out.write(chunk)
