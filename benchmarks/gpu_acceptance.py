@@ -181,7 +181,7 @@ def scan_rows(work: Path, model: Path, table: Path, device: str) -> list[Row]:
         ours_row.notes = _join(ours_row.notes, f"{ours_row.seconds / floor.seconds:.2f}x the I/O floor's time")
     if ours_row.status == "ok" and reference_row.status == "ok":
         ours_row.notes = _join(ours_row.notes, f"snr within {_worst_difference(table, reference_json):.1e} (relative) of the reference")
-    return list(measured.values())
+    return _progress(list(measured.values()))
 
 
 def read_every_tensor(model: Path) -> int:
@@ -242,7 +242,7 @@ def training_rows(
             selection = selections[arm]
             if selection == "lora" and zero == 3:
                 row.status, row.notes = "n/a", "the cpt stage runs LoRA at ZeRO 0-2 only (adapters merged on one rank)"
-                rows.append(row)
+                rows.extend(_progress([row]))
                 continue
             label = f"train-zero{zero}-{arm}"
             checkpointing = "--gradient-checkpointing" in extra
@@ -260,7 +260,7 @@ def training_rows(
                 row.loss = f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}"
                 row.notes = _join(row.notes, f"{result['trainable'] / 1e6:.1f}M trainable")
             measured[arm] = row
-            rows.append(row)
+            rows.extend(_progress([row]))
         full = measured.get("full")
         for row in measured.values():
             row.time_ratio = _ratio(row.seconds, full.seconds if full else None)
@@ -338,7 +338,7 @@ def resume_rows(work: Path, model: Path, drop: Path, selection: Path, seq_len: i
         difference.loss, difference.values = f"{delta:+.2e}", {"difference": delta, "tolerance": tolerance}
         if abs(delta) > tolerance * abs(losses["uninterrupted"]):
             difference.status = "FAILED"
-    return [uninterrupted, resumed, difference]
+    return _progress([uninterrupted, resumed, difference])
 
 
 def kill_after_checkpoint(argv: list[str], work_dir: Path, step: int, log: Path) -> float | None:
@@ -401,6 +401,15 @@ def _header(device: str, model: Path, shape: Shape, seq_len: int, steps: int, re
         "the reference scan, full fine-tuning of the same setup",
         f"resume: {resume_model.name}, Spectrum-25, ZeRO-2, seq {resume_seq}, {RESUME_STEPS} steps, checkpoint every {RESUME_SAVE}",
     ]
+
+
+def _progress(rows: list[Row]) -> list[Row]:
+    """Each row on stderr as it is measured, so a run stopped by a time limit still shows what it finished."""
+    for row in rows:
+        numbers = ", ".join(f"{k} {_number(v, 3)}" for k, v in (("s", row.seconds), ("peak MiB", row.peak_mib)) if v is not None)
+        line = f"[{time.strftime('%H:%M:%S')}] {row.section} / {row.case}: {row.status} {numbers} {row.loss} {row.notes}"
+        print(line, file=sys.stderr, flush=True)
+    return rows
 
 
 def _failure(work: Path, label: str, exc: SystemExit) -> str:

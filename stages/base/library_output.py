@@ -42,10 +42,30 @@ def import_deepspeed():
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
+    with _hidden(UNUSED_BY_DEEPSPEED):
+        import deepspeed
 
     deepspeed_to_stderr()
     return deepspeed
+
+
+# Imported by DeepSpeed only for its autotuner (which we never run), when installed: mlflow alone costs ~1 s and
+# ~100 MiB (fastapi, pydantic, redis…) in every training process. Tracking imports it itself where it is used.
+UNUSED_BY_DEEPSPEED = ("mlflow",)
+
+
+@contextlib.contextmanager
+def _hidden(names: tuple[str, ...]) -> Iterator[None]:
+    """While inside, `import NAME` fails as if NAME were not installed (unless it is already imported)."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, "") is None:
+                del sys.modules[name]
 
 
 # What DeepSpeed says on every start that tells a user nothing: its shared-memory op "built successfully"

@@ -19,7 +19,7 @@ devices, as our runner trains (loop.deepspeed_config: torch AdamW, bf16 on a GPU
   layer's activations (backward holds them for the layer it is in);
 - buffers: DeepSpeed's gradient reduce bucket (reduce_bucket_size, DeepSpeed's default, as our
   config sets none), the fp32 copies its ZeRO step makes of the rank's partition (STEP_COPIES,
-  measured), at ZeRO 0 the gradients flattened for the all-reduce, and under ZeRO-3 the gathered
+  measured on the CPU and on a GPU), at ZeRO 0 the gradients flattened for the all-reduce, and under ZeRO-3 the gathered
   parameters of two layers (the one computing and the one prefetched). On a GPU a bucket is
   allocated whole; on the CPU only the pages written are resident, so there a bucket counts what
   it holds (at most the trainable parameters).
@@ -42,8 +42,10 @@ MAX_LIVE_PARAMETERS = 1_000_000_000  # elements: ZeRO-3's stage3_max_live_parame
 ZERO_STAGES = (0, 1, 2, 3)
 # fp32 copies of the rank's trainable partition that DeepSpeed's ZeRO step holds at its peak beyond the gradient
 # partition (flattened and converted gradients, their clipped copy, the updated parameters on their way back):
-# measured on the CPU (benchmarks/plan_vs_measured.py), not derived.
-STEP_COPIES = {1: 4, 2: 4, 3: 5}
+# measured, not derived. On the CPU with benchmarks/plan_vs_measured.py (fp32). On a GPU with
+# benchmarks/gpu_acceptance.py (an H200, bf16, 2026-12-04): there the step adds almost nothing at ZeRO-2 and one
+# copy of the stepped sub-group at ZeRO-3; ZeRO-1 was not measured on a GPU and takes ZeRO-2's value.
+STEP_COPIES = {"cpu": {1: 4, 2: 4, 3: 5}, "cuda": {1: 0, 2: 0, 3: 1}}
 SUB_GROUP = 1_000_000_000  # elements: ZeRO-3's sub_group_size default
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -60,7 +62,7 @@ class Setup:
     micro_batch_size: int = 1
     seq_len: int = 512
     gradient_checkpointing: bool = False
-    device: str = "cuda"  # "cpu": a bucket counts only the pages written (see the module's docstring)
+    device: str = "cuda"  # "cpu": a bucket counts only the pages written, and the step's copies are the CPU's (module docstring)
 
     def describe(self) -> str:
         offload = [name for name, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_params)) if on]
@@ -188,7 +190,7 @@ def plan_memory(model: PlannedModel, setup: Setup) -> MemoryPlan:
         bucket_width = 4 if zero == 1 else width
         buffers += _bucket(REDUCE_BUCKET, trained, setup) * bucket_width
         stepped = trained // n if zero < 3 else min(trained // n, SUB_GROUP)  # ZeRO-3 steps one sub-group at a time
-        buffers += STEP_COPIES[zero] * stepped * 4
+        buffers += STEP_COPIES[setup.device][zero] * stepped * 4
     else:  # the gradients flattened for the all-reduce, on one rank too (exactly their size: no bucket is preallocated)
         buffers += min(ALLREDUCE_BUCKET, trained) * width
     if zero == 3:
