@@ -292,7 +292,6 @@ def test_a_command_imports_only_what_it_uses(argv, not_loaded):
     assert not [name for name in not_loaded if name in loaded]
 
 
-
 _DEEPSPEED_THEN_MLFLOW = """
 import sys
 from stages.base.library_output import import_deepspeed
@@ -308,6 +307,7 @@ def test_training_imports_deepspeed_without_mlflow_and_tracking_still_can():
     done = subprocess.run([sys.executable, "-c", _DEEPSPEED_THEN_MLFLOW], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False", "MlflowClient"]
+
 
 def test_every_command_builds_and_each_stage_command_is_its_stage_s():
     from spectrum_cli.main import COMMANDS, build_parser
