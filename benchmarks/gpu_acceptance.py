@@ -1,6 +1,10 @@
 """GPU acceptance: the product's GPU claims in one command and one table (issue 18, part 4).
 
     python benchmarks/gpu_acceptance.py [--device cuda|cpu] [--tiny] [--workdir DIR] [--steps N]
+        [--sections scan train resume] [--shape LAYERS,HIDDEN,INTERMEDIATE,VOCAB] [--seq-len L]
+
+--sections runs some of the table (a section to check again, another model shape for the training
+rows and the planner: --shape and --seq-len replace the 1B-class Llama and its sequence length).
 
 Every measurement runs in its own child process (benchmarks.scan_vs_reference.run_child: wall
 time and peak RSS; on a GPU the stage's or the child's torch.cuda.max_memory_allocated):
@@ -58,6 +62,7 @@ from benchmarks.train_vs_full import (  # noqa: E402
 )
 from stages.base.errors import SpectrumError  # noqa: E402
 
+SECTIONS = ("scan", "train", "resume")
 TRAIN_ARMS = ("full", "spectrum-25", "spectrum-25-depth-aware", f"lora-{LORA_RANK}")
 SETUPS = {"ZeRO-2": (2, ()), "ZeRO-3 + checkpointing": (3, ("--gradient-checkpointing",))}
 TINY_SHAPE = Shape(layers=4, hidden=64, intermediate=176, vocab=512)
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models and few steps (minutes on two CPU cores)")
     parser.add_argument("--workdir", default=str(ROOT / "benchmark-run" / "gpu-acceptance"))
     parser.add_argument("--steps", type=int, help="training steps per arm (default 12; 4 with --tiny)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the parts of the table to run")
+    parser.add_argument("--shape", type=_shape, help="the scan and training model: LAYERS,HIDDEN,INTERMEDIATE,VOCAB")
+    parser.add_argument("--seq-len", type=int, help=f"training sequence length (default {ONE_B_SEQ_LEN}; 64 with --tiny)")
     parser.add_argument("--read-child", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--reference-child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--gpu-peak-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -103,29 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     steps = (4 if args.tiny else 12) if args.steps is None else args.steps
     if steps < 1:
         parser.error(f"--steps must be at least 1, got {steps}")
+    if args.seq_len is not None and args.seq_len < 2:
+        parser.error(f"--seq-len must be at least 2, got {args.seq_len}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             print("error: no CUDA device here; run with --device cpu (and --tiny for a quick check)", file=sys.stderr)
             return 2
-    return run(args.device, args.tiny, Path(args.workdir), steps)
+    return run(args.device, args.tiny, Path(args.workdir), steps, tuple(args.sections), args.shape, args.seq_len)
 
 
-def run(device: str, tiny: bool, work: Path, steps: int) -> int:
+def run(
+    device: str, tiny: bool, work: Path, steps: int, sections: tuple[str, ...] = SECTIONS, shape: Shape | None = None,
+    seq_len: int | None = None,
+) -> int:  # fmt: skip
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    train_shape, seq_len = (TINY_SHAPE, 64) if tiny else (ONE_B_SHAPE, ONE_B_SEQ_LEN)
+    train_shape = shape or (TINY_SHAPE if tiny else ONE_B_SHAPE)
+    seq_len = seq_len or (64 if tiny else ONE_B_SEQ_LEN)
     resume_shape, resume_seq = (TINY_SHAPE, 64) if tiny else (RESUME_SHAPE, 256)
     model, drop = generate(work, train_shape, "bfloat16")
     table = work / f"snr-{model.name}.parquet"
-    rows = scan_rows(work, model, table, device)
-    selections = arms(work, scan(model, table), TRAIN_ARMS)  # our scan's table, or made here if that child failed
-    rows += training_rows(work, model, drop, selections, steps, seq_len, device)
-    resume_model, _ = generate(work, resume_shape, "bfloat16")
-    resume_table = scan(resume_model, work / f"snr-{resume_model.name}.parquet")
-    resume_selection = arms(work / "resume", resume_table, ("spectrum-25",))["spectrum-25"]
-    rows += resume_rows(work / "resume", resume_model, drop, resume_selection, resume_seq, device)
+    rows = scan_rows(work, model, table, device) if "scan" in sections else []
+    if "train" in sections:
+        selections = arms(work, scan(model, table), TRAIN_ARMS)  # our scan's table, or made here if that child failed
+        rows += training_rows(work, model, drop, selections, steps, seq_len, device)
+    resume_model = None
+    if "resume" in sections:
+        resume_model, _ = generate(work, resume_shape, "bfloat16")
+        resume_table = scan(resume_model, work / f"snr-{resume_model.name}.parquet")
+        resume_selection = arms(work / "resume", resume_table, ("spectrum-25",))["spectrum-25"]
+        rows += resume_rows(work / "resume", resume_model, drop, resume_selection, resume_seq, device)
     header = _header(device, model, train_shape, seq_len, steps, resume_model, resume_seq)
     header.append(f"total: {time.perf_counter() - started:.0f} s")
     lines = [*(f"{line}  " for line in header), "", *markdown(rows)]
@@ -377,7 +394,9 @@ def markdown(rows: list[Row]) -> list[str]:
     return lines
 
 
-def _header(device: str, model: Path, shape: Shape, seq_len: int, steps: int, resume_model: Path, resume_seq: int) -> list[str]:
+def _header(
+    device: str, model: Path, shape: Shape, seq_len: int, steps: int, resume_model: Path | None, resume_seq: int
+) -> list[str]:  # fmt: skip
     import torch
 
     from stages.training.memory_plan import load_config, meta_model
@@ -393,14 +412,18 @@ def _header(device: str, model: Path, shape: Shape, seq_len: int, steps: int, re
             f"device: CPU ({os.cpu_count()} cores), torch {torch.__version__}; training fp32 (no bf16 on the CPU), no GPU memory: "
             "peak MiB is each child's peak RSS (runtime included, so planned / peak is not the planner's accuracy here)"
         )
-    return [
+    lines = [
         "GPU acceptance (benchmarks/gpu_acceptance.py)",
         where,
         f"scan and training model: {model.name} ({parameters / 1e6:.1f}M parameters, bf16 checkpoint, warm page cache); "
         f"training: seq {seq_len}, micro-batch 1, {steps} steps, median step time after 2 warm-up steps; baselines: "
         "the reference scan, full fine-tuning of the same setup",
-        f"resume: {resume_model.name}, Spectrum-25, ZeRO-2, seq {resume_seq}, {RESUME_STEPS} steps, checkpoint every {RESUME_SAVE}",
     ]
+    if resume_model is not None:
+        lines.append(
+            f"resume: {resume_model.name}, Spectrum-25, ZeRO-2, seq {resume_seq}, {RESUME_STEPS} steps, checkpoint every {RESUME_SAVE}"
+        )
+    return lines
 
 
 def _progress(rows: list[Row]) -> list[Row]:
@@ -410,6 +433,16 @@ def _progress(rows: list[Row]) -> list[Row]:
         line = f"[{time.strftime('%H:%M:%S')}] {row.section} / {row.case}: {row.status} {numbers} {row.loss} {row.notes}"
         print(line, file=sys.stderr, flush=True)
     return rows
+
+
+def _shape(text: str) -> Shape:
+    try:
+        layers, hidden, intermediate, vocab = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYERS,HIDDEN,INTERMEDIATE,VOCAB (four integers), got {text!r}") from None
+    if min(layers, hidden, intermediate, vocab) < 1 or hidden % 64:
+        raise argparse.ArgumentTypeError(f"every number must be positive and HIDDEN a multiple of 64 (the head size), got {text!r}")
+    return Shape(layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab)
 
 
 def _failure(work: Path, label: str, exc: SystemExit) -> str:

@@ -101,3 +101,42 @@ def test_cuda_without_a_gpu_is_refused(capsys):
         pytest.skip("a GPU is here: the script would run")
     assert gpu_acceptance.main(["--device", "cuda"]) == 2
     assert "no CUDA device here; run with --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shape", "4,128,256"], "expected LAYERS,HIDDEN,INTERMEDIATE,VOCAB (four integers), got '4,128,256'"),
+        (["--shape", "4,100,256,512"], "HIDDEN a multiple of 64"),
+        (["--shape", "0,128,256,512"], "every number must be positive"),
+        (["--seq-len", "1"], "--seq-len must be at least 2, got 1"),
+        (["--sections", "plan"], "invalid choice: 'plan'"),
+    ],
+)
+def test_a_bad_shape_sequence_or_section_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        gpu_acceptance.main(["--device", "cpu", *argv])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_training_section_alone_on_another_shape(tmp_path):
+    """--sections train --shape --seq-len: only the training rows, on that model, planned at that sequence length."""
+    work = tmp_path / "acceptance"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance.py"), "--device", "cpu", "--workdir", str(work),
+        "--sections", "train", "--shape", "4,128,256,512", "--seq-len", "32", "--steps", "3",
+    ]  # fmt: skip
+    env = child_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "torch-extensions"))
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)  # a hang guard, no timing
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    document = json.loads((work / "acceptance.json").read_text())
+    assert {row["section"] for row in document["rows"]} == {f"train {setup}" for setup in SETUPS}
+    assert "model-l4-h128-i256-v512-bfloat16" in document["header"][2] and "seq 32" in document["header"][2]
+    assert not any(line.startswith("resume:") for line in document["header"])
+    for row in document["rows"]:
+        assert row["status"] in ("ok", "n/a"), row
+        if row["status"] == "ok":
+            positive(row, "seconds", "peak_mib", "planned_mib")
+    assert not (work / "resume").exists() and not (work / "reference-snr.json").exists()  # neither other section ran
