@@ -202,12 +202,12 @@ def scan_rows(work: Path, model: Path, table: Path, device: str) -> list[Row]:
 
 
 def read_every_tensor(model: Path) -> int:
-    """The I/O floor's child: every tensor read with the scan's reader (ModelWeights.read), nothing else."""
+    """The I/O floor's child: every tensor read with the scan's reader (ModelWeights.read_raw), nothing else."""
     from stages.weights.checkpoint import ModelWeights
 
     weights = ModelWeights.open(model)
     for info in weights.tensors:
-        weights.read(info)
+        weights.read_raw(info)
     return 0
 
 

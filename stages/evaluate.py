@@ -352,7 +352,7 @@ def _measure(
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = resolve_device(config.device)
+    device = torch.device(resolve_device(config.device))
     loaded: list = []
 
     def model():  # loaded for the first measurement not made before; a model measured before on everything is not loaded

@@ -52,7 +52,7 @@ from .store import ArtifactStore, ObjectInfo, StageRef, read_table_output, resol
 from .store.base import sha256_file
 from .weights.checkpoint import structure_fingerprint
 from .weights.naming import layer_index, module_bias
-from .weights.roles import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
+from .weights.roles import INPUT_EMBEDDINGS, MODEL_CONFIG, OUTPUT_EMBEDDINGS, ROLES, RoleMap, roles_from_conventional_names
 
 if TYPE_CHECKING:
     from .selection.fit import MemoryFit
@@ -423,14 +423,14 @@ def _source_from_table(table: pa.Table) -> SnrSource:
 
 def _roles_from_table(table: pa.Table, metadata: dict[str, str]) -> RoleMap:
     names = table.column("tensor_name").to_pylist()
-    if metadata.get("roles_source") == "model-config":
+    if metadata.get("roles_source") == MODEL_CONFIG:
         resolved = {}
         for role, column in ((INPUT_EMBEDDINGS, "is_input_embedding"), (OUTPUT_EMBEDDINGS, "is_output_embedding")):
             flags = table.column(column).to_pylist()
             matches = tuple(n for n, flag in zip(names, flags, strict=False) if flag)
             if matches:
                 resolved[role] = matches
-        return RoleMap(tensors=resolved, source="model-config")
+        return RoleMap(tensors=resolved, source=MODEL_CONFIG)
     return roles_from_conventional_names(names)
 
 

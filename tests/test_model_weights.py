@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from stages.base.errors import CorruptWeightsError, InputError, SpectrumError
 from stages.snr_scan import ScanConfig, run
 from stages.weights.checkpoint import INDEX_FILE, ModelWeights
+from stages.weights.decoding import decode
 
 from .helpers import QUIET, hub_cache_snapshot
 
@@ -49,13 +51,50 @@ def test_open_single_file_lists_tensors_in_natural_order(tmp_path, write_checkpo
     assert weights.parameter_count == 2 * 24 * 16 + 16 + 2 * 40 * 16
 
 
-def test_read_returns_the_stored_tensor_in_its_dtype(tmp_path, write_checkpoint):
+def _equal(values: np.ndarray, tensor: torch.Tensor) -> bool:
+    """The values read equal the tensor's, bfloat16 compared in float32 (exactly)."""
+    expected = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+    return values.shape == tuple(tensor.shape) and np.array_equal(values, expected.numpy())
+
+
+def test_read_returns_the_stored_values_and_bytes(tmp_path, write_checkpoint):
     tensors = _tensors()
     weights = ModelWeights.open(write_checkpoint(tmp_path / "m", tensors))
+    widened = {"F32": np.float32, "F16": np.float16, "BF16": np.float32}
     for info in weights.tensors:
         got = weights.read(info)
-        assert got.dtype == tensors[info.name].dtype
-        assert torch.equal(got, tensors[info.name])
+        assert got.dtype == widened[info.dtype]
+        assert _equal(got, tensors[info.name])
+        assert weights.read_raw(info).tobytes() == tensors[info.name].contiguous().view(torch.uint8).numpy().tobytes()
+        if len(info.shape) == 2:
+            assert _equal(weights.read(info, 3, 7), tensors[info.name][3:7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16, torch.int8, torch.bool])
+def test_every_bit_pattern_decodes_as_torch_does(dtype):
+    """All 256 (or 65536) bit patterns: numpy's widened value equals torch's, NaN where torch has NaN."""
+    width = torch.finfo(dtype).bits if dtype.is_floating_point else (8 if dtype != torch.bool else 1)
+    count = 1 << width if width <= 16 else 0
+    bits = torch.arange(count, dtype=torch.int32)
+    stored = bits.to(torch.uint8 if width <= 8 else torch.int16).view(dtype) if dtype != torch.bool else bits.bool()
+    raw = stored.contiguous().view(torch.uint8).numpy()
+    safetensors_name = {
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
+        torch.bfloat16: "BF16",
+        torch.float16: "F16",
+        torch.int8: "I8",
+        torch.bool: "BOOL",
+    }[dtype]
+    got = decode(raw, safetensors_name, (count,))
+    expected = stored.double().numpy()
+    with np.errstate(invalid="ignore"):  # signalling NaN patterns
+        np.testing.assert_array_equal(got.astype(np.float64), expected)  # assert_array_equal treats NaN == NaN
+
+
+def test_an_unknown_dtype_is_a_clear_error():
+    with pytest.raises(CorruptWeightsError, match=r"dtype 'F4' is not one this tool reads"):
+        decode(np.zeros(4, dtype=np.uint8), "F4", (4,))
 
 
 def test_open_sharded_checkpoint_with_index(tmp_path, write_checkpoint):
@@ -67,7 +106,7 @@ def test_open_sharded_checkpoint_with_index(tmp_path, write_checkpoint):
     by_name = {t.name: t.shard for t in weights.tensors}
     for shard, members in shards.items():
         assert all(by_name[n] == shard for n in members)
-    assert all(torch.equal(weights.read(t), tensors[t.name]) for t in weights.tensors)
+    assert all(_equal(weights.read(t), tensors[t.name]) for t in weights.tensors)
 
 
 def test_fingerprint_changes_when_a_shard_changes(tmp_path, write_checkpoint):
@@ -260,7 +299,7 @@ def test_a_sharded_hub_cache_snapshot_opens_and_reads(tmp_path, write_checkpoint
     weights = ModelWeights.open(snapshot)
     assert weights.shards == tuple(SHARDS)
     tensors = _tensors()
-    assert all(torch.equal(weights.read(t), tensors[t.name]) for t in weights.tensors)
+    assert all(_equal(weights.read(t), tensors[t.name]) for t in weights.tensors)
 
 
 def test_a_plain_folder_may_link_its_shards_inside_itself(tmp_path, write_checkpoint):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -282,14 +285,16 @@ def test_tall_matrices_are_read_a_block_of_rows_at_a_time(tiny_model, tiny_snr_t
     from stages.weights.checkpoint import ModelWeights
 
     read_whole, blocks = [], {}
-    real_read, real_rows = ModelWeights.read, ModelWeights.read_rows
-    monkeypatch.setattr(ModelWeights, "read", lambda self, info: read_whole.append(info) or real_read(self, info))
+    real_read_raw = ModelWeights.read_raw
 
-    def read_rows(self, info, start, stop):
-        blocks.setdefault(info.name, []).append((start, stop))
-        return real_rows(self, info, start, stop)
+    def read_raw(self, info, start=0, stop=None):
+        if stop is None:
+            read_whole.append(info)
+        else:
+            blocks.setdefault(info.name, []).append((start, stop))
+        return real_read_raw(self, info, start, stop)
 
-    monkeypatch.setattr(ModelWeights, "read_rows", read_rows)
+    monkeypatch.setattr(ModelWeights, "read_raw", read_raw)
     monkeypatch.setattr(spectra, "BLOCK_ELEMENTS", 64 * 7)  # a few rows per block, the last block partial
     result = scan(tiny_model, tmp_path / "snr.parquet", model_id="tiny-llama")
     reference = by_name(rows_of(tiny_snr_table))
@@ -310,9 +315,11 @@ def test_tall_matrices_are_read_a_block_of_rows_at_a_time(tiny_model, tiny_snr_t
 
 @pytest.mark.parametrize("workers", [1, 3, 8])
 def test_parallel_workers_give_the_same_table(tiny_model, tiny_snr_table, tmp_path, workers):
-    threads = torch.get_num_threads()
+    from threadpoolctl import threadpool_info
+
+    threads = [pool["num_threads"] for pool in threadpool_info()]
     result = scan(tiny_model, tmp_path / "snr.parquet", model_id="tiny-llama", workers=workers)
-    assert torch.get_num_threads() == threads  # the scan gives back the thread setting it changed
+    assert [pool["num_threads"] for pool in threadpool_info()] == threads  # the scan gives back the thread setting it changed
     assert without(rows_of(result.output), "scan_seconds") == without(rows_of(tiny_snr_table), "scan_seconds")
 
 
@@ -353,6 +360,78 @@ def test_roles_without_a_config_are_unflagged(tiny_model, tmp_path):
     result = scan(model, tmp_path / "snr.parquet")
     assert _role_flags(result.rows) == ([], [])
     assert read_table_metadata(pq.read_table(result.output))["roles_source"].startswith("unavailable")
+
+
+def test_roles_are_cached_and_a_cpu_scan_with_cached_roles_imports_no_torch(tiny_model, tmp_path):
+    """The second scan reads the roles back (no transformers, no torch in the process) and writes the same table."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SPECTRUM_CACHE": str(cache)}
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['scan', sys.argv[1], '--out', sys.argv[2], '--no-progress']\n"
+        "try:\n    runpy.run_module('stages.snr_scan', run_name='__main__')\n"
+        "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'deepspeed') if m in sys.modules))\n"
+    )
+    imported = []
+    for name in ("first", "second"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(tiny_model), str(tmp_path / f"{name}.parquet")],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        imported.append(done.stdout.strip().splitlines()[-1])
+    assert imported == ["['torch', 'transformers']", "[]"]
+    assert len(list((cache / "roles").glob("*.json"))) == 1
+    first, second = rows_of(tmp_path / "first.parquet"), rows_of(tmp_path / "second.parquet")
+    assert without(second, "scan_seconds") == without(first, "scan_seconds")
+    assert _role_flags(second) == (["model.embed_tokens.weight"], ["lm_head.weight"])
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"input_embeddings": 5}', b'{"input_embeddings": ["no.such.tensor"]}'])
+def test_a_damaged_roles_cache_entry_is_resolved_again(tiny_model, tmp_path, damage):
+    from stages.weights.checkpoint import ModelWeights
+    from stages.weights.roles import roles_from_model_config
+
+    names = [t.name for t in ModelWeights.open(tiny_model).tensors]
+    resolved = roles_from_model_config(tiny_model, names)
+    (entry,) = _entries_for(tiny_model, names)
+    entry.write_bytes(damage)
+    assert roles_from_model_config(tiny_model, names) == resolved
+    assert json.loads(entry.read_bytes()) == {role: list(found) for role, found in resolved.tensors.items()}
+
+
+def test_the_roles_cache_is_keyed_by_the_config_and_tensor_names(tiny_model, tmp_path):
+    from stages.weights.checkpoint import ModelWeights
+    from stages.weights.roles import roles_from_model_config
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    names = [t.name for t in ModelWeights.open(tiny_model).tensors]
+    untied_roles = roles_from_model_config(tiny_model, names)
+    tied_roles = roles_from_model_config(tied, [n for n in names if n != "lm_head.weight"])
+    assert untied_roles.names("output_embeddings") == ("lm_head.weight",)
+    assert tied_roles.names("output_embeddings") == ("model.embed_tokens.weight",)  # another key: not the untied entry
+    assert _entries_for(tiny_model, names) != _entries_for(tied, [n for n in names if n != "lm_head.weight"])
+
+
+def test_an_unwritable_roles_cache_only_costs_the_next_scan(tiny_model, tmp_path, monkeypatch):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPECTRUM_CACHE", str(blocker))
+    result = scan(tiny_model, tmp_path / "snr.parquet")
+    assert _role_flags(result.rows) == (["model.embed_tokens.weight"], ["lm_head.weight"])
+
+
+def _entries_for(model: Path, names: list[str]) -> list[Path]:
+    from stages.weights.roles import _cache_entry
+
+    entry = _cache_entry(model / "config.json", names)
+    return [entry] if entry.exists() else []
 
 
 # --- stacks of matrices (fused MoE experts) ----------------------------------------------------------

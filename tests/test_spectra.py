@@ -95,9 +95,9 @@ def test_bad_arguments():
 
 
 def test_resolve_device_cpu_and_auto():
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cpu") == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
+    assert resolve_device("auto") == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from .. import __version__
 from ..base.errors import CorruptWeightsError, InputError, SpectrumError
@@ -25,7 +24,7 @@ from ..weights.checkpoint import FLOAT_DTYPES, ModelWeights, TensorInfo
 from ..weights.naming import layer_index, module_name, module_type
 from . import spectra
 from .estimators import SpectrumStats, estimate
-from .spectra import NonFiniteMatrixError, descending, rows_per_block, singular_values
+from .spectra import Backend, DecompositionError, NonFiniteMatrixError, backend_for, descending, rows_per_block, singular_values
 
 EXPERTS = "experts"  # transformers fuses MoE experts into one [experts, rows, cols] parameter under an `experts` module
 
@@ -69,7 +68,7 @@ def plan_scan(weights: ModelWeights, settings: ScanSettings) -> list[tuple[Tenso
     return plan
 
 
-def scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], settings: ScanSettings, device: torch.device) -> Iterator[dict]:
+def scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], settings: ScanSettings, device: str) -> Iterator[dict]:
     """Rows in input order, with at most `workers` matrices in memory at once.
 
     Measured: on 16 cores 16 workers scanned 1.7x faster than one. On 2 cores, two
@@ -80,20 +79,16 @@ def scan_concurrently(weights: ModelWeights, infos: list[TensorInfo], settings: 
     but at least two, keeps every worker single-threaded on small machines.
     """
     cores = os.cpu_count() or 1
-    workers = settings.workers or (1 if device.type == "cuda" else min(cores, max(2, cores // 2)))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, previous_threads // workers))
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snr-scan") as pool:
-            pending = deque()
-            for info in infos:
-                pending.append(pool.submit(_scan_matrix, weights, info, settings, device))
-                if len(pending) >= workers:
-                    yield pending.popleft().result()
-            while pending:
+    backend = backend_for(device)
+    workers = settings.workers or (1 if device != "cpu" else min(cores, max(2, cores // 2)))
+    with backend.threads(max(1, cores // workers)), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snr-scan") as pool:
+        pending = deque()
+        for info in infos:
+            pending.append(pool.submit(_scan_matrix, weights, info, settings, backend))
+            if len(pending) >= workers:
                 yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(previous_threads)
+        while pending:
+            yield pending.popleft().result()
 
 
 def is_matrix_or_stack(info: TensorInfo) -> bool:
@@ -123,7 +118,7 @@ def skipped_row(info: TensorInfo, reason: str, settings: ScanSettings) -> dict:
     return {**_base_row(info, settings), "scanned": False, "skip_reason": reason}
 
 
-def _scan_matrix(weights: ModelWeights, info: TensorInfo, settings: ScanSettings, device: torch.device) -> dict:
+def _scan_matrix(weights: ModelWeights, info: TensorInfo, settings: ScanSettings, backend: Backend) -> dict:
     """One row for one tensor: a matrix, or a stack of them (fused MoE experts, [experts, rows, cols]).
 
     A stack is the unit a trainer freezes or trains, so it gets one row: each expert's matrix
@@ -132,16 +127,17 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, settings: ScanSettings
     """
     started = time.perf_counter()
     if _streamed(info, settings):
-        digest, per_matrix = _scan_streamed(weights, info, settings, device)
+        digest, per_matrix = _scan_streamed(weights, info, settings, backend)
     else:
-        tensor = weights.read(info)
-        digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
-        matrices = tensor.unbind(0) if tensor.ndim == 3 else (tensor,)
+        raw = weights.read_raw(info)
+        digest = hashlib.sha256(raw).hexdigest()
+        tensor = backend.decode(raw, info.dtype, info.shape)
+        matrices = tuple(tensor) if len(info.shape) == 3 else (tensor,)
         per_matrix = [
-            matrix_stats(lambda m=matrix: singular_values(m, settings.svd_method, device), tuple(matrix.shape), info, weights, settings)
+            matrix_stats(lambda m=matrix: singular_values(m, settings.svd_method, backend.device), info.shape[-2:], info, weights, settings)
             for matrix in matrices
         ]
-        del tensor, matrices
+        del raw, tensor, matrices
     if all(s is None for s, _ in per_matrix):
         # No singular value above 0: both estimators would divide 0 by 0 (the reference scores it
         # +inf and would rank it first). There is nothing to score, so it is not scanned.
@@ -157,7 +153,7 @@ def _scan_matrix(weights: ModelWeights, info: TensorInfo, settings: ScanSettings
         "skip_reason": None,
         "estimator": settings.estimator,
         "svd_method": settings.svd_method,
-        "device": device.type,
+        "device": backend.device.split(":")[0],
         **asdict(stats),
         "singular_value_count": sum(count for _, count in per_matrix),
         "slice_snr": [s.snr for s, _ in per_matrix] if len(info.shape) == 3 else None,
@@ -184,21 +180,22 @@ def _streamed(info: TensorInfo, settings: ScanSettings) -> bool:
 
 
 def _scan_streamed(
-    weights: ModelWeights, info: TensorInfo, settings: ScanSettings, device: torch.device
+    weights: ModelWeights, info: TensorInfo, settings: ScanSettings, backend: Backend
 ) -> tuple[str, list[tuple[SpectrumStats | None, int]]]:
     """The digest and statistics of a tall matrix from its row blocks: the digest of the blocks' bytes in order is the tensor's."""
     rows, cols = info.shape
     digest = hashlib.sha256()
     step = rows_per_block(cols)
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def blocks() -> Iterator[np.ndarray]:
         for start in range(0, rows, step):
-            block = weights.read_rows(info, start, min(start + step, rows))
-            digest.update(block.view(torch.uint8).numpy())
-            yield block
+            stop = min(start + step, rows)
+            raw = weights.read_raw(info, start, stop)
+            digest.update(raw)
+            yield backend.decode(raw, info.dtype, (stop - start, cols))
 
     def values() -> np.ndarray:
-        return descending(spectra.gram_singular_values(spectra.gram_lower(blocks(), cols, device)))
+        return descending(spectra.gram_singular_values(spectra.gram_lower(blocks(), cols, backend), backend))
 
     stats = matrix_stats(values, (rows, cols), info, weights, settings)
     return digest.hexdigest(), [stats]
@@ -214,12 +211,12 @@ def matrix_stats(
     try:
         values = compute()
     except NonFiniteMatrixError as exc:
-        _require_finite(weights.read(info), info, weights)  # names the NaN/Inf values
+        _require_finite(weights.read(info), info, weights)  # names the NaN/Inf values (read on the host)
         raise CorruptWeightsError(
             f"tensor {info.name!r} in {weights.root / info.shard} is too large in magnitude for the Gram route ({exc}); "
             "scan it with --svd-method svd"
         ) from exc
-    except torch.linalg.LinAlgError as exc:
+    except DecompositionError as exc:
         raise SpectrumError(
             f"the singular values of {info.name!r} did not converge with --svd-method {settings.svd_method} ({exc}); "
             "retry with the other --svd-method"
@@ -230,12 +227,12 @@ def matrix_stats(
     return estimate(settings.estimator, values, rows, cols), int(values.size)
 
 
-def _require_finite(tensor: torch.Tensor, info: TensorInfo, weights: ModelWeights) -> None:
-    finite = torch.isfinite(tensor)
+def _require_finite(tensor: np.ndarray, info: TensorInfo, weights: ModelWeights) -> None:
+    finite = np.isfinite(tensor)
     if bool(finite.all()):
         return
-    bad = (~finite).nonzero()
-    nan_count = int(torch.isnan(tensor).sum())
+    bad = np.argwhere(~finite)
+    nan_count = int(np.isnan(tensor).sum())
     inf_count = int(bad.shape[0]) - nan_count
     first = [int(i) for i in bad[0]]
     raise CorruptWeightsError(

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import torch
 
 from ..base.errors import SpectrumError
 from ..weights.checkpoint import ModelWeights
+from ..weights.decoding import decode
 from .loop import TrainingDivergedError
 
 TRAINED_TENSORS_SCHEMA = pa.schema(
@@ -45,16 +46,18 @@ def audit_tensors(before_dir: Path, after_dir: Path, trainable: set[str]) -> pa.
     rows = []
     non_finite: list[str] = []
     for info in before.tensors:
-        old = before.read(info)
+        old_raw = before.read_raw(info)
         new_info = after_infos.get(info.name)
-        new = after.read(new_info) if new_info is not None else None
-        old_digest = _digest(old)
-        new_digest = _digest(new) if new is not None else None
+        new_raw = after.read_raw(new_info) if new_info is not None else None
+        old_digest = hashlib.sha256(old_raw).hexdigest()
+        new_digest = hashlib.sha256(new_raw).hexdigest() if new_raw is not None else None
         changed = new_digest != old_digest
         relative = None
+        old = decode(old_raw, info.dtype, info.shape)
+        new = decode(new_raw, new_info.dtype, new_info.shape) if new_info is not None else None
         if new is not None and new.shape == old.shape:
-            delta = (new.to(torch.float64) - old.to(torch.float64)).norm().item()
-            norm = old.to(torch.float64).norm().item()
+            delta = float(np.linalg.norm((new.astype(np.float64) - old.astype(np.float64)).ravel()))
+            norm = float(np.linalg.norm(old.astype(np.float64).ravel()))
             relative = delta / norm if norm > 0 else (0.0 if delta == 0 else float("inf"))
         rows.append(
             {
@@ -85,9 +88,5 @@ def audit_tensors(before_dir: Path, after_dir: Path, trainable: set[str]) -> pa.
     return table
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+def _finite(values: np.ndarray) -> bool:
+    return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())

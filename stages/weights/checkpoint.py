@@ -1,7 +1,9 @@
 """A model folder's safetensors weights: discovery, validation, and one-tensor-at-a-time reads.
 
-Each read opens the shard, copies one tensor out and closes the shard again, so the memory map
-never accumulates the pages of tensors read earlier: peak memory stays near one tensor.
+Each read copies one tensor (or a block of its rows) out of the shard with a plain positioned
+read: nothing stays mapped, so memory never accumulates the pages of tensors read earlier and
+peak memory stays near one tensor. Reading needs numpy only (no torch): the stored bytes, for
+digests, and their values widened exactly to a numpy dtype (stages.weights.decoding).
 """
 
 from __future__ import annotations
@@ -9,19 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..base.errors import CorruptWeightsError, InputError
 from ..base.files import link_roots, require_inside
+from .decoding import decode, element_size
 from .naming import natural_key
-
-if TYPE_CHECKING:  # torch is imported by safetensors' "pt" framework when a tensor is read, not to read headers (download)
-    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -34,6 +35,16 @@ class TensorInfo:
     shard: str
     dtype: str
     shape: tuple[int, ...]
+    data_offset: int = 0  # where the tensor's bytes start in its shard
+    shard_size: int = 0  # the shard's size in bytes when its header was read (0: not checked)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (the first axis) as stored."""
+        count = element_size(self.dtype)
+        for dim in self.shape[1:]:
+            count *= dim
+        return count
 
     @property
     def parameter_count(self) -> int:
@@ -102,21 +113,34 @@ class ModelWeights:
             digest.update(f"{shard}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """Read one tensor into memory, in its stored dtype."""
-        return self._read(info, lambda handle: handle.get_tensor(info.name))
-
-    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, in its stored dtype; the shard is mapped only while they are copied out."""
-        return self._read(info, lambda handle: handle.get_slice(info.name)[start:stop].contiguous())
-
-    def _read(self, info: TensorInfo, take: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    def read_raw(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The stored bytes (uint8) of rows [start, stop) of a tensor (all of it by default)."""
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else stop
+        size = (stop - start) * (info.row_bytes if info.shape else element_size(info.dtype))
         path = self.root / info.shard
+        buffer = np.empty(size, dtype=np.uint8)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                return take(handle)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+            with path.open("rb", buffering=0) as handle:
+                found = os.fstat(handle.fileno()).st_size
+                if info.shard_size and found != info.shard_size:
+                    raise CorruptWeightsError(
+                        f"cannot read tensor {info.name!r} from {path}: the shard is {found} bytes, its header says "
+                        f"{info.shard_size}; it was truncated or replaced since it was opened; re-download the shard"
+                    )
+                handle.seek(info.data_offset + start * info.row_bytes)
+                got = handle.readinto(memoryview(buffer))
+        except OSError as exc:
             raise CorruptWeightsError(f"cannot read tensor {info.name!r} from {path}: {exc}; re-download the shard") from exc
+        if got != size:
+            raise CorruptWeightsError(f"cannot read tensor {info.name!r} from {path}: the file ends early; re-download the shard")
+        return buffer
+
+    def read(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor (all of it by default), widened exactly to a numpy dtype."""
+        raw = self.read_raw(info, start, stop)
+        rows = (info.shape[0] if stop is None else stop) - start if info.shape else None
+        return decode(raw, info.dtype, (rows, *info.shape[1:]) if info.shape else ())
 
 
 def _shard_list(root: Path) -> tuple[list[str], dict[str, str] | None]:
@@ -168,14 +192,27 @@ def _shard_list(root: Path) -> tuple[list[str], dict[str, str] | None]:
 def _read_header(root: Path, shard: str) -> list[TensorInfo]:
     path = root / shard
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="numpy") as handle:  # validates the header against the file
+            offsets, size = _data_offsets(path)
             infos = []
             for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 view = handle.get_slice(name)
-                infos.append(TensorInfo(name=name, shard=shard, dtype=view.get_dtype(), shape=tuple(view.get_shape())))
+                shape = tuple(view.get_shape())
+                infos.append(
+                    TensorInfo(name=name, shard=shard, dtype=view.get_dtype(), shape=shape, data_offset=offsets[name], shard_size=size)
+                )
             return infos
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise CorruptWeightsError(f"shard {path} is truncated or corrupt ({exc}); re-download it") from exc
+
+
+def _data_offsets(path: Path) -> tuple[dict[str, int], int]:
+    """Where each tensor's bytes start in a safetensors file (an 8-byte header length, the JSON header, then the data), and its size."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        size = os.fstat(handle.fileno()).st_size
+    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}, size
 
 
 def structure_fingerprint(tensors: Iterable[tuple[str, Sequence[int]]]) -> str:
