@@ -233,12 +233,11 @@ def gpu_peak_child(peak_file: Path, module: str, argv: list[str]) -> int:
 
 
 def _worst_difference(table: Path, reference_json: Path) -> float:
-    import pyarrow.parquet as pq
-
     from benchmarks.gpu_scan import worst_difference
+    from stages.base.parquet import read_parquet
     from stages.scan.table import load_reference_json
 
-    ours = {r["module_name"]: r["snr"] for r in pq.read_table(table).to_pylist() if r["scanned"]}
+    ours = {r["module_name"]: r["snr"] for r in read_parquet(table).to_pylist() if r["scanned"]}
     reference = {e.name: e.snr for e in load_reference_json(reference_json) if e.name in ours}
     return worst_difference(ours, reference)
 

@@ -114,9 +114,10 @@ def measure(size: str, selection: str, zero: int, seq_len: int, micro_batch: int
     from transformers import AutoModelForCausalLM
 
     from stages.training.freezing import apply_selection
-    from stages.training.loop import TrainingArrays, TrainSettings, init_distributed, train
+    from stages.training.loop import init_distributed, train
     from stages.training.memory_plan import Setup
     from stages.training.selection import Selection
+    from stages.training.settings import TrainingArrays, TrainSettings
 
     init_distributed()
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # as loop._peak_memory reads it

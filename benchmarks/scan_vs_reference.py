@@ -129,9 +129,9 @@ def main() -> None:
     warm_s, warm_mib = run_child("stages.snr_scan", [str(model_dir), "--out", str(warm_table), *scan_args], work, "ours-warm", env)
 
     ref = {e.name: e.snr for e in load_reference_json(reference_json)}
-    import pyarrow.parquet as pq
+    from stages.base.parquet import read_parquet
 
-    ours = {r["module_name"]: r["snr"] for r in pq.read_table(ours_table).to_pylist() if r["scanned"]}
+    ours = {r["module_name"]: r["snr"] for r in read_parquet(ours_table).to_pylist() if r["scanned"]}
     same_tables = _without_seconds(ours_table) == _without_seconds(warm_table)
     # A tied lm_head is a module of its own to the reference but no tensor of the checkpoint: compared where both have it.
     worst = max(abs(ours[k] - v) / abs(v) for k, v in ref.items() if k in ours and math.isfinite(v) and v != 0)
@@ -153,9 +153,9 @@ def main() -> None:
 
 
 def _without_seconds(table: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+    from stages.base.parquet import read_parquet
 
-    return [{k: v for k, v in row.items() if k != "scan_seconds"} for row in pq.read_table(table).to_pylist()]
+    return [{k: v for k, v in row.items() if k != "scan_seconds"} for row in read_parquet(table).to_pylist()]
 
 
 def _model_folder(args: argparse.Namespace, work: Path) -> Path:

@@ -2,9 +2,9 @@
 
 - `start_prefect()` makes sure a Prefect API answers before a watcher claims a drop or a pipeline
   leases its run: the configured server ($PREFECT_API_URL) is checked, or the temporary server
-  is started here, in the main thread, with a start-up timeout sized for a loaded machine. The
-  temporary server is tied to this process (Linux: PR_SET_PDEATHSIG), so a pipeline killed with
-  kill -9 does not leave its server running.
+  (flows.prefect_server, launched early by `launch_temporary_server`) is waited for, with a
+  start-up timeout sized for a loaded machine. The temporary server is tied to this process
+  (Linux: PR_SET_PDEATHSIG), so a pipeline killed with kill -9 does not leave its server running.
 - Everything Prefect stores or shows (state messages, tracebacks, log lines) goes through
   `scrub`: credentials in URLs and the values of secret-named environment variables become
   `***`. Exceptions leaving a flow or task are replaced by a scrubbed copy (`redacted`), and a
@@ -16,18 +16,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from stages.base.documents import clip
 from stages.base.errors import SpectrumError
 from stages.store.scrub import looks_secret_name, redact
+
+from . import prefect_server
 
 STARTUP_SECONDS = 300  # Prefect's default (20 s) is too short for a 2-core machine starting three watchers at once
 _MIN_ENV_SECRET = 8
@@ -108,14 +106,34 @@ def install_scrubbing() -> None:
                 handler.addFilter(_FILTER)
 
 
+def launch_temporary_server() -> None:
+    """Launch the temporary server now, without waiting for it, unless $PREFECT_API_URL names a server.
+
+    A command calls this first, so that the server boots while it imports Prefect and the pipeline;
+    `start_prefect` then waits for it (or stops it, when a Prefect profile names a server).
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    if "prefect" in sys.modules:  # imported already: its settings (a profile, a test harness) may name a server
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return
+    prefect_server.launch()
+
+
 def start_prefect() -> str:
     """The URL of a Prefect API that answers: the configured one, checked, or the temporary server, started now."""
     import prefect  # noqa: F401 - configures Prefect's logging, which install_scrubbing then covers
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     install_scrubbing()
     url = PREFECT_API_URL.value()
-    if url:
+    launched = prefect_server.launched()
+    if url and (launched is None or url != launched.api_url):
+        if launched is not None:  # a profile names a server: the temporary one launched early is not needed
+            launched.stop()
         from prefect import get_client
 
         with get_client(sync_client=True) as client:
@@ -126,54 +144,15 @@ def start_prefect() -> str:
                 "start the server or correct $PREFECT_API_URL"
             )
         return url
-    from prefect.server.api import server as prefect_server
-
     timeout = max(int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), STARTUP_SECONDS)
-    instance = prefect_server.SubprocessASGIServer()
     try:
-        with _children_die_with_this_process(prefect_server):
-            instance.start(timeout=timeout)
-    except Exception as exc:
+        url = prefect_server.launch().wait(timeout)
+    except prefect_server.ServerStartError as exc:
         raise PrefectUnavailableError(
             f"the temporary Prefect server did not start within {timeout} s ({clip(scrub(str(exc)))}); nothing was claimed or run: "
             "run again, raise $PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set $PREFECT_API_URL to a running server"
         ) from None
-    return instance.api_url
-
-
-@contextmanager
-def _children_die_with_this_process(module: Any) -> Iterator[None]:
-    """While inside, processes `module` starts with subprocess.Popen get SIGTERM when this process dies (Linux only).
-
-    The signal follows the thread that started the child: callers start it from the main thread,
-    which lives as long as the process.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    original = module.subprocess
-    die_with_parent = functools.partial(_die_with_parent, os.getpid())
-
-    class _Subprocess:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(original, name)
-
-        @staticmethod
-        def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - stands in for subprocess.Popen
-            return original.Popen(*args, preexec_fn=die_with_parent, **kwargs)
-
-    module.subprocess = _Subprocess()
-    try:
-        yield
-    finally:
-        module.subprocess = original
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGTERM when the parent dies (and at once if it died already)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
+    # Prefect (here, and in any process this one starts) reaches the server through the setting, as it would a configured one.
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+    return url

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.prefect_api import start_prefect
+from flows.prefect_api import launch_temporary_server, start_prefect
 from stages import compare
 from stages.base.contracts import COMPARE
 from stages.base.errors import InputError
@@ -30,8 +30,10 @@ def run(args: argparse.Namespace) -> str:
         raise InputError("--step does not apply to compare: its arms are runs of their own")
     store = require_store_in(context, COMPARE)
     compare.check(config)  # before Prefect starts: a mistake is one error line, with no server started to reject it
-    start_prefect()
+    launch_temporary_server()  # it boots while the comparison's flow is imported
     from flows.compare import compare_flow
+
+    start_prefect()
 
     outcome = compare_flow(
         config.plain_options(), store.root_uri, run_id=context.run_id, force=context.force, work_dir=_text(context.work_dir)

@@ -51,13 +51,15 @@ def run(args: argparse.Namespace) -> str:
     if not 0 < args.top_percent <= 100:
         raise InputError(f"--top-percent must be in (0, 100], got {args.top_percent:g}")
     workdir = Path(args.workdir).resolve()
-    config = write_inputs(workdir, args.layers, args.top_percent, args.real, args.overwrite)
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))  # Prefect's database, private to the demo
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.prefect_api import start_prefect
+    from flows.prefect_api import launch_temporary_server, start_prefect
 
-    start_prefect()  # the temporary server, tied to this process
+    launch_temporary_server()  # it boots while the inputs are written and the pipeline is imported
+    config = write_inputs(workdir, args.layers, args.top_percent, args.real, args.overwrite)
     from flows.pipeline import pipeline_flow
+
+    start_prefect()  # the temporary server answers, tied to this process
 
     outcome = pipeline_flow(str(config))
     reused = f" ({len(outcome['cached'])} of {len(outcome['ran'])} stages reused)" if outcome["cached"] else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.prefect_api import PrefectUnavailableError, scrub, start_prefect
+from flows.prefect_api import PrefectUnavailableError, launch_temporary_server, scrub, start_prefect
 from stages.base.errors import InputError
 from stages.store import StoreUnavailableError
 
@@ -38,8 +38,10 @@ def run_command(args: argparse.Namespace) -> str:
     # The config, every stage's checks and the re-run options are checked before Prefect is imported or started:
     # a mistake is one error line, with no temporary server started just to reject it.
     check_rerun(load_pipeline_config(args.config), args.only, args.from_stage, args.force, args.run)
-    start_prefect()
+    launch_temporary_server()  # it boots while the pipeline is imported
     from flows.pipeline import pipeline_flow
+
+    start_prefect()
 
     outcome = pipeline_flow(args.config, only=args.only, from_stage=args.from_stage, force=args.force, run=args.run)
     lines = [*outcome["lines"], f"pipeline run {outcome['run_id']}:"]

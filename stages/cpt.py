@@ -20,7 +20,6 @@ from typing import Any
 from .base.contracts import CPT, DOWNLOAD
 from .core.cli import stage_main
 from .core.stage import From, Stage, StageContext, StageResult, option
-from .training.loop import TrainingArrays
 from .training.packing import pack
 from .training.runner import (
     DATA_HELP,
@@ -32,6 +31,7 @@ from .training.runner import (
     run_training,
     trained_model,
 )
+from .training.settings import TrainingArrays
 
 
 @dataclass

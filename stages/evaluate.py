@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import snr_scan
 from .base.contracts import (
@@ -50,6 +49,7 @@ from .base.contracts import (
 )
 from .base.errors import CorruptWeightsError, InputError
 from .base.files import all_files, ensure_writable, write_atomic
+from .base.parquet import read_parquet
 from .core.cli import stage_main
 from .core.execution import Produced, StageRun, execute_plan, plan_stage, require_store_in
 from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
@@ -441,7 +441,7 @@ def _drift(config: EvaluateConfig, context: StageContext, sources: Sources) -> p
     for qualifier, location in ((f"{own}_base", sources.base), (own, sources.trained)):
         scan = snr_scan.STAGE.run_as_step(snr_scan.ScanConfig(model_dir=location, device=config.device), context, qualifier)
         data, _ = read_table_output(context.store, scan.manifest, SNR_TABLE)
-        tables.append(pq.read_table(pa.BufferReader(data), use_threads=False))
+        tables.append(read_parquet(data))
     return snr_drift(*tables)
 
 

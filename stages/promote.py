@@ -14,11 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from .base.contracts import DECISION_FILE, EVALUATE, EVALUATION_TABLE, PROMOTE
 from .base.errors import InputError
+from .base.parquet import read_parquet
 from .core.cli import stage_main
 from .core.execution import Produced, StageRun, execute_stage, require_store_in
 from .core.stage import From, Stage, StageConfig, StageContext, StageResult, option
@@ -69,7 +67,7 @@ def run(config: PromoteConfig, context: StageContext) -> StageResult[dict[str, A
     parameters = {"rules": gate.to_rules(), "evaluate_run": str(evaluated)}
 
     def produce(stage: StageRun) -> Produced[dict[str, Any]]:
-        rows = pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
+        rows = read_parquet(data).to_pylist()
         decision = decide(gate, rows, evaluated)
         return Produced([stage.put_bytes(DECISION_FILE, _json(decision))], decision)
 

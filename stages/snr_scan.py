@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import __version__
 from .base.contracts import DOWNLOAD, REFERENCE_JSON_FILE, SNR_SCAN, SNR_TABLE
 from .base.errors import InputError
 from .base.files import ensure_distinct, ensure_writable, write_atomic
+from .base.parquet import read_parquet
 from .base.patterns import compile_pattern
 from .core.cli import stage_main
 from .core.execution import Produced, StageRun, execute_stage
@@ -114,7 +114,7 @@ def _run_in_store(config: ScanConfig, context: StageContext, store: ArtifactStor
         local = replace(config, output=str(work / "snr.parquet"), reference_json=None, overwrite=True)
         result = scan_to_table(local, context.progress, keep_journal=True)
         outputs = [
-            run_dir.write_table(SNR_TABLE, pq.read_table(result.output, use_threads=False)),
+            run_dir.write_table(SNR_TABLE, read_parquet(result.output)),
             run_dir.put_bytes(REFERENCE_JSON_FILE, reference_json(result.rows).encode()),
         ]
         shutil.rmtree(work, ignore_errors=True)

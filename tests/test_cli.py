@@ -280,7 +280,7 @@ print(" ".join(sorted(sys.modules)))
     [
         (["--version"], ("torch", "prefect", "deepspeed", "stages.store", "stages.core", "pyarrow", "pandas")),
         (["--help"], ("torch", "prefect", "deepspeed", "stages.store", "stages.core", "pyarrow", "pandas")),
-        (["scan", "--help"], ("prefect", "deepspeed", "stages.training", "stages.cpt", "mlflow", "matplotlib")),
+        (["scan", "--help"], ("torch", "transformers", "prefect", "deepspeed", "stages.training", "stages.cpt", "mlflow", "matplotlib")),
         (["runs", "--help"], ("torch", "prefect", "deepspeed", "mlflow")),
     ],
 )
@@ -307,6 +307,33 @@ def test_training_imports_deepspeed_without_mlflow_and_tracking_still_can():
     done = subprocess.run([sys.executable, "-c", _DEEPSPEED_THEN_MLFLOW], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False", "MlflowClient"]
+
+
+_PIPELINE_IMPORTS = """
+import sys
+import flows.pipeline
+from stages.base.environment import cuda_available
+print(cuda_available(), " ".join(sorted(m for m in ("torch", "transformers", "deepspeed", "matplotlib") if m in sys.modules)))
+"""
+
+
+def test_the_pipeline_imports_no_training_library_until_a_stage_trains():
+    """A pipeline whose stages are all reused (a demo run again) reads settings and plans without torch or DeepSpeed."""
+    done = subprocess.run([sys.executable, "-c", _PIPELINE_IMPORTS], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    if not Path("/proc/driver/nvidia/version").exists():  # no NVIDIA driver: whether CUDA is there is known without torch
+        assert done.stdout.split() == ["False"]
+
+
+def test_cuda_available_asks_torch_where_a_driver_is_loaded(monkeypatch):
+    import torch
+
+    from stages.base import environment
+
+    real_exists = environment.os.path.exists
+    monkeypatch.setattr(environment.os.path, "exists", lambda path: path == "/proc/driver/nvidia/version" or real_exists(path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert environment.cuda_available()
 
 
 def test_every_command_builds_and_each_stage_command_is_its_stage_s():

@@ -66,8 +66,8 @@ def test_a_credential_in_the_config_never_reaches_prefects_database(prefect_api,
 def test_the_temporary_prefect_server_dies_with_a_killed_pipeline(tmp_path):
     """kill -9 of the process that started it (an OOM kill): its temporary server must not live on under PID 1."""
     probe = (
-        "import time; from flows.prefect_api import start_prefect; from prefect.server.api.server import SubprocessASGIServer; "
-        "start_prefect(); print(SubprocessASGIServer().server_process.pid, flush=True); time.sleep(3600)"
+        "import time; from flows.prefect_api import start_prefect; from flows import prefect_server; "
+        "start_prefect(); print(prefect_server.launched().process.pid, flush=True); time.sleep(3600)"
     )
     env = child_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_API_URL="")
     process = subprocess.Popen([sys.executable, "-c", probe], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
@@ -92,19 +92,42 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_temporary_server_that_does_not_start_is_one_error_line(monkeypatch):
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows import prefect_server
     from flows.prefect_api import STARTUP_SECONDS, start_prefect
 
     waited = []
 
-    def slow_start(self, timeout=None):
-        waited.append(timeout)
-        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+    class Silent:
+        def wait(self, timeout):
+            waited.append(timeout)
+            raise prefect_server.ServerStartError(f"no answer from http://127.0.0.1:1/api/health within {timeout} s")
 
-    monkeypatch.setattr(SubprocessASGIServer, "start", slow_start)
+    monkeypatch.setattr(prefect_server, "launch", Silent)
     with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(PrefectUnavailableError) as caught:
         start_prefect()
     assert waited == [STARTUP_SECONDS] and "\n" not in str(caught.value)
-    assert str(caught.value).startswith(f"the temporary Prefect server did not start within {STARTUP_SECONDS} s (Timed out")
+    assert str(caught.value).startswith(f"the temporary Prefect server did not start within {STARTUP_SECONDS} s (no answer")
+
+
+def test_a_temporary_server_that_exits_names_its_status_and_error_and_a_taken_port_is_retried(monkeypatch, tmp_path):
+    """uvicorn exits 3 when its port is taken: launched again on another port; any other exit is the error, with its stderr."""
+    from flows import prefect_server
+
+    exits = iter([prefect_server.PORT_IN_USE, 1])
+    ports = []
+
+    def spawn(port, errors):
+        ports.append(port)
+        code = next(exits)
+        script = f"import sys; sys.stderr.write('port {port}: database is locked'); sys.exit({code})"
+        return subprocess.Popen([sys.executable, "-c", script], stderr=errors)
+
+    monkeypatch.setattr(prefect_server, "_spawn", spawn)
+    monkeypatch.setattr(prefect_server, "_launched", None)
+    server = prefect_server.launch()
+    with pytest.raises(prefect_server.ServerStartError) as caught:
+        server.wait(timeout=120)  # a hang guard
+    assert len(ports) == 2 and ports[0] != ports[1]
+    assert str(caught.value) == f"the server process exited with status 1: port {ports[1]}: database is locked"

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from ..base.errors import InputError
@@ -59,54 +58,58 @@ def windows(ids: list[int], seq_len: int) -> list[list[int]]:
     return [ids[start : start + seq_len] for start in range(0, len(ids), seq_len) if len(ids) - start >= 2]
 
 
-@torch.no_grad()
 def likelihood(model: Any, ids: list[int], seq_len: int, batch_size: int, what: str, progress: bool | None = None) -> Likelihood:
     """The summed NLL of every predicted token of `ids` (see the module docstring)."""
-    chunks = windows(ids, seq_len)
-    if not chunks:
-        raise InputError(f"{what} has fewer than 2 tokens: nothing to evaluate")
-    model.eval()
-    device = next(model.parameters()).device
-    total, predicted = 0.0, 0
-    batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
-    for batch in tqdm(batches, desc=f"perplexity {what}", unit="batch", disable=None if progress is None else not progress):
-        width = max(len(w) for w in batch)
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, window in enumerate(batch):
-            input_ids[row, : len(window)] = torch.tensor(window)
-            mask[row, : len(window)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        targets = input_ids[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-        keep = mask[:, 1:].to(device).bool()
-        total += float(losses[keep].double().sum())
-        predicted += int(keep.sum())
-    return Likelihood(total, predicted)
+    import torch
+
+    with torch.no_grad():  # torch imported here: the pipeline reads Likelihood without it
+        chunks = windows(ids, seq_len)
+        if not chunks:
+            raise InputError(f"{what} has fewer than 2 tokens: nothing to evaluate")
+        model.eval()
+        device = next(model.parameters()).device
+        total, predicted = 0.0, 0
+        batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
+        for batch in tqdm(batches, desc=f"perplexity {what}", unit="batch", disable=None if progress is None else not progress):
+            width = max(len(w) for w in batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, window in enumerate(batch):
+                input_ids[row, : len(window)] = torch.tensor(window)
+                mask[row, : len(window)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            targets = input_ids[:, 1:].to(device)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            keep = mask[:, 1:].to(device).bool()
+            total += float(losses[keep].double().sum())
+            predicted += int(keep.sum())
+        return Likelihood(total, predicted)
 
 
-@torch.no_grad()
 def assistant_loss(model: Any, rows: list[tuple[list[int], list[int]]], batch_size: int, progress: bool | None = None) -> Likelihood:
     """Summed NLL of the assistant tokens (labels != -100) of tokenised chat rows, as sft's loss counts them."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, predicted = 0.0, 0
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    for batch in tqdm(batches, desc="sft eval loss", unit="batch", disable=None if progress is None else not progress):
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(row_labels)
-            mask[row, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        targets = labels[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none", ignore_index=-100)
-        keep = targets != -100
-        total += float(losses[keep].double().sum())
-        predicted += int(keep.sum())
-    if not predicted:
-        raise InputError("the held-out chat rows have no assistant tokens within --seq-len: nothing to evaluate")
-    return Likelihood(total, predicted)
+    import torch
+
+    with torch.no_grad():  # torch imported here: the pipeline reads Likelihood without it
+        model.eval()
+        device = next(model.parameters()).device
+        total, predicted = 0.0, 0
+        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        for batch in tqdm(batches, desc="sft eval loss", unit="batch", disable=None if progress is None else not progress):
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (ids, row_labels) in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                labels[row, : len(ids)] = torch.tensor(row_labels)
+                mask[row, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            targets = labels[:, 1:].to(device)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none", ignore_index=-100)
+            keep = targets != -100
+            total += float(losses[keep].double().sum())
+            predicted += int(keep.sum())
+        if not predicted:
+            raise InputError("the held-out chat rows have no assistant tokens within --seq-len: nothing to evaluate")
+        return Likelihood(total, predicted)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..base.environment import cuda_available
 from ..base.errors import InputError
 from ..weights.decoding import decode, element_size
 
@@ -33,17 +34,15 @@ BLOCK_ELEMENTS = 1 << 22  # float64 elements cast at a time (32 MiB)
 def resolve_device(requested: str) -> str:
     """The device a scan runs on, as `cpu` or `cuda[:N]`: `auto` picks CUDA when present; an explicit `cuda` without a GPU is an error.
 
-    `cpu` imports no torch; the others ask torch whether a GPU is there.
+    `cpu` imports no torch; the others ask torch whether a GPU is there (where an NVIDIA driver is loaded).
     """
     if requested == "cpu":
         return "cpu"
     if requested != "auto" and not re.fullmatch(r"cuda(:\d+)?", requested or ""):
         raise InputError(f"unknown --device {requested!r}; use cpu, cuda, cuda:N or auto")
-    import torch
-
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if not cuda_available():
         raise InputError(f"--device {requested} was asked for but no CUDA GPU is available; use --device cpu or auto")
     return requested
 
@@ -124,6 +123,8 @@ class TorchBackend:
         return self.torch.zeros((n, n), dtype=self.torch.float64, device=self.device)
 
     def all_finite(self, values: Any) -> bool:
+        if values.element_size() == 1:  # float8: CUDA has no isfinite for it; float16 holds every float8 value
+            values = values.to(self.torch.float16)
         return bool(self.torch.isfinite(values).all())
 
     def eigvalsh(self, gram: Any) -> np.ndarray:

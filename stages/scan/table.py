@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from ..base.errors import InputError
 from ..base.files import write_atomic
+from ..base.parquet import read_parquet
 
 SNR_SCHEMA = pa.schema(
     [
@@ -72,8 +73,7 @@ def read_snr_table(source: Path | bytes, where: str | None = None) -> pa.Table:
     """Read an SNR table from a local file or from bytes fetched from the store (`where` names them)."""
     where = where or str(source)
     try:
-        # use_threads=False: pyarrow 26 can abort at interpreter exit after threaded reads (apache/arrow#34314)
-        table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source, use_threads=False)
+        table = read_parquet(source)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"{where} is not a readable Parquet SNR table: {exc}") from exc
     missing = [name for name in ("tensor_name", "module_type", "snr", "scanned") if name not in table.column_names]

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from ..base.contracts import SUCCEEDED
 from ..base.errors import InputError
+from ..base.parquet import read_parquet
 from .base import ArtifactStore, ObjectInfo
 from .errors import ArtifactNotFoundError, StoreError
 from .keys import NAME, validate_name
@@ -47,7 +48,7 @@ def table_rows(store: ArtifactStore, manifest: Manifest, table_name: str, *, req
     if not required and not any(o.get("key") == table_key(table_name, manifest.stage, manifest.run_id) for o in manifest.outputs):
         return None
     data, _ = read_table_output(store, manifest, table_name)
-    return pq.read_table(pa.BufferReader(data), use_threads=False).to_pylist()
+    return read_parquet(data).to_pylist()
 
 
 def write_table(store: ArtifactStore, table_name: str, table: pa.Table, *, stage: str, run_id: str) -> ObjectInfo:
@@ -117,7 +118,7 @@ def read_table(store: ArtifactStore, table_name: str, *, run_id: str | None = No
     for key, manifest in _committed_partitions(store, table_name, run_id).items():
         data, _ = store.read_recorded(manifest.recorded_output(key))
         try:
-            table = pq.read_table(pa.BufferReader(data), use_threads=False)
+            table = read_parquet(data)
         except (OSError, pa.ArrowInvalid) as exc:
             raise StoreError(f"reading table {table_name!r} from {store.uri(key)} failed: {exc}") from exc
         n = table.num_rows

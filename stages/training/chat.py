@@ -24,8 +24,8 @@ import numpy as np
 from ..base.errors import InputError
 from ..base.files import all_files, write_atomic
 from ..data.drops import iter_records
-from .loop import TrainingArrays
 from .packing import is_heldout
+from .settings import TrainingArrays
 
 IGNORE = -100
 MODEL_TEMPLATE = "the model's chat template"

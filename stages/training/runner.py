@@ -16,13 +16,13 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import torch
 
 from ..base.contracts import (
     HELDOUT_DATA_FILE,
@@ -33,6 +33,7 @@ from ..base.contracts import (
     TRAINING_FILE,
     TRAINING_METRICS_TABLE,
 )
+from ..base.environment import cuda_available
 from ..base.errors import InputError, OutputExistsError
 from ..base.files import all_files, ensure_writable_folder
 from ..core.execution import Produced, StageRun, execute_plan, plan_stage, require_store_in
@@ -41,19 +42,13 @@ from ..store import ArtifactStore, Manifest, ObjectInfo, StageRef
 from ..store.trees import file_ref, local_copy
 from ..weights.checkpoint import ModelWeights
 from .checkpoints import CHECKPOINTS, publish_checkpoint, restore_latest
-from .freezing import FreezeReport, apply_selection, enable_checkpointing
-from .loop import (
-    TrainingArrays,
-    TrainSettings,
-    deepspeed_config,
-    disk_errors,
-    require_fits,
-    same_on_every_rank,
-    train,
-)
 from .selection import Selection, load_selection
+from .settings import TrainingArrays, TrainSettings, deepspeed_config
 from .tensor_audit import audit_tensors
 from .worklock import work_folder_lock
+
+if TYPE_CHECKING:  # torch, DeepSpeed and the training loop are imported where a run trains: a reused run needs none of them
+    from .freezing import FreezeReport
 
 ZERO_STAGES = (0, 1, 2, 3)
 FP32_MAX = 3.4028234663852886e38
@@ -146,7 +141,11 @@ def run_training(
     rank = int(os.environ.get("RANK", "0"))
     # Rank 0 holds the work folder's lock until its commit: an identical run on this machine waits, then reuses it.
     with work_folder_lock(context.work_root(), key) if rank == 0 else contextlib.nullcontext():
-        reused = same_on_every_rank(not context.force and plan.committed() is not None)
+        reused = not context.force and plan.committed() is not None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one decision, however the ranks timed it
+            from .loop import same_on_every_rank
+
+            reused = same_on_every_rank(reused)
         if reused:  # execute_stage returns the committed run: no tokenizer (transformers' import) is needed for it
             data = tokenizer = None
         else:
@@ -158,6 +157,8 @@ def run_training(
             return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused)
 
         def produce(stage: StageRun) -> Produced[TrainingResult]:
+            from .loop import disk_errors, train
+
             work = context.work_root() / stage.cache_key
             checkpoints = work / CHECKPOINTS
             restored = restore_latest(store, stage_name, stage.cache_key, checkpoints)  # an unfinished run's work, from any machine
@@ -203,7 +204,8 @@ def run_training(
             return Produced(outputs, TrainingResult(None, freeze, data, outcome.metrics, outcome.resumed_from_step))
 
         outcome = execute_plan(plan, produce)
-        if torch.distributed.is_initialized():
+        torch = sys.modules.get("torch")  # not imported: no process group
+        if torch is not None and torch.distributed.is_initialized():
             torch.distributed.barrier()  # the workers wait for the commit (or its failure) before they exit
         work = context.work_root() / key
         try:
@@ -277,6 +279,10 @@ def _train_as_worker(stage_name, config, context, key, model_dir, selection, set
     """
     if reused:
         return StageResult(stage_name, (f"rank {rank}: reusing the committed run",), cached=True)
+    import torch
+
+    from .loop import train
+
     checkpoints = context.work_root() / key / CHECKPOINTS
     model, _ = _load_model(model_dir, selection, config)
     train(model, data.arrays, settings, checkpoints, progress=False)
@@ -332,9 +338,7 @@ def _float_options(config: TrainingConfig) -> dict[str, float]:
 
 
 def _settings(config: TrainingConfig) -> TrainSettings:
-    import torch
-
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available())
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda_available())
     return TrainSettings(
         max_steps=config.max_steps,
         micro_batch_size=config.micro_batch_size,
@@ -369,6 +373,7 @@ def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingCon
     import torch
     from transformers import AutoConfig
 
+    from .loop import require_fits
     from .memory_plan import PlannedModel, Setup, meta_model, trainable_of
 
     skeleton = meta_model(AutoConfig.from_pretrained(str(model_dir)))
@@ -397,6 +402,8 @@ def _load_model(model_dir: Path, selection: Selection | None, config: TrainingCo
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .freezing import enable_checkpointing
+
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.config.use_cache = False
@@ -412,6 +419,8 @@ def _load_model(model_dir: Path, selection: Selection | None, config: TrainingCo
 
 def _freeze(model, selection: Selection | None, config: TrainingConfig) -> FreezeReport:
     """The selection applied; with LoRA, the report names the weights the adapters change (merged after training)."""
+    from .freezing import FreezeReport, apply_selection
+
     if not config.lora_rank:
         return apply_selection(model, selection)
     from peft import LoraConfig, get_peft_model
@@ -435,6 +444,8 @@ def _with_lora(model, rank: int):
 
 def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer) -> None:
     """The trained weights in the base checkpoint's dtypes (a frozen bf16 tensor round-trips bit-exactly)."""
+    import torch
+
     stored = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     dtypes = {info.name: stored[info.dtype] for info in ModelWeights.open(base_dir).tensors if info.dtype in stored}
     converted = {name: tensor.to(dtypes.get(name, tensor.dtype)).contiguous() for name, tensor in state_dict.items()}

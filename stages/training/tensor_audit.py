@@ -17,7 +17,7 @@ import pyarrow as pa
 from ..base.errors import SpectrumError
 from ..weights.checkpoint import ModelWeights
 from ..weights.decoding import decode
-from .loop import TrainingDivergedError
+from .settings import TrainingDivergedError
 
 TRAINED_TENSORS_SCHEMA = pa.schema(
     [
