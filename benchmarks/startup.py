@@ -4,13 +4,17 @@ and a first training start in a fresh venv or container (no compiled DeepSpeed o
 Each measurement is a child process timed by the parent, its peak RSS read from /proc (VmHWM, via resource.getrusage of
 the child). Run on a quiet machine: a busy one inflates imports most.
 
-    python benchmarks/startup.py [--repeat 5] [--no-training]
+    python benchmarks/startup.py [--repeat 5] [--no-training] [--demo]
+
+--demo also times `spectrum demo --generations 3` (what `make demo` runs): its first start in a fresh workdir, then
+--repeat runs again, every stage reused and every drop decided (the median is the cached demo's time).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-training", action="store_true", help="skip the first-training-start measurement (minutes)")
+    parser.add_argument("--demo", action="store_true", help="also time `spectrum demo --generations 3`, first and cached (minutes)")
     parser.add_argument("--workdir", default="benchmark-run/startup")
     args = parser.parse_args()
     spectrum = [sys.executable, "-m", "spectrum_cli.main"]
@@ -88,6 +93,18 @@ def main() -> None:
         print(
             f"\nfirst training start, fresh TORCH_EXTENSIONS_DIR: op compiled {compiled:.1f} s, ours {ours:.1f} s ({ours / compiled:.2f})"
         )
+    if args.demo:
+        demo = Path(tempfile.mkdtemp(prefix="demo-"))
+        command = [*spectrum, "demo", "--workdir", str(demo), "--generations", "3"]
+        first, first_rss = timed(command)
+        cached = [timed(command) for _ in range(args.repeat)]
+        walls = sorted(w for w, _ in cached)
+        print(
+            f"\nspectrum demo --generations 3: first start {first:.1f} s ({first_rss:.0f} MiB); cached (every stage reused) "
+            f"median {statistics.median(walls):.2f} s, range {walls[0]:.2f}-{walls[-1]:.2f} s over {len(walls)} runs, "
+            f"peak {max(m for _, m in cached):.0f} MiB"
+        )
+        shutil.rmtree(demo, ignore_errors=True)
 
 
 if __name__ == "__main__":
