@@ -153,8 +153,9 @@ def scan_to_table(config: ScanConfig, progress: bool | None = None, keep_journal
     done = partial.load()
     to_scan = [info for info, reason in plan if reason is None and info.name not in done]
     rows: dict[str, dict] = dict(done)
-    # The roles come from the model's class, built by transformers (2-3 s of imports): resolved in a
-    # thread while the matrices are decomposed, whose LAPACK calls release the GIL. Building it swaps
+    # The roles come from the model's class, built by transformers (2-3 s of imports) on a model's first
+    # scan, then from the cache (stages.weights.roles): resolved in a thread while the matrices are
+    # decomposed, whose LAPACK calls release the GIL. Building it swaps
     # process-wide state for a moment (warnings filters; transformers' no_init_weights makes
     # torch.nn.init a no-op): the scan's workers use neither, but a caller must not build models in
     # another thread of this process during a scan.

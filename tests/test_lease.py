@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 import threading
@@ -106,6 +107,48 @@ def test_a_holder_that_cannot_renew_stops_its_work_before_the_lease_expires(tmp_
         stopped_at = time.time()
     assert stopped_at - lease.last_renewed < lease.timeout  # stopped while the lease was still its own
     assert caught.value.exit_code == 2
+
+
+_BACKGROUND_HOLDER = """
+import signal, sys, time
+from pathlib import Path
+from stages.store import FileStore
+from stages.store.errors import StoreUnavailableError
+from stages.store.lease import LeaseLostError, acquire_lease
+
+class Down(FileStore):
+    down = False
+    def put_bytes(self, key, data):
+        if self.down:
+            raise StoreUnavailableError("the store is down")
+        return super().put_bytes(key, data)
+
+store = Down(Path(sys.argv[1]))
+lease = acquire_lease(store, "locks/bg", {"pid": 1}, timeout=1.0)
+started = time.monotonic()
+try:
+    with lease.heartbeat():  # the default on_lost: interrupt the main thread
+        store.down = True
+        while time.monotonic() < started + 60:  # the work; a hang guard
+            time.sleep(0.05)
+except LeaseLostError:
+    pass
+print("stopped" if time.monotonic() - started < 30 else "worked-on", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+"""
+
+
+def test_a_holder_started_in_the_background_with_sigint_ignored_still_stops_its_work(tmp_path):
+    """`nohup spectrum watch … &` inherits SIGINT ignored, where interrupt_main alone does nothing."""
+    done = subprocess.run(
+        [sys.executable, "-c", _BACKGROUND_HOLDER, str(tmp_path / "store")],
+        env=child_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 - as a background shell job starts
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["stopped", "True"]  # stopped, and SIGINT ignored again afterwards
 
 
 def test_two_processes_with_one_run_id_one_fails_at_once_and_writes_nothing(tmp_path):

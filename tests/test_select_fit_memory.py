@@ -101,14 +101,14 @@ def test_the_chosen_selection_passes_cpt_s_pre_flight_check_with_the_same_plan(t
     """One estimate: cpt's check (stages.training.runner._check_fit) on a GPU plans the bytes select recorded."""
     import torch
 
-    from stages.training import runner
+    from stages.training import loop, runner
     from stages.training.selection import load_selection
 
     result = fitted(tiny_snr_table, tmp_path / "fit", between(planner, tiny_snr_table, 0.5))
     checked: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", str(SETUP["gpus"]))
-    monkeypatch.setattr(runner, "require_fits", lambda needed, where: checked.append(needed))
+    monkeypatch.setattr(loop, "require_fits", lambda needed, where: checked.append(needed))  # imported by _check_fit when it runs
     config = runner.TrainingConfig(model=str(tiny_model), data="d", seq_len=64, zero_stage=0, precision="bf16")
     selection = load_selection(str(tmp_path / "fit" / "selection.json"), None, None)
     runner._check_fit(tiny_model, selection, config, runner._settings(config))

@@ -38,8 +38,11 @@ def runtime_environment() -> dict[str, Any]:
 
 
 def cuda_available() -> bool:
-    """torch.cuda.is_available(), without importing torch (~1 s) on a Linux machine with no NVIDIA driver loaded."""
-    if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version"):
+    """torch.cuda.is_available(), without importing torch (~1 s) on a Linux machine with no NVIDIA driver loaded.
+
+    A loaded driver shows in /proc/driver/nvidia and /dev/nvidiactl (a container given a GPU sees both).
+    """
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")):
         return False
     import torch
 

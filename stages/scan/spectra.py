@@ -25,7 +25,7 @@ import numpy as np
 
 from ..base.environment import cuda_available
 from ..base.errors import InputError
-from ..weights.decoding import decode, element_size
+from ..weights.decoding import decode
 
 SVD_METHODS = ("gram", "svd")
 BLOCK_ELEMENTS = 1 << 22  # float64 elements cast at a time (32 MiB)
@@ -107,7 +107,7 @@ class TorchBackend:
 
     def decode(self, raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> Any:
         if dtype not in _TORCH_DTYPES:
-            element_size(dtype)  # raises: an unknown dtype
+            raise InputError(f"the scan decomposes floating-point tensors ({', '.join(_TORCH_DTYPES)}), not {dtype}")
         stored = self.torch.frombuffer(raw, dtype=getattr(self.torch, _TORCH_DTYPES[dtype])).reshape(shape)
         return stored.to(self.device)
 

@@ -19,9 +19,11 @@ holders' clocks: machines sharing a store must keep their clocks roughly in sync
 from __future__ import annotations
 
 import _thread
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -232,18 +234,43 @@ class Lease:
             )
 
         thread = threading.Thread(target=beat, daemon=True, name=f"lease-{self.folder}")
-        thread.start()
-        try:
-            yield self
-        except KeyboardInterrupt:
-            if lost.is_set():  # our own on_lost interrupted the work
-                raise lost_error() from None
-            raise
-        finally:
-            stop.set()
-            thread.join()
+        with _interruptible(lost) if on_lost is None else contextlib.nullcontext():
+            thread.start()
+            try:
+                yield self
+            except KeyboardInterrupt:
+                if lost.is_set():  # our own on_lost interrupted the work
+                    raise lost_error() from None
+                raise
+            finally:
+                stop.set()
+                thread.join()
         if lost.is_set():
             raise lost_error()
+
+
+@contextmanager
+def _interruptible(lost: threading.Event) -> Iterator[None]:
+    """Make `_thread.interrupt_main` reach the main thread while inside, even where SIGINT is ignored.
+
+    A process started in the background (`nohup spectrum watch … &`, a non-interactive shell's `&`)
+    inherits SIGINT ignored, and then interrupt_main does nothing: a holder that lost its lease would
+    work on while another took it over. Here SIGINT gets a handler that stops the work once the lease
+    is lost and otherwise keeps ignoring it, as the process asked.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+
+    def stop_if_lost(signum: int, frame: object) -> None:
+        if lost.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop_if_lost)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _state(store: ArtifactStore, folder: str, keys: list[str], default_timeout: float) -> LeaseState | None:
