@@ -64,7 +64,8 @@ from stages.base.errors import SpectrumError  # noqa: E402
 
 SECTIONS = ("scan", "train", "resume")
 TRAIN_ARMS = ("full", "spectrum-25", "spectrum-25-depth-aware", f"lora-{LORA_RANK}")
-SETUPS = {"ZeRO-2": (2, ()), "ZeRO-3 + checkpointing": (3, ("--gradient-checkpointing",))}
+SETUPS = {"ZeRO-1": (1, ()), "ZeRO-2": (2, ()), "ZeRO-3 + checkpointing": (3, ("--gradient-checkpointing",))}
+DEFAULT_SETUPS = ("ZeRO-2", "ZeRO-3 + checkpointing")
 TINY_SHAPE = Shape(layers=4, hidden=64, intermediate=176, vocab=512)
 RESUME_SHAPE = Shape(layers=4, hidden=512, intermediate=1408, vocab=8192)  # resume is about correctness, not scale
 RESUME_STEPS, RESUME_SAVE = 4, 2  # checkpoint after step 2 of 4; the run is killed once it is complete
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(ROOT / "benchmark-run" / "gpu-acceptance"))
     parser.add_argument("--steps", type=int, help="training steps per arm (default 12; 4 with --tiny)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the parts of the table to run")
+    parser.add_argument(
+        "--setups", nargs="+", choices=list(SETUPS), default=list(DEFAULT_SETUPS), help="the training setups (default: ZeRO-2, ZeRO-3)"
+    )
     parser.add_argument("--shape", type=_shape, help="the scan and training model: LAYERS,HIDDEN,INTERMEDIATE,VOCAB")
     parser.add_argument("--seq-len", type=int, help=f"training sequence length (default {ONE_B_SEQ_LEN}; 64 with --tiny)")
     parser.add_argument("--read-child", metavar="MODEL", help=argparse.SUPPRESS)
@@ -119,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: no CUDA device here; run with --device cpu (and --tiny for a quick check)", file=sys.stderr)
             return 2
-    return run(args.device, args.tiny, Path(args.workdir), steps, tuple(args.sections), args.shape, args.seq_len)
+    return run(args.device, args.tiny, Path(args.workdir), steps, tuple(args.sections), args.shape, args.seq_len, tuple(args.setups))
 
 
 def run(
     device: str, tiny: bool, work: Path, steps: int, sections: tuple[str, ...] = SECTIONS, shape: Shape | None = None,
-    seq_len: int | None = None,
+    seq_len: int | None = None, setups: tuple[str, ...] = DEFAULT_SETUPS,
 ) -> int:  # fmt: skip
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,7 @@ def run(
     rows = scan_rows(work, model, table, device) if "scan" in sections else []
     if "train" in sections:
         selections = arms(work, scan(model, table), TRAIN_ARMS)  # our scan's table, or made here if that child failed
-        rows += training_rows(work, model, drop, selections, steps, seq_len, device)
+        rows += training_rows(work, model, drop, selections, steps, seq_len, device, setups)
     resume_model = None
     if "resume" in sections:
         resume_model, _ = generate(work, resume_shape, "bfloat16")
@@ -246,11 +250,13 @@ def _worst_difference(table: Path, reference_json: Path) -> float:
 
 
 def training_rows(
-    work: Path, model: Path, drop: Path, selections: dict, steps: int, seq_len: int, device: str
+    work: Path, model: Path, drop: Path, selections: dict, steps: int, seq_len: int, device: str,
+    setups: tuple[str, ...] = DEFAULT_SETUPS,
 ) -> list[Row]:  # fmt: skip
     """Each arm at each setup in its own cpt process, with the planner's prediction beside the measured peak."""
     rows = []
-    for setup, (zero, extra) in SETUPS.items():
+    for setup in setups:
+        zero, extra = SETUPS[setup]
         section = f"train {setup}"
         measured: dict[str, Row] = {}
         for arm in TRAIN_ARMS:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_acceptance
-from benchmarks.gpu_acceptance import RESUME_SAVE, RESUME_TOLERANCE, SETUPS, TRAIN_ARMS
+from benchmarks.gpu_acceptance import DEFAULT_SETUPS, RESUME_SAVE, RESUME_TOLERANCE, TRAIN_ARMS
 
 from .helpers import child_env
 
@@ -40,7 +40,7 @@ def test_the_tiny_run_on_the_cpu_fills_every_row(tmp_path):
     document = json.loads((work / "acceptance.json").read_text())
     assert document["failed"] == 0
     rows = {(row["section"], row["case"]): row for row in document["rows"]}
-    training = [(f"train {setup}", arm) for setup in SETUPS for arm in TRAIN_ARMS]
+    training = [(f"train {setup}", arm) for setup in DEFAULT_SETUPS for arm in TRAIN_ARMS]
     scan = [("scan", "I/O floor: read every tensor"), ("scan", "reference approach"), ("scan", "ours (python -m stages.snr_scan)")]
     resume = [key for key in rows if key[0] == "resume"]
     assert list(rows) == [*scan, *training, *resume] and len(resume) == 3
@@ -56,7 +56,7 @@ def test_the_tiny_run_on_the_cpu_fills_every_row(tmp_path):
         assert rows[key]["status"] == "ok", rows[key]
         positive(rows[key], *MEASURED, "planned_mib", "planned_ratio")
         assert rows[key]["values"]["first_loss"] > 0 and "->" in rows[key]["loss"]
-    for setup in SETUPS:
+    for setup in DEFAULT_SETUPS:
         assert rows[(f"train {setup}", "full")]["time_ratio"] == 1.0
 
     uninterrupted, resumed, difference = (rows[key] for key in resume)
@@ -111,6 +111,7 @@ def test_cuda_without_a_gpu_is_refused(capsys):
         (["--shape", "0,128,256,512"], "every number must be positive"),
         (["--seq-len", "1"], "--seq-len must be at least 2, got 1"),
         (["--sections", "plan"], "invalid choice: 'plan'"),
+        (["--setups", "ZeRO-4"], "invalid choice: 'ZeRO-4'"),
     ],
 )
 def test_a_bad_shape_sequence_or_section_is_refused(argv, message, capsys):
@@ -122,17 +123,17 @@ def test_a_bad_shape_sequence_or_section_is_refused(argv, message, capsys):
 
 @pytest.mark.integration
 def test_the_training_section_alone_on_another_shape(tmp_path):
-    """--sections train --shape --seq-len: only the training rows, on that model, planned at that sequence length."""
+    """--sections train --setups --shape --seq-len: only those training rows, on that model, planned at that sequence length."""
     work = tmp_path / "acceptance"
     command = [
         sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance.py"), "--device", "cpu", "--workdir", str(work),
-        "--sections", "train", "--shape", "4,128,256,512", "--seq-len", "32", "--steps", "3",
+        "--sections", "train", "--setups", "ZeRO-1", "--shape", "4,128,256,512", "--seq-len", "32", "--steps", "3",
     ]  # fmt: skip
     env = child_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "torch-extensions"))
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)  # a hang guard, no timing
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     document = json.loads((work / "acceptance.json").read_text())
-    assert {row["section"] for row in document["rows"]} == {f"train {setup}" for setup in SETUPS}
+    assert {row["section"] for row in document["rows"]} == {"train ZeRO-1"}  # not the default setups
     assert "model-l4-h128-i256-v512-bfloat16" in document["header"][2] and "seq 32" in document["header"][2]
     assert not any(line.startswith("resume:") for line in document["header"])
     for row in document["rows"]:

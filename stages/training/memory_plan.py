@@ -43,8 +43,9 @@ ZERO_STAGES = (0, 1, 2, 3)
 # fp32 copies of the rank's trainable partition that DeepSpeed's ZeRO step holds at its peak beyond the gradient
 # partition (flattened and converted gradients, their clipped copy, the updated parameters on their way back):
 # measured, not derived. On the CPU with benchmarks/plan_vs_measured.py (fp32). On a GPU with
-# benchmarks/gpu_acceptance.py (an H200, bf16, 2026-12-04): there the step adds almost nothing at ZeRO-2 and one
-# copy of the stepped sub-group at ZeRO-3; ZeRO-1 was not measured on a GPU and takes ZeRO-2's value.
+# benchmarks/gpu_acceptance.py (an H200, bf16, 2026-12-04): there the step adds almost nothing at ZeRO-1 and ZeRO-2
+# (their peaks on one GPU were the same to 0.4%, the reduce bucket in bf16 at both) and one copy of the stepped
+# sub-group at ZeRO-3.
 STEP_COPIES = {"cpu": {1: 4, 2: 4, 3: 5}, "cuda": {1: 0, 2: 0, 3: 1}}
 SUB_GROUP = 1_000_000_000  # elements: ZeRO-3's sub_group_size default
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -187,8 +188,7 @@ def plan_memory(model: PlannedModel, setup: Setup) -> MemoryPlan:
 
     buffers = 0
     if zero >= 1:
-        bucket_width = 4 if zero == 1 else width
-        buffers += _bucket(REDUCE_BUCKET, trained, setup) * bucket_width
+        buffers += _bucket(REDUCE_BUCKET, trained, setup) * width
         stepped = trained // n if zero < 3 else min(trained // n, SUB_GROUP)  # ZeRO-3 steps one sub-group at a time
         buffers += STEP_COPIES[setup.device][zero] * stepped * 4
     else:  # the gradients flattened for the all-reduce, on one rank too (exactly their size: no bucket is preallocated)
