@@ -115,9 +115,8 @@ class ModelWeights:
 
     def read_raw(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The stored bytes (uint8) of rows [start, stop) of a tensor (all of it by default)."""
-        rows = info.shape[0] if info.shape else 1
-        stop = rows if stop is None else stop
-        size = (stop - start) * (info.row_bytes if info.shape else element_size(info.dtype))
+        stop = (info.shape[0] if info.shape else 1) if stop is None else stop
+        size = (stop - start) * info.row_bytes  # a 0-D tensor: one "row" of one element
         path = self.root / info.shard
         buffer = np.empty(size, dtype=np.uint8)
         try:
