@@ -28,7 +28,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from importlib import util
 
-PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind its port
+STARTUP_FAILURE = 3  # uvicorn's exit status when it cannot start: a taken port, or the app failed (its database, say)
+PORT_TAKEN = "address already in use"  # what uvicorn logs (the OSError's message) when the port was taken
+RELAUNCHES = 5  # ports tried again after a taken one: free_port's pick can be taken before the server binds it
 # What Prefect's own temporary server runs with: no UI, and the server's ephemeral mode.
 SERVER_ENVIRONMENT = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
@@ -50,9 +52,11 @@ class TemporaryServer:
     def wait(self, timeout: float) -> str:
         """Its API URL once /api/health answers; ServerStartError if it exits (a taken port: launched again) or `timeout` passes."""
         deadline = time.monotonic() + timeout
+        relaunches = 0
         while time.monotonic() < deadline:
             code = self.process.poll()
-            if code == PORT_IN_USE:
+            if code == STARTUP_FAILURE and relaunches < RELAUNCHES and PORT_TAKEN in self._stderr().lower():
+                relaunches += 1
                 self._relaunch()
                 continue
             if code is not None:
@@ -78,9 +82,12 @@ class TemporaryServer:
         self.port = free_port()
         self.process = _spawn(self.port, self.errors)
 
-    def _stderr_tail(self) -> str:
+    def _stderr(self) -> str:
         self.errors.seek(0)
-        text = self.errors.read().decode(errors="replace").strip()
+        return self.errors.read().decode(errors="replace").strip()
+
+    def _stderr_tail(self) -> str:
+        text = self._stderr()
         return text[-600:] if text else "it printed nothing"
 
 
@@ -92,7 +99,9 @@ def launch() -> TemporaryServer:
     """The temporary server of this process: launched now (without waiting for it), or the one launched before."""
     global _launched
     with _lock:
-        if _launched is None or _launched.process.poll() not in (None, PORT_IN_USE):
+        if _launched is None or _launched.process.poll() not in (None, STARTUP_FAILURE):
+            if _launched is not None:  # it exited: its replacement gets a stderr file of its own
+                _launched.errors.close()
             errors = tempfile.TemporaryFile()  # noqa: SIM115 - open while the server lives; closed with this process
             port = free_port()
             _launched = TemporaryServer(port, _spawn(port, errors), errors)

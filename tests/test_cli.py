@@ -321,17 +321,20 @@ def test_the_pipeline_imports_no_training_library_until_a_stage_trains():
     """A pipeline whose stages are all reused (a demo run again) reads settings and plans without torch or DeepSpeed."""
     done = subprocess.run([sys.executable, "-c", _PIPELINE_IMPORTS], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
-    if not any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")):  # no NVIDIA driver: known without torch
+    from stages.base.environment import GPU_DRIVER_PATHS
+
+    if not any(Path(p).exists() for p in GPU_DRIVER_PATHS):  # no GPU driver: known without torch
         assert done.stdout.split() == ["False"]
 
 
-def test_cuda_available_asks_torch_where_a_driver_is_loaded(monkeypatch):
+@pytest.mark.parametrize("driver", ["/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd"])  # NVIDIA, WSL2, AMD (ROCm)
+def test_cuda_available_asks_torch_where_a_driver_is_loaded(monkeypatch, driver):
     import torch
 
     from stages.base import environment
 
     real_exists = environment.os.path.exists
-    monkeypatch.setattr(environment.os.path, "exists", lambda path: path == "/proc/driver/nvidia/version" or real_exists(path))
+    monkeypatch.setattr(environment.os.path, "exists", lambda path: path == driver or real_exists(path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert environment.cuda_available()
 

@@ -110,7 +110,7 @@ def test_a_holder_that_cannot_renew_stops_its_work_before_the_lease_expires(tmp_
 
 
 _BACKGROUND_HOLDER = """
-import signal, sys, time
+import contextlib, signal, sys, time
 from pathlib import Path
 from stages.store import FileStore
 from stages.store.errors import StoreUnavailableError
@@ -124,23 +124,30 @@ class Down(FileStore):
         return super().put_bytes(key, data)
 
 store = Down(Path(sys.argv[1]))
-lease = acquire_lease(store, "locks/bg", {"pid": 1}, timeout=1.0)
+# nested: a long lease (a watcher's claim) holds the short one (a stage's), which is lost first
+outer = acquire_lease(store, "locks/outer", {"pid": 1}, timeout=240.0) if sys.argv[2] == "nested" else None
 started = time.monotonic()
 try:
-    with lease.heartbeat():  # the default on_lost: interrupt the main thread
-        store.down = True
-        while time.monotonic() < started + 60:  # the work; a hang guard
-            time.sleep(0.05)
-except LeaseLostError:
-    pass
+    with outer.heartbeat() if outer else contextlib.nullcontext():
+        lease = acquire_lease(store, "locks/bg", {"pid": 1}, timeout=1.0)
+        with lease.heartbeat():  # the default on_lost: interrupt the main thread
+            store.down = True
+            while time.monotonic() < started + 60:  # the work; a hang guard
+                time.sleep(0.05)
+except LeaseLostError as lost:
+    assert "locks/bg" in str(lost), lost
 print("stopped" if time.monotonic() - started < 30 else "worked-on", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
 """
 
 
-def test_a_holder_started_in_the_background_with_sigint_ignored_still_stops_its_work(tmp_path):
-    """`nohup spectrum watch … &` inherits SIGINT ignored, where interrupt_main alone does nothing."""
+@pytest.mark.parametrize("leases", ["single", "nested"])
+def test_a_holder_started_in_the_background_with_sigint_ignored_still_stops_its_work(tmp_path, leases):
+    """`nohup spectrum watch … &` inherits SIGINT ignored, where interrupt_main alone does nothing.
+
+    Nested: a stage's lease, lost inside a watcher's claim that is still live, stops the work too.
+    """
     done = subprocess.run(
-        [sys.executable, "-c", _BACKGROUND_HOLDER, str(tmp_path / "store")],
+        [sys.executable, "-c", _BACKGROUND_HOLDER, str(tmp_path / "store"), leases],
         env=child_env(),
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 - as a background shell job starts
         capture_output=True,

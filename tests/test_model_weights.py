@@ -70,6 +70,23 @@ def test_read_returns_the_stored_values_and_bytes(tmp_path, write_checkpoint):
             assert _equal(weights.read(info, 3, 7), tensors[info.name][3:7])
 
 
+def test_a_read_the_kernel_returns_in_pieces_is_completed(tmp_path, write_checkpoint, monkeypatch):
+    """Linux returns at most ~2 GiB per read (a 7B model's float32 embedding is more): short reads are continued."""
+    tensors = _tensors()
+    weights = ModelWeights.open(write_checkpoint(tmp_path / "m", tensors))
+    preadv = os.preadv
+    calls = []
+
+    def at_most_7_bytes(fd, buffers, offset):
+        calls.append(offset)
+        return preadv(fd, [buffers[0][:7]], offset)
+
+    monkeypatch.setattr(os, "preadv", at_most_7_bytes)
+    info = next(t for t in weights.tensors if t.name == "lm_head.weight")
+    assert weights.read_raw(info).tobytes() == tensors[info.name].contiguous().view(torch.uint8).numpy().tobytes()
+    assert len(calls) == -(-40 * 16 * 2 // 7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16, torch.int8, torch.bool])
 def test_every_bit_pattern_decodes_as_torch_does(dtype):
     """All 256 (or 65536) bit patterns: numpy's widened value equals torch's, NaN where torch has NaN."""

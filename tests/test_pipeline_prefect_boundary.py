@@ -112,16 +112,16 @@ def test_a_temporary_server_that_does_not_start_is_one_error_line(monkeypatch):
 
 
 def test_a_temporary_server_that_exits_names_its_status_and_error_and_a_taken_port_is_retried(monkeypatch, tmp_path):
-    """uvicorn exits 3 when its port is taken: launched again on another port; any other exit is the error, with its stderr."""
+    """uvicorn exits 3 when it cannot start: for a taken port it is launched again on another; any other failure is the error."""
     from flows import prefect_server
 
-    exits = iter([prefect_server.PORT_IN_USE, 1])
+    taken = "[Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): address already in use\nTraceback: shutdown"
+    failures = iter([taken, "port {port}: unable to open database file. Application startup failed. Exiting."])
     ports = []
 
     def spawn(port, errors):
         ports.append(port)
-        code = next(exits)
-        script = f"import sys; sys.stderr.write('port {port}: database is locked'); sys.exit({code})"
+        script = f"import sys; sys.stderr.write({next(failures).format(port=port)!r}); sys.exit(3)"
         return subprocess.Popen([sys.executable, "-c", script], stderr=errors)
 
     monkeypatch.setattr(prefect_server, "_spawn", spawn)
@@ -129,5 +129,24 @@ def test_a_temporary_server_that_exits_names_its_status_and_error_and_a_taken_po
     server = prefect_server.launch()
     with pytest.raises(prefect_server.ServerStartError) as caught:
         server.wait(timeout=120)  # a hang guard
-    assert len(ports) == 2 and ports[0] != ports[1]
-    assert str(caught.value) == f"the server process exited with status 1: port {ports[1]}: database is locked"
+    assert len(ports) == 2 and ports[0] != ports[1]  # launched again for the taken port only
+    assert str(caught.value) == (
+        f"the server process exited with status 3: port {ports[1]}: unable to open database file. Application startup failed. Exiting."
+    )
+
+
+def test_a_port_taken_again_and_again_is_tried_a_bounded_number_of_times(monkeypatch):
+    from flows import prefect_server
+
+    ports = []
+
+    def spawn(port, errors):
+        ports.append(port)
+        script = "import sys; sys.stderr.write('[Errno 98] error while attempting to bind: address already in use'); sys.exit(3)"
+        return subprocess.Popen([sys.executable, "-c", script], stderr=errors)
+
+    monkeypatch.setattr(prefect_server, "_spawn", spawn)
+    monkeypatch.setattr(prefect_server, "_launched", None)
+    with pytest.raises(prefect_server.ServerStartError, match="status 3: .*address already in use"):
+        prefect_server.launch().wait(timeout=120)  # a hang guard
+    assert len(ports) == 1 + prefect_server.RELAUNCHES

@@ -427,10 +427,26 @@ def test_an_unwritable_roles_cache_only_costs_the_next_scan(tiny_model, tmp_path
     assert _role_flags(result.rows) == (["model.embed_tokens.weight"], ["lm_head.weight"])
 
 
+def test_an_unreadable_config_leaves_the_roles_unavailable_and_says_why(tiny_model, monkeypatch):
+    from stages.weights.checkpoint import ModelWeights
+    from stages.weights.roles import roles_from_model_config
+
+    read_bytes = Path.read_bytes
+
+    def refused(path: Path) -> bytes:
+        if path.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    roles = roles_from_model_config(tiny_model, [t.name for t in ModelWeights.open(tiny_model).tensors])
+    assert roles.tensors == {} and roles.source.startswith("unavailable: config.json could not be read ([Errno 13] Permission denied")
+
+
 def _entries_for(model: Path, names: list[str]) -> list[Path]:
     from stages.weights.roles import _cache_entry
 
-    entry = _cache_entry(model / "config.json", names)
+    entry = _cache_entry((model / "config.json").read_bytes(), names)
     return [entry] if entry.exists() else []
 
 

@@ -37,12 +37,16 @@ def runtime_environment() -> dict[str, Any]:
     }
 
 
-def cuda_available() -> bool:
-    """torch.cuda.is_available(), without importing torch (~1 s) on a Linux machine with no NVIDIA driver loaded.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
-    A loaded driver shows in /proc/driver/nvidia and /dev/nvidiactl (a container given a GPU sees both).
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (~1 s) on a Linux machine with no GPU driver loaded.
+
+    A loaded NVIDIA driver shows in /proc/driver/nvidia and /dev/nvidiactl (a container given a GPU
+    sees both); WSL2's GPU is /dev/dxg, and AMD's (which torch's ROCm build serves as cuda) /dev/kfd.
     """
-    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")):
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
         return False
     import torch
 

@@ -249,28 +249,38 @@ class Lease:
             raise lost_error()
 
 
+_watched_leases: list[threading.Event] = []  # the `lost` events of the heartbeats `_stop_if_a_lease_is_lost` serves
+
+
+def _stop_if_a_lease_is_lost(signum: int, frame: object) -> None:
+    if any(lost.is_set() for lost in _watched_leases):
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def _interruptible(lost: threading.Event) -> Iterator[None]:
     """Make `_thread.interrupt_main` reach the main thread while inside, even where SIGINT is ignored.
 
     A process started in the background (`nohup spectrum watch … &`, a non-interactive shell's `&`)
     inherits SIGINT ignored, and then interrupt_main does nothing: a holder that lost its lease would
-    work on while another took it over. Here SIGINT gets a handler that stops the work once the lease
-    is lost and otherwise keeps ignoring it, as the process asked.
+    work on while another took it over. Here SIGINT gets a handler that stops the work once a lease
+    is lost and otherwise keeps ignoring it, as the process asked. Heartbeats nest (a watcher's claim
+    holds a pipeline's lease, which holds each stage's): the outermost installs the handler and each
+    one inside adds its own lease to those it watches.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    installed = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if installed is not signal.SIG_IGN and installed is not _stop_if_a_lease_is_lost:
         yield
         return
-
-    def stop_if_lost(signum: int, frame: object) -> None:
-        if lost.is_set():
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop_if_lost)
+    _watched_leases.append(lost)
+    if installed is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _stop_if_a_lease_is_lost)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _watched_leases.remove(lost)
+        if installed is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _state(store: ArtifactStore, folder: str, keys: list[str], default_timeout: float) -> LeaseState | None:

@@ -127,8 +127,7 @@ class ModelWeights:
                         f"cannot read tensor {info.name!r} from {path}: the shard is {found} bytes, its header says "
                         f"{info.shard_size}; it was truncated or replaced since it was opened; re-download the shard"
                     )
-                handle.seek(info.data_offset + start * info.row_bytes)
-                got = handle.readinto(memoryview(buffer))
+                got = _read_into(handle.fileno(), memoryview(buffer), info.data_offset + start * info.row_bytes)
         except OSError as exc:
             raise CorruptWeightsError(f"cannot read tensor {info.name!r} from {path}: {exc}; re-download the shard") from exc
         if got != size:
@@ -140,6 +139,20 @@ class ModelWeights:
         raw = self.read_raw(info, start, stop)
         rows = (info.shape[0] if stop is None else stop) - start if info.shape else None
         return decode(raw, info.dtype, (rows, *info.shape[1:]) if info.shape else ())
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from `offset` with positioned reads; the bytes read (fewer at the end of the file).
+
+    One read returns at most ~2 GiB on Linux (a 7B model's float32 embedding is larger), so it loops.
+    """
+    got = 0
+    while got < len(view):
+        count = os.preadv(fd, [view[got:]], offset + got)
+        if count == 0:
+            break
+        got += count
+    return got
 
 
 def _shard_list(root: Path) -> tuple[list[str], dict[str, str] | None]:

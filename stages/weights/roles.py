@@ -56,7 +56,10 @@ def roles_from_model_config(model_dir: Path, tensor_names: list[str]) -> RoleMap
     """Resolve roles through the model's own class, or read them from the cache; an unknown architecture gives an empty map."""
     if not (model_dir / "config.json").is_file():
         return RoleMap(source="unavailable: no config.json in the model folder")
-    entry = _cache_entry(model_dir / "config.json", tensor_names)
+    try:
+        entry = _cache_entry((model_dir / "config.json").read_bytes(), tensor_names)
+    except OSError as exc:  # as the class could not be built from it either
+        return RoleMap(source=f"unavailable: config.json could not be read ({exc})")
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):  # a missing or damaged entry is resolved again
         cached = json.loads(entry.read_bytes())
         tensors = {role: tuple(cached[role]) for role in ROLES if role in cached}
@@ -69,10 +72,10 @@ def roles_from_model_config(model_dir: Path, tensor_names: list[str]) -> RoleMap
     return resolved
 
 
-def _cache_entry(config_path: Path, tensor_names: list[str]) -> Path:
+def _cache_entry(config: bytes, tensor_names: list[str]) -> Path:
     digest = hashlib.sha256()
     digest.update(metadata.version("transformers").encode() + b"\0")
-    digest.update(config_path.read_bytes() + b"\0")
+    digest.update(config + b"\0")
     digest.update("\n".join(sorted(tensor_names)).encode())
     return cache_root() / "roles" / f"{digest.hexdigest()}.json"
 
