@@ -229,6 +229,7 @@ def _starting_point(config: PipelineConfig, store: ArtifactStore, result: Pipeli
     """The config this run trains from: the line's promoted model when it continues from it, else the config as written."""
     if config.line is None or config.line.continue_from != "promoted":
         return config
+    lines.complete_gate_promotion(store, config.line.name)  # the line's last run may have stopped before production moved
     pointer = lines.production(store, config.line.name)
     if pointer is None:
         result.lines.append(f"[line] {config.line.name}: no promoted model yet; generation 1 starts from {config.model}")

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import socket
 import uuid
 from dataclasses import dataclass, field, replace
@@ -83,7 +85,11 @@ def watch_once(
             if why:
                 report.skipped[drop] = why
                 continue
-        lease, why = try_claim(store, prefix, drop, watcher, claim_timeout)
+        try:
+            lease, why = try_claim(store, prefix, drop, watcher, claim_timeout)
+        except InputError as exc:  # a name the store's keys cannot hold: this drop is skipped, the others run
+            report.skipped[drop] = f"cannot be claimed: {clip(str(exc))}"
+            continue
         if lease is None:
             report.skipped[drop] = why
             if why.startswith("claimed") or why.startswith("another watcher"):
@@ -106,8 +112,19 @@ def watch_once(
 
 
 def ready_drops(store: ArtifactStore, prefix: str) -> list[str]:
-    """Drops under `prefix` whose `_SUCCESS` marker exists, by name."""
-    return sorted({key[len(prefix) + 1 :].split("/")[0] for key in store.list(f"{prefix}/") if key.endswith(f"/{READY_MARKER}")})
+    """Drops under `prefix` whose `_SUCCESS` marker exists, in drop order.
+
+    Only `<prefix>/<drop>/_SUCCESS` marks a drop: a marker deeper down (a part of the drop written by
+    a job of its own) does not make the whole drop ready.
+    """
+    parts = (key[len(prefix) + 1 :].split("/") for key in store.list(f"{prefix}/"))
+    return sorted({part[0] for part in parts if len(part) == 2 and part[1] == READY_MARKER}, key=drop_order)
+
+
+def drop_order(name: str) -> tuple:
+    """Drops sort by name with its numbers read as numbers: drop-9 comes before drop-10 (dates sort as text does)."""
+    runs = re.findall(r"\d+|\D+", name)
+    return (*((0, int(run), "") if run.isdigit() else (1, 0, run) for run in runs), name)
 
 
 def drop_claims(store: ArtifactStore, prefix: str, drop: str) -> WorkClaims:
@@ -124,8 +141,8 @@ def _claimed_later(store: ArtifactStore, prefix: str, drop: str) -> str | None:
     """A drop that became ready after a later-named drop was claimed (being trained, or done) is not trained: a line
     never trains two generations at once, nor goes back in time."""
     folder = f"{CLAIMS}/{prefix}/"
-    later = sorted({key[len(folder) :].split("/")[0] for key in store.list(folder)} - {drop})
-    later = [name for name in later if name > drop]
+    later = sorted({key[len(folder) :].split("/")[0] for key in store.list(folder)} - {drop}, key=drop_order)
+    later = [name for name in later if drop_order(name) > drop_order(drop)]
     return f"older than drop {later[-1]}, which the line claimed already: not trained" if later else None
 
 
@@ -134,13 +151,13 @@ def _out_of_order(store: ArtifactStore, line: str, drop: str) -> str | None:
     records = lines.generations(store, line)
     trained = [record.drop for record in records if record.drop]
     if drop in trained:
-        record = records[trained.index(drop)]
-        if record.promoted and record.generation == records[-1].generation:  # its watcher may have stopped before production moved
-            lines.promote(store, line, record.generation, lines.GATE, "passed the promotion gate")
+        lines.complete_gate_promotion(store, line)  # its watcher may have stopped before production moved
         return f"trained already as a generation of line {line}"
-    later = [name for name in trained if name > drop]
+    later = [name for name in trained if drop_order(name) > drop_order(drop)]
     if later:
-        reason = f"older than drop {max(later)}, which line {line} trained already: not trained (a line never goes back in time)"
+        reason = (
+            f"older than drop {max(later, key=drop_order)}, which line {line} trained already: not trained (a line never goes back in time)"
+        )
         lines.record_skipped_drop(store, line, drop, reason)
         logging.getLogger(__name__).warning("drop %s: %s", drop, reason)
         return reason
@@ -165,6 +182,7 @@ def _copy_drop(store: ArtifactStore, prefix: str, drop: str, target: Path) -> Pa
         raise InputError(
             f"the drop {store.uri(base.rstrip('/'))} holds no files besides {READY_MARKER}; add its data or remove its {READY_MARKER}"
         )
+    shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's copy may hold files the drop no longer has
     for key in keys:
         store.download_file(key, target / key[len(base) :])
     return target

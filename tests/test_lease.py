@@ -16,7 +16,7 @@ from stages.core.execution import execute_stage
 from stages.core.stage import StageContext
 from stages.store import FileStore, list_runs, manifest_key
 from stages.store.errors import StoreUnavailableError
-from stages.store.lease import LeaseHeldError, LeaseLostError, acquire_lease, lease_state
+from stages.store.lease import LeaseHeldError, LeaseLostError, LeaseTakenError, acquire_lease, lease_state
 from stages.store.manifest import lease_folder
 
 from .helpers import child_env
@@ -259,3 +259,40 @@ def test_work_that_releases_the_lease_itself_keeps_its_outcome(tmp_path):
     with lease.held():
         lease.release("reused")
     assert lease_state(store, "locks/h").released["outcome"] == "reused"
+
+
+def test_a_holder_whose_lease_was_taken_over_while_it_was_paused_stops_its_work(tmp_path):
+    """Paused past its timeout (SIGSTOP, swapping), the holder finds a later generation at its next beat and stops."""
+    store = FileStore(tmp_path / "store")
+    lease = acquire_lease(store, "locks/t", {"pid": 1}, timeout=1.0)
+    stopped = threading.Event()
+    with pytest.raises(LeaseTakenError, match=r"taken over \(generation 1\)") as caught, lease.heartbeat(on_lost=stopped.set):
+        store.put_bytes("locks/t/1.json", b'{"holder": {"pid": 2}, "acquired_at": 0, "timeout": 1.0}')  # the taker's claim
+        assert stopped.wait(30), "on_lost was never called"  # a hang guard
+    assert caught.value.exit_code == 2
+
+
+class _SteppedClock:
+    """The lease module's `time`, whose wall clock was stepped back an hour (NTP) after the lease was taken."""
+
+    stepped = False
+
+    def time(self) -> float:
+        return time.time() - (3600 if self.stepped else 0)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_a_wall_clock_stepped_back_does_not_keep_a_silent_holder_working(tmp_path, monkeypatch):
+    from stages.store import lease as lease_module
+
+    clock = _SteppedClock()
+    monkeypatch.setattr(lease_module, "time", clock)
+    store = FlakyStore(tmp_path / "store")
+    lease = acquire_lease(store, "locks/c", {"pid": 1}, timeout=1.0)
+    stopped = threading.Event()
+    with pytest.raises(LeaseLostError, match="could not be renewed"), lease.heartbeat(on_lost=stopped.set):
+        clock.stepped = True
+        store.down = True
+        assert stopped.wait(30), "on_lost was never called"  # a hang guard

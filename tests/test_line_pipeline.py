@@ -215,3 +215,36 @@ def test_a_drop_older_than_one_claimed_already_waits_for_no_one_and_is_not_train
     store.put_bytes(f"{CLAIMS}/incoming/2026-11/0.json", b"{}")  # being trained by another watcher
     assert "older than drop 2026-11, which the line claimed already" in _claimed_later(store, "incoming", "2026-10")
     assert _claimed_later(store, "incoming", "2026-11") is None and _claimed_later(store, "incoming", "2026-12") is None
+
+
+def test_drops_numbered_without_padding_run_in_number_order(tmp_path):
+    from flows.watch import CLAIMS, _claimed_later, _out_of_order, drop_order, ready_drops
+
+    store = open_store(str(tmp_path / "store"))
+    for name in ("drop-10", "drop-9", "drop-8"):
+        store.put_bytes(f"incoming/{name}/_SUCCESS", b"")
+    assert ready_drops(store, "incoming") == ["drop-8", "drop-9", "drop-10"]
+    assert sorted(["2026-12-01", "2026-11-30", "2026-02-01"], key=drop_order) == ["2026-02-01", "2026-11-30", "2026-12-01"]
+    _decided(store, "drop-9", "r9")
+    assert _out_of_order(store, "acme", "drop-10") is None  # newer than drop-9: trained next, not skipped for good
+    assert "older than drop drop-9" in _out_of_order(store, "acme", "drop-8")
+    store.put_bytes(f"{CLAIMS}/incoming/drop-9/0.json", b"{}")
+    assert _claimed_later(store, "incoming", "drop-10") is None  # drop-9 is the earlier one
+    assert "older than drop drop-9" in _claimed_later(store, "incoming", "drop-8")
+
+
+def test_a_line_s_next_run_completes_a_promotion_its_last_run_left_unfinished(tmp_path):
+    """A manual run (or a watcher after the drop's folder was cleaned up) must not train from the generation before."""
+    from flows.pipeline import PipelineResult, _starting_point
+
+    store = open_store(str(tmp_path / "store"))
+    _decided(store, "d1", "r1")
+    _decided(store, "d2", "r2", record_only=True)  # passed its gate; its run stopped before production moved
+    document = {"model": "base", "data": "d", "store": str(tmp_path / "store"), "line": {"name": "acme"}, "gate": LENIENT}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(document))
+    config = load_pipeline_config(tmp_path / "pipeline.yaml")
+    started = _starting_point(config, store, PipelineResult(run_id="r3", store=str(tmp_path / "store")))
+    assert started.model == "store:runs/r2/cpt/model" and lines.production(store, "acme").generation == 2
+    _decided(store, "d3", "r3", decision="rejected")
+    again = _starting_point(config, store, PipelineResult(run_id="r4", store=str(tmp_path / "store")))
+    assert again.model == "store:runs/r2/cpt/model"  # a rejection changes nothing

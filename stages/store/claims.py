@@ -46,9 +46,15 @@ class WorkClaims:
             self._record_failed(attempts)
             return None, self.failed_note()
         try:
-            return acquire_lease(self.store, self.folder, holder, timeout), ""
+            lease = acquire_lease(self.store, self.folder, holder, timeout)
         except LeaseHeldError:
             return None, f"another watcher claimed generation {0 if state is None else state.generation + 1} first"
+        # Listed again: another holder may have claimed, finished and released between the listing above and this claim.
+        finished = [name for name in (DONE, FAILED) if self._key(name) in self._keys()]
+        if finished:
+            lease.release("skipped", f"{finished[0]} was written while this holder claimed")
+            return None, "done" if finished[0] == DONE else self.failed_note()
+        return lease, ""
 
     def mark_done(self, lease: Lease, record: dict[str, Any]) -> None:
         """The work is finished: later claims see `done`."""

@@ -53,6 +53,10 @@ class LeaseLostError(StoreUnavailableError):
     """The holder could not renew its lease in time and stopped its work (another may now take over)."""
 
 
+class LeaseTakenError(LeaseLostError):
+    """A later generation exists: the holder was silent past its timeout (paused, swapped out) and another took over."""
+
+
 def lease_timeout() -> float:
     """$SPECTRUM_LEASE_SECONDS, else 600 s: how long a silent holder keeps its lease."""
     raw = os.environ.get(LEASE_SECONDS_ENV)
@@ -152,14 +156,24 @@ class Lease:
     generation: int
     holder: dict[str, Any]
     timeout: float
-    last_renewed: float = field(default_factory=time.time)
+    last_renewed: float = field(default_factory=time.time)  # the holder's clock, as other machines read the beats
     released: bool = False
+    renewed_at: float = field(default_factory=time.monotonic, repr=False)  # how long it was silent, immune to clock steps
 
     def renew(self) -> None:
-        """One heartbeat (raises what the store raises)."""
+        """One heartbeat (raises what the store raises), then LeaseTakenError if another holder took over meanwhile."""
+        if self.released:  # the work released it itself (e.g. as reused) and may still be finishing: nothing to keep
+            return
         now = time.time()
         self.store.put_bytes(f"{self.folder}/{self.generation}{BEAT_MARK}{now:.3f}", b"")
-        self.last_renewed = now
+        self.last_renewed, self.renewed_at = now, time.monotonic()
+        newer = [g for g in generations(self.folder, self.store.list(f"{self.folder}/")) if g > self.generation]
+        if newer:
+            raise LeaseTakenError(
+                f"the lease {self.store.uri(self.folder)} was taken over (generation {max(newer)}) while this holder "
+                f"(generation {self.generation}) was silent past its {self.timeout:.0f} s timeout (paused or swapped out?); "
+                "the work was stopped so that it is not done twice"
+            )
 
     def release(self, outcome: str, reason: str = "") -> None:
         """End the lease with its outcome; another holder may claim at once. Never raises: if the store is
@@ -208,14 +222,22 @@ class Lease:
         interval = self.timeout / 4
         retry = max(min(interval / 4, 5.0), 0.01)
 
+        taken: list[LeaseTakenError] = []
+
         def beat() -> None:
             wait = interval
             while not stop.wait(wait):
                 try:
                     self.renew()
                     wait = interval
+                except LeaseTakenError as exc:
+                    taken.append(exc)
+                    lost.set()
+                    log.warning("%s", exc)
+                    (on_lost or _thread.interrupt_main)()
+                    return
                 except Exception as exc:  # noqa: BLE001 - a store outage must not kill the heartbeat
-                    silent = time.time() - self.last_renewed
+                    silent = time.monotonic() - self.renewed_at
                     log.warning("cannot renew the lease %s (%s); retrying (silent for %.0f s)", self.store.uri(self.folder), exc, silent)
                     wait = retry
                     if silent >= self.timeout / 2 and not lost.is_set():
@@ -228,6 +250,8 @@ class Lease:
                         (on_lost or _thread.interrupt_main)()
 
         def lost_error() -> LeaseLostError:
+            if taken:
+                return taken[0]
             return LeaseLostError(
                 f"the lease {self.store.uri(self.folder)} could not be renewed for over {self.timeout / 2:.0f} s (is the store "
                 "reachable?); the work was stopped so that no other process duplicates it: run it again once the store is back"

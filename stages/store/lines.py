@@ -255,6 +255,18 @@ def record_decision(store: ArtifactStore, line: str, **fields: Any) -> tuple[Gen
         return record, next((p for p in pointer_history(store, line) if p.action == GATE and p.generation == record.generation), None)
 
 
+def complete_gate_promotion(store: ArtifactStore, line: str) -> ProductionPointer | None:
+    """Production for the newest generation when its gate promoted it, whose run stopped before production moved.
+
+    Idempotent (`promote` returns the gate's earlier pointer), so every reader of production (a
+    line's next run, a watcher) may call it first; None when the newest generation was rejected.
+    """
+    records = generations(store, line)
+    if not records or not records[-1].promoted:
+        return None
+    return promote(store, line, records[-1].generation, GATE, "passed the promotion gate")
+
+
 def manual_promote(store: ArtifactStore, line: str, run_id: str, why: str, *, by: Any = None) -> ProductionPointer:
     """Promote the generation whose run is `run_id` by hand (action manual)."""
     record = generation_of_run(store, line, run_id)
