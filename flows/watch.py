@@ -2,10 +2,12 @@
 
 A drop is a folder `<prefix>/<drop>/` whose files are complete once `_SUCCESS` exists (the
 marker Spark and Hadoop write last). A watcher claims a drop through the store's claims
-(stages.store.claims: a lease per attempt) on `claims/<prefix>/<drop>/`: the claim `<generation>.json` is created with the store's
-conditional create (S3 `If-None-Match: *`, an exclusive link on a file store), so of two
-watchers racing one wins and the other moves on. The holder copies the drop to a local folder,
-runs the pipeline on it and, when it has finished, creates `done.json`.
+(stages.store.claims: a lease per attempt) on `claims/<prefix>/<drop>/` (a model line's watcher:
+`lines/<line>/claims/<prefix>/<drop>/`, so every line fed by the prefix trains each drop): the
+claim `<generation>.json` is created with the store's conditional create (S3 `If-None-Match: *`,
+an exclusive link on a file store), so of two watchers racing one wins and the other moves on.
+The holder copies the drop to a local folder, runs the pipeline on it and, when it has finished,
+creates `done.json`.
 
 - The Prefect API is started (or checked) before anything is claimed: a watcher that could not
   run never holds a drop.
@@ -73,6 +75,7 @@ def watch_once(
     if drops:
         start_prefect()  # before any claim: a watcher that cannot run must not hold a drop
     waiting_for = None  # a model line trains its drops in name order, one generation at a time
+    line = config.line.name if config.line is not None else None
     for drop in drops:
         if config.line is not None:
             try:
@@ -81,12 +84,12 @@ def watch_once(
                 report.skipped[drop] = f"cannot be a generation of line {config.line.name}: {exc}"
                 continue
             why = waiting_for and f"waits for drop {waiting_for} (the line's generations run in drop-name order)"
-            why = why or _out_of_order(store, config.line.name, drop) or _claimed_later(store, prefix, drop)
+            why = why or _out_of_order(store, config.line.name, drop) or _claimed_later(store, prefix, drop, config.line.name)
             if why:
                 report.skipped[drop] = why
                 continue
         try:
-            lease, why = try_claim(store, prefix, drop, watcher, claim_timeout)
+            lease, why = try_claim(store, prefix, drop, watcher, claim_timeout, line)
         except InputError as exc:  # a name the store's keys cannot hold: this drop is skipped, the others run
             report.skipped[drop] = f"cannot be claimed: {clip(str(exc))}"
             continue
@@ -103,7 +106,7 @@ def watch_once(
             waiting_for = drop  # retried by a later pass: a line's later drops wait for it
             continue
         except Exception as exc:  # noqa: BLE001 - one bad drop must not stop the others; its claim was released with the reason
-            report.failed[drop] = drop_claims(store, prefix, drop).after_failure(_reason(exc))
+            report.failed[drop] = drop_claims(store, prefix, drop, line).after_failure(_reason(exc))
             if "a later pass tries again" in report.failed[drop]:
                 waiting_for = drop  # a line's later drops wait for it
             continue
@@ -127,20 +130,29 @@ def drop_order(name: str) -> tuple:
     return (*((0, int(run), "") if run.isdigit() else (1, 0, run) for run in runs), name)
 
 
-def drop_claims(store: ArtifactStore, prefix: str, drop: str) -> WorkClaims:
-    """The claims on a drop's pipeline run: claims/<prefix>/<drop>/ (stages.store.claims)."""
-    return WorkClaims(store, f"{CLAIMS}/{prefix}/{drop}", MAX_ATTEMPTS)
+def claims_folder(prefix: str, line: str | None = None) -> str:
+    """Where the claims on the drops under `prefix` live: claims/<prefix>, or a model line's own
+    lines/<line>/claims/<prefix>, so that each line fed by one prefix trains every drop once."""
+    return f"{CLAIMS}/{prefix}" if line is None else f"{lines.line_folder(line)}/{CLAIMS}/{prefix}"
 
 
-def try_claim(store: ArtifactStore, prefix: str, drop: str, watcher: str, timeout: float) -> tuple[Lease | None, str]:
+def drop_claims(store: ArtifactStore, prefix: str, drop: str, line: str | None = None) -> WorkClaims:
+    """The claims on a drop's pipeline run (stages.store.claims), in `claims_folder`."""
+    return WorkClaims(store, f"{claims_folder(prefix, line)}/{drop}", MAX_ATTEMPTS)
+
+
+def try_claim(
+    store: ArtifactStore, prefix: str, drop: str, watcher: str, timeout: float, line: str | None = None
+) -> tuple[Lease | None, str]:
     """(the lease on the drop this watcher now holds, "") or (None, why not)."""
-    return drop_claims(store, prefix, drop).try_claim(holder_identity(watcher=watcher, run_id=new_run_id(), drop=drop), timeout)
+    holder = holder_identity(watcher=watcher, run_id=new_run_id(), drop=drop)
+    return drop_claims(store, prefix, drop, line).try_claim(holder, timeout)
 
 
-def _claimed_later(store: ArtifactStore, prefix: str, drop: str) -> str | None:
+def _claimed_later(store: ArtifactStore, prefix: str, drop: str, line: str) -> str | None:
     """A drop that became ready after a later-named drop was claimed (being trained, or done) is not trained: a line
     never trains two generations at once, nor goes back in time."""
-    folder = f"{CLAIMS}/{prefix}/"
+    folder = f"{claims_folder(prefix, line)}/"
     later = sorted({key[len(folder) :].split("/")[0] for key in store.list(folder)} - {drop}, key=drop_order)
     later = [name for name in later if drop_order(name) > drop_order(drop)]
     return f"older than drop {later[-1]}, which the line claimed already: not trained" if later else None
@@ -170,7 +182,8 @@ def _process(store: ArtifactStore, config: PipelineConfig, prefix: str, drop: st
     target = Path(os.path.abspath(work_dir or Path(config.source).parent / "drops")) / drop
     local = _copy_drop(store, prefix, drop, target)
     result = run_pipeline(replace(config, data=str(local)), run=run_id, work_dir=work_dir, drop=drop)
-    drop_claims(store, prefix, drop).mark_done(lease, {"run_id": run_id, "watcher": lease.holder["watcher"]})
+    line = config.line.name if config.line is not None else None
+    drop_claims(store, prefix, drop, line).mark_done(lease, {"run_id": run_id, "watcher": lease.holder["watcher"]})
     return result
 
 

@@ -209,16 +209,17 @@ def test_a_line_refuses_a_drop_name_it_cannot_record_before_anything_runs(tmp_pa
 
 
 def test_a_drop_older_than_one_claimed_already_waits_for_no_one_and_is_not_trained(tmp_path):
-    from flows.watch import CLAIMS, _claimed_later
+    from flows.watch import _claimed_later, claims_folder
 
     store = open_store(str(tmp_path / "store"))
-    store.put_bytes(f"{CLAIMS}/incoming/2026-11/0.json", b"{}")  # being trained by another watcher
-    assert "older than drop 2026-11, which the line claimed already" in _claimed_later(store, "incoming", "2026-10")
-    assert _claimed_later(store, "incoming", "2026-11") is None and _claimed_later(store, "incoming", "2026-12") is None
+    store.put_bytes(f"{claims_folder('incoming', 'acme')}/2026-11/0.json", b"{}")  # being trained by another watcher
+    assert "older than drop 2026-11, which the line claimed already" in _claimed_later(store, "incoming", "2026-10", "acme")
+    assert _claimed_later(store, "incoming", "2026-11", "acme") is None and _claimed_later(store, "incoming", "2026-12", "acme") is None
+    assert _claimed_later(store, "incoming", "2026-10", "other-line") is None  # another line's claims are its own
 
 
 def test_drops_numbered_without_padding_run_in_number_order(tmp_path):
-    from flows.watch import CLAIMS, _claimed_later, _out_of_order, drop_order, ready_drops
+    from flows.watch import _claimed_later, _out_of_order, claims_folder, drop_order, ready_drops
 
     store = open_store(str(tmp_path / "store"))
     for name in ("drop-10", "drop-9", "drop-8"):
@@ -228,9 +229,9 @@ def test_drops_numbered_without_padding_run_in_number_order(tmp_path):
     _decided(store, "drop-9", "r9")
     assert _out_of_order(store, "acme", "drop-10") is None  # newer than drop-9: trained next, not skipped for good
     assert "older than drop drop-9" in _out_of_order(store, "acme", "drop-8")
-    store.put_bytes(f"{CLAIMS}/incoming/drop-9/0.json", b"{}")
-    assert _claimed_later(store, "incoming", "drop-10") is None  # drop-9 is the earlier one
-    assert "older than drop drop-9" in _claimed_later(store, "incoming", "drop-8")
+    store.put_bytes(f"{claims_folder('incoming', 'acme')}/drop-9/0.json", b"{}")
+    assert _claimed_later(store, "incoming", "drop-10", "acme") is None  # drop-9 is the earlier one
+    assert "older than drop drop-9" in _claimed_later(store, "incoming", "drop-8", "acme")
 
 
 def test_a_line_s_next_run_completes_a_promotion_its_last_run_left_unfinished(tmp_path):

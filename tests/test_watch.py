@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.pipeline_config import load_pipeline_config
-from flows.watch import CLAIMS, ready_drops, try_claim, watch_once
+from flows.watch import CLAIMS, claims_folder, ready_drops, try_claim, watch_once
 from stages.sample_models.synthetic_model import SyntheticSpec, write_synthetic_model
 from stages.sample_models.tokenizer import domain_corpus, write_tokenizer
 from stages.store import list_runs, open_store
@@ -149,7 +149,7 @@ def test_a_line_generation_whose_watcher_died_is_taken_over_and_decided_once(mod
     land_drop(store, "d2")
     for drop in ("d1", "d2"):
         dead = {"watcher": "dead", "run_id": f"dead-{drop}", "claimed_at": time.time() - 600, "generation": 0}
-        store.put_bytes(f"{CLAIMS}/incoming/{drop}/0.json", json.dumps(dead).encode())
+        store.put_bytes(f"{claims_folder('incoming', 'acme')}/{drop}/0.json", json.dumps(dead).encode())
     model_ref = {"uri": str(model), "sha256": "0" * 64}
     lines.record_decision(
         store, "acme", drop="d1", run_id="dead-d1", starting_model=model_ref, model=str(model), decision="rejected", reasons=[]
