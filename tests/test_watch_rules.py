@@ -70,3 +70,12 @@ def test_a_drop_whose_name_the_store_cannot_hold_is_skipped_and_the_others_run(t
     report = watch.watch_once(load_pipeline_config(tmp_path / "pipeline.yaml"), "incoming", 60, watcher="w")
     assert processed == ["2026-12"] and [drop for drop, _ in report.started] == ["2026-12"]
     assert report.skipped["2026-11\\x"].startswith("cannot be claimed: invalid store")
+
+
+def test_two_lines_fed_by_one_prefix_each_claim_every_drop(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    legal, _ = try_claim(store, "incoming", "2026-12", "w1", 60, line="acme-legal")
+    medical, _ = try_claim(store, "incoming", "2026-12", "w2", 60, line="acme-medical")
+    assert legal is not None and medical is not None and legal.folder != medical.folder
+    assert try_claim(store, "incoming", "2026-12", "w3", 60, line="acme-legal")[0] is None  # one claim per line
+    assert try_claim(store, "incoming", "2026-12", "w4", 60)[0] is not None  # a watcher without a line: claims/<prefix>/
