@@ -245,6 +245,11 @@ def test_bad_data_and_models_are_clear_errors(base_model, corpus, selection, tmp
     for name in ("config.json", "model.safetensors"):
         (bare / name).write_bytes((base_model / name).read_bytes())
     bad(bare, drop, tmp_path, "has no tokenizer", selection=str(selection))
+    small = tmp_path / "small-vocabulary"
+    shutil.copytree(base_model, small)
+    document = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**document, "vocab_size": 256}))  # the tokenizer outgrows it
+    bad(small, drop, tmp_path, r"has \d+ tokens but the model's embedding has 256 rows", selection=str(selection))
 
 
 @pytest.mark.integration
@@ -315,7 +320,7 @@ def test_two_ranks_with_torchrun_on_the_cpu_publish_one_run(base_model, drop, se
     assert "rank 1: trained; rank 0 publishes the run" in done.stdout
 
 
-def test_tied_embeddings_are_one_trainable_tensor_under_either_name():
+def test_tied_embeddings_are_one_trainable_tensor_and_a_yaml_matches_them_as_axolotl_does():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from stages.training.freezing import apply_selection
@@ -325,11 +330,14 @@ def test_tied_embeddings_are_one_trainable_tensor_under_either_name():
     config.tie_word_embeddings = True
     model = LlamaForCausalLM(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    for pattern in (r"^lm_head\.weight$", r"^model\.embed_tokens\.weight$"):
-        report = apply_selection(model, Selection((pattern,), pattern, {}))
-        assert report.trainable == ("model.embed_tokens.weight",)
-        assert model.lm_head.weight.requires_grad and not model.model.layers[0].mlp.up_proj.weight.requires_grad
-    by_name = Selection((r"^lm_head\.weight$",), "selection.json", {}, exact_names=("lm_head.weight",))
+    report = apply_selection(model, Selection((r"^model\.embed_tokens\.weight$",), "yaml", {}))
+    assert report.trainable == ("model.embed_tokens.weight",)
+    assert model.lm_head.weight.requires_grad and not model.model.layers[0].mlp.up_proj.weight.requires_grad
+    # a YAML's `^lm_head.weight$` names no parameter of a tied model (as in Axolotl): matched with another line, it is ignored
+    report = apply_selection(model, Selection((r"^lm_head\.weight$", r"model\.layers\.1\.mlp\.up_proj"), "yaml", {}))
+    assert report.trainable == ("model.layers.1.mlp.up_proj.weight",) and report.unmatched_patterns == (r"^lm_head\.weight$",)
+    assert not model.lm_head.weight.requires_grad
+    by_name = Selection((r"^lm_head\.weight$",), "selection.json", {}, exact_names=("lm_head.weight",))  # an exact name: either name
     assert apply_selection(model, by_name).trainable == ("model.embed_tokens.weight",)
 
 
@@ -365,3 +373,45 @@ def test_one_process_trains_without_compiling_an_op(base_model, drop, selection,
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(extensions.rglob("*.so")) and "built successfully" not in done.stdout + done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_bf16_training_of_a_float32_model_keeps_frozen_tensors_exact_and_saves_the_fp32_weights_it_trained(
+    corpus, drop, selection, tmp_path, zero_stage
+):
+    """bf16 holds the whole model in bf16: frozen tensors are written from the base (checked untouched), trained ones from fp32."""
+    base = write_tokenizer(
+        write_synthetic_model(tmp_path / "fp32", SyntheticSpec(**{**TINY, "dtype": "float32"})), corpus, TINY["vocab_size"]
+    )
+    options = dict(selection=str(selection), precision="bf16", zero_stage=zero_stage, max_steps=2, save_steps=0, warmup_steps=0)
+    result = cpt.run(config(base, drop, **options), context(tmp_path / "store", tmp_path / "work"))
+    before = load_file(str(base / "model.safetensors"))
+    after = load_file(str(tmp_path / "store" / "runs" / result.run_id / CPT / "model" / "model.safetensors"))
+    for name, tensor in before.items():
+        assert after[name].dtype == torch.float32
+        if name in TRAINABLE:
+            assert not torch.equal(after[name], tensor), name
+            assert not torch.equal(after[name].to(torch.bfloat16).float(), after[name]), name  # fp32 values, not bf16 ones
+        else:
+            assert torch.equal(after[name], tensor), name
+
+
+def test_a_frozen_tensor_changed_in_memory_or_in_the_saved_files_is_refused(base_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.training.runner import _save_model
+    from stages.training.tensor_audit import FrozenTensorChangedError, audit_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    name = "model.layers.0.mlp.up_proj.weight"
+    state = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    state[name] += 1.0
+    with pytest.raises(FrozenTensorChangedError, match=name):  # frozen, yet changed in memory: nothing is saved
+        _save_model(model, state, base_model, tmp_path / "out", tokenizer, {"lm_head.weight"})
+    assert not (tmp_path / "out").exists()
+    _save_model(model, state, base_model, tmp_path / "out", tokenizer, {name})  # saved as trained
+    assert audit_tensors(base_model, tmp_path / "out", {name}).num_rows == len(load_file(str(base_model / "model.safetensors")))
+    with pytest.raises(FrozenTensorChangedError, match=name):  # the files say it changed: the audit refuses it as frozen
+        audit_tensors(base_model, tmp_path / "out", set())

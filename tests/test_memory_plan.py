@@ -125,9 +125,9 @@ def test_the_training_pre_flight_check_refuses_with_the_plan(tmp_path, monkeypat
     expected = PlannedModel(skeleton, trainable_of(skeleton, "full")).plan(Setup(1, 0, False, seq_len=64, device="cpu")).total
     monkeypatch.setattr(loop, "available_memory", lambda: expected - 1)
     with pytest.raises(InputError, match=rf"needs about {expected / 2**30:.1f} GiB"):
-        runner._check_fit(tmp_path, None, config, settings)
+        runner._check_fit(tmp_path, None, config, settings, tokens=1)
     monkeypatch.setattr(loop, "available_memory", lambda: expected)
-    runner._check_fit(tmp_path, None, config, settings)
+    runner._check_fit(tmp_path, None, config, settings, tokens=1)
 
 
 # --- spectrum plan -----------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_the_chosen_selection_passes_cpt_s_pre_flight_check_with_the_same_plan(t
     monkeypatch.setattr(loop, "require_fits", lambda needed, where: checked.append(needed))  # imported by _check_fit when it runs
     config = runner.TrainingConfig(model=str(tiny_model), data="d", seq_len=64, zero_stage=0, precision="bf16")
     selection = load_selection(str(tmp_path / "fit" / "selection.json"), None, None)
-    runner._check_fit(tiny_model, selection, config, runner._settings(config))
+    runner._check_fit(tiny_model, selection, config, runner._settings(config), tokens=1)
     assert checked == [result.document.memory_fit["planned_bytes"]["total"]]
 
 

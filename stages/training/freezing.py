@@ -39,11 +39,14 @@ def apply_selection(model: torch.nn.Module, selection: Selection | None) -> Free
         chosen = set(parameters)
     else:
         _require_named_tensors(selection, canonical)
-        matched = {name for name in canonical if selection.matches(name)}
+        # A YAML's regexes match named_parameters() names, as Axolotl applies them: a tied lm_head is no name
+        # there. selection.json's exact names may use either name of a tied tensor.
+        names = canonical if selection.exact_names else {name: name for name in parameters}
+        matched = {name for name in names if selection.matches(name)}
         if selection.module_biases:  # a selected module trains its weight and its bias
-            matched |= {bias for name in matched if (bias := module_bias(name)) in canonical}
-        chosen = {canonical[name] for name in matched}
-        unmatched = selection.unmatched(list(canonical))
+            matched |= {bias for name in matched if (bias := module_bias(name)) in names}
+        chosen = {names[name] for name in matched}
+        unmatched = selection.unmatched(list(names))
         if unmatched and chosen:
             log.warning(
                 "selection %s: %d pattern(s) match no parameter and are ignored: %s",
@@ -106,6 +109,11 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()
+
+
+def with_aliases(model: torch.nn.Module, names: set[str]) -> set[str]:
+    """`names` (parameter names as named_parameters() gives them) and every other name of the same tensors (tied weights)."""
+    return set(names) | {alias for alias, name in _canonical_names(model).items() if name in names}
 
 
 def _canonical_names(model: torch.nn.Module) -> dict[str, str]:

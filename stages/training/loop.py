@@ -72,7 +72,7 @@ def train(
         scheduler.step(0)
     metrics = _steps(engine, data, settings, first_step, checkpoint_dir, progress, on_checkpoint)
     require_finite_weights(_trainable_tensors(engine.module), settings.max_steps, settings)
-    state = _gather_state_dict(engine)
+    state = _gather_state_dict(engine, settings.bf16)
     return TrainOutcome(state, metrics, first_step, settings.max_steps, time.perf_counter() - started)
 
 
@@ -229,14 +229,31 @@ def _batch_rows(count: int, settings: TrainSettings, step: int, micro: int) -> l
     return rows
 
 
-def _gather_state_dict(engine) -> dict[str, torch.Tensor]:
+def _gather_state_dict(engine, bf16: bool) -> dict[str, torch.Tensor]:
+    """The module's weights on the CPU; in bf16, each trained one from the optimizer's fp32 copy (what it trained).
+
+    The module holds bf16 copies; saving those would round an fp32 base model's trained tensors to bf16.
+    """
     deepspeed = import_deepspeed()
 
     module = engine.module
     if engine.zero_optimization_stage() == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
-    return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+            state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+    else:
+        state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+    if bf16:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters: dict[int, torch.Tensor | None] = {}
+        for name, parameter in module.named_parameters(remove_duplicate=False):  # the same order on every rank (ZeRO-3 gathers)
+            if parameter.requires_grad and name in state:
+                if id(parameter) not in masters:
+                    full = safe_get_full_fp32_param(parameter)
+                    masters[id(parameter)] = None if full is None else full.detach().cpu().clone()
+                if masters[id(parameter)] is not None:
+                    state[name] = masters[id(parameter)]
+    return state
 
 
 def _peak_memory() -> int:

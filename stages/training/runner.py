@@ -151,12 +151,13 @@ def run_training(
         else:
             # Everything that can be wrong with the inputs is found before the stage starts: nothing is recorded for it.
             tokenizer = load_tokenizer(model_dir)
-            _check_fit(model_dir, selection, config, settings)
+            _check_fit(model_dir, selection, config, settings, len(tokenizer))
             data = prepare(data_dir, tokenizer, _digest_of(data_inputs), context.work_root() / key)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
             return _train_as_worker(stage_name, config, context, key, model_dir, selection, settings, data, rank, reused)
 
         def produce(stage: StageRun) -> Produced[TrainingResult]:
+            from .freezing import with_aliases
             from .loop import disk_errors, train
 
             work = context.work_root() / stage.cache_key
@@ -175,8 +176,8 @@ def run_training(
                 model = model.merge_and_unload()
                 state = model.state_dict()
             with disk_errors(trained_dir):
-                _save_model(model, state, model_dir, trained_dir, tokenizer)
-            audit = audit_tensors(model_dir, trained_dir, set(freeze.trainable))
+                _save_model(model, state, model_dir, trained_dir, tokenizer, set(freeze.trainable))
+            audit = audit_tensors(model_dir, trained_dir, with_aliases(model, set(freeze.trainable)))
             training = {
                 "model": _location(config.model, model_refs),  # the base model, for evaluate (deltas, forgetting)
                 "data": _location(config.data, data_refs),
@@ -368,8 +369,9 @@ def load_tokenizer(model_dir: Path):
         raise InputError(f"the tokenizer in {model_dir} cannot be loaded: {exc}") from exc
 
 
-def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingConfig, settings: TrainSettings) -> None:
-    """The selection applied to the model built on the meta device (no weights read), and its memory plan per device."""
+def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingConfig, settings: TrainSettings, tokens: int) -> None:
+    """The tokenizer's `tokens` and the selection checked against the model built on the meta device (no weights read),
+    and its memory plan per device."""
     import torch
     from transformers import AutoConfig
 
@@ -377,6 +379,12 @@ def _check_fit(model_dir: Path, selection: Selection | None, config: TrainingCon
     from .memory_plan import PlannedModel, Setup, meta_model, trainable_of
 
     skeleton = meta_model(AutoConfig.from_pretrained(str(model_dir)))
+    rows = getattr(skeleton.get_input_embeddings(), "num_embeddings", None)
+    if rows is not None and tokens > rows:
+        raise InputError(
+            f"the tokenizer in {model_dir} has {tokens:,} tokens but the model's embedding has {rows:,} rows: token ids from "
+            f"{rows:,} on have no embedding; save the model's own tokenizer beside it (or resize its embeddings to the tokenizer)"
+        )
     freeze = _freeze(skeleton, selection, config)
     if config.lora_rank:  # the adapters train, the model's own parameters stay frozen
         for parameter in skeleton.parameters():
@@ -442,13 +450,40 @@ def _with_lora(model, rank: int):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear"))
 
 
-def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer) -> None:
-    """The trained weights in the base checkpoint's dtypes (a frozen bf16 tensor round-trips bit-exactly)."""
+def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer, trainable: set[str]) -> None:
+    """The trained weights in the base checkpoint's dtypes; every frozen tensor byte for byte as the base holds it.
+
+    bf16 training holds the whole model in bf16, so a frozen fp32 or fp16 tensor rounded there and back
+    would differ from the base. A frozen tensor is therefore checked against the base (equal once
+    rounded to the dtype it trained in: training did not touch it) and written from the base's bytes.
+    """
     import torch
+    from safetensors import safe_open
+
+    from .freezing import with_aliases
+    from .tensor_audit import FrozenTensorChangedError
 
     stored = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    dtypes = {info.name: stored[info.dtype] for info in ModelWeights.open(base_dir).tensors if info.dtype in stored}
-    converted = {name: tensor.to(dtypes.get(name, tensor.dtype)).contiguous() for name, tensor in state_dict.items()}
+    base = {info.name: info for info in ModelWeights.open(base_dir).tensors}
+    trained = with_aliases(model, trainable)
+    converted, touched = {}, []
+    with contextlib.ExitStack() as files:
+        shard_names = {info.shard for info in base.values()}
+        shards = {shard: files.enter_context(safe_open(str(base_dir / shard), framework="pt")) for shard in shard_names}
+        for name, tensor in state_dict.items():
+            info = base.get(name)
+            if name in trained or info is None or info.dtype not in stored:
+                converted[name] = tensor.to(stored[info.dtype] if info is not None and info.dtype in stored else tensor.dtype).contiguous()
+                continue
+            original = shards[info.shard].get_tensor(name)
+            if not torch.equal(original.to(tensor.dtype), tensor):
+                touched.append(name)
+            converted[name] = original
+    if touched:
+        raise FrozenTensorChangedError(
+            f"{len(touched)} frozen tensor(s) changed during training ({', '.join(touched[:5])}); the run is not trusted "
+            "and nothing was committed"
+        )
     model.save_pretrained(str(out_dir), state_dict=converted, safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
 
