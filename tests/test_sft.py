@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,35 @@ def test_rescan_needs_a_selection_that_records_its_policy(chat_model, tmp_path):
     with pytest.raises(InputError, match="cannot be combined with --full"):
         sft.run(sft.SftConfig(model=str(chat_model), data=str(data), full=True, rescan=True), context)
     assert not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.integration
+def test_gradient_accumulation_weighs_every_answer_token_alike(chat_model):
+    """Two rows with unequal answers: as one micro-batch of 2 or as 2 accumulated micro-batches of 1, the same loss and update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.training import loop
+    from stages.training.freezing import apply_selection
+    from stages.training.settings import TrainSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_model))
+    tokenizer.chat_template = TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "report."}, {"role": "assistant", "content": a}]} for a in domain_corpus(8, seed=3)]
+    with tempfile.TemporaryDirectory() as folder:
+        chat = prepare_chat(write_rows(Path(folder) / "chat", rows), tokenizer, 384, 0.0)
+        answers = [int((chat.arrays.labels[row] != IGNORE).sum()) for row in range(len(rows))]
+        assert len(set(answers)) > 1  # the rows differ in how many tokens are learnt
+        results = []
+        for micro_batch, accumulation in ((2, 1), (1, 2)):
+            model = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
+            model.config.use_cache = False
+            apply_selection(model, None)
+            settings = TrainSettings(
+                max_steps=1, micro_batch_size=micro_batch, gradient_accumulation_steps=accumulation, learning_rate=1e-4,
+                warmup_steps=0, weight_decay=0.0, seed=0, save_steps=0, zero_stage=2, bf16=False, offload_optimizer=False,
+                offload_params=False,
+            )  # fmt: skip
+            results.append(loop.train(model, chat.arrays, settings, Path(folder) / f"ck-{micro_batch}", progress=False).metrics[0])
+    one, accumulated = results
+    assert accumulated["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert accumulated["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)

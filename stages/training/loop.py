@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..base.errors import InputError
 from ..base.library_output import deepspeed_start, import_deepspeed
+from .chat import IGNORE
 from .opbuild import build_ops, skip_ops
 from .settings import TrainingArrays, TrainingDivergedError, TrainSettings, deepspeed_config
 
@@ -98,19 +99,20 @@ def _steps(engine, data, settings, first_step, checkpoint_dir, progress, on_chec
         for step in range(first_step, settings.max_steps):
             started = time.perf_counter()
             rate = float(engine.get_lr()[0])  # the rate this step trains at (the optimizer's, restored on resume)
+            batches = [data.batch(_batch_rows(data.rows, settings, step, micro)) for micro in range(settings.gradient_accumulation_steps)]
+            counts, weights = _token_weights(batches, data.labels is not None, engine.device)
             losses = []
-            for micro in range(settings.gradient_accumulation_steps):
-                batch = {k: v.to(engine.device) for k, v in data.batch(_batch_rows(data.rows, settings, step, micro)).items()}
-                loss = engine(**batch).loss
+            for batch, weight in zip(batches, weights, strict=True):
+                loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
                 _require_finite_loss(float(loss.detach()), step + 1, settings)  # before the update it would make
-                engine.backward(loss)
+                engine.backward(loss * weight if weight != 1.0 else loss)
                 engine.step()
                 losses.append(float(loss.detach()))
             seconds = time.perf_counter() - started
             grad_norm = engine.get_global_grad_norm()
             row = {
                 "step": step + 1,
-                "loss": float(np.mean(losses)),
+                "loss": float(np.average(losses, weights=counts)),
                 "learning_rate": rate,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_second": tokens_per_step / seconds if seconds > 0 else None,
@@ -130,6 +132,26 @@ def _steps(engine, data, settings, first_step, checkpoint_dir, progress, on_chec
                 if on_checkpoint is not None:
                     on_checkpoint(done)
     return metrics
+
+
+def _token_weights(batches: list[dict[str, torch.Tensor]], masked: bool, device: torch.device) -> tuple[list[int], list[float]]:
+    """Each micro-batch's count of predicted tokens, and the factor that makes the step's update their mean over every one.
+
+    The model's loss is a mean over one micro-batch's predicted tokens, and DeepSpeed averages the
+    micro-batches (and the ranks) with equal weight: with SFT's masked labels a micro-batch of few
+    answer tokens would count more per token. Scaled by count × micro-batches × ranks / all counts,
+    the step's gradient is the token mean over the whole step, as one large batch would give.
+    """
+    counts = [int((batch["labels"][:, 1:] != IGNORE).sum()) for batch in batches]
+    if not masked:
+        return counts, [1.0] * len(counts)  # packed pre-training rows: every token is predicted, the same count everywhere
+    total = torch.tensor(float(sum(counts)), device=device)
+    ranks = 1
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        ranks = torch.distributed.get_world_size()
+    scale = len(batches) * ranks / float(total)
+    return counts, [count * scale for count in counts]
 
 
 @contextmanager
