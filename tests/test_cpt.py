@@ -415,3 +415,24 @@ def test_a_frozen_tensor_changed_in_memory_or_in_the_saved_files_is_refused(base
     assert audit_tensors(base_model, tmp_path / "out", {name}).num_rows == len(load_file(str(base_model / "model.safetensors")))
     with pytest.raises(FrozenTensorChangedError, match=name):  # the files say it changed: the audit refuses it as frozen
         audit_tensors(base_model, tmp_path / "out", set())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("head_stored", [False, True])
+def test_a_tied_model_is_saved_with_the_base_s_tensor_names(corpus, drop, tmp_path, head_stored):
+    """Tied embeddings: the trained model stores what the base stored (lm_head too only where the base has it), and the audit agrees."""
+    from safetensors.torch import save_file
+
+    base = write_tokenizer(
+        write_synthetic_model(tmp_path / "tied", SyntheticSpec(**TINY, tie_word_embeddings=True)), corpus, TINY["vocab_size"]
+    )
+    if head_stored:  # some checkpoints store the tied head as a tensor of its own
+        tensors = load_file(str(base / "model.safetensors"))
+        save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, str(base / "model.safetensors"))
+    result = cpt.run(
+        config(base, drop, full=True, max_steps=2, save_steps=0, warmup_steps=0), context(tmp_path / "store", tmp_path / "work")
+    )
+    before = load_file(str(base / "model.safetensors"))
+    after = load_file(str(tmp_path / "store" / "runs" / result.run_id / CPT / "model" / "model.safetensors"))
+    assert sorted(after) == sorted(before)
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])

@@ -111,6 +111,11 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.disable_input_require_grads()
 
 
+def aliases(model: torch.nn.Module) -> set[str]:
+    """The second names of tied weights (lm_head.weight when it is the input embedding)."""
+    return {alias for alias, name in _canonical_names(model).items() if alias != name}
+
+
 def with_aliases(model: torch.nn.Module, names: set[str]) -> set[str]:
     """`names` (parameter names as named_parameters() gives them) and every other name of the same tensors (tied weights)."""
     return set(names) | {alias for alias, name in _canonical_names(model).items() if name in names}

@@ -460,12 +460,14 @@ def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenize
     import torch
     from safetensors import safe_open
 
-    from .freezing import with_aliases
+    from .freezing import aliases, with_aliases
     from .tensor_audit import FrozenTensorChangedError
 
     stored = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     base = {info.name: info for info in ModelWeights.open(base_dir).tensors}
     trained = with_aliases(model, trainable)
+    # A tied weight's second name (lm_head of tied embeddings) is saved only where the base stores it too.
+    state_dict = {name: tensor for name, tensor in state_dict.items() if name in base or name not in aliases(model)}
     converted, touched = {}, []
     with contextlib.ExitStack() as files:
         shard_names = {info.shard for info in base.values()}
@@ -476,7 +478,7 @@ def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenize
                 converted[name] = tensor.to(stored[info.dtype] if info is not None and info.dtype in stored else tensor.dtype).contiguous()
                 continue
             original = shards[info.shard].get_tensor(name)
-            if not torch.equal(original.to(tensor.dtype), tensor):
+            if not torch.equal(original.to(tensor.dtype), tensor.detach().cpu()):  # a merged LoRA model's state stays on its GPU
                 touched.append(name)
             converted[name] = original
     if touched:
