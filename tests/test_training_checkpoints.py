@@ -99,3 +99,22 @@ def test_nothing_usable_starts_afresh(store, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert restore_latest(store, CPT, KEY, work) is None
     assert not (work / LATEST).exists()
+
+
+def test_a_checkpoint_missing_another_rank_s_optimizer_shard_is_refused(tmp_path):
+    """Ranks on two machines without a shared work folder: rank 0's folder holds its own shard alone."""
+    from stages.training.checkpoints import CheckpointIncompleteError, require_every_rank
+
+    folder = tmp_path / "step-2"
+    folder.mkdir()
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (folder / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o")
+    require_every_rank(folder, 1)
+    with pytest.raises(CheckpointIncompleteError, match=r"ranks \[0\] of 2: .*the same shared --work-dir"):
+        require_every_rank(folder, 2)
+    (folder / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"o")
+    require_every_rank(folder, 2)
+    zero_0 = tmp_path / "zero-0"  # no optimizer shards (ZeRO 0 keeps the optimizer in the model states): nothing to check
+    zero_0.mkdir()
+    (zero_0 / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    require_every_rank(zero_0, 2)

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..base.contracts import MANIFEST_FILE, SUCCEEDED, base_stage
-from ..base.errors import SpectrumError
+from ..base.errors import InputError, SpectrumError
 from ..base.files import all_files, write_atomic
 from ..core.execution import StageRun
 from ..store import ArtifactStore, ObjectInfo, output_key
@@ -30,6 +32,7 @@ from ..store.manifest import load_manifest_or_none
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+_OPTIMIZER_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")  # DeepSpeed's per-rank file
 COMPLETE = "complete.json"
 LATEST = "latest"  # DeepSpeed's pointer to the newest tag in a checkpoint folder
 _PREFIX = "step-"
@@ -39,6 +42,7 @@ def publish_checkpoint(stage: StageRun, checkpoint_dir: Path, step: int) -> list
     """Copy the local checkpoint of `step` into the run's outputs; its completion marker last (in the store, then locally)."""
     tag = f"{_PREFIX}{step}"
     folder = checkpoint_dir / tag
+    require_every_rank(folder, int(os.environ.get("WORLD_SIZE", "1")))
     infos = [stage.put_file(f"{CHECKPOINTS}/{tag}/{name}", folder / name) for name in all_files(folder) if name != COMPLETE]
     marker = {
         "step": step,
@@ -49,6 +53,24 @@ def publish_checkpoint(stage: StageRun, checkpoint_dir: Path, step: int) -> list
     infos.append(stage.put_bytes(f"{CHECKPOINTS}/{tag}/{COMPLETE}", data))
     write_atomic(folder / COMPLETE, data, overwrite=True)
     return infos
+
+
+def require_every_rank(folder: Path, world_size: int) -> None:
+    """Each rank writes its own optimizer shard (ZeRO 1-3) into the checkpoint folder: all must be there.
+
+    Ranks on several machines must share the work folder; where they do not, rank 0 would publish
+    a checkpoint holding its own shard alone, marked complete, that no run could resume from.
+    """
+    ranks = {int(match.group(1)) for name in all_files(folder) if (match := _OPTIMIZER_SHARD.search(name))}
+    if world_size > 1 and ranks and ranks != set(range(world_size)):
+        raise CheckpointIncompleteError(
+            f"the checkpoint {folder} holds the optimizer shards of ranks {sorted(ranks)} of {world_size}: the others wrote "
+            "theirs into a work folder of their own; give every rank (every machine) the same shared --work-dir"
+        )
+
+
+class CheckpointIncompleteError(InputError):
+    """A checkpoint is missing another rank's files: the ranks do not share the work folder."""
 
 
 @dataclass(frozen=True)
