@@ -133,7 +133,7 @@ def drop_order(name: str) -> tuple:
 def claims_folder(prefix: str, line: str | None = None) -> str:
     """Where the claims on the drops under `prefix` live: claims/<prefix>, or a model line's own
     lines/<line>/claims/<prefix>, so that each line fed by one prefix trains every drop once."""
-    return f"{CLAIMS}/{prefix}" if line is None else f"{lines.line_folder(line)}/{CLAIMS}/{prefix}"
+    return f"{CLAIMS}/{prefix}" if line is None else lines.claims_folder(line, prefix)
 
 
 def drop_claims(store: ArtifactStore, prefix: str, drop: str, line: str | None = None) -> WorkClaims:

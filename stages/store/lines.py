@@ -8,6 +8,7 @@ A model line (say `acme-legal`) continues pre-training drop after drop. Its stat
     production/<seq>.json   the promotion pointer (seq = 1, 2, …): each record re-points production to a
                             generation (by the gate, by hand, or as a rollback); the latest seq is production
     skipped/<drop>.json     a drop that was not trained (older than the last processed one), with why
+    claims/<prefix>/<drop>/ the watcher's claims on the drops it trains for the line (stages.store.claims)
 
 Every record is appended with the store's conditional create (S3 `If-None-Match: *`, an exclusive
 link on a file store): of writers racing for one number exactly one wins; the others re-list and
@@ -34,6 +35,7 @@ LINES = "lines"
 GENERATIONS = "generations"
 PRODUCTION = "production"
 SKIPPED = "skipped"
+CLAIMS = "claims"
 
 PROMOTED = "promoted"
 REJECTED = "rejected"
@@ -104,6 +106,11 @@ def generation_key(line: str, generation: int) -> str:
 
 def pointer_key(line: str, seq: int) -> str:
     return f"{line_folder(line)}/{PRODUCTION}/{seq}.json"
+
+
+def claims_folder(line: str, prefix: str) -> str:
+    """lines/<line>/claims/<prefix>: where a watcher claims the drops under `prefix` for this line."""
+    return f"{line_folder(line)}/{CLAIMS}/{prefix}"
 
 
 def skipped_key(line: str, drop: str) -> str:
