@@ -79,12 +79,14 @@ def test_the_pipeline_runs_every_stage_under_one_run_on_s3_and_reruns_are_cached
     assert first["ran"] == stages and first["cached"] == [] and first["run_id"] == "p1"
     store = open_store(store_uri)
     runs = list_runs(store)
-    # evaluate.sft rescans the cpt model (its base) and the sft model; evaluate then finds both scans it needs done.
+    # evaluate.sft rescans the cpt model (its base) and the sft model; evaluate then finds both scans it needs done, and
+    # records them as its own steps (reuse records: every step of the run can be named as RUN/STEP).
     # Each model's number on each dataset is a step: evaluate finds the cpt model's general perplexity measured (by evaluate.sft)
     assert runs["p1"] == [
-        "download", "snr_scan", "snr_scan.evaluate_sft", "snr_scan.evaluate_sft_base",
+        "download", "snr_scan", "snr_scan.evaluate", "snr_scan.evaluate_base", "snr_scan.evaluate_sft", "snr_scan.evaluate_sft_base",
         "layer_select", "cpt", "sft", "evaluate",
-        "evaluate.measure_base_general-general-txt", "evaluate.measure_base_heldout", "evaluate.measure_trained_heldout",
+        "evaluate.measure_base_general-general-txt", "evaluate.measure_base_heldout", "evaluate.measure_trained_general-general-txt",
+        "evaluate.measure_trained_heldout",
         "evaluate.sft", "evaluate.sft_measure_base_chat", "evaluate.sft_measure_base_general-general-txt",
         "evaluate.sft_measure_trained_chat", "evaluate.sft_measure_trained_general-general-txt",
     ], " ".join(runs["p1"])  # fmt: skip

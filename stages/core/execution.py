@@ -37,7 +37,7 @@ from ..store import (
     write_table,
 )
 from ..store.compute import begin_compute
-from ..store.lease import LeaseHeldError, acquire_lease, holder_identity
+from ..store.lease import Lease, LeaseHeldError, acquire_lease, holder_identity
 from ..store.manifest import lease_folder
 from .stage import StageContext
 
@@ -144,7 +144,8 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
     # _execute_leased decides again under the lease.
     if not context.force:
         earlier = plan.committed()
-        if earlier is not None and (context.run_id in (None, earlier.run_id) or store.exists(manifest_key(context.run_id, step))):
+        own = context.run_id is None or (context.run_id, step) == (earlier.run_id, earlier.stage) if earlier is not None else False
+        if earlier is not None and (own or store.exists(manifest_key(context.run_id, step))):
             _track_reuse(plan, earlier)
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
@@ -157,7 +158,7 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
             "wait for it (`spectrum runs` shows it), or pass another --run-id (or none, for a fresh one)"
         ) from None
     with lease.held():
-        result = _execute_leased(plan, produce)
+        result = _execute_leased(plan, produce, lease)
         if result.cached:
             lease.release("reused")
     return result
@@ -168,13 +169,13 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
 _NESTED_SECONDS: ContextVar[list[float] | None] = ContextVar("nested_step_seconds", default=None)
 
 
-def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
+def _execute_leased(plan: StagePlan, produce: Produce, lease: Lease) -> StageOutcome:
     store, step, context, manifest = plan.store, plan.step, plan.context, plan.manifest
     if not context.force:
         earlier = plan.committed()
         if earlier is not None:
             tracking = _track_reuse(plan, earlier)
-            if context.run_id and context.run_id != earlier.run_id:  # a named run records what it reused
+            if context.run_id and (context.run_id, step) != (earlier.run_id, earlier.stage):  # a named run records what it reused
                 record_reuse(store, earlier, context.run_id, step, tracking=tracking)
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
@@ -190,6 +191,8 @@ def _execute_leased(plan: StagePlan, produce: Produce) -> StageOutcome:
         committed = replace(finished, tracking=tracking)
         commit_manifest(store, committed)
     except BaseException as exc:
+        if lease.lost:  # the work was stopped for a lost lease: another process may hold the stage now, not ours to mark failed
+            raise
         # Record the failure (of the work or of the commit itself); if even that cannot be
         # stored (server down), the original error matters more.
         with contextlib.suppress(Exception):

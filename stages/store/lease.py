@@ -159,6 +159,7 @@ class Lease:
     last_renewed: float = field(default_factory=time.time)  # the holder's clock, as other machines read the beats
     released: bool = False
     renewed_at: float = field(default_factory=time.monotonic, repr=False)  # how long it was silent, immune to clock steps
+    lost: bool = False  # set by the heartbeat when the work must stop: it could not renew, or another took over
 
     def renew(self) -> None:
         """One heartbeat (raises what the store raises), then LeaseTakenError if another holder took over meanwhile."""
@@ -232,6 +233,7 @@ class Lease:
                     wait = interval
                 except LeaseTakenError as exc:
                     taken.append(exc)
+                    self.lost = True
                     lost.set()
                     log.warning("%s", exc)
                     (on_lost or _thread.interrupt_main)()
@@ -241,6 +243,7 @@ class Lease:
                     log.warning("cannot renew the lease %s (%s); retrying (silent for %.0f s)", self.store.uri(self.folder), exc, silent)
                     wait = retry
                     if silent >= self.timeout / 2 and not lost.is_set():
+                        self.lost = True
                         lost.set()
                         log.warning(
                             "the lease %s could not be renewed for %.0f s: stopping this work before another process takes it over",

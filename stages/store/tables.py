@@ -141,8 +141,11 @@ def _committed_partitions(store: ArtifactStore, table_name: str, run_id: str | N
             continue
         if partition not in manifests:
             manifests[partition] = _succeeded_manifest(store, *partition)
-        if manifests[partition] is not None:
-            committed[key] = manifests[partition]
+        manifest = manifests[partition]
+        # The manifest must be the partition's own and record the file: a run that reused another's work (its
+        # manifest a reuse record) may still hold the partition of an attempt that crashed before committing.
+        if manifest is not None and (manifest.run_id, manifest.stage) == partition and any(o.get("key") == key for o in manifest.outputs):
+            committed[key] = manifest
     if not committed:
         which = f" for run {run_id!r}" if run_id is not None else ""
         raise ArtifactNotFoundError(f"table {table_name!r} has no committed data{which} in {store.root_uri}")
