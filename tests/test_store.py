@@ -353,6 +353,20 @@ def test_bad_store_uris_are_refused(uri, message):
 def test_bad_endpoint_url_is_refused():
     with pytest.raises(InputError, match="endpoint URL"):
         open_store("s3://bucket", endpoint_url="127.0.0.1:8333")
+    with pytest.raises(InputError, match=r"http://\*\*\*@127.0.0.1:9 holds credentials: .*AWS_SECRET_ACCESS_KEY") as caught:
+        open_store("s3://bucket", endpoint_url="http://admin:Sup3rS3cretPw@127.0.0.1:9")
+    assert "Sup3rS3cretPw" not in str(caught.value) and "admin" not in str(caught.value)
+
+
+def test_a_key_that_holds_objects_or_a_folder_to_download_into_is_a_clear_error(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes("a/b", b"x")
+    with pytest.raises(InputError, match="cannot store 'a': objects are stored under it"):
+        store.put_bytes("a", b"y")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match="cannot download to .*folder: it is a folder"):
+        store.download_file("a/b", tmp_path / "folder")
+    assert store.list() == ["a/b"] and list((tmp_path / "folder").iterdir()) == []
 
 
 # --- credentials and an unreachable or stopped server ---------------------------------------

@@ -74,6 +74,8 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 def replace_local(local_path: Path, fill: Callable[[IO[bytes]], None], check: Callable[[str, int], None]) -> tuple[str, int]:
     """Write a local file through a temporary sibling; `check(sha256, size)` runs before it replaces `local_path`."""
+    if local_path.is_dir():
+        raise InputError(f"cannot download to {local_path}: it is a folder; name the file to write")
     local_path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f"{RESERVED_PREFIX}download-", dir=local_path.parent)
     try:

@@ -158,6 +158,11 @@ class FileStore(ArtifactStore):
             try:
                 os.link(temporary, path)
             except FileExistsError:
+                if path.is_dir():
+                    raise InputError(
+                        f"cannot store {key!r}: objects are stored under it ({key}/…) in {self.root_uri}; "
+                        "a key cannot be both an object and a folder"
+                    ) from None
                 return refuse_overwrite(self.info(key), digest)
             _fsync_folder(path.parent)
         except OSError as exc:

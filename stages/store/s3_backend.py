@@ -94,6 +94,12 @@ class S3Store(ArtifactStore):
             parts = urlsplit(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise InputError(f"invalid S3 endpoint URL {endpoint_url!r}: expected http(s)://host[:port]")
+            if parts.username is not None or parts.password is not None:  # it would show in every error message
+                shown = f"{parts.scheme}://***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+                raise InputError(
+                    f"the S3 endpoint URL {shown} holds credentials: give the endpoint as http(s)://host[:port] "
+                    "and the credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+                )
         self.endpoint_url = endpoint_url  # as given or from $SPECTRUM_S3_ENDPOINT_URL (None: boto3 resolves it)
         self._bucket = location.bucket
         self._base = f"{location.prefix}/" if location.prefix else ""
