@@ -84,7 +84,7 @@ def watch_once(
                 report.skipped[drop] = f"cannot be a generation of line {config.line.name}: {exc}"
                 continue
             why = waiting_for and f"waits for drop {waiting_for} (the line's generations run in drop-name order)"
-            why = why or _out_of_order(store, config.line.name, drop) or _claimed_later(store, prefix, drop, config.line.name)
+            why = why or _out_of_order(store, line, drop) or _claimed_later(store, prefix, drop, line)
             if why:
                 report.skipped[drop] = why
                 continue

@@ -144,8 +144,9 @@ def execute_plan(plan: StagePlan, produce: Produce) -> StageOutcome:
     # _execute_leased decides again under the lease.
     if not context.force:
         earlier = plan.committed()
-        own = context.run_id is None or (context.run_id, step) == (earlier.run_id, earlier.stage) if earlier is not None else False
-        if earlier is not None and (own or store.exists(manifest_key(context.run_id, step))):
+        if earlier is not None and (
+            context.run_id is None or _is_the_step_itself(earlier, context.run_id, step) or store.exists(manifest_key(context.run_id, step))
+        ):
             _track_reuse(plan, earlier)
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
@@ -175,7 +176,7 @@ def _execute_leased(plan: StagePlan, produce: Produce, lease: Lease) -> StageOut
         earlier = plan.committed()
         if earlier is not None:
             tracking = _track_reuse(plan, earlier)
-            if context.run_id and (context.run_id, step) != (earlier.run_id, earlier.stage):  # a named run records what it reused
+            if context.run_id and not _is_the_step_itself(earlier, context.run_id, step):  # a named run records what it reused
                 record_reuse(store, earlier, context.run_id, step, tracking=tracking)
             return StageOutcome(earlier, cached=True)
     _refuse_committed(store, manifest.run_id, step)
@@ -191,7 +192,7 @@ def _execute_leased(plan: StagePlan, produce: Produce, lease: Lease) -> StageOut
         committed = replace(finished, tracking=tracking)
         commit_manifest(store, committed)
     except BaseException as exc:
-        if lease.lost:  # the work was stopped for a lost lease: another process may hold the stage now, not ours to mark failed
+        if lease.lost.is_set():  # the work was stopped for a lost lease: another process may hold the stage now, not ours to mark failed
             raise
         # Record the failure (of the work or of the commit itself); if even that cannot be
         # stored (server down), the original error matters more.
@@ -206,6 +207,11 @@ def _execute_leased(plan: StagePlan, produce: Produce, lease: Lease) -> StageOut
             enclosing[0] += time.monotonic() - started
     _end_tracked(plan, tracking, succeeded=True)
     return StageOutcome(committed, cached=False, detail=produced.detail)
+
+
+def _is_the_step_itself(earlier: Manifest, run_id: str, step: str) -> bool:
+    """The committed manifest is this run's own step (nothing to record), not another run's or another step's work."""
+    return (earlier.run_id, earlier.stage) == (run_id, step)
 
 
 def _track(plan: StagePlan, manifest: Manifest, end: bool = True) -> dict[str, Any] | None:

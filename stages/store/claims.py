@@ -50,7 +50,8 @@ class WorkClaims:
         except LeaseHeldError:
             return None, f"another watcher claimed generation {0 if state is None else state.generation + 1} first"
         # Listed again: another holder may have claimed, finished and released between the listing above and this claim.
-        finished = [name for name in (DONE, FAILED) if self._key(name) in self._keys()]
+        keys = self._keys()
+        finished = [name for name in (DONE, FAILED) if self._key(name) in keys]
         if finished:
             lease.release("skipped", f"{finished[0]} was written while this holder claimed")
             return None, "done" if finished[0] == DONE else self.failed_note()

@@ -159,7 +159,8 @@ class Lease:
     last_renewed: float = field(default_factory=time.time)  # the holder's clock, as other machines read the beats
     released: bool = False
     renewed_at: float = field(default_factory=time.monotonic, repr=False)  # how long it was silent, immune to clock steps
-    lost: bool = False  # set by the heartbeat when the work must stop: it could not renew, or another took over
+    # Set by the heartbeat when the work must stop: it could not renew, or another holder took over.
+    lost: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def renew(self) -> None:
         """One heartbeat (raises what the store raises), then LeaseTakenError if another holder took over meanwhile."""
@@ -219,11 +220,16 @@ class Lease:
         so the holder stops well before its lease expires and another may take over.
         """
         stop = threading.Event()
-        lost = threading.Event()
+        lost = self.lost
+        lost.clear()
         interval = self.timeout / 4
         retry = max(min(interval / 4, 5.0), 0.01)
 
         taken: list[LeaseTakenError] = []
+
+        def stop_work() -> None:
+            lost.set()
+            (on_lost or _thread.interrupt_main)()
 
         def beat() -> None:
             wait = interval
@@ -233,24 +239,20 @@ class Lease:
                     wait = interval
                 except LeaseTakenError as exc:
                     taken.append(exc)
-                    self.lost = True
-                    lost.set()
                     log.warning("%s", exc)
-                    (on_lost or _thread.interrupt_main)()
+                    stop_work()
                     return
                 except Exception as exc:  # noqa: BLE001 - a store outage must not kill the heartbeat
                     silent = time.monotonic() - self.renewed_at
                     log.warning("cannot renew the lease %s (%s); retrying (silent for %.0f s)", self.store.uri(self.folder), exc, silent)
                     wait = retry
                     if silent >= self.timeout / 2 and not lost.is_set():
-                        self.lost = True
-                        lost.set()
                         log.warning(
                             "the lease %s could not be renewed for %.0f s: stopping this work before another process takes it over",
                             self.store.uri(self.folder),
                             silent,
                         )
-                        (on_lost or _thread.interrupt_main)()
+                        stop_work()
 
         def lost_error() -> LeaseLostError:
             if taken:

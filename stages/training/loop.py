@@ -23,7 +23,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,10 +259,8 @@ def _gather_state_dict(engine, bf16: bool) -> dict[str, torch.Tensor]:
     deepspeed = import_deepspeed()
 
     module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
-    else:
+    whole = engine.zero_optimization_stage() == 3  # ZeRO-3 partitions the weights themselves: gathered to be read
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if whole else nullcontext():
         state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
     if bf16:
         from deepspeed.utils import safe_get_full_fp32_param

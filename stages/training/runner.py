@@ -175,9 +175,10 @@ def run_training(
             if config.lora_rank:  # the adapters merged into the weights they adapt: a plain Hugging Face model again
                 model = model.merge_and_unload()
                 state = model.state_dict()
+            trained = with_aliases(model, set(freeze.trainable))  # a tied weight trains under both its names
             with disk_errors(trained_dir):
-                _save_model(model, state, model_dir, trained_dir, tokenizer, set(freeze.trainable))
-            audit = audit_tensors(model_dir, trained_dir, with_aliases(model, set(freeze.trainable)))
+                _save_model(model, state, model_dir, trained_dir, tokenizer, trained)
+            audit = audit_tensors(model_dir, trained_dir, trained)
             training = {
                 "model": _location(config.model, model_refs),  # the base model, for evaluate (deltas, forgetting)
                 "data": _location(config.data, data_refs),
@@ -450,8 +451,10 @@ def _with_lora(model, rank: int):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear"))
 
 
-def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer, trainable: set[str]) -> None:
+def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenizer, trained: set[str]) -> None:
     """The trained weights in the base checkpoint's dtypes; every frozen tensor byte for byte as the base holds it.
+
+    `trained`: the names of the tensors training may change, a tied weight's second name included.
 
     bf16 training holds the whole model in bf16, so a frozen fp32 or fp16 tensor rounded there and back
     would differ from the base. A frozen tensor is therefore checked against the base (equal once
@@ -460,22 +463,23 @@ def _save_model(model, state_dict: dict, base_dir: Path, out_dir: Path, tokenize
     import torch
     from safetensors import safe_open
 
-    from .freezing import aliases, with_aliases
+    from .freezing import aliases
     from .tensor_audit import FrozenTensorChangedError
 
     stored = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     base = {info.name: info for info in ModelWeights.open(base_dir).tensors}
-    trained = with_aliases(model, trainable)
     # A tied weight's second name (lm_head of tied embeddings) is saved only where the base stores it too.
-    state_dict = {name: tensor for name, tensor in state_dict.items() if name in base or name not in aliases(model)}
+    second_names = aliases(model)
+    state_dict = {name: tensor for name, tensor in state_dict.items() if name in base or name not in second_names}
     converted, touched = {}, []
     with contextlib.ExitStack() as files:
         shard_names = {info.shard for info in base.values()}
         shards = {shard: files.enter_context(safe_open(str(base_dir / shard), framework="pt")) for shard in shard_names}
         for name, tensor in state_dict.items():
             info = base.get(name)
-            if name in trained or info is None or info.dtype not in stored:
-                converted[name] = tensor.to(stored[info.dtype] if info is not None and info.dtype in stored else tensor.dtype).contiguous()
+            dtype = stored.get(info.dtype) if info is not None else None
+            if name in trained or dtype is None:
+                converted[name] = tensor.to(dtype or tensor.dtype).contiguous()
                 continue
             original = shards[info.shard].get_tensor(name)
             if not torch.equal(original.to(tensor.dtype), tensor.detach().cpu()):  # a merged LoRA model's state stays on its GPU
